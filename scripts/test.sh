@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build everything and run the workspace tests.
+# Usage: scripts/test.sh [extra args passed to `cargo test`]
+#   e.g. scripts/test.sh -p ztunnel -- --nocapture
+# Needs root: the tests create network namespaces.
+set -euo pipefail
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "test.sh: ERROR: must run as root (tests create network namespaces); try: sudo $0 $*" >&2
+  exit 1
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+echo "== test.sh: setup"
+bash "$ROOT/scripts/setup.sh"
+
+echo "== test.sh: cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+echo "== test.sh: cargo test --workspace $*"
+cargo test --workspace "$@"

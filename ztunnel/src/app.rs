@@ -1,0 +1,111 @@
+//! The one place where ztunnel is wired together.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::admin;
+use crate::config::Config;
+use crate::identity::{Identity, LocalCa, SecretManager};
+use crate::metrics::Metrics;
+use crate::proxy::{ConnectionTracker, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst};
+use crate::state::{self, Store};
+
+/// Starts everything and runs until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let store = Store::new();
+    let state_status = Arc::new(Mutex::new(None));
+    if let Some(path) = &cfg.local_state {
+        state::watch_file(
+            path.clone(),
+            cfg.trust_domain.clone(),
+            store.clone(),
+            state_status.clone(),
+        )
+        .await?;
+    }
+
+    let ca = LocalCa::load_or_generate(
+        cfg.ca_cert.as_deref(),
+        cfg.ca_key.as_deref(),
+        &cfg.trust_domain,
+    )
+    .context("setting up the local CA")?;
+    let secrets = SecretManager::new(Arc::new(ca), cfg.cert_ttl);
+    tokio::spawn(keep_local_certificates(
+        store.clone(),
+        secrets.clone(),
+        cfg.node.clone(),
+    ));
+
+    let tracker = Arc::new(ConnectionTracker::default());
+    tokio::spawn(tracker.clone().run(store.clone()));
+
+    let pi = Arc::new(ProxyInputs {
+        node: cfg.node.clone(),
+        store: store.clone(),
+        secrets: secrets.clone(),
+        metrics: Arc::new(Metrics::new()),
+        pool: Pool::new(
+            secrets,
+            cfg.socket_mark,
+            cfg.pool_max_streams,
+            cfg.pool_idle_timeout,
+        ),
+        tracker,
+        orig_dst: Arc::new(SocketOriginalDst),
+        mark: cfg.socket_mark,
+        hbone_port: cfg.hbone_port,
+        max_streams: cfg.pool_max_streams,
+    });
+
+    let listeners = Listeners::bind(
+        &ListenAddrs {
+            outbound: Some(cfg.outbound_addr),
+            inbound_plaintext: Some(cfg.inbound_plaintext_addr),
+            inbound: Some(cfg.inbound_addr),
+            socks5: cfg.socks5_addr,
+        },
+        cfg.transparent,
+    )?;
+    let ready = Arc::new(AtomicBool::new(false));
+    admin::serve(
+        admin::bind(cfg.admin_addr, "admin").await?,
+        admin::admin_handler(pi.clone(), state_status),
+    );
+    admin::serve(
+        admin::bind(cfg.metrics_addr, "metrics").await?,
+        admin::metrics_handler(pi.clone()),
+    );
+    admin::serve(
+        admin::bind(cfg.readiness_addr, "readiness").await?,
+        admin::readiness_handler(ready.clone()),
+    );
+    listeners.spawn(pi);
+    ready.store(true, Ordering::Release);
+    info!(node = %cfg.node, "ztunnel ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+    Ok(())
+}
+
+/// Fetches certificates for identities as their first workload lands on
+/// this node, and drops them when their last one leaves.
+async fn keep_local_certificates(store: Arc<Store>, secrets: Arc<SecretManager>, node: String) {
+    let mut rx = store.subscribe();
+    loop {
+        let wanted: HashSet<Identity> = store.snapshot().local_identities(&node);
+        secrets.retain(&wanted);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

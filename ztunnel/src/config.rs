@@ -1,0 +1,114 @@
+//! Command-line and environment configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 24h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+/// ztunnel: the per-node proxy of the ambient mesh.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Config {
+    /// This node's name; workloads whose `node` matches are served here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Local state file (workloads, services, policies), reloaded on change.
+    #[arg(long, env = "LOCAL_STATE")]
+    pub local_state: Option<PathBuf>,
+
+    /// Root certificate (PEM) of the local CA; generated if missing.
+    #[arg(long, env = "CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Root key (PKCS#8 PEM) of the local CA; generated if missing.
+    #[arg(long, env = "CA_KEY")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Lifetime of workload certificates; renewed at half life.
+    #[arg(long, env = "CERT_TTL", value_parser = duration, default_value = "24h")]
+    pub cert_ttl: Duration,
+
+    #[arg(long, default_value = "[::]:15001")]
+    pub outbound_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15006")]
+    pub inbound_plaintext_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15008")]
+    pub inbound_addr: SocketAddr,
+    /// Admin (`/config_dump`); localhost only by default, as in Istio.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15021")]
+    pub readiness_addr: SocketAddr,
+    /// SOCKS5 listener (off unless set), e.g. 127.0.0.1:15080.
+    #[arg(long, env = "SOCKS5_ADDR")]
+    pub socks5_addr: Option<SocketAddr>,
+
+    /// Set IP_TRANSPARENT on the capture listeners (TPROXY capture).
+    #[arg(long)]
+    pub transparent: bool,
+
+    /// SO_MARK of ztunnel's own sockets, which capture must let through.
+    #[arg(long, default_value_t = 0x539)]
+    pub socket_mark: u32,
+
+    /// Port HBONE peers listen on.
+    #[arg(long, default_value_t = 15008)]
+    pub hbone_port: u16,
+
+    /// HTTP/2 streams per pooled HBONE connection before another opens.
+    #[arg(long, default_value_t = 100)]
+    pub pool_max_streams: usize,
+
+    /// Close pooled HBONE connections idle this long.
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    pub pool_idle_timeout: Duration,
+
+    /// Data-plane worker threads.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(duration("7"), Ok(Duration::from_secs(7)));
+        assert!(duration("x").is_err());
+        assert!(duration("3d").is_err());
+    }
+}

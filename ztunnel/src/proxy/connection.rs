@@ -1,0 +1,204 @@
+//! What happens around every proxied connection, whatever its path: the
+//! Istio metrics, the access-log line, and (inbound) registration for
+//! policy re-checks, so that a policy change closes connections it no
+//! longer allows.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::copy::{ByteCounters, Transferred};
+use crate::identity::Identity;
+use crate::metrics::{Metrics, ServiceRef, TcpLabels};
+use crate::rbac::{self, Decision};
+use crate::state::{Snapshot, Store, Workload};
+
+/// One connection's metrics and access-log state, from the moment it is
+/// established to its close.
+pub struct ConnectionRecord {
+    start: Instant,
+    direction: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    src_identity: Option<Identity>,
+    dst_identity: Option<Identity>,
+    src_workload: Option<String>,
+    dst_workload: Option<String>,
+    service: Option<String>,
+    labels: TcpLabels,
+    metrics: Arc<Metrics>,
+    pub counters: ByteCounters,
+}
+
+/// The parties of a connection, as far as they are known.
+pub struct Parties<'a> {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_workload: Option<&'a Workload>,
+    pub src_identity: Option<&'a Identity>,
+    pub dst_workload: Option<&'a Workload>,
+    pub dst_identity: Option<&'a Identity>,
+    pub service: Option<&'a ServiceRef>,
+    pub mtls: bool,
+}
+
+impl ConnectionRecord {
+    /// `reporter` is Istio's: "source" for outbound, "destination" for
+    /// inbound.
+    pub fn open(metrics: &Arc<Metrics>, reporter: &'static str, p: Parties<'_>) -> Self {
+        let labels = TcpLabels::new(
+            reporter,
+            p.src_workload,
+            p.src_identity,
+            p.dst_workload,
+            p.dst_identity,
+            p.service,
+            p.mtls,
+        );
+        metrics.opened.get_or_create(&labels).inc();
+        let counters = ByteCounters {
+            received: metrics.received_bytes.get_or_create(&labels).clone(),
+            sent: metrics.sent_bytes.get_or_create(&labels).clone(),
+        };
+        ConnectionRecord {
+            start: Instant::now(),
+            direction: if reporter == "source" {
+                "outbound"
+            } else {
+                "inbound"
+            },
+            src: p.src,
+            dst: p.dst,
+            src_identity: p.src_identity.cloned(),
+            dst_identity: p.dst_identity.cloned(),
+            src_workload: p.src_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
+            dst_workload: p.dst_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
+            service: p.service.map(|s| s.hostname.clone()),
+            labels,
+            metrics: metrics.clone(),
+            counters,
+        }
+    }
+
+    /// Counts the close and writes the access-log line.
+    pub fn close(self, result: Result<Transferred, String>) {
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        let (bytes, error) = match result {
+            Ok(t) => (t, None),
+            Err(e) => (Transferred::default(), Some(e)),
+        };
+        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        let id = |o: &Option<Identity>| o.as_ref().map_or("-".into(), ToString::to_string);
+        info!(
+            target: "access",
+            direction = self.direction,
+            src.addr = %self.src,
+            src.workload = %dash(&self.src_workload),
+            src.identity = %id(&self.src_identity),
+            dst.addr = %self.dst,
+            dst.service = %dash(&self.service),
+            dst.workload = %dash(&self.dst_workload),
+            dst.identity = %id(&self.dst_identity),
+            bytes_sent = bytes.to_client,
+            bytes_recv = bytes.from_client,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            error = error.as_deref().unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}
+
+/// Logs a connection refused before it was established (denied, or no
+/// route), so that every connection attempt leaves one line.
+pub fn log_refused(direction: &'static str, src: SocketAddr, dst: SocketAddr, reason: &str) {
+    info!(target: "access", direction, src.addr = %src, dst.addr = %dst, error = reason, "connection refused");
+}
+
+struct Tracked {
+    conn: rbac::Connection,
+    dst_uid: String,
+    cancel: CancellationToken,
+}
+
+/// The open inbound connections, with what their authorization depended on.
+#[derive(Default)]
+pub struct ConnectionTracker {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// Removes the connection from the tracker when it ends.
+pub struct TrackGuard {
+    id: u64,
+    tracker: Arc<ConnectionTracker>,
+    pub cancel: CancellationToken,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        self.tracker
+            .conns
+            .lock()
+            .expect("tracker lock")
+            .remove(&self.id);
+    }
+}
+
+impl ConnectionTracker {
+    pub fn track(self: &Arc<Self>, conn: rbac::Connection, dst_uid: String) -> TrackGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        self.conns.lock().expect("tracker lock").insert(
+            id,
+            Tracked {
+                conn,
+                dst_uid,
+                cancel: cancel.clone(),
+            },
+        );
+        TrackGuard {
+            id,
+            tracker: self.clone(),
+            cancel,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("tracker lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Re-authorizes every open connection against `snap`; closes those now
+    /// denied. Returns how many were closed.
+    pub fn recheck(&self, snap: &Snapshot) -> usize {
+        let conns = self.conns.lock().expect("tracker lock");
+        let mut closed = 0;
+        for t in conns.values() {
+            let Some(w) = snap.workloads.get(&t.dst_uid) else {
+                continue;
+            };
+            if let Decision::Deny(why) = rbac::authorize(snap.policies_for(w), &t.conn) {
+                info!(src = %t.conn.src_ip, dst = %t.conn.dst_ip, port = t.conn.dst_port, reason = %why, "closing connection no longer allowed by policy");
+                t.cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Re-checks on every state change, for as long as the store lives.
+    pub async fn run(self: Arc<Self>, store: Arc<Store>) {
+        let mut rx = store.subscribe();
+        while rx.changed().await.is_ok() {
+            self.recheck(&store.snapshot());
+        }
+    }
+}

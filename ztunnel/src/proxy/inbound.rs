@@ -1,0 +1,219 @@
+//! Inbound HBONE (15008): mTLS connections from other ztunnels (and
+//! waypoints), each carrying HTTP/2 CONNECT streams to a workload here.
+//!
+//! The connection's local address says which workload was dialled, so the
+//! handshake presents that workload's certificate. Each stream is checked:
+//! a non-CONNECT request gets 400, an authority that is not an address of
+//! that workload 400, a policy denial 401, an unreachable upstream 503, and
+//! success 200 followed by the bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::connection::{log_refused, ConnectionRecord, Parties};
+use super::copy::copy_hbone;
+use super::hbone::{self, H2Stream};
+use super::ProxyInputs;
+use crate::identity::Identity;
+use crate::rbac::{self, Decision};
+use crate::socket::{self, canonical};
+use crate::state::{Protocol, Workload};
+use crate::tls;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "HBONE accept failed");
+                continue;
+            }
+        };
+        let pi = pi.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let peer = canonical(peer);
+            if let Err(e) = serve_connection(pi, stream, peer).await {
+                warn!(%peer, error = %format!("{e:#}"), "HBONE connection rejected");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    pi: Arc<ProxyInputs>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> anyhow::Result<()> {
+    let local = canonical(stream.local_addr()?);
+    let dst_w = pi
+        .store
+        .snapshot()
+        .workload_by_ip(local.ip())
+        .filter(|w| w.node == pi.node && w.protocol == Protocol::Hbone)
+        .cloned()
+        .ok_or_else(|| anyhow!("{} is not a mesh workload on node {}", local.ip(), pi.node))?;
+    let cert = pi.secrets.fetch(&dst_w.identity()).await?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake timed out"))?
+    .context("TLS handshake failed")?;
+    let src_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    let mut conn = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2::server::Builder::new()
+            .initial_window_size(hbone::STREAM_WINDOW)
+            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+            .max_frame_size(hbone::MAX_FRAME_SIZE)
+            .max_send_buffer_size(hbone::MAX_SEND_BUFFER)
+            .max_header_list_size(hbone::MAX_HEADER_LIST)
+            .max_concurrent_streams(pi.max_streams as u32)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
+    .context("HTTP/2 handshake failed")?;
+    debug!(%peer, identity = %src_id, workload = %dst_w.uid, "HBONE connection accepted");
+    while let Some(req) = conn.accept().await {
+        let (req, respond) = match req {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%peer, error = %e, "HBONE connection error");
+                break;
+            }
+        };
+        let pi = pi.clone();
+        let ctx = StreamContext {
+            peer,
+            src_id: src_id.clone(),
+            dst_w: dst_w.clone(),
+        };
+        tokio::spawn(async move { serve_stream(pi, ctx, req, respond).await });
+    }
+    Ok(())
+}
+
+struct StreamContext {
+    peer: SocketAddr,
+    src_id: Identity,
+    dst_w: Arc<Workload>,
+}
+
+fn status(respond: &mut h2::server::SendResponse<Bytes>, code: StatusCode) {
+    let resp = Response::builder()
+        .status(code)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn serve_stream(
+    pi: Arc<ProxyInputs>,
+    ctx: StreamContext,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    if req.method() != Method::CONNECT {
+        debug!(peer = %ctx.peer, method = %req.method(), "non-CONNECT request on HBONE");
+        return status(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    let target: SocketAddr = match req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+    {
+        Some(t) => canonical(t),
+        None => {
+            log_refused("inbound", ctx.peer, ctx.peer, &format!("authority {:?} is not an ip:port", req.uri().to_string()));
+            return status(&mut respond, StatusCode::BAD_REQUEST);
+        }
+    };
+    // The original client: from the Forwarded header, which only a verified
+    // peer in our trust domain can have set.
+    let src_ip = req
+        .headers()
+        .get(hbone::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(hbone::parse_forwarded_for)
+        .unwrap_or(ctx.peer.ip());
+    let src = SocketAddr::new(src_ip, 0);
+    if !ctx.dst_w.addresses.contains(&target.ip()) {
+        log_refused("inbound", src, target, &format!("target is not an address of {}", ctx.dst_w.uid));
+        return status(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    let snap = pi.store.snapshot();
+    // Policy is taken from the current state, not the one the connection
+    // started with.
+    let Some(dst_w) = snap.workloads.get(&ctx.dst_w.uid).cloned() else {
+        log_refused("inbound", src, target, "workload is gone");
+        return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let conn = rbac::Connection {
+        src_identity: Some(ctx.src_id.clone()),
+        src_ip,
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    if let Decision::Deny(why) = rbac::authorize(snap.policies_for(&dst_w), &conn) {
+        log_refused("inbound", src, target, &format!("{} ({})", why, ctx.src_id));
+        return status(&mut respond, StatusCode::UNAUTHORIZED);
+    }
+    let mut upstream = match socket::connect(target, pi.mark).await {
+        Ok(s) => s,
+        Err(e) => {
+            log_refused("inbound", src, target, &format!("upstream connect failed: {e}"));
+            return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let send = match respond.send_response(
+        Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response"),
+        false,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "client went away before the tunnel opened");
+            return;
+        }
+    };
+    let src_w = snap.workload_by_ip(src_ip).cloned();
+    let dst_id = dst_w.identity();
+    let record = ConnectionRecord::open(
+        &pi.metrics,
+        "destination",
+        Parties {
+            src,
+            dst: target,
+            src_workload: src_w.as_deref(),
+            src_identity: Some(&ctx.src_id),
+            dst_workload: Some(&dst_w),
+            dst_identity: Some(&dst_id),
+            service: None,
+            mtls: true,
+        },
+    );
+    let guard = pi.tracker.track(conn, dst_w.uid.clone());
+    let stream = H2Stream {
+        send,
+        recv: req.into_body(),
+    };
+    let result = tokio::select! {
+        r = copy_hbone(&mut upstream, stream, &record.counters, false) => r.map_err(|e| e.to_string()),
+        _ = guard.cancel.cancelled() => Err("closed: no longer allowed by policy".to_string()),
+    };
+    record.close(result);
+}

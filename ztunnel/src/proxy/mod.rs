@@ -1,0 +1,105 @@
+//! The data plane: ztunnel's listeners and the paths between them.
+//!
+//! | port  | listener                         | module                |
+//! |-------|----------------------------------|-----------------------|
+//! | 15001 | outbound capture                 | [`outbound`]          |
+//! | 15006 | inbound plaintext capture        | [`inbound_plaintext`] |
+//! | 15008 | inbound HBONE (mTLS, HTTP/2)     | [`inbound`]           |
+//! | 15080 | SOCKS5 (opt-in)                  | [`socks5`]            |
+//!
+//! Every listener shares one [`ProxyInputs`]: the state store, the
+//! certificates, the HBONE pool, metrics and the open-connection tracker.
+
+pub mod connection;
+pub mod copy;
+pub mod hbone;
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod orig_dst;
+pub mod outbound;
+pub mod pool;
+pub mod socks5;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::identity::SecretManager;
+use crate::metrics::Metrics;
+use crate::state::Store;
+
+pub use connection::ConnectionTracker;
+pub use orig_dst::{OriginalDestination, SocketOriginalDst};
+pub use pool::Pool;
+
+/// What every listener needs.
+pub struct ProxyInputs {
+    /// This node's name: workloads with this `node` are ours.
+    pub node: String,
+    pub store: Arc<Store>,
+    pub secrets: Arc<SecretManager>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+    pub tracker: Arc<ConnectionTracker>,
+    pub orig_dst: Arc<dyn OriginalDestination>,
+    /// `SO_MARK` on ztunnel's own upstream sockets, so capture skips them.
+    pub mark: u32,
+    /// The port HBONE peers listen on.
+    pub hbone_port: u16,
+    /// HTTP/2 streams per HBONE connection.
+    pub max_streams: usize,
+}
+
+/// Where each listener is bound; `None` means disabled.
+#[derive(Clone, Debug)]
+pub struct ListenAddrs {
+    pub outbound: Option<SocketAddr>,
+    pub inbound_plaintext: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub socks5: Option<SocketAddr>,
+}
+
+/// Bound listeners, before they start accepting.
+pub struct Listeners {
+    outbound: Option<TcpListener>,
+    inbound_plaintext: Option<TcpListener>,
+    inbound: Option<TcpListener>,
+    socks5: Option<TcpListener>,
+}
+
+fn bind(addr: Option<SocketAddr>, what: &str, transparent: bool) -> anyhow::Result<Option<TcpListener>> {
+    addr.map(|a| {
+        crate::socket::listen(a, transparent).with_context(|| format!("binding {what} listener on {a}"))
+    })
+    .transpose()
+}
+
+impl Listeners {
+    /// Binds everything up front so that a port conflict fails start-up
+    /// with a clear error rather than later.
+    pub fn bind(addrs: &ListenAddrs, transparent: bool) -> anyhow::Result<Self> {
+        Ok(Listeners {
+            outbound: bind(addrs.outbound, "outbound", transparent)?,
+            inbound_plaintext: bind(addrs.inbound_plaintext, "inbound plaintext", transparent)?,
+            inbound: bind(addrs.inbound, "HBONE", false)?,
+            socks5: bind(addrs.socks5, "SOCKS5", false)?,
+        })
+    }
+
+    pub fn spawn(self, pi: Arc<ProxyInputs>) {
+        if let Some(l) = self.outbound {
+            tokio::spawn(outbound::run(pi.clone(), l));
+        }
+        if let Some(l) = self.inbound_plaintext {
+            tokio::spawn(inbound_plaintext::run(pi.clone(), l));
+        }
+        if let Some(l) = self.inbound {
+            tokio::spawn(inbound::run(pi.clone(), l));
+        }
+        if let Some(l) = self.socks5 {
+            tokio::spawn(socks5::run(pi.clone(), l));
+        }
+    }
+}

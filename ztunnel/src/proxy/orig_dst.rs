@@ -1,0 +1,41 @@
+//! Where a captured connection was originally going.
+//!
+//! Capture layers differ in how they tell: with TPROXY or an in-namespace
+//! listener the accepted socket's local address *is* the original
+//! destination; with iptables REDIRECT it is kept in conntrack and read with
+//! `SO_ORIGINAL_DST`; the eBPF capture keeps it in a map. The proxy asks
+//! through this trait only, so a capture layer plugs in without changes to
+//! the proxy.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::socket::canonical;
+
+pub trait OriginalDestination: Send + Sync + 'static {
+    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+}
+
+/// `SO_ORIGINAL_DST` when conntrack has the connection (REDIRECT), the
+/// socket's local address otherwise (TPROXY, in-namespace listeners).
+pub struct SocketOriginalDst;
+
+impl OriginalDestination for SocketOriginalDst {
+    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let sock = SockRef::from(stream);
+        let local = stream.local_addr()?;
+        let redirected = match local {
+            SocketAddr::V4(_) => sock.original_dst(),
+            SocketAddr::V6(_) => sock
+                .original_dst_ipv6()
+                .or_else(|_| sock.original_dst()),
+        };
+        match redirected.ok().and_then(|a| a.as_socket()) {
+            Some(a) => Ok(canonical(a)),
+            None => Ok(canonical(local)),
+        }
+    }
+}

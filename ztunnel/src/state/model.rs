@@ -1,0 +1,91 @@
+//! Workloads and services, shaped after Istio's workload API
+//! (`istio.workload.Workload` / `istio.workload.Service`) so that the xDS
+//! client can fill them field for field.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Protocol {
+    /// In the mesh: reached over HBONE through its node's ztunnel.
+    #[default]
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Known but not captured: reached with plain TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub protocol: Protocol,
+    pub status: HealthStatus,
+    pub labels: BTreeMap<String, String>,
+    /// Keys (`namespace/hostname`) of the services this workload backs.
+    pub services: Vec<String>,
+    /// Keys (`namespace/name`) of workload-scoped policies selecting it.
+    pub authorization_policies: Vec<String>,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Port {
+    pub port: u16,
+    /// 0 means "same as `port`".
+    #[serde(default)]
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<Port>,
+}
+
+impl Service {
+    /// Istio's service key: `namespace/hostname`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// The workload port that `port` on the VIP maps to; `None` when the
+    /// service does not expose `port`.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| {
+            if p.target_port == 0 {
+                p.port
+            } else {
+                p.target_port
+            }
+        })
+    }
+}
