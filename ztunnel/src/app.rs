@@ -11,7 +11,9 @@ use crate::admin;
 use crate::config::Config;
 use crate::identity::{Identity, LocalCa, SecretManager};
 use crate::metrics::Metrics;
-use crate::proxy::{ConnectionTracker, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst};
+use crate::proxy::{
+    ConnectionTracker, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst,
+};
 use crate::state::{self, Store};
 
 /// Starts everything and runs until SIGINT or SIGTERM.

@@ -81,9 +81,7 @@ impl TcpLabels {
             destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
             destination_workload: or_unknown(dst.map(|w| w.name.as_str())),
             destination_canonical_service: or_unknown(dst.map(|w| w.canonical_name.as_str())),
-            destination_canonical_revision: or_unknown(
-                dst.map(|w| w.canonical_revision.as_str()),
-            ),
+            destination_canonical_revision: or_unknown(dst.map(|w| w.canonical_revision.as_str())),
             destination_workload_namespace: or_unknown(dst.map(|w| w.namespace.as_str())),
             destination_principal: principal(dst_id),
             destination_app: or_unknown(dst.and_then(|w| w.labels.get("app")).map(String::as_str)),

@@ -277,7 +277,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(authorize([&allow], &conn(Some("client"), 1)), Decision::Allow);
+        assert_eq!(
+            authorize([&allow], &conn(Some("client"), 1)),
+            Decision::Allow
+        );
         assert!(matches!(
             authorize([&allow], &conn(Some("other"), 1)),
             Decision::Deny(_)

@@ -61,12 +61,10 @@ pub fn server_config(
     roots: &[CertificateDer<'static>],
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(root_store(roots)?),
-        provider.clone(),
-    )
-    .build()
-    .context("building client verifier")?;
+    let webpki =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider.clone())
+            .build()
+            .context("building client verifier")?;
     let verifier = Arc::new(TrustDomainClientVerifier {
         inner: webpki,
         trust_domain: trust_domain.to_string(),
@@ -199,13 +197,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => {
-                TlsError::InvalidCertificate(CertificateError::UnknownIssuer)
+            // Same issuer name but another key shows up as a bad signature.
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                TlsError::General(format!(
+                    "server certificate is not signed by a trusted root ({e:?})"
+                ))
             }
             webpki::Error::CertExpired { .. } => {
                 TlsError::InvalidCertificate(CertificateError::Expired)
             }
-            other => TlsError::General(format!("server certificate rejected: {other}")),
+            other => TlsError::General(format!("server certificate rejected: {other:?}")),
         })?;
         let id = identity_of(end_entity).map_err(TlsError::General)?;
         if !self.expected.contains(&id) {

@@ -248,7 +248,11 @@ async fn refresh_loop(
     }
 }
 
-async fn issue(ca: &dyn CaClient, id: &Identity, ttl: Duration) -> anyhow::Result<WorkloadCertificate> {
+async fn issue(
+    ca: &dyn CaClient,
+    id: &Identity,
+    ttl: Duration,
+) -> anyhow::Result<WorkloadCertificate> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![rcgen::SanType::URI(

@@ -76,8 +76,12 @@ impl ConnectionRecord {
             dst: p.dst,
             src_identity: p.src_identity.cloned(),
             dst_identity: p.dst_identity.cloned(),
-            src_workload: p.src_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
-            dst_workload: p.dst_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
+            src_workload: p
+                .src_workload
+                .map(|w| format!("{}/{}", w.namespace, w.name)),
+            dst_workload: p
+                .dst_workload
+                .map(|w| format!("{}/{}", w.namespace, w.name)),
             service: p.service.map(|s| s.hostname.clone()),
             labels,
             metrics: metrics.clone(),

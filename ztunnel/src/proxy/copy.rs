@@ -35,7 +35,8 @@ pub struct Transferred {
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2 io error"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 io error"))
     } else {
         io::Error::other(e)
     }

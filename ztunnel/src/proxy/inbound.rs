@@ -129,14 +129,15 @@ async fn serve_stream(
         debug!(peer = %ctx.peer, method = %req.method(), "non-CONNECT request on HBONE");
         return status(&mut respond, StatusCode::BAD_REQUEST);
     }
-    let target: SocketAddr = match req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse().ok())
-    {
+    let target: SocketAddr = match req.uri().authority().and_then(|a| a.as_str().parse().ok()) {
         Some(t) => canonical(t),
         None => {
-            log_refused("inbound", ctx.peer, ctx.peer, &format!("authority {:?} is not an ip:port", req.uri().to_string()));
+            log_refused(
+                "inbound",
+                ctx.peer,
+                ctx.peer,
+                &format!("authority {:?} is not an ip:port", req.uri().to_string()),
+            );
             return status(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
@@ -150,7 +151,12 @@ async fn serve_stream(
         .unwrap_or(ctx.peer.ip());
     let src = SocketAddr::new(src_ip, 0);
     if !ctx.dst_w.addresses.contains(&target.ip()) {
-        log_refused("inbound", src, target, &format!("target is not an address of {}", ctx.dst_w.uid));
+        log_refused(
+            "inbound",
+            src,
+            target,
+            &format!("target is not an address of {}", ctx.dst_w.uid),
+        );
         return status(&mut respond, StatusCode::BAD_REQUEST);
     }
     let snap = pi.store.snapshot();
@@ -173,7 +179,12 @@ async fn serve_stream(
     let mut upstream = match socket::connect(target, pi.mark).await {
         Ok(s) => s,
         Err(e) => {
-            log_refused("inbound", src, target, &format!("upstream connect failed: {e}"));
+            log_refused(
+                "inbound",
+                src,
+                target,
+                &format!("upstream connect failed: {e}"),
+            );
             return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };

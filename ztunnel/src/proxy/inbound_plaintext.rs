@@ -30,8 +30,18 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
             let src = canonical(peer);
             match pi.orig_dst.original_destination(&stream) {
                 Ok(dst) if Some(dst) != local => handle(pi, stream, src, dst).await,
-                Ok(dst) => log_refused("inbound", src, dst, "connection was not captured: no original destination"),
-                Err(e) => log_refused("inbound", src, src, &format!("no original destination: {e}")),
+                Ok(dst) => log_refused(
+                    "inbound",
+                    src,
+                    dst,
+                    "connection was not captured: no original destination",
+                ),
+                Err(e) => log_refused(
+                    "inbound",
+                    src,
+                    src,
+                    &format!("no original destination: {e}"),
+                ),
             }
         });
     }
@@ -44,7 +54,12 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
         .filter(|w| w.node == pi.node)
         .cloned()
     else {
-        return log_refused("inbound", src, dst, "destination is not a workload on this node");
+        return log_refused(
+            "inbound",
+            src,
+            dst,
+            "destination is not a workload on this node",
+        );
     };
     let conn = rbac::Connection {
         src_identity: None,
@@ -57,7 +72,14 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
     }
     let mut upstream = match socket::connect(dst, pi.mark).await {
         Ok(s) => s,
-        Err(e) => return log_refused("inbound", src, dst, &format!("upstream connect failed: {e}")),
+        Err(e) => {
+            return log_refused(
+                "inbound",
+                src,
+                dst,
+                &format!("upstream connect failed: {e}"),
+            )
+        }
     };
     let src_w = snap.workload_by_ip(src.ip()).cloned();
     let dst_id = dst_w.identity();

@@ -69,9 +69,14 @@ pub struct Listeners {
     socks5: Option<TcpListener>,
 }
 
-fn bind(addr: Option<SocketAddr>, what: &str, transparent: bool) -> anyhow::Result<Option<TcpListener>> {
+fn bind(
+    addr: Option<SocketAddr>,
+    what: &str,
+    transparent: bool,
+) -> anyhow::Result<Option<TcpListener>> {
     addr.map(|a| {
-        crate::socket::listen(a, transparent).with_context(|| format!("binding {what} listener on {a}"))
+        crate::socket::listen(a, transparent)
+            .with_context(|| format!("binding {what} listener on {a}"))
     })
     .transpose()
 }

@@ -29,9 +29,7 @@ impl OriginalDestination for SocketOriginalDst {
         let local = stream.local_addr()?;
         let redirected = match local {
             SocketAddr::V4(_) => sock.original_dst(),
-            SocketAddr::V6(_) => sock
-                .original_dst_ipv6()
-                .or_else(|_| sock.original_dst()),
+            SocketAddr::V6(_) => sock.original_dst_ipv6().or_else(|_| sock.original_dst()),
         };
         match redirected.ok().and_then(|a| a.as_socket()) {
             Some(a) => Ok(canonical(a)),

@@ -118,17 +118,17 @@ pub async fn connect(
                 dst: vec![dst_id.clone()],
                 next_hop: SocketAddr::new(route.target.ip(), pi.hbone_port),
             };
-            let (stream, guard) = pi
-                .pool
-                .connect(key, route.target, src.ip())
-                .await
-                .map_err(|e| match e.downcast_ref::<TunnelError>() {
-                    Some(TunnelError::Denied) => OutboundError::Denied(format!(
-                        "{} refused {src_id} to {}",
-                        dst_id, route.target
-                    )),
-                    _ => OutboundError::Failed(e),
-                })?;
+            let (stream, guard) =
+                pi.pool
+                    .connect(key, route.target, src.ip())
+                    .await
+                    .map_err(|e| match e.downcast_ref::<TunnelError>() {
+                        Some(TunnelError::Denied) => OutboundError::Denied(format!(
+                            "{} refused {src_id} to {}",
+                            dst_id, route.target
+                        )),
+                        _ => OutboundError::Failed(e),
+                    })?;
             let record = ConnectionRecord::open(
                 &pi.metrics,
                 "source",
@@ -207,11 +207,21 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
             let dst = match pi.orig_dst.original_destination(&stream) {
                 Ok(d) if Some(d) != local => d,
                 Ok(d) => {
-                    log_refused("outbound", src, d, "connection was not captured: no original destination");
+                    log_refused(
+                        "outbound",
+                        src,
+                        d,
+                        "connection was not captured: no original destination",
+                    );
                     return;
                 }
                 Err(e) => {
-                    log_refused("outbound", src, src, &format!("no original destination: {e}"));
+                    log_refused(
+                        "outbound",
+                        src,
+                        src,
+                        &format!("no original destination: {e}"),
+                    );
                     return;
                 }
             };

@@ -155,7 +155,10 @@ impl Pool {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(hbone::FORWARDED, format!("for=\"{}\"", fmt_for(forwarded_for)))
+            .header(
+                hbone::FORWARDED,
+                format!("for=\"{}\"", fmt_for(forwarded_for)),
+            )
             .body(())
             .context("building CONNECT request")?;
         let (response, send) = sender

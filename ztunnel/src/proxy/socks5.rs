@@ -58,7 +58,11 @@ async fn reply(stream: &mut TcpStream, code: Reply) -> std::io::Result<()> {
         .await
 }
 
-async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr) -> anyhow::Result<()> {
+async fn handle(
+    pi: Arc<ProxyInputs>,
+    mut stream: TcpStream,
+    src: SocketAddr,
+) -> anyhow::Result<()> {
     let dst = match tokio::time::timeout(Duration::from_secs(10), negotiate(&mut stream)).await {
         Ok(Ok(dst)) => dst,
         Ok(Err((code, e))) => {
@@ -133,14 +137,23 @@ async fn negotiate(s: &mut TcpStream) -> Result<SocketAddr, NegotiateError> {
             s.read_exact(&mut name).await.map_err(io)?;
             let mut port = [0u8; 2];
             s.read_exact(&mut port).await.map_err(io)?;
-            let name = String::from_utf8(name)
-                .map_err(|_| (Some(Reply::AddressNotSupported), anyhow!("hostname is not UTF-8")))?;
+            let name = String::from_utf8(name).map_err(|_| {
+                (
+                    Some(Reply::AddressNotSupported),
+                    anyhow!("hostname is not UTF-8"),
+                )
+            })?;
             let port = u16::from_be_bytes(port);
             let addr = tokio::net::lookup_host((name.as_str(), port))
                 .await
                 .ok()
                 .and_then(|mut a| a.next())
-                .ok_or_else(|| (Some(Reply::HostUnreachable), anyhow!("cannot resolve {name}")))?;
+                .ok_or_else(|| {
+                    (
+                        Some(Reply::HostUnreachable),
+                        anyhow!("cannot resolve {name}"),
+                    )
+                })?;
             return Ok(canonical(addr));
         }
         t => {

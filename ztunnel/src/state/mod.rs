@@ -6,7 +6,6 @@
 //! must react to changes (certificates, open-connection policy re-checks)
 //! subscribes to the store's version counter.
 
-
 mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
