@@ -1,6 +1,8 @@
 //! Two nodes, one ztunnel each, traffic over HBONE: routing, identities,
 //! encryption on the wire, policy, metrics and `/config_dump`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! (addresses owned by the node namespace), one ztunnel per node sharing a
 //! CA root, an echo server behind a service VIP on node `b`, and a SOCKS5
 //! client to drive traffic from pods on node `a`.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
