@@ -30,6 +30,9 @@ pub struct WorkloadCertificate {
     pub roots: Vec<CertificateDer<'static>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When we received it; CAs backdate `not_before` for clock skew, so
+    /// half-life is counted from here.
+    issued_at: SystemTime,
     key: PrivateKeyDer<'static>,
     server_config: Arc<rustls::ServerConfig>,
 }
@@ -57,6 +60,7 @@ impl WorkloadCertificate {
             roots,
             not_before,
             not_after,
+            issued_at: SystemTime::now(),
             key,
             server_config,
         })
@@ -82,9 +86,9 @@ impl WorkloadCertificate {
     fn refresh_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued_at)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.issued_at + life / 2
     }
 }
 

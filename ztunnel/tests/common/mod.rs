@@ -364,3 +364,23 @@ pub fn counter(metrics: &str, name: &str, needles: &[&str]) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// A server that answers every connection with `name` and closes, so a
+/// client can tell which endpoint it reached.
+pub fn spawn_named(netns: &str, addr: SocketAddr, name: &'static str) {
+    let listener = e2e::tcp_listen_in(netns, addr).expect("named listen");
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.write_all(name.as_bytes());
+        }
+    });
+}
+
+/// Reads everything until the peer closes.
+pub fn read_all(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
