@@ -1,0 +1,121 @@
+//! Benchmarks of the mesh on the namespace test bed.
+//!
+//! ```text
+//! cargo build --release -p ztunnel
+//! cargo run --release -p e2e --bin bench -- ztunnel [--duration-secs N] [--out-dir DIR]
+//! ```
+//!
+//! Needs root (network namespaces) and iptables. Each benchmark prints a
+//! table and, with `--out-dir`, writes `<DIR>/<benchmark>.json` and `.md` in
+//! a shape shared by all benchmarks (see `report.rs`). Ctrl-C stops the run
+//! and removes the test bed.
+
+#[path = "bench/load.rs"]
+mod load;
+#[path = "bench/procstat.rs"]
+mod procstat;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/ztunnel.rs"]
+mod ztunnel;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks of the ambient mesh on a network-namespace test bed")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Data path through two ztunnels (iptables capture, HBONE) vs direct:
+    /// throughput, request/response latency, connections/s, ztunnel memory
+    /// and CPU.
+    Ztunnel(ztunnel::ZtunnelArgs),
+}
+
+/// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
+/// handling: a real handler, so the signal mask stays empty and the children
+/// the test bed spawns can still be stopped with SIGTERM). The first signal
+/// sets [`load::STOP`], which every loop checks, so the run unwinds normally
+/// and the test bed's `Drop` removes everything; a second one, or a cleanup
+/// that takes too long, exits at once (the next test bed then removes the
+/// leftovers).
+fn install_signal_thread() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Register now, so that a signal arriving right after this returns counts.
+    let (mut int, mut term, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    let sig = tokio::select! {
+                        _ = int.recv() => "SIGINT",
+                        _ = term.recv() => "SIGTERM",
+                        _ = hup.recv() => "SIGHUP",
+                    };
+                    if load::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        eprintln!("bench: {sig} again, exiting now without cleanup");
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "bench: {sig}: stopping and removing the test bed (again to exit at once)"
+                    );
+                    let _ = std::thread::Builder::new()
+                        .name("watchdog".into())
+                        .spawn(|| {
+                            std::thread::sleep(Duration::from_secs(30));
+                            eprintln!("bench: cleanup is taking too long, exiting");
+                            std::process::exit(130);
+                        });
+                }
+            })
+        })?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !e2e::require_root() {
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = install_signal_thread() {
+        eprintln!("bench: cannot set up signal handling: {e}");
+        return ExitCode::FAILURE;
+    }
+    let result = match &cli.bench {
+        Bench::Ztunnel(args) => ztunnel::run(args).and_then(|report| {
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) if load::stopped() => {
+            eprintln!("bench: interrupted, test bed removed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

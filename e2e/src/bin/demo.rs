@@ -1,0 +1,776 @@
+//! The local mesh demo: a two-node ambient mesh on network namespaces.
+//!
+//! ```text
+//! demo [--once]
+//! ```
+//!
+//! Builds nodes `node-1` and `node-2`, pods `shop/frontend` and
+//! `legacy/batch` (node-1, batch outside the mesh), `shop/cart` (behind
+//! service `cart`, 10.96.0.20:80) and `shop/catalog` (behind `catalog`,
+//! 10.96.0.30:80) on node-2, starts one ztunnel per node on a shared state
+//! file, captures the pods' TCP with iptables REDIRECT, and walks through a
+//! scenario, checking each step: a mesh call with both identities, a DENY
+//! policy, encryption on the node link, and live edits of the state file.
+//!
+//! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
+//! and removes everything it created. With `--once` it exits after the
+//! scenario: status 0 only if every step behaved as expected.
+//!
+//! Needs root. `scripts/demo.sh` builds everything and runs it.
+
+#[path = "demo/mesh.rs"]
+mod mesh;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+
+use mesh::{
+    counter, interrupted, json_raw, metric_line, App, Mesh, Outcome, StateKnobs, CART_VIP,
+    CATALOG_VIP, SERVICE_PORT, TRUST_DOMAIN,
+};
+
+/// One line of the summary table.
+struct Check {
+    step: String,
+    expected: String,
+    observed: String,
+    ok: bool,
+}
+
+struct Report {
+    checks: Vec<Check>,
+}
+
+impl Report {
+    fn record(&mut self, step: &str, expected: &str, observed: impl Into<String>, ok: bool) {
+        let observed = observed.into();
+        println!("   {} {observed}", if ok { "=> ok:" } else { "=> FAIL:" });
+        self.checks.push(Check {
+            step: step.into(),
+            expected: expected.into(),
+            observed,
+            ok,
+        });
+    }
+
+    /// Runs a step; an error inside it is one failed check.
+    fn step(&mut self, step: &str, expected: &str, f: impl FnOnce(&mut Report) -> Result<()>) {
+        if interrupted() {
+            return;
+        }
+        if let Err(e) = f(self) {
+            self.record(step, expected, format!("error: {e:#}"), false);
+        }
+    }
+
+    fn all_ok(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+
+    fn print_table(&self) {
+        let headers = ["step", "expected", "observed", "result"];
+        let rows: Vec<[String; 4]> = self
+            .checks
+            .iter()
+            .map(|c| {
+                [
+                    c.step.clone(),
+                    c.expected.clone(),
+                    shorten(&c.observed, 70),
+                    if c.ok { "ok".into() } else { "FAIL".into() },
+                ]
+            })
+            .collect();
+        let mut w = headers.map(str::len);
+        for r in &rows {
+            for (i, cell) in r.iter().enumerate() {
+                w[i] = w[i].max(cell.chars().count());
+            }
+        }
+        let line = |cells: [&str; 4]| {
+            let mut s = String::from("|");
+            for (i, c) in cells.iter().enumerate() {
+                s.push_str(&format!(" {c:<width$} |", width = w[i]));
+            }
+            println!("{s}");
+        };
+        line(headers);
+        let sep: Vec<String> = w.iter().map(|n| "-".repeat(*n)).collect();
+        line([&sep[0], &sep[1], &sep[2], &sep[3]]);
+        for r in &rows {
+            line([&r[0], &r[1], &r[2], &r[3]]);
+        }
+    }
+}
+
+fn shorten(s: &str, max: usize) -> String {
+    let s = s.replace('\n', " ");
+    if s.chars().count() <= max {
+        s
+    } else {
+        let mut t: String = s.chars().take(max - 3).collect();
+        t.push_str("...");
+        t
+    }
+}
+
+fn heading(s: &str) {
+    println!("\n== {s}");
+}
+
+fn say(s: &str) {
+    println!("   {s}");
+}
+
+fn vip(ip: std::net::Ipv4Addr) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), SERVICE_PORT)
+}
+
+/// `spiffe://td/ns/shop/sa/cart` -> `shop/cart`.
+fn sa_of(spiffe: &str) -> String {
+    match spiffe
+        .split_once("/ns/")
+        .and_then(|(_, r)| r.split_once("/sa/"))
+    {
+        Some((ns, sa)) => format!("{ns}/{sa}"),
+        None => spiffe.to_string(),
+    }
+}
+
+fn short_id(spiffe: &str) -> &str {
+    spiffe.strip_prefix("spiffe://").unwrap_or(spiffe)
+}
+
+fn main() {
+    let once = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("demo: {e}\nusage: demo [--once]");
+            std::process::exit(2);
+        }
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "demo: must run as root (it creates network namespaces, veths and iptables rules); try: sudo bash scripts/demo.sh"
+        );
+        std::process::exit(2);
+    }
+    // Stop signals are caught (tokio's handler only notes them) and handed
+    // to main over a channel, so a Ctrl-C ends main normally and the test
+    // bed's Drop cleans up. No signal mask is touched: children inherit a
+    // blocked mask, and ztunnel would then ignore SIGTERM.
+    let rx = match catch_stop_signals() {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("demo: installing signal handlers: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let code = run(once, &rx);
+    std::process::exit(code);
+}
+
+/// SIGINT, SIGTERM and SIGHUP set [`mesh::INTERRUPTED`] and are sent, by
+/// name, on the returned channel.
+fn catch_stop_signals() -> Result<mpsc::Receiver<&'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a runtime for signals")?;
+    // Registered here, before any pod exists, so that failing is reported.
+    let (mut int, mut term, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            loop {
+                let sig = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                    _ = hup.recv() => "SIGHUP",
+                };
+                mesh::INTERRUPTED.store(true, Ordering::SeqCst);
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    Ok(rx)
+}
+
+fn parse_args() -> Result<bool> {
+    let mut once = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--once" => once = true,
+            "-h" | "--help" => {
+                println!("usage: demo [--once]\n\nRuns the local ambient-mesh demo (as root). Without --once it stays up until Ctrl-C.");
+                std::process::exit(0);
+            }
+            other => return Err(anyhow!("unknown argument {other:?}")),
+        }
+    }
+    Ok(once)
+}
+
+/// Everything that owns the test bed lives in here, so that it is dropped
+/// (namespaces removed, processes killed) before the process exits.
+fn run(once: bool, signals: &mpsc::Receiver<&'static str>) -> i32 {
+    let t0 = Instant::now();
+    println!("Local ambient mesh demo: 2 nodes, 1 ztunnel each, pods captured with iptables.\n");
+    heading("Setting up");
+    let progress = |s: &str| say(s);
+    let mut mesh = match Mesh::start(&progress) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("\ndemo: set-up failed: {e:#}");
+            return 1;
+        }
+    };
+    print_topology(&mesh);
+    let setup_ms = t0.elapsed().as_millis();
+
+    let t1 = Instant::now();
+    let mut report = Report { checks: Vec::new() };
+    scenario(&mut mesh, &mut report);
+    let scenario_ms = t1.elapsed().as_millis();
+
+    heading("Summary");
+    report.print_table();
+    let ok = report.all_ok();
+    println!(
+        "\n{} ({} of {} checks ok; set-up {:.1} s, scenario {:.1} s)",
+        if interrupted() {
+            "Interrupted: the remaining steps were skipped."
+        } else if ok {
+            "All steps behaved as expected."
+        } else {
+            "Some steps did NOT behave as expected; ztunnel logs are under the dir below (E2E_KEEP=1 keeps them)."
+        },
+        report.checks.iter().filter(|c| c.ok).count(),
+        report.checks.len(),
+        setup_ms as f64 / 1000.0,
+        scenario_ms as f64 / 1000.0,
+    );
+
+    if !once && !interrupted() {
+        print_playground(&mesh);
+        if let Ok(sig) = signals.recv() {
+            println!("\nGot {sig}; stopping.");
+        }
+    } else if interrupted() {
+        println!("\nInterrupted.");
+    }
+    println!(
+        "Cleaning up (ztunnels, namespaces, {}) ...",
+        mesh.tb.dir().display()
+    );
+    let prefix = mesh.tb.prefix().to_string();
+    let t2 = Instant::now();
+    // Stop the ztunnels first, in parallel, to say how they went; the test
+    // bed's Drop would also do it (SIGTERM, SIGKILL after 2 s).
+    std::thread::scope(|s| {
+        for (node, z) in &mesh.ztunnels {
+            s.spawn(move || {
+                let t = Instant::now();
+                let how = z
+                    .terminate()
+                    .and_then(|()| z.wait_exit())
+                    .map(|st| st.to_string())
+                    .unwrap_or_else(|e| format!("{e:#}"));
+                println!(
+                    "   ztunnel on {} stopped in {} ms ({how})",
+                    node.name(),
+                    t.elapsed().as_millis()
+                );
+            });
+        }
+    });
+    drop(mesh);
+    println!("Cleaned up {prefix}-* in {} ms.", t2.elapsed().as_millis());
+    if ok && !interrupted() {
+        0
+    } else {
+        1
+    }
+}
+
+fn print_topology(m: &Mesh) {
+    heading("The cluster");
+    say(&format!(
+        "{:<16} {:<7} {:<12} {:<34} {}",
+        "pod", "node", "ip", "identity", "in the mesh"
+    ));
+    for a in [&m.frontend, &m.batch, &m.cart, &m.catalog] {
+        say(&format!(
+            "{:<16} {:<7} {:<12} {:<34} {}",
+            a.key(),
+            a.node(),
+            a.ip(),
+            short_id(&a.spiffe()),
+            if a.sa.is_some() { "yes" } else { "no" }
+        ));
+    }
+    say(&format!(
+        "services: cart {CART_VIP}:{SERVICE_PORT} -> shop/cart:8080, catalog {CATALOG_VIP}:{SERVICE_PORT} -> shop/catalog:8080"
+    ));
+    say("policy shop/catalog-shop-only: DENY connections to catalog from outside namespace shop");
+}
+
+fn scenario(m: &mut Mesh, r: &mut Report) {
+    step_a(m, r);
+    if !interrupted() {
+        step_b(m, r);
+    }
+    if !interrupted() {
+        step_c(m, r);
+    }
+    if !interrupted() {
+        step_d(m, r);
+    }
+}
+
+/// a. frontend -> cart VIP, both identities, the endpoint.
+fn step_a(m: &Mesh, r: &mut Report) {
+    heading("a. shop/frontend calls the cart service (10.96.0.20:80) through the mesh");
+    let exp = "allowed, mTLS frontend -> cart";
+    r.step("a. frontend -> cart VIP", exp, |r| {
+        let (m1, m2) = (m.log_mark(&m.node1), m.log_mark(&m.node2));
+        let out = m.request(&m.frontend, vip(CART_VIP), "/cart");
+        say(&format!("frontend's plain TCP client: {}", out.describe()));
+        let Outcome::Answered { body, port, .. } = &out else {
+            r.record("a. frontend -> cart VIP", exp, out.describe(), false);
+            return Ok(());
+        };
+        let src = format!("{}:{port}", m.frontend.ip());
+        let o = m.wait_access(&m.node1, m1, "node-1's outbound access log", |l| {
+            l.get("src.addr") == src && l.get("direction") == "outbound"
+        })?;
+        say(&format!(
+            "node-1 ztunnel (outbound): service {} -> picked endpoint {} ({}), tunnelled as {}",
+            o.get("dst.service"),
+            o.get("dst.addr"),
+            o.get("dst.workload"),
+            o.get("src.identity"),
+        ));
+        let i = m.wait_access(&m.node2, m2, "node-2's inbound access log", |l| {
+            l.get("direction") == "inbound"
+                && !l.refused
+                && l.src_ip() == m.frontend.ip().to_string()
+                && l.get("dst.workload") == "shop/cart"
+        })?;
+        say(&format!(
+            "node-2 ztunnel (inbound): peer certificate says {}, served as {}, {} bytes to the client",
+            i.get("src.identity"),
+            i.get("dst.identity"),
+            i.get("bytes_sent"),
+        ));
+        let metrics = m.metrics(&m.node2)?;
+        let needles = [
+            "reporter=\"destination\"",
+            &format!("source_principal=\"{}\"", m.frontend.spiffe()),
+            &format!("destination_principal=\"{}\"", m.cart.spiffe()),
+        ];
+        let opened = counter(&metrics, "istio_tcp_connections_opened_total", &needles);
+        if let Some(l) = metric_line(&metrics, "istio_tcp_connections_opened_total", &needles) {
+            say(&format!("node-2 metrics: {}", shorten(l, 400)));
+        }
+        let ok = body.contains("shop/cart")
+            && o.get("dst.addr") == m.cart.addr().to_string()
+            && i.get("src.identity") == m.frontend.spiffe()
+            && i.get("dst.identity") == m.cart.spiffe()
+            && opened >= 1;
+        r.record(
+            "a. frontend -> cart VIP",
+            exp,
+            format!(
+                "{} at {}; mTLS {} -> {}",
+                out.short(),
+                o.get("dst.addr"),
+                sa_of(i.get("src.identity")),
+                sa_of(i.get("dst.identity"))
+            ),
+            ok,
+        );
+        Ok(())
+    });
+}
+
+/// b. The DENY policy on catalog.
+fn step_b(m: &Mesh, r: &mut Report) {
+    heading("b. policy shop/catalog-shop-only: catalog is for namespace shop only (DENY notNamespaces [shop])");
+    let exp = "denied (no reply)";
+    r.step("b. legacy/batch -> catalog", exp, |r| {
+        say("legacy/batch is outside the mesh: no identity, no service VIPs; it dials catalog's pod IP directly");
+        let m2 = m.log_mark(&m.node2);
+        let out = m.request(&m.batch, m.catalog.addr(), "/items");
+        say(&format!("batch's client: {}", out.describe()));
+        let l = m.wait_access(&m.node2, m2, "node-2's refusal", |l| {
+            l.refused && l.src_ip() == m.batch.ip().to_string()
+        })?;
+        say(&format!(
+            "node-2 ztunnel: connection refused {} -> {}: {}",
+            l.get("src.addr"),
+            l.get("dst.addr"),
+            l.get("error")
+        ));
+        r.record(
+            "b. legacy/batch -> catalog",
+            exp,
+            format!("{}; ztunnel: {}", out.short(), l.get("error")),
+            !out.answered() && l.get("error").contains("shop/catalog-shop-only"),
+        );
+        Ok(())
+    });
+    let exp = "allowed";
+    r.step("b. frontend -> catalog VIP", exp, |r| {
+        let out = m.request(&m.frontend, vip(CATALOG_VIP), "/items");
+        say(&format!(
+            "frontend (namespace shop) -> catalog: {}",
+            out.describe()
+        ));
+        r.record(
+            "b. frontend -> catalog VIP",
+            exp,
+            out.short(),
+            out.answered() && out.body().contains("shop/catalog"),
+        );
+        Ok(())
+    });
+}
+
+/// c. The node link carries ciphertext.
+fn step_c(m: &Mesh, r: &mut Report) {
+    heading("c. what crosses the wire: tcpdump on node-1's eth0 during two requests");
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let secret = format!("DEMO-SECRET-{}-{nanos}", std::process::id());
+    let plain = format!("DEMO-PLAINTEXT-{}-{nanos}", std::process::id());
+    let exp_mesh = "marker not on the wire";
+    let exp_ctl = "marker on the wire";
+    let res = (|| -> Result<(Outcome, Outcome, Vec<u8>)> {
+        let cap =
+            m.tb.capture(m.node1.netns(), "eth0")
+                .context("starting tcpdump")?;
+        let o1 = m.request(&m.frontend, vip(CART_VIP), &format!("/pay?card={secret}"));
+        let o2 = m.request(&m.batch, m.cart.addr(), &format!("/legacy?note={plain}"));
+        std::thread::sleep(Duration::from_millis(300));
+        let bytes = cap.stop().context("stopping tcpdump")?;
+        Ok((o1, o2, bytes))
+    })();
+    match res {
+        Ok((o1, o2, bytes)) => {
+            say(&format!(
+                "frontend -> cart VIP with {secret} in the URL: {}",
+                o1.describe()
+            ));
+            say(&format!(
+                "control: legacy/batch -> cart pod IP (plaintext, allowed) with {plain}: {}",
+                o2.describe()
+            ));
+            let seen1 = e2e::contains(&bytes, secret.as_bytes());
+            let seen2 = e2e::contains(&bytes, plain.as_bytes());
+            let (segments, hbone) = mesh::pcap_tcp_counts(&bytes);
+            say(&format!(
+                "capture: {segments} TCP segments ({hbone} on HBONE port 15008); mesh marker {}; control marker {}",
+                if seen1 {
+                    "FOUND in clear"
+                } else {
+                    "absent (encrypted in HBONE/mTLS on port 15008)"
+                },
+                if seen2 {
+                    "found in clear (as expected)"
+                } else {
+                    "absent"
+                },
+            ));
+            r.record(
+                "c. mesh bytes on node link",
+                exp_mesh,
+                format!(
+                    "request {}, marker {} in {segments} segments ({hbone} HBONE)",
+                    if o1.answered() && o1.body().contains(&secret) {
+                        "answered"
+                    } else {
+                        "FAILED"
+                    },
+                    if seen1 { "found" } else { "absent" },
+                ),
+                o1.answered() && o1.body().contains(&secret) && !seen1 && hbone > 0,
+            );
+            r.record(
+                "c. control: plaintext",
+                exp_ctl,
+                format!(
+                    "request {}, marker {}",
+                    if o2.answered() { "answered" } else { "FAILED" },
+                    if seen2 { "found" } else { "absent" }
+                ),
+                o2.answered() && seen2,
+            );
+        }
+        Err(e) => r.record(
+            "c. mesh bytes on node link",
+            exp_mesh,
+            format!("error: {e:#}"),
+            false,
+        ),
+    }
+}
+
+/// d. Live edits of the state file.
+fn step_d(m: &mut Mesh, r: &mut Report) {
+    heading(&format!(
+        "d. live edits of {} (no restarts)",
+        m.state_file.display()
+    ));
+    let pids: Vec<u32> = m.ztunnels.iter().map(|(_, z)| z.pid()).collect();
+    let mut knobs = StateKnobs::default();
+
+    let exp = "denied after reload";
+    r.step("d1. add DENY frontend->catalog", exp, |r| {
+        say("edit: add policy shop/catalog-no-frontend (DENY principals [cluster.local/ns/shop/sa/frontend])");
+        knobs.lockdown = true;
+        let before = m.state_versions()?;
+        let t = Instant::now();
+        m.write_state(knobs)?;
+        let after = m.wait_applied(&before)?;
+        say(&format!(
+            "both ztunnels reloaded in {} ms (stateVersion {:?} -> {:?})",
+            t.elapsed().as_millis(),
+            before,
+            after
+        ));
+        let m2 = m.log_mark(&m.node2);
+        let out = m.request(&m.frontend, vip(CATALOG_VIP), "/items");
+        say(&format!("frontend -> catalog: {}", out.describe()));
+        let l = m.wait_access(&m.node2, m2, "node-2's refusal", |l| {
+            l.refused && l.src_ip() == m.frontend.ip().to_string()
+        })?;
+        say(&format!("node-2 ztunnel: {}", l.get("error")));
+        r.record(
+            "d1. add DENY frontend->catalog",
+            exp,
+            format!("{}; ztunnel: {}", out.short(), l.get("error")),
+            !out.answered() && l.get("error").contains("shop/catalog-no-frontend"),
+        );
+        Ok(())
+    });
+
+    let exp = "allowed again";
+    r.step("d2. remove that DENY", exp, |r| {
+        say("edit: remove shop/catalog-no-frontend again");
+        knobs.lockdown = false;
+        let before = m.state_versions()?;
+        m.write_state(knobs)?;
+        m.wait_applied(&before)?;
+        let out = m.request(&m.frontend, vip(CATALOG_VIP), "/items");
+        say(&format!("frontend -> catalog: {}", out.describe()));
+        r.record(
+            "d2. remove that DENY",
+            exp,
+            out.short(),
+            out.answered() && out.body().contains("shop/catalog"),
+        );
+        Ok(())
+    });
+
+    let exp = "both replicas answer";
+    r.step("d3. scale cart to 2", exp, |r| {
+        let c2 = m.add_cart2()?;
+        say(&format!(
+            "started pod shop/cart-2 on node-1 ({}, identity {}); edit: add it to service cart",
+            c2.ip(),
+            short_id(&c2.spiffe())
+        ));
+        knobs.cart2 = true;
+        let before = m.state_versions()?;
+        m.write_state(knobs)?;
+        m.wait_applied(&before)?;
+        let (mut n1, mut n2, mut other) = (0, 0, 0);
+        for i in 0..20 {
+            let out = m.request(&m.frontend, vip(CART_VIP), &format!("/cart/{i}"));
+            let b = out.body();
+            if b.contains("shop/cart-2 ") {
+                n2 += 1;
+            } else if b.contains("shop/cart ") {
+                n1 += 1;
+            } else {
+                other += 1;
+            }
+        }
+        say(&format!(
+            "20 requests frontend -> cart VIP: shop/cart (node-2) answered {n1}, shop/cart-2 (node-1, same node as frontend) answered {n2}, failed {other}"
+        ));
+        r.record(
+            "d3. scale cart to 2",
+            exp,
+            format!("cart {n1}, cart-2 {n2}, failed {other} of 20"),
+            n1 > 0 && n2 > 0 && other == 0,
+        );
+        Ok(())
+    });
+
+    let exp = "rejected, old state kept";
+    r.step("d4. a bad edit", exp, |r| {
+        say("edit: a typo (serviceAcount) in the file");
+        let before = m.state_versions()?;
+        let good = m.state_yaml(knobs);
+        let bad = good.replacen("serviceAccount: frontend", "serviceAcount: frontend", 1);
+        mesh::write_atomic(&m.state_file, &bad)?;
+        let mut err = String::new();
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "localStateError on both nodes",
+            || {
+                let mut all = true;
+                for n in [&m.node1, &m.node2] {
+                    let d = m.config_dump(n)?;
+                    match json_raw(&d, "localStateError") {
+                        Some(e) if e != "null" => err = e.to_string(),
+                        _ => all = false,
+                    }
+                }
+                Ok(all)
+            },
+        )?;
+        say(&format!(
+            "both ztunnels show localStateError: {}",
+            shorten(&err, 160)
+        ));
+        let same = m.state_versions()? == before;
+        let out = m.request(&m.frontend, vip(CART_VIP), "/still-there");
+        say(&format!(
+            "stateVersion unchanged: {same}; frontend -> cart still: {}",
+            out.describe()
+        ));
+        // Put the good file back.
+        m.write_state(knobs)?;
+        mesh::wait_for(Duration::from_secs(10), "the error to clear", || {
+            Ok([&m.node1, &m.node2].iter().all(|n| {
+                m.config_dump(n)
+                    .map(|d| json_raw(&d, "localStateError") == Some("null"))
+                    .unwrap_or(false)
+            }))
+        })?;
+        say("restored the file; the error cleared");
+        r.record(
+            "d4. a bad edit",
+            exp,
+            format!(
+                "rejected ({}); version kept: {same}; traffic {}",
+                err.rsplit("invalid: ")
+                    .next()
+                    .and_then(|e| e.split(", expected").next())
+                    .unwrap_or(&err),
+                if out.answered() { "flows" } else { "FAILED" }
+            ),
+            same && out.answered(),
+        );
+        Ok(())
+    });
+
+    let exp = "same ztunnel pids";
+    r.step("d5. no restarts", exp, |r| {
+        let now: Vec<u32> = m.ztunnels.iter().map(|(_, z)| z.pid()).collect();
+        let running = m.ztunnels.iter().all(|(_, z)| z.is_running());
+        r.record(
+            "d5. no restarts",
+            exp,
+            format!("pids {pids:?} -> {now:?}, running: {running}"),
+            now == pids && running,
+        );
+        Ok(())
+    });
+}
+
+fn print_playground(m: &Mesh) {
+    let n1 = m.node1.netns();
+    let n2 = m.node2.netns();
+    let dir = m.tb.dir().display().to_string();
+    let z1 = m
+        .ztunnel(&m.node1)
+        .map(|z| z.log_path().display().to_string())
+        .unwrap_or_default();
+    let z2 = m
+        .ztunnel(&m.node2)
+        .map(|z| z.log_path().display().to_string())
+        .unwrap_or_default();
+    let f = &m.frontend;
+    let b = &m.batch;
+    let pods: Vec<&App> = [&m.frontend, &m.batch, &m.cart, &m.catalog]
+        .into_iter()
+        .chain(m.cart2.as_ref())
+        .collect();
+    heading("The mesh is up. Poke at it (as root, in another terminal)");
+    println!(
+        r#"
+Pods are addresses on their node; a pod's program runs in the node's network
+namespace and binds the pod's IP (curl --interface <pod ip>). Its TCP is
+captured by iptables there, so curl needs no proxy settings.
+
+  pod                node    netns                 ip
+{pod_rows}
+Call through the mesh, as shop/frontend (answers come from cart or cart-2):
+  ip netns exec {n1} curl -s --interface {fip} http://{CART_VIP}/hello
+  ip netns exec {n1} curl -s --interface {fip} http://{CATALOG_VIP}/items
+
+Be refused, as legacy/batch (outside the mesh; policy shop/catalog-shop-only);
+curl reports an empty reply or a reset, and node-2's log says why:
+  ip netns exec {n1} curl -sS --interface {bip} http://{cat}:8080/items
+
+Watch every connection (one access line each, with both identities):
+  tail -f {z1} {z2}
+
+Change the mesh: edit the state file; both ztunnels re-read it within a second.
+  $EDITOR {state}
+  e.g. add `- principals: ["{TRUST_DOMAIN}/ns/shop/sa/frontend"]` under a new
+  DENY policy for {{app: cart}}, or remove cart-2 from the workloads.
+  Check it applied (stateVersion goes up; a bad edit shows in localStateError):
+  ip netns exec {n2} curl -s 127.0.0.1:15000/config_dump | grep -oE '"(stateVersion|localStateError)":[^,]*'
+
+Full state and metrics of a node's ztunnel:
+  ip netns exec {n1} curl -s 127.0.0.1:15000/config_dump
+  ip netns exec {n2} curl -s 127.0.0.1:15020/metrics | grep istio_tcp_connections_opened_total
+
+See ciphertext on the node link while you call catalog (or cart: cart-2 is on
+node-1 itself, so its answers never cross the link):
+  ip netns exec {n1} tcpdump -ni eth0 -A tcp port 15008
+
+All files (state, CA, logs, captures): {dir}
+Press Ctrl-C to stop; everything ({prefix}-* namespaces, ztunnels, files) is removed."#,
+        pod_rows = pods
+            .iter()
+            .map(|a| format!(
+                "  {:<18} {:<7} {:<21} {}{}\n",
+                a.key(),
+                a.node(),
+                a.pod.netns(),
+                a.ip(),
+                if a.sa.is_none() {
+                    "  (not in the mesh)"
+                } else {
+                    ""
+                }
+            ))
+            .collect::<String>(),
+        fip = f.ip(),
+        bip = b.ip(),
+        cat = m.catalog.ip(),
+        state = m.state_file.display(),
+        prefix = m.tb.prefix(),
+    );
+}
