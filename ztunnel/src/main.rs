@@ -1,20 +1,32 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 fn main() -> std::process::ExitCode {
     let cfg = ztunnel::config::Config::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // RUST_LOG takes `level` and `target=level` directives, e.g.
+    // `info,ztunnel::proxy=debug`; a bad value falls back to info.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| match v.parse::<Targets>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("ztunnel: ignoring RUST_LOG={v:?}: {e}");
+                None
+            }
+        })
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     if cfg.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().json())
+            .with(filter)
             .init();
     } else {
-        tracing_subscriber::fmt()
-            .with_ansi(std::io::stdout().is_terminal())
-            .with_env_filter(filter)
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .with(filter)
             .init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -98,6 +98,35 @@ fn service_vip_reaches_server_over_hbone_with_identities() {
         "{}",
         lines[0]
     );
+    assert!(
+        lines[0].contains("bytes_sent=22") && lines[0].contains("bytes_recv=22"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn access_log_counts_bytes_of_a_reset_connection() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options::default());
+    let mut s = c.socks(&c.client, c.vip()).unwrap();
+    echo_roundtrip(&mut s, b"12345").unwrap();
+    // Close with an RST: the connection ends in an error, but the bytes it
+    // moved are still reported.
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    wait_until(Duration::from_secs(5), "access log line", || {
+        c.za().log().lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains("bytes_sent=5")
+                && l.contains("bytes_recv=5")
+                && !l.contains("error=\"-\"")
+        })
+    });
 }
 
 #[test]

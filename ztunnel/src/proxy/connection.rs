@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::copy::{ByteCounters, Transferred};
+use super::copy::ByteCounters;
 use crate::identity::Identity;
 use crate::metrics::{Metrics, ServiceRef, TcpLabels};
 use crate::rbac::{self, Decision};
@@ -61,10 +61,10 @@ impl ConnectionRecord {
             p.mtls,
         );
         metrics.opened.get_or_create(&labels).inc();
-        let counters = ByteCounters {
-            received: metrics.received_bytes.get_or_create(&labels).clone(),
-            sent: metrics.sent_bytes.get_or_create(&labels).clone(),
-        };
+        let counters = ByteCounters::new(
+            metrics.received_bytes.get_or_create(&labels).clone(),
+            metrics.sent_bytes.get_or_create(&labels).clone(),
+        );
         ConnectionRecord {
             start: Instant::now(),
             direction: if reporter == "source" {
@@ -90,12 +90,10 @@ impl ConnectionRecord {
     }
 
     /// Counts the close and writes the access-log line.
-    pub fn close(self, result: Result<Transferred, String>) {
+    pub fn close(self, result: Result<(), String>) {
         self.metrics.closed.get_or_create(&self.labels).inc();
-        let (bytes, error) = match result {
-            Ok(t) => (t, None),
-            Err(e) => (Transferred::default(), Some(e)),
-        };
+        let bytes = self.counters.totals();
+        let error = result.err();
         let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
         let id = |o: &Option<Identity>| o.as_ref().map_or("-".into(), ToString::to_string);
         info!(

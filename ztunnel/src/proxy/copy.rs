@@ -4,7 +4,8 @@
 //! fills it, so interactive flows stay cheap and bulk flows reach large
 //! chunks (fewer syscalls, fewer HTTP/2 frames). A filled chunk is frozen
 //! and handed to h2 without copying. Byte counters are bumped per chunk,
-//! never per byte.
+//! never per byte, as the bytes flow: a connection that ends in an error
+//! still reports what it moved.
 
 use std::future::poll_fn;
 use std::io;
@@ -18,12 +19,60 @@ use super::hbone::H2Stream;
 const INITIAL_BUFFER: usize = 16 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
 
-/// Counters for one connection: `received` counts client-to-server bytes,
-/// `sent` server-to-client, matching Istio's request/response naming.
+/// Byte counts of one connection. `received` is client-to-server,
+/// `sent` server-to-client, matching Istio's request/response naming. Each
+/// count goes to the shared Istio counter of the connection's labels and to
+/// this connection's own total for its access-log line.
 #[derive(Clone, Default)]
 pub struct ByteCounters {
-    pub received: Counter,
-    pub sent: Counter,
+    received: Counter,
+    sent: Counter,
+    conn_received: Counter,
+    conn_sent: Counter,
+}
+
+impl ByteCounters {
+    pub fn new(received: Counter, sent: Counter) -> Self {
+        ByteCounters {
+            received,
+            sent,
+            ..Default::default()
+        }
+    }
+
+    fn from_client(&self, n: u64) {
+        self.received.inc_by(n);
+        self.conn_received.inc_by(n);
+    }
+
+    fn to_client(&self, n: u64) {
+        self.sent.inc_by(n);
+        self.conn_sent.inc_by(n);
+    }
+
+    /// What this connection has moved so far.
+    pub fn totals(&self) -> Transferred {
+        Transferred {
+            from_client: self.conn_received.get(),
+            to_client: self.conn_sent.get(),
+        }
+    }
+}
+
+/// Which way bytes flow, for counting.
+#[derive(Clone, Copy)]
+enum Direction {
+    FromClient,
+    ToClient,
+}
+
+impl Direction {
+    fn count(self, c: &ByteCounters, n: usize) {
+        match self {
+            Direction::FromClient => c.from_client(n as u64),
+            Direction::ToClient => c.to_client(n as u64),
+        }
+    }
 }
 
 /// Totals a copy moved in each direction.
@@ -47,9 +96,9 @@ fn h2_io(e: h2::Error) -> io::Error {
 async fn read_to_h2<R: AsyncRead + Unpin>(
     rd: &mut R,
     send: &mut h2::SendStream<Bytes>,
-    counter: &Counter,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    counters: &ByteCounters,
+    dir: Direction,
+) -> io::Result<()> {
     let mut size = INITIAL_BUFFER;
     let mut buf = BytesMut::with_capacity(size);
     loop {
@@ -59,13 +108,12 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            return Ok(total);
+            return Ok(());
         }
         if buf.len() == buf.capacity() && size < MAX_BUFFER {
             size *= 2;
         }
-        total += n as u64;
-        counter.inc_by(n as u64);
+        dir.count(counters, n);
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
@@ -84,19 +132,43 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
 async fn h2_to_write<W: AsyncWrite + Unpin>(
     recv: &mut h2::RecvStream,
     wr: &mut W,
-    counter: &Counter,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    counters: &ByteCounters,
+    dir: Direction,
+) -> io::Result<()> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         let n = chunk.len();
         wr.write_all(&chunk).await?;
-        total += n as u64;
-        counter.inc_by(n as u64);
+        dir.count(counters, n);
         recv.flow_control().release_capacity(n).map_err(h2_io)?;
     }
-    wr.shutdown().await?;
-    Ok(total)
+    wr.shutdown().await
+}
+
+/// Copies `rd` to `wr` until EOF, then shuts `wr` down. One buffer per
+/// direction, grown for bulk flows and reused for every read.
+async fn read_to_write<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    counters: &ByteCounters,
+    dir: Direction,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return wr.shutdown().await;
+        }
+        wr.write_all(&buf[..n]).await?;
+        dir.count(counters, n);
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
 }
 
 /// Copies both ways between a socket and an HBONE stream until both
@@ -107,35 +179,22 @@ pub async fn copy_hbone<S: AsyncRead + AsyncWrite + Unpin>(
     stream: H2Stream,
     counters: &ByteCounters,
     socket_is_client: bool,
-) -> io::Result<Transferred> {
+) -> io::Result<()> {
     let H2Stream { mut send, mut recv } = stream;
     let (mut rd, mut wr) = tokio::io::split(socket);
-    let (up_counter, down_counter) = if socket_is_client {
-        (&counters.received, &counters.sent)
+    let (up, down) = if socket_is_client {
+        (Direction::FromClient, Direction::ToClient)
     } else {
-        (&counters.sent, &counters.received)
+        (Direction::ToClient, Direction::FromClient)
     };
     let res = tokio::try_join!(
-        read_to_h2(&mut rd, &mut send, up_counter),
-        h2_to_write(&mut recv, &mut wr, down_counter)
+        read_to_h2(&mut rd, &mut send, counters, up),
+        h2_to_write(&mut recv, &mut wr, counters, down)
     );
-    match res {
-        Ok((up, down)) => Ok(if socket_is_client {
-            Transferred {
-                from_client: up,
-                to_client: down,
-            }
-        } else {
-            Transferred {
-                from_client: down,
-                to_client: up,
-            }
-        }),
-        Err(e) => {
-            send.send_reset(h2::Reason::CANCEL);
-            Err(e)
-        }
+    if res.is_err() {
+        send.send_reset(h2::Reason::CANCEL);
     }
+    res.map(|_| ())
 }
 
 /// Copies both ways between two sockets (plain TCP paths), `client` first.
@@ -143,17 +202,16 @@ pub async fn copy_tcp<A, B>(
     client: &mut A,
     server: &mut B,
     counters: &ByteCounters,
-) -> io::Result<Transferred>
+) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (from_client, to_client) =
-        tokio::io::copy_bidirectional_with_sizes(client, server, MAX_BUFFER, MAX_BUFFER).await?;
-    counters.received.inc_by(from_client);
-    counters.sent.inc_by(to_client);
-    Ok(Transferred {
-        from_client,
-        to_client,
-    })
+    let (mut crd, mut cwr) = tokio::io::split(client);
+    let (mut srd, mut swr) = tokio::io::split(server);
+    tokio::try_join!(
+        read_to_write(&mut crd, &mut swr, counters, Direction::FromClient),
+        read_to_write(&mut srd, &mut cwr, counters, Direction::ToClient)
+    )
+    .map(|_| ())
 }
