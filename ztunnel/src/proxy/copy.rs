@@ -40,12 +40,12 @@ impl ByteCounters {
         }
     }
 
-    fn from_client(&self, n: u64) {
+    fn add_from_client(&self, n: u64) {
         self.received.inc_by(n);
         self.conn_received.inc_by(n);
     }
 
-    fn to_client(&self, n: u64) {
+    fn add_to_client(&self, n: u64) {
         self.sent.inc_by(n);
         self.conn_sent.inc_by(n);
     }
@@ -69,8 +69,8 @@ enum Direction {
 impl Direction {
     fn count(self, c: &ByteCounters, n: usize) {
         match self {
-            Direction::FromClient => c.from_client(n as u64),
-            Direction::ToClient => c.to_client(n as u64),
+            Direction::FromClient => c.add_from_client(n as u64),
+            Direction::ToClient => c.add_to_client(n as u64),
         }
     }
 }
