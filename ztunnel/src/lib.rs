@@ -14,6 +14,7 @@
 //! - [`app`]: where it is all wired together
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod config;
 pub mod identity;

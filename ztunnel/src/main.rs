@@ -5,6 +5,7 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 fn main() -> std::process::ExitCode {
+    ztunnel::alloc::tune();
     let cfg = ztunnel::config::Config::parse();
     // RUST_LOG takes `level` and `target=level` directives, e.g.
     // `info,ztunnel::proxy=debug`; a bad value falls back to info.
