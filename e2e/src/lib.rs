@@ -93,6 +93,8 @@ mod netns;
 mod process;
 mod testbed;
 
+pub mod mesh;
+
 pub use cleanup::cgroup_root;
 pub use netns::{
     in_netns, ip_netns_exec, ip_netns_exec_output, tcp_connect_from_in, tcp_connect_in,

@@ -339,53 +339,9 @@ fn plaintext_inbound_and_outbound_capture_with_redirect() {
     });
     // Node b captures inbound traffic for its pods onto 15006 (the way
     // Istio's iptables mode does), except HBONE and ztunnel's own sockets.
-    e2e::ip_netns_exec(
-        c.b.netns(),
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-d",
-            &c.echo.ipv4().to_string(),
-            "!",
-            "--dport",
-            "15008",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ],
-    )
-    .unwrap();
+    e2e::mesh::capture_inbound(c.b.netns(), IpAddr::V4(c.echo.ipv4())).unwrap();
     // Node a captures its client pod's outbound traffic onto 15001.
-    e2e::ip_netns_exec(
-        c.a.netns(),
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-s",
-            &c.client.ipv4().to_string(),
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            "0x539",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    )
-    .unwrap();
+    e2e::mesh::capture_outbound(c.a.netns(), IpAddr::V4(c.client.ipv4())).unwrap();
 
     // The outsider (not in the mesh, not captured on a) reaches echo in
     // plaintext; node b captures it on 15006 and the policy allows its IP.

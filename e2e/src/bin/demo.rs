@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 
 use mesh::{
-    counter, interrupted, json_raw, metric_line, App, Mesh, Outcome, StateKnobs, CART_VIP,
-    CATALOG_VIP, SERVICE_PORT, TRUST_DOMAIN,
+    counter, interrupted, metric_line, App, Mesh, Outcome, StateKnobs, CART_VIP, CATALOG_VIP,
+    SERVICE_PORT, TRUST_DOMAIN,
 };
 
 /// One line of the summary table.
@@ -639,9 +639,9 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
                 let mut all = true;
                 for n in [&m.node1, &m.node2] {
                     let d = m.config_dump(n)?;
-                    match json_raw(&d, "localStateError") {
-                        Some(e) if e != "null" => err = e.to_string(),
-                        _ => all = false,
+                    match d["localStateError"].as_str() {
+                        Some(e) => err = e.to_string(),
+                        None => all = false,
                     }
                 }
                 Ok(all)
@@ -662,7 +662,7 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
         mesh::wait_for(Duration::from_secs(10), "the error to clear", || {
             Ok([&m.node1, &m.node2].iter().all(|n| {
                 m.config_dump(n)
-                    .map(|d| json_raw(&d, "localStateError") == Some("null"))
+                    .map(|d| d["localStateError"].is_null())
                     .unwrap_or(false)
             }))
         })?;

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::connection::{log_refused, ConnectionRecord, Parties};
 use super::copy::copy_hbone;
 use super::hbone::{self, H2Stream};
-use super::ProxyInputs;
+use super::{accept_loop, ProxyInputs};
 use crate::identity::Identity;
 use crate::rbac::{self, Decision};
 use crate::socket::{self, canonical};
@@ -30,23 +30,15 @@ use crate::tls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "HBONE accept failed");
-                continue;
-            }
-        };
+    accept_loop(listener, "HBONE", move |stream, peer| {
         let pi = pi.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let peer = canonical(peer);
+        async move {
             if let Err(e) = serve_connection(pi, stream, peer).await {
                 warn!(%peer, error = %format!("{e:#}"), "HBONE connection rejected");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_connection(

@@ -6,28 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
 
 use super::connection::{log_refused, ConnectionRecord, Parties};
 use super::copy::copy_tcp;
-use super::ProxyInputs;
+use super::{accept_loop, ProxyInputs};
 use crate::rbac::{self, Decision};
 use crate::socket::{self, canonical};
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let local = listener.local_addr().ok().map(canonical);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "inbound plaintext accept failed");
-                continue;
-            }
-        };
+    accept_loop(listener, "inbound plaintext", move |stream, src| {
         let pi = pi.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let src = canonical(peer);
+        async move {
             match pi.orig_dst.original_destination(&stream) {
                 Ok(dst) if Some(dst) != local => handle(pi, stream, src, dst).await,
                 Ok(dst) => log_refused(
@@ -43,8 +33,9 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
                     &format!("no original destination: {e}"),
                 ),
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, dst: SocketAddr) {

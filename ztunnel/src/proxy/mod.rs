@@ -20,11 +20,14 @@ pub mod outbound;
 pub mod pool;
 pub mod socks5;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
 
 use crate::identity::SecretManager;
 use crate::metrics::Metrics;
@@ -105,6 +108,29 @@ impl Listeners {
         }
         if let Some(l) = self.socks5 {
             tokio::spawn(socks5::run(pi.clone(), l));
+        }
+    }
+}
+
+/// Accepts on `listener` for as long as the process runs, handing each
+/// connection and its peer address to `handle` on a task of its own. An
+/// accept error (for example out of file descriptors) is logged and retried
+/// after a pause rather than in a busy loop.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, crate::socket::canonical(peer)));
+            }
+            Err(e) => {
+                warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::connection::{log_refused, ConnectionRecord, Parties};
 use super::copy::{copy_hbone, copy_tcp};
 use super::hbone::H2Stream;
 use super::pool::{PoolKey, StreamGuard, TunnelError};
-use super::ProxyInputs;
+use super::{accept_loop, ProxyInputs};
 use crate::metrics::ServiceRef;
 use crate::socket::{self, canonical};
 use crate::state::{Protocol, Snapshot, Workload};
@@ -192,18 +192,9 @@ impl Outbound {
 /// Accepts captured connections on 15001.
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let local = listener.local_addr().ok().map(canonical);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                continue;
-            }
-        };
+    accept_loop(listener, "outbound", move |stream, src| {
         let pi = pi.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let src = canonical(peer);
+        async move {
             let dst = match pi.orig_dst.original_destination(&stream) {
                 Ok(d) if Some(d) != local => d,
                 Ok(d) => {
@@ -226,8 +217,9 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
                 }
             };
             handle(pi, stream, src, dst).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, dst: SocketAddr) {

@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::connection::log_refused;
 use super::outbound::{self, OutboundError};
-use super::ProxyInputs;
+use super::{accept_loop, ProxyInputs};
 use crate::socket::canonical;
 
 const VERSION: u8 = 5;
@@ -34,22 +34,15 @@ enum Reply {
 }
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "socks5 accept failed");
-                continue;
-            }
-        };
+    accept_loop(listener, "SOCKS5", move |stream, peer| {
         let pi = pi.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            if let Err(e) = handle(pi, stream, canonical(peer)).await {
+        async move {
+            if let Err(e) = handle(pi, stream, peer).await {
                 debug!(%peer, error = %e, "socks5 request failed");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn reply(stream: &mut TcpStream, code: Reply) -> std::io::Result<()> {

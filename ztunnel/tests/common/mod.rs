@@ -11,6 +11,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use e2e::mesh::http_get;
 use e2e::{ChildGuard, Node, Pod, Testbed};
 use ztunnel::identity::LocalCa;
 
@@ -334,26 +335,6 @@ pub fn socks_connect(
     }
     s.set_read_timeout(None).unwrap();
     Ok(s)
-}
-
-/// A minimal HTTP/1.0 GET, for the admin endpoints.
-pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = e2e::tcp_connect_in(netns, addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    Ok((code, body))
 }
 
 /// Sum of a counter's samples whose labels contain every `needle`.

@@ -4,13 +4,14 @@
 //! same node-to-node link.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use e2e::mesh::http_get;
 use e2e::{ChildGuard, Node, Testbed};
 use serde_json::{json, Map, Value};
 
@@ -21,10 +22,9 @@ use crate::report::{Better, Machine, Process, Report, Row, Target, SCHEMA_VERSIO
 /// First of the three server ports (bulk, echo, churn).
 const SERVER_BASE_PORT: u16 = 5001;
 /// The mark ztunnel puts on its own sockets (its `--socket-mark` default).
-const ZTUNNEL_MARK: &str = "0x539";
 const OUTBOUND_PORT: &str = "15001";
-const READY_ADDR: &str = "127.0.0.1:15021";
-const METRICS_ADDR: &str = "127.0.0.1:15020";
+const READY_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
+const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15020);
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
 const EPHEMERAL_PORTS: &str = "20000 65000";
@@ -117,25 +117,6 @@ fn pause(d: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
     }
     check_stop()
-}
-
-/// A plain HTTP/1.0 GET inside `netns`: status code and the whole response.
-fn http_get(netns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse()?;
-    let mut s = e2e::try_in_netns(netns, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-    })??;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.set_write_timeout(Some(Duration::from_secs(3)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("bad HTTP response from {addr}{path}: {resp:.200}"))?;
-    Ok((code, resp))
 }
 
 /// Sum of a counter's samples over all label sets.
@@ -559,31 +540,7 @@ fn measure(
     }
 
     // --- capture: the client pod's traffic goes to ztunnel a, as in Istio
-    let client_ip = client.ipv4().to_string();
-    e2e::ip_netns_exec(
-        a.netns(),
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-s",
-            &client_ip,
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            ZTUNNEL_MARK,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            OUTBOUND_PORT,
-        ],
-    )
-    .context("installing the iptables REDIRECT capture rule")?;
+    e2e::mesh::capture_outbound(a.netns(), IpAddr::V4(client.ipv4()))?;
 
     let paths = Paths {
         client: IpAddr::V4(client.ipv4()),
@@ -879,7 +836,8 @@ fn measure(
     config.insert(
         "capture".into(),
         json!(format!(
-            "iptables -t nat -A OUTPUT -p tcp -s <client> -m mark ! --mark {ZTUNNEL_MARK} -j REDIRECT --to-ports {OUTBOUND_PORT}"
+            "iptables -t nat -A OUTPUT -p tcp -s <client> -m mark ! --mark {} -j REDIRECT --to-ports {OUTBOUND_PORT}",
+            e2e::mesh::ZTUNNEL_MARK
         )),
     );
     config.insert(

@@ -19,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use e2e::mesh::{capture_inbound, capture_outbound, http_get, parse_response};
 use e2e::{ChildGuard, Node, Pod, Testbed};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -27,10 +28,9 @@ pub const CATALOG_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 pub const SERVICE_PORT: u16 = 80;
 pub const APP_PORT: u16 = 8080;
 /// ztunnel's default SO_MARK; capture lets ztunnel's own sockets through.
-const MARK: &str = "0x539";
-const ADMIN: &str = "127.0.0.1:15000";
-const METRICS: &str = "127.0.0.1:15020";
-const READY: &str = "127.0.0.1:15021";
+const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15020);
+const READY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
 
 /// Set by the signal thread; long waits give up when it is set.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -337,7 +337,8 @@ impl Mesh {
             .iter()
             .map(|n| {
                 let d = self.config_dump(n)?;
-                json_u64(&d, "stateVersion")
+                d["stateVersion"]
+                    .as_u64()
                     .ok_or_else(|| anyhow!("no stateVersion in {}'s config_dump", n.name()))
             })
             .collect()
@@ -357,12 +358,13 @@ impl Mesh {
         Ok(now)
     }
 
-    pub fn config_dump(&self, node: &Node) -> Result<String> {
+    pub fn config_dump(&self, node: &Node) -> Result<serde_json::Value> {
         let (code, body) = http_get(node.netns(), ADMIN, "/config_dump")?;
         if code != 200 {
             bail!("config_dump on {}: HTTP {code}", node.name());
         }
-        Ok(body)
+        serde_json::from_str(&body)
+            .with_context(|| format!("config_dump on {} is not JSON", node.name()))
     }
 
     pub fn metrics(&self, node: &Node) -> Result<String> {
@@ -420,7 +422,7 @@ impl Mesh {
             let mut out = Vec::new();
             s.read_to_end(&mut out)?;
             let out = String::from_utf8_lossy(&out).into_owned();
-            let (code, body) = parse_response(&out);
+            let (code, body) = parse_response(&out).unwrap_or_default();
             Ok((code, body, port))
         })();
         let ms = t0.elapsed().as_millis();
@@ -561,70 +563,13 @@ fn parse_fields(s: &str) -> BTreeMap<String, String> {
     out
 }
 
-fn parse_response(raw: &str) -> (u16, String) {
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (code, body)
-}
-
 /// Captures a mesh pod's traffic on its node, the way Istio's iptables mode
 /// does: outbound TCP from the pod to 15001 (except ztunnel's own, marked,
 /// sockets), inbound TCP to the pod to 15006 (except HBONE on 15008).
 fn capture_app(app: &App) -> Result<()> {
     let ns = app.pod.node_netns();
-    let ip = app.ip().to_string();
-    ip_in(
-        ns,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-s",
-            &ip,
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            MARK,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    )?;
-    ip_in(
-        ns,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-d",
-            &ip,
-            "!",
-            "--dport",
-            "15008",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ],
-    )
+    capture_outbound(ns, app.ip().into())?;
+    capture_inbound(ns, app.ip().into())
 }
 
 fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
@@ -697,51 +642,6 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<boo
             });
         }
         thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A minimal HTTP/1.0 GET to `addr` from inside `netns`.
-pub fn http_get(netns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse().context("admin address")?;
-    let mut s = e2e::tcp_connect_in(netns, addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(parse_response(&out))
-}
-
-/// The first number after `"key":` in a JSON text (no JSON parser here).
-pub fn json_u64(json: &str, key: &str) -> Option<u64> {
-    let i = json.find(&format!("\"{key}\""))?;
-    let rest = json[i + key.len() + 2..].trim_start().strip_prefix(':')?;
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-/// The raw JSON value after `"key":` up to the next `,"` or `}` at depth 0
-/// (good enough for strings and null).
-pub fn json_raw<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let i = json.find(&format!("\"{key}\""))?;
-    let rest = json[i + key.len() + 2..].trim_start().strip_prefix(':')?;
-    let rest = rest.trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        let mut esc = false;
-        for (j, c) in s.char_indices() {
-            match c {
-                '\\' if !esc => esc = true,
-                '"' if !esc => return Some(&rest[..j + 2]),
-                _ => esc = false,
-            }
-        }
-        Some(rest)
-    } else {
-        let end = rest.find([',', '}', '\n']).unwrap_or(rest.len());
-        Some(rest[..end].trim())
     }
 }
 
@@ -820,13 +720,5 @@ mod tests {
         assert_eq!(l.src_ip(), "10.0.0.1");
         assert_eq!(l.get("src.identity"), "spiffe://x/ns/a/sa/b");
         assert_eq!(l.get("error"), "-");
-    }
-
-    #[test]
-    fn json() {
-        let j = r#"{"localStateError":null,"stateVersion": 7,"x":"a\"b"}"#;
-        assert_eq!(json_u64(j, "stateVersion"), Some(7));
-        assert_eq!(json_raw(j, "localStateError"), Some("null"));
-        assert_eq!(json_raw(j, "x"), Some(r#""a\"b""#));
     }
 }
