@@ -52,6 +52,16 @@ pub struct ServiceRef {
     pub namespace: String,
 }
 
+impl From<&crate::state::Service> for ServiceRef {
+    fn from(s: &crate::state::Service) -> Self {
+        ServiceRef {
+            hostname: s.hostname.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }
+    }
+}
+
 impl TcpLabels {
     pub fn new(
         reporter: &'static str,

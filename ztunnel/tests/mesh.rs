@@ -86,6 +86,20 @@ fn service_vip_reaches_server_over_hbone_with_identities() {
             &["destination_service=\"echo.default.svc.cluster.local\""]
         ) >= 2
     );
+    // The receiving side names the service too (the workload's service
+    // that maps to the port), as Istio's destination reporting does.
+    assert_eq!(
+        counter(
+            &c.metrics(&c.b),
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "destination_service=\"echo.default.svc.cluster.local\"",
+                "destination_service_name=\"echo\"",
+            ]
+        ),
+        3
+    );
     // One access-log line per connection, naming both identities.
     let log = c.zb().log();
     let lines: Vec<&str> = log

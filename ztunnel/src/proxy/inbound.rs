@@ -22,6 +22,7 @@ use super::copy::copy_hbone;
 use super::hbone::{self, H2Stream};
 use super::{accept_loop, ProxyInputs};
 use crate::identity::Identity;
+use crate::metrics::ServiceRef;
 use crate::rbac::{self, Decision};
 use crate::socket::{self, canonical};
 use crate::state::{Protocol, Workload};
@@ -195,6 +196,9 @@ async fn serve_stream(
     };
     let src_w = snap.workload_by_ip(src_ip).cloned();
     let dst_id = dst_w.identity();
+    let service: Option<ServiceRef> = snap
+        .service_for_port(&dst_w, target.port())
+        .map(|s| s.as_ref().into());
     let record = ConnectionRecord::open(
         &pi.metrics,
         "destination",
@@ -205,7 +209,7 @@ async fn serve_stream(
             src_identity: Some(&ctx.src_id),
             dst_workload: Some(&dst_w),
             dst_identity: Some(&dst_id),
-            service: None,
+            service: service.as_ref(),
             mtls: true,
         },
     );

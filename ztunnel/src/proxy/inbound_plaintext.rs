@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::connection::{log_refused, ConnectionRecord, Parties};
 use super::copy::copy_tcp;
 use super::{accept_loop, ProxyInputs};
+use crate::metrics::ServiceRef;
 use crate::rbac::{self, Decision};
 use crate::socket::{self, canonical};
 
@@ -74,6 +75,9 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
     };
     let src_w = snap.workload_by_ip(src.ip()).cloned();
     let dst_id = dst_w.identity();
+    let service: Option<ServiceRef> = snap
+        .service_for_port(&dst_w, dst.port())
+        .map(|s| s.as_ref().into());
     let record = ConnectionRecord::open(
         &pi.metrics,
         "destination",
@@ -84,7 +88,7 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
             src_identity: None,
             dst_workload: Some(&dst_w),
             dst_identity: Some(&dst_id),
-            service: None,
+            service: service.as_ref(),
             mtls: false,
         },
     );

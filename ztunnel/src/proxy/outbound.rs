@@ -77,11 +77,7 @@ fn route(snap: &Snapshot, dst: SocketAddr) -> Result<Route, OutboundError> {
         return Ok(Route {
             target: SocketAddr::new(ip, port),
             dst: Some(w),
-            service: Some(ServiceRef {
-                hostname: svc.hostname.clone(),
-                name: svc.name.clone(),
-                namespace: svc.namespace.clone(),
-            }),
+            service: Some(svc.as_ref().into()),
         });
     }
     Ok(Route {

@@ -146,6 +146,17 @@ impl Snapshot {
         Some((w.clone(), target))
     }
 
+    /// The service a connection to `w` on `port` most likely came through:
+    /// one of `w`'s services that maps some port to `port`. The receiving
+    /// side cannot see the VIP the client dialled, so metrics use this, as
+    /// Istio's destination-side reporting does.
+    pub fn service_for_port(&self, w: &Workload, port: u16) -> Option<&Arc<Service>> {
+        w.services
+            .iter()
+            .filter_map(|key| self.services.get(key))
+            .find(|s| s.ports.iter().any(|p| s.target_port(p.port) == Some(port)))
+    }
+
     pub fn endpoints(&self, svc: &Service) -> &[Arc<Workload>] {
         self.endpoints
             .get(&svc.key())
