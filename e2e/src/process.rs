@@ -229,6 +229,21 @@ impl Capture {
     /// Stops tcpdump (SIGINT, so it flushes and closes the file), waits for
     /// it, and returns the pcap file's bytes. The file is kept.
     pub fn stop(self) -> Result<Vec<u8>> {
+        // tcpdump exits on SIGINT without draining packets still queued in
+        // its kernel ring, which on a busy machine can be the last ones a
+        // test sent. It writes each packet as it goes (-U), so wait until
+        // the file has stopped growing before interrupting it.
+        let size = || std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut last = size();
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = size();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         self.child.signal(Signal::SIGINT)?;
         if self
             .child
