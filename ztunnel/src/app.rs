@@ -12,11 +12,11 @@ use crate::config::Config;
 use crate::identity::{Identity, LocalCa, SecretManager};
 use crate::metrics::Metrics;
 use crate::proxy::{
-    ConnectionTracker, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst,
+    ConnectionTracker, Drain, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst,
 };
 use crate::state::{self, Store};
 
-/// Starts everything and runs until SIGINT or SIGTERM.
+/// Starts everything and runs until SIGINT or SIGTERM, then drains.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let store = Store::new();
     let state_status = Arc::new(Mutex::new(None));
@@ -62,6 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         mark: cfg.socket_mark,
         hbone_port: cfg.hbone_port,
         max_streams: cfg.pool_max_streams,
+        drain: Drain::default(),
     });
 
     let listeners = Listeners::bind(
@@ -86,7 +87,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         admin::bind(cfg.readiness_addr, "readiness").await?,
         admin::readiness_handler(ready.clone()),
     );
-    listeners.spawn(pi);
+    listeners.spawn(pi.clone());
     ready.store(true, Ordering::Release);
     info!(node = %cfg.node, "ztunnel ready");
 
@@ -95,7 +96,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    info!("shutting down");
+    // Drain: report not ready so traffic moves elsewhere, stop accepting,
+    // let open connections finish (HBONE peers get GOAWAY), then exit.
+    ready.store(false, Ordering::Release);
+    info!(open = pi.drain.connections.len(), timeout = ?cfg.drain_timeout, "draining");
+    let left = pi.drain.run(cfg.drain_timeout).await;
+    if left > 0 {
+        info!(
+            closed = left,
+            "drain timeout: closing the remaining connections"
+        );
+    }
+    info!("shut down");
     Ok(())
 }
 

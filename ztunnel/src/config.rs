@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, value_parser = duration, default_value = "60s")]
     pub pool_idle_timeout: Duration,
 
+    /// On SIGTERM, how long open connections may take to finish before
+    /// ztunnel exits anyway.
+    #[arg(long, env = "DRAIN_TIMEOUT", value_parser = duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+
     /// Data-plane worker threads.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

@@ -31,7 +31,8 @@ use crate::tls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
-    accept_loop(listener, "HBONE", move |stream, peer| {
+    let drain = pi.drain.clone();
+    accept_loop(listener, "HBONE", drain, move |stream, peer| {
         let pi = pi.clone();
         async move {
             if let Err(e) = serve_connection(pi, stream, peer).await {
@@ -79,7 +80,18 @@ async fn serve_connection(
     .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
     .context("HTTP/2 handshake failed")?;
     debug!(%peer, identity = %src_id, workload = %dst_w.uid, "HBONE connection accepted");
-    while let Some(req) = conn.accept().await {
+    let mut draining = false;
+    loop {
+        let req = tokio::select! {
+            _ = pi.drain.stop.cancelled(), if !draining => {
+                // GOAWAY: the peer opens no new streams here; open ones finish.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            r = conn.accept() => r,
+        };
+        let Some(req) = req else { break };
         let (req, respond) = match req {
             Ok(r) => r,
             Err(e) => {
@@ -93,7 +105,8 @@ async fn serve_connection(
             src_id: src_id.clone(),
             dst_w: dst_w.clone(),
         };
-        tokio::spawn(async move { serve_stream(pi, ctx, req, respond).await });
+        let tracker = pi.drain.connections.clone();
+        tracker.spawn(async move { serve_stream(pi, ctx, req, respond).await });
     }
     Ok(())
 }

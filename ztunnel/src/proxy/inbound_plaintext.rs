@@ -16,7 +16,8 @@ use crate::socket::{self, canonical};
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let local = listener.local_addr().ok().map(canonical);
-    accept_loop(listener, "inbound plaintext", move |stream, src| {
+    let drain = pi.drain.clone();
+    accept_loop(listener, "inbound plaintext", drain, move |stream, src| {
         let pi = pi.clone();
         async move {
             match pi.orig_dst.original_destination(&stream) {

@@ -53,6 +53,29 @@ pub struct ProxyInputs {
     pub hbone_port: u16,
     /// HTTP/2 streams per HBONE connection.
     pub max_streams: usize,
+    pub drain: Drain,
+}
+
+/// Graceful shutdown: `stop` tells listeners to stop accepting (and HBONE
+/// connections to send GOAWAY); `connections` tracks every proxied
+/// connection so shutdown can wait for them to finish.
+#[derive(Clone, Default)]
+pub struct Drain {
+    pub stop: tokio_util::sync::CancellationToken,
+    pub connections: tokio_util::task::TaskTracker,
+}
+
+impl Drain {
+    /// Stops accepting and waits up to `timeout` for open connections to
+    /// end. Returns how many were still open when it gave up.
+    pub async fn run(&self, timeout: Duration) -> usize {
+        self.stop.cancel();
+        self.connections.close();
+        match tokio::time::timeout(timeout, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.connections.len(),
+        }
+    }
 }
 
 /// Where each listener is bound; `None` means disabled.
@@ -112,20 +135,30 @@ impl Listeners {
     }
 }
 
-/// Accepts on `listener` for as long as the process runs, handing each
+/// Accepts on `listener` until the drain starts, handing each
 /// connection and its peer address to `handle` on a task of its own. An
 /// accept error (for example out of file descriptors) is logged and retried
 /// after a pause rather than in a busy loop.
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
-where
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    drain: Drain,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = drain.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, crate::socket::canonical(peer)));
+                drain
+                    .connections
+                    .spawn(handle(stream, crate::socket::canonical(peer)));
             }
             Err(e) => {
                 warn!(listener = what, error = %e, "accept failed");

@@ -188,7 +188,8 @@ impl Outbound {
 /// Accepts captured connections on 15001.
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let local = listener.local_addr().ok().map(canonical);
-    accept_loop(listener, "outbound", move |stream, src| {
+    let drain = pi.drain.clone();
+    accept_loop(listener, "outbound", drain, move |stream, src| {
         let pi = pi.clone();
         async move {
             let dst = match pi.orig_dst.original_destination(&stream) {

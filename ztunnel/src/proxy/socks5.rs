@@ -34,7 +34,8 @@ enum Reply {
 }
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
-    accept_loop(listener, "SOCKS5", move |stream, peer| {
+    let drain = pi.drain.clone();
+    accept_loop(listener, "SOCKS5", drain, move |stream, peer| {
         let pi = pi.clone();
         async move {
             if let Err(e) = handle(pi, stream, peer).await {
