@@ -94,6 +94,7 @@ mod process;
 mod testbed;
 
 pub mod mesh;
+mod signals;
 
 pub use cleanup::cgroup_root;
 pub use netns::{
@@ -101,6 +102,7 @@ pub use netns::{
     tcp_listen_in, try_in_netns,
 };
 pub use process::{Capture, ChildGuard};
+pub use signals::on_stop_signal;
 pub use testbed::{Node, Pod, PodKind, Testbed};
 
 /// Returns true when running as root. Otherwise prints why the caller should

@@ -47,46 +47,20 @@ enum Bench {
 /// that takes too long, exits at once (the next test bed then removes the
 /// leftovers).
 fn install_signal_thread() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Register now, so that a signal arriving right after this returns counts.
-    let (mut int, mut term, mut hup) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ))
-    })?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                loop {
-                    let sig = tokio::select! {
-                        _ = int.recv() => "SIGINT",
-                        _ = term.recv() => "SIGTERM",
-                        _ = hup.recv() => "SIGHUP",
-                    };
-                    if load::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        eprintln!("bench: {sig} again, exiting now without cleanup");
-                        std::process::exit(130);
-                    }
-                    eprintln!(
-                        "bench: {sig}: stopping and removing the test bed (again to exit at once)"
-                    );
-                    let _ = std::thread::Builder::new()
-                        .name("watchdog".into())
-                        .spawn(|| {
-                            std::thread::sleep(Duration::from_secs(30));
-                            eprintln!("bench: cleanup is taking too long, exiting");
-                            std::process::exit(130);
-                        });
-                }
-            })
-        })?;
-    Ok(())
+    e2e::on_stop_signal(|sig| {
+        if load::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("bench: {sig} again, exiting now without cleanup");
+            std::process::exit(130);
+        }
+        eprintln!("bench: {sig}: stopping and removing the test bed (again to exit at once)");
+        let _ = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(|| {
+                std::thread::sleep(Duration::from_secs(30));
+                eprintln!("bench: cleanup is taking too long, exiting");
+                std::process::exit(130);
+            });
+    })
 }
 
 fn main() -> ExitCode {

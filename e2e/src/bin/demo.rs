@@ -177,35 +177,12 @@ fn main() {
 /// SIGINT, SIGTERM and SIGHUP set [`mesh::INTERRUPTED`] and are sent, by
 /// name, on the returned channel.
 fn catch_stop_signals() -> Result<mpsc::Receiver<&'static str>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building a runtime for signals")?;
-    // Registered here, before any pod exists, so that failing is reported.
-    let (mut int, mut term, mut hup) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ))
-    })?;
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        rt.block_on(async move {
-            loop {
-                let sig = tokio::select! {
-                    _ = int.recv() => "SIGINT",
-                    _ = term.recv() => "SIGTERM",
-                    _ = hup.recv() => "SIGHUP",
-                };
-                mesh::INTERRUPTED.store(true, Ordering::SeqCst);
-                if tx.send(sig).is_err() {
-                    return;
-                }
-            }
-        })
-    });
+    e2e::on_stop_signal(move |sig| {
+        mesh::INTERRUPTED.store(true, Ordering::SeqCst);
+        let _ = tx.send(sig);
+    })
+    .context("registering signal handlers")?;
     Ok(rx)
 }
 
