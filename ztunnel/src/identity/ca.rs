@@ -173,7 +173,27 @@ impl LocalCa {
             .map_err(|e| anyhow!("signing certificate for {identity}: {e}"))?;
         Ok(cert.der().clone())
     }
+    /// A TLS server certificate for the control plane itself, with DNS
+    /// names or IP addresses as SANs. Returns the chain (leaf, root) and the
+    /// key, both PEM.
+    pub fn sign_server(&self, names: &[String], ttl: Duration) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())
+            .map_err(|e| anyhow!("server certificate names {names:?}: {e}"))?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| anyhow!("signing server certificate: {e}"))?;
+        Ok((
+            format!("{}{}", cert.pem(), self.root_pem),
+            key.serialize_pem(),
+        ))
+    }
 }
+
 
 impl CaClient for LocalCa {
     fn sign(&self, req: CertificateRequest) -> BoxFuture<'_, anyhow::Result<IssuedCertificate>> {

@@ -1,0 +1,122 @@
+//! The CA: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+//!
+//! A ztunnel asks on behalf of a workload on its node: the CSR's public key
+//! is signed for the identity named in `metadata.ImpersonatedIdentity` (as
+//! Istio's ztunnel sends it) or, failing that, the CSR's URI SAN. The
+//! caller's token names its node, and the identity must be that of a pod in
+//! the mesh scheduled on that node (from the current translation);
+//! anything else is refused with `PERMISSION_DENIED` naming node and
+//! identity. Signing itself is ztunnel's [`LocalCa::sign_csr`]: the CA, not
+//! the CSR, decides what goes into the certificate.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::ca::istio_certificate_service_server::IstioCertificateService;
+use mesh_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use rcgen::{CertificateSigningRequestParams, SanType};
+use rustls_pki_types::CertificateSigningRequestDer;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use ztunnel::identity::{Identity, LocalCa};
+
+use crate::ads::Snapshot;
+use crate::auth::Auth;
+use crate::metrics::Metrics;
+
+pub struct CaService {
+    pub ca: Arc<LocalCa>,
+    pub auth: Auth,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub max_ttl: Duration,
+    pub default_ttl: Duration,
+}
+
+fn requested_identity(req: &IstioCertificateRequest, csr_der: &[u8]) -> Result<String, Status> {
+    if let Some(v) = req
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+    {
+        if let Some(prost_types::value::Kind::StringValue(s)) = &v.kind {
+            return Ok(s.clone());
+        }
+        return Err(Status::invalid_argument(
+            "metadata.ImpersonatedIdentity must be a string",
+        ));
+    }
+    let der = CertificateSigningRequestDer::from(csr_der);
+    let params = CertificateSigningRequestParams::from_der(&der)
+        .map_err(|e| Status::invalid_argument(format!("csr: not a valid PKCS#10 request: {e}")))?;
+    params
+        .params
+        .subject_alt_names
+        .iter()
+        .find_map(|s| match s {
+            SanType::URI(u) => Some(u.as_str().to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "no identity: set metadata.ImpersonatedIdentity or a URI SAN in the CSR",
+            )
+        })
+}
+
+impl CaService {
+    #[allow(clippy::result_large_err)]
+    fn create(
+        &self,
+        node: Option<String>,
+        req: IstioCertificateRequest,
+    ) -> Result<IstioCertificateResponse, Status> {
+        let pem = pem::parse(req.csr.as_bytes())
+            .map_err(|e| Status::invalid_argument(format!("csr: not PEM: {e}")))?;
+        let id_str = requested_identity(&req, pem.contents())?;
+        let identity = Identity::from_str(&id_str)
+            .map_err(|e| Status::invalid_argument(format!("requested identity: {e}")))?;
+        if let Some(node) = &node {
+            let snap = self.snapshots.borrow().clone();
+            let allowed = snap
+                .resources
+                .node_identities
+                .get(node)
+                .is_some_and(|ids| ids.contains(&identity.to_string()));
+            if !allowed {
+                self.metrics.certs_denied.inc();
+                warn!(%node, %identity, "certificate refused: no pod with that identity on the node");
+                return Err(Status::permission_denied(format!(
+                    "node {node:?} runs no pod in the mesh with identity {identity}"
+                )));
+            }
+        }
+        let ttl = match req.validity_duration {
+            d if d <= 0 => self.default_ttl,
+            d => Duration::from_secs(d as u64).min(self.max_ttl),
+        };
+        let leaf = self
+            .ca
+            .sign_csr(pem.contents(), &identity, ttl)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        self.metrics.certs_issued.inc();
+        info!(node = ?node, %identity, ?ttl, "certificate issued");
+        let leaf_pem = pem::encode(&pem::Pem::new("CERTIFICATE", leaf.to_vec()));
+        Ok(IstioCertificateResponse {
+            cert_chain: vec![leaf_pem, self.ca.root_pem().to_string()],
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let node = self.auth.authenticate(req.metadata())?;
+        self.create(node, req.into_inner()).map(Response::new)
+    }
+}

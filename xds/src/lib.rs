@@ -1,0 +1,262 @@
+//! xds: the control plane of the ambient mesh.
+//!
+//! ```text
+//!  manifest dir ─┐                      ┌─> ADS (delta + SotW) ──> ztunnels
+//!                ├─> Model ─> translate ─┤
+//!  Kubernetes  ──┘   (typed    (once per └─> CA (node checks) <── ztunnels
+//!                    k8s objs)   change)
+//! ```
+//!
+//! - [`manifest`] / `kube` (feature `kube`): sources producing one [`model::Model`]
+//!   of typed `k8s-openapi` objects; invalid objects are reported and skipped.
+//! - [`translate`]: the model as `istio.workload.Address` and
+//!   `istio.security.Authorization` resources, versioned by content.
+//! - [`ads`]: the ADS server (per-resource versions, nonces, ACK/NACK,
+//!   subscriptions, resume, removals).
+//! - [`ca`]: `IstioCertificateService` with node checks.
+//! - [`auth`]: bearer tokens naming each client's node, over TLS.
+//!
+//! One gRPC port (15012, as istiod) serves both ADS and the CA over TLS with
+//! a server certificate signed by the mesh root; metrics on 15014.
+
+pub mod ads;
+pub mod auth;
+pub mod ca;
+#[cfg(feature = "kube")]
+pub mod kube;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod translate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+use ztunnel::identity::LocalCa;
+
+use crate::ads::{AdsServer, Snapshot};
+use crate::auth::Auth;
+use crate::manifest::ErrorList;
+use crate::metrics::Metrics;
+use crate::model::Model;
+
+/// Where the model comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Manifests(PathBuf),
+    /// The cluster of the kubeconfig (or in-cluster config).
+    Kubernetes,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: Source,
+    pub listen: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub auth: Auth,
+    /// DNS names / IPs in the server certificate.
+    pub server_names: Vec<String>,
+    pub translate: translate::Options,
+    pub poll_interval: Duration,
+    pub debounce: Duration,
+    pub default_cert_ttl: Duration,
+    pub max_cert_ttl: Duration,
+}
+
+impl Config {
+    pub fn new(source: Source) -> Self {
+        Config {
+            source,
+            listen: "0.0.0.0:15012".parse().expect("static address"),
+            metrics_addr: None,
+            ca_cert: None,
+            ca_key: None,
+            auth: Auth::insecure(),
+            server_names: vec!["istiod.istio-system.svc".into(), "localhost".into()],
+            translate: translate::Options::default(),
+            poll_interval: Duration::from_millis(100),
+            debounce: Duration::from_millis(10),
+            default_cert_ttl: Duration::from_secs(24 * 3600),
+            max_cert_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A running control plane.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub errors: ErrorList,
+    pub root_pem: String,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops serving (streams are cut) and waits for the server to end.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+
+    pub async fn wait(self) {
+        let _ = self.server.await;
+    }
+}
+
+/// Retranslates on every model change, after `debounce` so that a burst of
+/// changes makes one snapshot.
+async fn translator(
+    mut models: watch::Receiver<Arc<Model>>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    opts: translate::Options,
+    debounce: Duration,
+) {
+    loop {
+        if models.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(debounce).await;
+        let model = models.borrow_and_update().clone();
+        let opts2 = opts.clone();
+        let Ok(res) =
+            tokio::task::spawn_blocking(move || translate::translate(&opts2, &model)).await
+        else {
+            continue;
+        };
+        let prev = tx.borrow().clone();
+        let next = Snapshot::next(&prev, res);
+        info!(generation = next.generation, changed = next.changed.as_ref().map_or(0, |c| c.len()), "translated");
+        tx.send_replace(Arc::new(next));
+    }
+}
+
+/// Starts the source, the translator and the gRPC server.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::default());
+    let errors: ErrorList = Default::default();
+    let (model_tx, mut model_rx) = watch::channel(Arc::new(Model::default()));
+    match &cfg.source {
+        Source::Manifests(dir) => {
+            manifest::run(
+                dir.clone(),
+                cfg.poll_interval,
+                model_tx,
+                errors.clone(),
+                metrics.clone(),
+            )
+            .await?;
+        }
+        #[cfg(feature = "kube")]
+        Source::Kubernetes => {
+            kube::run(model_tx, errors.clone(), metrics.clone()).await?;
+        }
+        #[cfg(not(feature = "kube"))]
+        Source::Kubernetes => {
+            anyhow::bail!("this build has no Kubernetes source (build with --features kube)")
+        }
+    }
+    let first = model_rx.borrow_and_update().clone();
+    let snap = Snapshot {
+        generation: 1,
+        resources: Arc::new(translate::translate(&cfg.translate, &first)),
+        changed: None,
+    };
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
+    tokio::spawn(translator(
+        model_rx,
+        snap_tx,
+        cfg.translate.clone(),
+        cfg.debounce,
+    ));
+
+    let ca = Arc::new(
+        LocalCa::load_or_generate(
+            cfg.ca_cert.as_deref(),
+            cfg.ca_key.as_deref(),
+            &cfg.translate.trust_domain,
+        )
+        .context("setting up the CA root")?,
+    );
+    let (cert_pem, key_pem) = ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+
+    let ads = AdsServer {
+        snapshots: snap_rx.clone(),
+        auth: cfg.auth.clone(),
+        metrics: metrics.clone(),
+    };
+    let ca_svc = ca::CaService {
+        ca: ca.clone(),
+        auth: cfg.auth.clone(),
+        snapshots: snap_rx.clone(),
+        metrics: metrics.clone(),
+        max_ttl: cfg.max_cert_ttl,
+        default_ttl: cfg.default_cert_ttl,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the xDS/CA port {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("TLS set-up")?
+        .add_service(
+            AggregatedDiscoveryServiceServer::new(ads)
+                .max_encoding_message_size(usize::MAX)
+                .max_decoding_message_size(16 << 20),
+        )
+        .add_service(IstioCertificateServiceServer::new(ca_svc));
+    let server = tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            })
+            .await
+        {
+            tracing::error!("gRPC server: {e}");
+        }
+    });
+    if let Some(maddr) = cfg.metrics_addr {
+        let l = ztunnel::admin::bind(maddr, "metrics").await?;
+        let m = metrics.clone();
+        let errs = errors.clone();
+        ztunnel::admin::serve(
+            l,
+            Arc::new(move |req: &http::Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/debug/errors" {
+                    errs.lock().map(|e| e.join("\n")).unwrap_or_default()
+                } else {
+                    m.encode()
+                };
+                http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)))
+            }),
+        );
+    }
+    info!(%addr, insecure = cfg.auth.is_insecure(), "xDS and CA serving (TLS)");
+    Ok(Running {
+        addr,
+        metrics,
+        errors,
+        root_pem: ca.root_pem().to_string(),
+        snapshots: snap_rx,
+        shutdown: Some(stop_tx),
+        server,
+    })
+}

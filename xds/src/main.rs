@@ -1,0 +1,130 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+use xds::auth::Auth;
+use xds::{Config, Source};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 24h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+/// xds: the ambient mesh control plane (workload xDS and CA).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory of Kubernetes manifests (the default source).
+    #[arg(long, env = "MANIFESTS", conflicts_with = "kubernetes")]
+    manifests: Option<PathBuf>,
+    /// Watch the cluster of the kubeconfig / in-cluster config instead.
+    #[arg(long)]
+    kubernetes: bool,
+    /// gRPC port for ADS and the CA (TLS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
+    /// Root certificate (PEM); generated (and written) on first start.
+    #[arg(long, env = "CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, env = "CA_KEY")]
+    ca_key: Option<PathBuf>,
+    /// `<node> <token>` per line: the tokens ztunnels authenticate with.
+    #[arg(long, env = "TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Accept any client and believe the node it names (no token file).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Names (DNS or IP) in the server certificate.
+    #[arg(long, value_delimiter = ',', default_value = "istiod.istio-system.svc,localhost")]
+    server_names: Vec<String>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    #[arg(long, value_parser = duration, default_value = "100ms")]
+    poll_interval: Duration,
+    #[arg(long, value_parser = duration, default_value = "10ms")]
+    debounce: Duration,
+    /// Longest certificate lifetime granted.
+    #[arg(long, value_parser = duration, default_value = "720h")]
+    max_cert_ttl: Duration,
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
+        .init();
+    let a = Args::parse();
+    let run = async move {
+        let source = match (a.manifests, a.kubernetes) {
+            (Some(d), _) => Source::Manifests(d),
+            (None, true) => Source::Kubernetes,
+            (None, false) => anyhow::bail!("give --manifests DIR or --kubernetes"),
+        };
+        let auth = match (a.tokens, a.insecure_no_auth) {
+            (Some(p), _) => Auth::load(&p)?,
+            (None, true) => Auth::insecure(),
+            (None, false) => anyhow::bail!("give --tokens FILE (or --insecure-no-auth)"),
+        };
+        let mut cfg = Config::new(source);
+        cfg.listen = a.listen;
+        cfg.metrics_addr = Some(a.metrics_addr);
+        cfg.ca_cert = a.ca_cert;
+        cfg.ca_key = a.ca_key;
+        cfg.auth = auth;
+        cfg.server_names = a.server_names;
+        cfg.translate.trust_domain = a.trust_domain;
+        cfg.translate.cluster_domain = a.cluster_domain;
+        cfg.translate.root_namespace = a.root_namespace;
+        cfg.poll_interval = a.poll_interval;
+        cfg.debounce = a.debounce;
+        cfg.max_cert_ttl = a.max_cert_ttl;
+        let running = xds::start(cfg).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        running.stop().await;
+        Ok::<_, anyhow::Error>(())
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("xds: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xds: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

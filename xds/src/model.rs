@@ -1,0 +1,218 @@
+//! The one in-memory model every source feeds: typed Kubernetes objects,
+//! keyed by `namespace/name`.
+//!
+//! Both sources (the manifest directory and a live cluster) produce these
+//! same `k8s-openapi` types, so everything downstream (translation, the
+//! xDS server, the CA's node checks) is shared. Istio's
+//! `security.istio.io/v1` AuthorizationPolicy is not in `k8s-openapi`; it is
+//! typed here ([`AuthorizationPolicy`]).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+/// Istio's `security.istio.io/v1` AuthorizationPolicy (the L4-relevant
+/// parts; unknown fields are kept out by serde and reported by translation
+/// only where they change meaning).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<serde_json::Value>,
+    #[serde(default)]
+    pub target_refs: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub action: Option<PolicyAction>,
+    #[serde(default)]
+    pub provider: Option<serde_json::Value>,
+    /// `None`: no rules at all (an ALLOW then denies everything).
+    #[serde(default)]
+    pub rules: Option<Vec<PolicyRule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    #[serde(default)]
+    pub from: Vec<From>,
+    #[serde(default)]
+    pub to: Vec<To>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct From {
+    #[serde(default)]
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct To {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Operation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub ports: Vec<String>,
+    pub not_ports: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Condition {
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+/// Everything the control plane knows, as the sources last reported it.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<String, Pod>,
+    pub services: BTreeMap<String, Service>,
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
+    pub service_accounts: BTreeMap<String, ServiceAccount>,
+    pub policies: BTreeMap<String, AuthorizationPolicy>,
+}
+
+/// One object of any kind the model holds.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    ServiceAccount(ServiceAccount),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+}
+
+/// `namespace/name` (or just `name` for cluster-scoped objects).
+pub fn key_of(meta: &ObjectMeta) -> String {
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    }
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::ServiceAccount(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// `Kind/namespace/name`: unique across kinds.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.kind(), key_of(self.meta()))
+    }
+}
+
+impl Model {
+    pub fn insert(&mut self, o: Object) {
+        let key = key_of(o.meta());
+        match o {
+            Object::Namespace(o) => {
+                self.namespaces.insert(key, o);
+            }
+            Object::Pod(o) => {
+                self.pods.insert(key, *o);
+            }
+            Object::Service(o) => {
+                self.services.insert(key, *o);
+            }
+            Object::EndpointSlice(o) => {
+                self.endpoint_slices.insert(key, *o);
+            }
+            Object::ServiceAccount(o) => {
+                self.service_accounts.insert(key, o);
+            }
+            Object::AuthorizationPolicy(o) => {
+                self.policies.insert(key, *o);
+            }
+        }
+    }
+
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Model {
+        let mut m = Model::default();
+        for o in objects {
+            m.insert(o);
+        }
+        m
+    }
+}

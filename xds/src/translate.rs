@@ -1,0 +1,624 @@
+//! Model -> xDS resources, once per change.
+//!
+//! Pods become `istio.workload.Address` Workloads (key: uid), Services
+//! become Address Services (key: `namespace/hostname`), AuthorizationPolicies
+//! become `istio.security.Authorization` (key: `namespace/name`), following
+//! Istio's ambient translation. Each resource's version is a hash of its
+//! encoded bytes, so it is stable across control-plane restarts: a client
+//! resuming with `initial_resource_versions` is sent only what really
+//! changed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_proto::security as sec;
+use mesh_proto::workload as wl;
+use prost::Message;
+
+use crate::model::{AuthorizationPolicy, Model, PolicyAction};
+
+pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub cluster_id: String,
+    /// Policies without selector here apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            root_namespace: "istio-system".into(),
+        }
+    }
+}
+
+/// One encoded resource, ready to send.
+#[derive(Debug, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    pub body: prost_types::Any,
+}
+
+/// The translated state: resources by type URL and name, and which
+/// identities each node's pods have (for the CA).
+#[derive(Debug, Default)]
+pub struct Resources {
+    pub by_type: BTreeMap<&'static str, BTreeMap<String, Arc<Resource>>>,
+    pub node_identities: HashMap<String, HashSet<String>>,
+}
+
+impl Resources {
+    pub fn get(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
+        self.by_type.get(type_url)
+    }
+}
+
+/// FNV-1a: a version that only depends on the bytes.
+fn version_of(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
+    let value = msg.encode_to_vec();
+    Arc::new(Resource {
+        name,
+        version: version_of(&value),
+        body: prost_types::Any {
+            type_url: type_url.to_string(),
+            value,
+        },
+    })
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n);
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn pod_labels(p: &Pod) -> BTreeMap<String, String> {
+    p.metadata.labels.clone().unwrap_or_default()
+}
+
+/// A pod is in the mesh when it, or failing that its namespace, is labelled
+/// `istio.io/dataplane-mode=ambient` (`none` on the pod opts it out).
+pub fn in_mesh(model: &Model, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    match labels.and_then(|l| l.get(AMBIENT_LABEL)).map(String::as_str) {
+        Some("ambient") => true,
+        Some("none") => false,
+        _ => {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            model
+                .namespaces
+                .get(ns)
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(AMBIENT_LABEL))
+                .is_some_and(|v| v == "ambient")
+        }
+    }
+}
+
+fn pod_ips(p: &Pod) -> Vec<IpAddr> {
+    let Some(st) = &p.status else {
+        return vec![];
+    };
+    let mut ips: Vec<IpAddr> = st
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|i| i.ip.parse().ok())
+        .collect();
+    if let Some(ip) = st.pod_ip.as_ref().and_then(|i| i.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.insert(0, ip);
+        }
+    }
+    ips
+}
+
+fn service_account(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+/// The SPIFFE identity of a pod, as the CA will check it.
+pub fn pod_identity(opts: &Options, p: &Pod) -> String {
+    format!(
+        "spiffe://{}/ns/{}/sa/{}",
+        opts.trust_domain,
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        service_account(p)
+    )
+}
+
+fn resolve_target_port(p: &Pod, svc_port: i32, target: Option<&IntOrString>) -> u32 {
+    match target {
+        None => svc_port as u32,
+        Some(IntOrString::Int(i)) => *i as u32,
+        Some(IntOrString::String(name)) => p
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            .map(|cp| cp.container_port as u32)
+            .unwrap_or(0),
+    }
+}
+
+fn hostname(opts: &Options, s: &Service) -> String {
+    format!(
+        "{}.{}.svc.{}",
+        s.metadata.name.as_deref().unwrap_or_default(),
+        s.metadata.namespace.as_deref().unwrap_or("default"),
+        opts.cluster_domain
+    )
+}
+
+fn translate_service(opts: &Options, s: &Service) -> wl::Service {
+    let spec = s.spec.clone().unwrap_or_default();
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if let Some(ip) = &spec.cluster_ip {
+        if !ips.contains(ip) {
+            ips.insert(0, ip.clone());
+        }
+    }
+    wl::Service {
+        name: s.metadata.name.clone().unwrap_or_default(),
+        namespace: s.metadata.namespace.clone().unwrap_or_default(),
+        hostname: hostname(opts, s),
+        addresses: ips
+            .iter()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .map(|ip| wl::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+            })
+            .collect(),
+        ports: spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| wl::Port {
+                service_port: p.port as u32,
+                target_port: match &p.target_port {
+                    None => p.port as u32,
+                    Some(IntOrString::Int(i)) => *i as u32,
+                    // Named: resolved per workload (Workload.services).
+                    Some(IntOrString::String(_)) => 0,
+                },
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn string_match(s: &str) -> sec::StringMatch {
+    use sec::string_match::MatchType;
+    let m = if s == "*" {
+        MatchType::Presence(())
+    } else if let Some(p) = s.strip_suffix('*') {
+        MatchType::Prefix(p.to_string())
+    } else if let Some(p) = s.strip_prefix('*') {
+        MatchType::Suffix(p.to_string())
+    } else {
+        MatchType::Exact(s.to_string())
+    };
+    sec::StringMatch {
+        match_type: Some(m),
+    }
+}
+
+fn addresses(blocks: &[&Vec<String>]) -> Vec<sec::Address> {
+    blocks
+        .iter()
+        .flat_map(|b| b.iter())
+        .filter_map(|b| parse_cidr(b).ok())
+        .map(|n| sec::Address {
+            address: ip_bytes(n.addr()),
+            length: u32::from(n.prefix_len()),
+        })
+        .collect()
+}
+
+fn ports(p: &[String]) -> Vec<u32> {
+    p.iter().filter_map(|p| p.parse::<u32>().ok()).collect()
+}
+
+/// AuthorizationPolicy -> Authorization, as Istio's ambient controller does
+/// for ztunnel: `from` entries become one clause (any source), `to`
+/// entries another (any operation), each `when` condition one more.
+/// Attributes ztunnel cannot see (HTTP methods, paths, hosts, request
+/// principals): an ALLOW rule needing them can never match and is dropped;
+/// a DENY rule is applied without them (stricter). Policies bound to a
+/// waypoint (`targetRef(s)`) are not ztunnel's and give `None`.
+pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec::Authorization> {
+    let spec = &ap.spec;
+    if spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty()) {
+        return None;
+    }
+    let ns = ap.metadata.namespace.clone().unwrap_or_default();
+    let has_selector = spec
+        .selector
+        .as_ref()
+        .is_some_and(|s| !s.match_labels.is_empty());
+    let scope = if has_selector {
+        sec::Scope::WorkloadSelector
+    } else if ns == opts.root_namespace {
+        sec::Scope::Global
+    } else {
+        sec::Scope::Namespace
+    };
+    let deny = spec.action == Some(PolicyAction::Deny);
+    let mut rules = Vec::new();
+    'rules: for r in spec.rules.iter().flatten() {
+        let mut clauses = Vec::new();
+        if !r.from.is_empty() {
+            let mut matches = Vec::new();
+            for f in &r.from {
+                let s = &f.source;
+                if !deny && !(s.request_principals.is_empty() && s.not_request_principals.is_empty())
+                {
+                    continue;
+                }
+                let sa = |sas: &Vec<String>| -> Vec<sec::StringMatch> {
+                    sas.iter()
+                        .filter_map(|x| x.split_once('/'))
+                        .map(|(n, a)| {
+                            string_match(&format!("{}/ns/{n}/sa/{a}", opts.trust_domain))
+                        })
+                        .collect()
+                };
+                let mut principals: Vec<_> = s.principals.iter().map(|p| string_match(p)).collect();
+                principals.extend(sa(&s.service_accounts));
+                let mut not_principals: Vec<_> =
+                    s.not_principals.iter().map(|p| string_match(p)).collect();
+                not_principals.extend(sa(&s.not_service_accounts));
+                matches.push(sec::Match {
+                    namespaces: s.namespaces.iter().map(|p| string_match(p)).collect(),
+                    not_namespaces: s.not_namespaces.iter().map(|p| string_match(p)).collect(),
+                    principals,
+                    not_principals,
+                    source_ips: addresses(&[&s.ip_blocks, &s.remote_ip_blocks]),
+                    not_source_ips: addresses(&[&s.not_ip_blocks, &s.not_remote_ip_blocks]),
+                    ..Default::default()
+                });
+            }
+            if matches.is_empty() {
+                continue 'rules;
+            }
+            clauses.push(sec::Clause { matches });
+        }
+        if !r.to.is_empty() {
+            let mut matches = Vec::new();
+            for t in &r.to {
+                let o = &t.operation;
+                let l7 = [
+                    &o.hosts,
+                    &o.not_hosts,
+                    &o.methods,
+                    &o.not_methods,
+                    &o.paths,
+                    &o.not_paths,
+                ]
+                .iter()
+                .any(|v| !v.is_empty());
+                if l7 && !deny {
+                    continue;
+                }
+                matches.push(sec::Match {
+                    destination_ports: ports(&o.ports),
+                    not_destination_ports: ports(&o.not_ports),
+                    ..Default::default()
+                });
+            }
+            if matches.is_empty() {
+                continue 'rules;
+            }
+            clauses.push(sec::Clause { matches });
+        }
+        for c in &r.when {
+            let vals = |v: &Vec<String>| v.iter().map(|x| string_match(x)).collect::<Vec<_>>();
+            let m = match c.key.as_str() {
+                "source.ip" | "source.remote_ip" => sec::Match {
+                    source_ips: addresses(&[&c.values]),
+                    not_source_ips: addresses(&[&c.not_values]),
+                    ..Default::default()
+                },
+                "source.namespace" => sec::Match {
+                    namespaces: vals(&c.values),
+                    not_namespaces: vals(&c.not_values),
+                    ..Default::default()
+                },
+                "source.principal" => sec::Match {
+                    principals: vals(&c.values),
+                    not_principals: vals(&c.not_values),
+                    ..Default::default()
+                },
+                "destination.ip" => sec::Match {
+                    destination_ips: addresses(&[&c.values]),
+                    not_destination_ips: addresses(&[&c.not_values]),
+                    ..Default::default()
+                },
+                "destination.port" => sec::Match {
+                    destination_ports: ports(&c.values),
+                    not_destination_ports: ports(&c.not_values),
+                    ..Default::default()
+                },
+                _ if deny => continue,
+                _ => continue 'rules,
+            };
+            clauses.push(sec::Clause { matches: vec![m] });
+        }
+        rules.push(sec::Rule { clauses });
+    }
+    Some(sec::Authorization {
+        name: ap.metadata.name.clone().unwrap_or_default(),
+        namespace: ns,
+        scope: scope as i32,
+        action: if deny {
+            sec::Action::Deny as i32
+        } else {
+            sec::Action::Allow as i32
+        },
+        rules,
+    })
+}
+
+/// The whole model, translated.
+pub fn translate(opts: &Options, model: &Model) -> Resources {
+    let mut out = Resources::default();
+    let mut addrs = BTreeMap::new();
+    let mut authz = BTreeMap::new();
+
+    // Services, and which ones select pods by namespace.
+    let mut selecting: HashMap<&str, Vec<&Service>> = HashMap::new();
+    for s in model.services.values() {
+        let msg = translate_service(opts, s);
+        let key = format!("{}/{}", msg.namespace, msg.hostname);
+        addrs.insert(
+            key.clone(),
+            resource(
+                mesh_proto::type_url::ADDRESS,
+                key,
+                &wl::Address {
+                    r#type: Some(wl::address::Type::Service(msg)),
+                },
+            ),
+        );
+        let spec = s.spec.as_ref();
+        if spec
+            .and_then(|sp| sp.selector.as_ref())
+            .is_some_and(|sel| !sel.is_empty())
+        {
+            selecting
+                .entry(s.metadata.namespace.as_deref().unwrap_or_default())
+                .or_default()
+                .push(s);
+        }
+    }
+    // Selector-less services: endpoints from EndpointSlices, by pod IP.
+    let mut slice_services: HashMap<(String, IpAddr), Vec<(String, Vec<wl::Port>)>> =
+        HashMap::new();
+    for es in model.endpoint_slices.values() {
+        let ns = es.metadata.namespace.clone().unwrap_or_default();
+        let Some(svc_name) = es
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let Some(svc) = model.services.get(&format!("{ns}/{svc_name}")) else {
+            continue;
+        };
+        if selecting
+            .get(ns.as_str())
+            .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc)))
+        {
+            continue;
+        }
+        let spec = svc.spec.clone().unwrap_or_default();
+        let ports: Vec<wl::Port> = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|sp| {
+                let target = es
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|ep| ep.name == sp.name)
+                    .and_then(|ep| ep.port)
+                    .unwrap_or(sp.port);
+                wl::Port {
+                    service_port: sp.port as u32,
+                    target_port: target as u32,
+                }
+            })
+            .collect();
+        let key = format!("{ns}/{}", hostname(opts, svc));
+        for ep in &es.endpoints {
+            for a in &ep.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    slice_services
+                        .entry((ns.clone(), ip))
+                        .or_default()
+                        .push((key.clone(), ports.clone()));
+                }
+            }
+        }
+    }
+    // Workload-selector policies, by namespace.
+    let mut policies_by_ns: HashMap<&str, Vec<(String, &BTreeMap<String, String>)>> =
+        HashMap::new();
+    for (key, ap) in &model.policies {
+        let Some(a) = translate_policy(opts, ap) else {
+            continue;
+        };
+        if let Some(sel) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+            policies_by_ns
+                .entry(ap.metadata.namespace.as_deref().unwrap_or_default())
+                .or_default()
+                .push((key.clone(), &sel.match_labels));
+        }
+        authz.insert(
+            key.clone(),
+            resource(mesh_proto::type_url::AUTHORIZATION, key.clone(), &a),
+        );
+    }
+
+    for p in model.pods.values() {
+        let ips = pod_ips(p);
+        let spec = p.spec.clone().unwrap_or_default();
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        if ips.is_empty() || spec.host_network == Some(true) {
+            continue;
+        }
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let labels = pod_labels(p);
+        let mesh = in_mesh(model, p);
+        let mut services = HashMap::new();
+        for s in selecting.get(ns.as_str()).into_iter().flatten() {
+            let sspec = s.spec.clone().unwrap_or_default();
+            if !labels_match(&sspec.selector.clone().unwrap_or_default(), &labels) {
+                continue;
+            }
+            let ports = sspec
+                .ports
+                .iter()
+                .flatten()
+                .map(|sp| wl::Port {
+                    service_port: sp.port as u32,
+                    target_port: resolve_target_port(p, sp.port, sp.target_port.as_ref()),
+                })
+                .collect();
+            services.insert(
+                format!("{ns}/{}", hostname(opts, s)),
+                wl::PortList { ports },
+            );
+        }
+        for ip in &ips {
+            for (key, ports) in slice_services.get(&(ns.clone(), *ip)).into_iter().flatten() {
+                services.insert(
+                    key.clone(),
+                    wl::PortList {
+                        ports: ports.clone(),
+                    },
+                );
+            }
+        }
+        let mut authorization_policies: Vec<String> = policies_by_ns
+            .get(ns.as_str())
+            .into_iter()
+            .flatten()
+            .filter(|(_, sel)| labels_match(sel, &labels))
+            .map(|(k, _)| k.clone())
+            .collect();
+        authorization_policies.sort();
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .is_none_or(|c| c.status == "True");
+        let uid = format!("{}//Pod/{ns}/{name}", opts.cluster_id);
+        let node = spec.node_name.clone().unwrap_or_default();
+        let w = wl::Workload {
+            uid: uid.clone(),
+            name: name.clone(),
+            namespace: ns.clone(),
+            addresses: ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            tunnel_protocol: if mesh {
+                wl::TunnelProtocol::Hbone as i32
+            } else {
+                wl::TunnelProtocol::None as i32
+            },
+            trust_domain: opts.trust_domain.clone(),
+            service_account: service_account(p),
+            node: node.clone(),
+            canonical_name: labels
+                .get("service.istio.io/canonical-name")
+                .or_else(|| labels.get("app.kubernetes.io/name"))
+                .or_else(|| labels.get("app"))
+                .cloned()
+                .unwrap_or_else(|| name.clone()),
+            canonical_revision: labels
+                .get("service.istio.io/canonical-revision")
+                .or_else(|| labels.get("app.kubernetes.io/version"))
+                .or_else(|| labels.get("version"))
+                .cloned()
+                .unwrap_or_else(|| "latest".into()),
+            workload_type: wl::WorkloadType::Pod as i32,
+            workload_name: name.clone(),
+            services,
+            authorization_policies,
+            status: if ready {
+                wl::WorkloadStatus::Healthy as i32
+            } else {
+                wl::WorkloadStatus::Unhealthy as i32
+            },
+            cluster_id: opts.cluster_id.clone(),
+            ..Default::default()
+        };
+        if mesh && !node.is_empty() {
+            out.node_identities
+                .entry(node)
+                .or_default()
+                .insert(pod_identity(opts, p));
+        }
+        addrs.insert(
+            uid.clone(),
+            resource(
+                mesh_proto::type_url::ADDRESS,
+                uid,
+                &wl::Address {
+                    r#type: Some(wl::address::Type::Workload(w)),
+                },
+            ),
+        );
+    }
+    out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
+    out.by_type.insert(mesh_proto::type_url::AUTHORIZATION, authz);
+    out
+}
