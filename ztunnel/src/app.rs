@@ -9,12 +9,13 @@ use tracing::info;
 
 use crate::admin;
 use crate::config::Config;
-use crate::identity::{Identity, LocalCa, SecretManager};
+use crate::identity::{CaClient, Identity, LocalCa, SecretManager};
 use crate::metrics::Metrics;
 use crate::proxy::{
     ConnectionTracker, Drain, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst,
 };
 use crate::state::{self, Store};
+use crate::xds::{self, ControlPlane, RemoteCa};
 
 /// Starts everything and runs until SIGINT or SIGTERM, then drains.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -30,13 +31,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await?;
     }
 
-    let ca = LocalCa::load_or_generate(
-        cfg.ca_cert.as_deref(),
-        cfg.ca_key.as_deref(),
-        &cfg.trust_domain,
-    )
-    .context("setting up the local CA")?;
-    let secrets = SecretManager::new(Arc::new(ca), cfg.cert_ttl);
+    let control_plane = |address: &str| -> anyhow::Result<ControlPlane> {
+        Ok(ControlPlane {
+            address: address.to_string(),
+            root_cert: cfg
+                .xds_root_cert
+                .clone()
+                .or_else(|| cfg.ca_cert.clone())
+                .context("the control plane needs --xds-root-cert (or --ca-cert)")?,
+            server_name: cfg.xds_server_name.clone(),
+            token_file: cfg.xds_token_file.clone(),
+        })
+    };
+    // Readiness waits for the first full xDS sync.
+    let (synced_tx, synced_rx) = tokio::sync::watch::channel(cfg.xds_address.is_none());
+    if let Some(addr) = &cfg.xds_address {
+        xds::spawn(
+            control_plane(addr)?,
+            cfg.node.clone(),
+            cfg.trust_domain.clone(),
+            store.clone(),
+            synced_tx,
+        )?;
+    }
+    let ca: Arc<dyn CaClient> = match &cfg.ca_address {
+        Some(addr) => Arc::new(RemoteCa::new(control_plane(addr)?)?),
+        None => Arc::new(
+            LocalCa::load_or_generate(
+                cfg.ca_cert.as_deref(),
+                cfg.ca_key.as_deref(),
+                &cfg.trust_domain,
+            )
+            .context("setting up the local CA")?,
+        ),
+    };
+    let secrets = SecretManager::new(ca, cfg.cert_ttl);
     tokio::spawn(keep_local_certificates(
         store.clone(),
         secrets.clone(),
@@ -88,8 +117,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         admin::readiness_handler(ready.clone()),
     );
     listeners.spawn(pi.clone());
-    ready.store(true, Ordering::Release);
-    info!(node = %cfg.node, "ztunnel ready");
+    let mut synced = synced_rx;
+    let ready2 = ready.clone();
+    let node = cfg.node.clone();
+    tokio::spawn(async move {
+        if synced.wait_for(|s| *s).await.is_ok() {
+            ready2.store(true, Ordering::Release);
+            info!(%node, "ztunnel ready");
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

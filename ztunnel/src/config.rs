@@ -48,6 +48,28 @@ pub struct Config {
     #[arg(long, env = "CA_KEY")]
     pub ca_key: Option<PathBuf>,
 
+    /// Control plane (workload xDS), e.g. `https://172.30.0.9:15012`.
+    /// Replaces `--local-state`.
+    #[arg(long, env = "XDS_ADDRESS", conflicts_with = "local_state")]
+    pub xds_address: Option<String>,
+
+    /// The control plane's CA; replaces the local CA when set.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// Root (PEM) the control plane's certificate must chain to
+    /// (default: `--ca-cert`).
+    #[arg(long, env = "XDS_ROOT_CERT")]
+    pub xds_root_cert: Option<PathBuf>,
+
+    /// Name expected in the control plane's certificate.
+    #[arg(long, env = "XDS_SERVER_NAME", default_value = "istiod.istio-system.svc")]
+    pub xds_server_name: String,
+
+    /// File with this node's bearer token for the control plane.
+    #[arg(long, env = "XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
+
     /// Lifetime of workload certificates; renewed at half life.
     #[arg(long, env = "CERT_TTL", value_parser = duration, default_value = "24h")]
     pub cert_ttl: Duration,

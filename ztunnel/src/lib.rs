@@ -11,6 +11,7 @@
 //! - [`rbac`]: L4 authorization
 //! - [`proxy`]: the listeners and data paths
 //! - [`metrics`], [`admin`]: observability
+//! - [`xds`]: the control-plane client (workload xDS and the CA)
 //! - [`app`]: where it is all wired together
 
 pub mod admin;
@@ -24,3 +25,4 @@ pub mod rbac;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod xds;

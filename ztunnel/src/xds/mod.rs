@@ -1,0 +1,341 @@
+//! The control-plane client: delta ADS for Istio's workload API, feeding
+//! the [`Store`], and the CSR client for the control plane's CA.
+//!
+//! One stream subscribes (wildcard) to `istio.workload.Address` and
+//! `istio.security.Authorization`. Every response is applied to a copy of
+//! the cache, translated into ztunnel's model and indexed; only if all of
+//! that succeeds is it committed, swapped into the store and ACKed.
+//! Anything wrong NACKs it with the reason, and the last good state stays
+//! in force. When the stream breaks, the client reconnects with
+//! exponential backoff and resumes with `initial_resource_versions`, so the
+//! server sends only what changed meanwhile (and removals); the data plane
+//! keeps its state throughout. `synced` turns true after the first full
+//! sync of both types, and readiness waits for it.
+
+mod translate;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use futures::future::BoxFuture;
+use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use mesh_proto::ca::IstioCertificateRequest;
+use mesh_proto::core::Node;
+use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mesh_proto::rpc::Status as RpcStatus;
+use mesh_proto::type_url;
+use mesh_proto::{security, workload};
+use prost::Message;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tracing::{info, warn};
+
+use crate::identity::{CaClient, CertificateRequest, IssuedCertificate};
+use crate::state::Store;
+
+pub use translate::to_snapshot;
+
+/// How to reach and authenticate to the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM root the server certificate must chain to.
+    pub root_cert: PathBuf,
+    /// Name expected in the server certificate.
+    pub server_name: String,
+    /// File holding this node's bearer token (re-read on each connect).
+    pub token_file: Option<PathBuf>,
+}
+
+impl ControlPlane {
+    /// A lazily connecting TLS channel.
+    pub fn channel(&self) -> anyhow::Result<Channel> {
+        let root = std::fs::read_to_string(&self.root_cert)
+            .with_context(|| format!("reading control-plane root {}", self.root_cert.display()))?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root))
+            .domain_name(self.server_name.clone());
+        Ok(Endpoint::from_shared(self.address.clone())
+            .with_context(|| format!("control-plane address {:?}", self.address))?
+            .tls_config(tls)
+            .context("control-plane TLS")?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .connect_lazy())
+    }
+
+    fn authorize<T>(&self, req: &mut tonic::Request<T>) -> anyhow::Result<()> {
+        if let Some(p) = &self.token_file {
+            let tok = std::fs::read_to_string(p)
+                .with_context(|| format!("reading token {}", p.display()))?;
+            let v = format!("Bearer {}", tok.trim())
+                .parse()
+                .map_err(|_| anyhow!("token in {} is not a valid header value", p.display()))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(())
+    }
+}
+
+/// What the client holds: resource name -> (version, resource).
+#[derive(Clone, Default)]
+pub struct Cache {
+    pub addresses: HashMap<String, (String, workload::Address)>,
+    pub authorizations: HashMap<String, (String, security::Authorization)>,
+}
+
+impl Cache {
+    fn versions(&self, t: &str) -> HashMap<String, String> {
+        match t {
+            type_url::ADDRESS => self
+                .addresses
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), v.clone()))
+                .collect(),
+            _ => self
+                .authorizations
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Applies one response to a copy; the copy is returned only if every
+    /// resource decodes.
+    fn apply(&self, resp: &DeltaDiscoveryResponse) -> anyhow::Result<Cache> {
+        let mut next = self.clone();
+        match resp.type_url.as_str() {
+            type_url::ADDRESS => {
+                for r in &resp.resources {
+                    let any = r
+                        .resource
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("resource {} has no body", r.name))?;
+                    let a = workload::Address::decode(any.value.as_slice())
+                        .with_context(|| format!("decoding Address {}", r.name))?;
+                    next.addresses
+                        .insert(r.name.clone(), (r.version.clone(), a));
+                }
+                for n in &resp.removed_resources {
+                    next.addresses.remove(n);
+                }
+            }
+            type_url::AUTHORIZATION => {
+                for r in &resp.resources {
+                    let any = r
+                        .resource
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("resource {} has no body", r.name))?;
+                    let a = security::Authorization::decode(any.value.as_slice())
+                        .with_context(|| format!("decoding Authorization {}", r.name))?;
+                    next.authorizations
+                        .insert(r.name.clone(), (r.version.clone(), a));
+                }
+                for n in &resp.removed_resources {
+                    next.authorizations.remove(n);
+                }
+            }
+            other => return Err(anyhow!("unexpected type {other}")),
+        }
+        Ok(next)
+    }
+}
+
+const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
+
+fn node(name: &str) -> Node {
+    let mut md = prost_types::Struct::default();
+    md.fields.insert(
+        "NODE_NAME".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(name.into())),
+        },
+    );
+    Node {
+        id: name.to_string(),
+        metadata: Some(md),
+        user_agent_name: "ztunnel".into(),
+        ..Default::default()
+    }
+}
+
+/// Runs the ADS client until the process ends.
+pub fn spawn(
+    cp: ControlPlane,
+    node_name: String,
+    trust_domain: String,
+    store: Arc<Store>,
+    synced: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let channel = cp.channel()?;
+    tokio::spawn(async move {
+        let mut cache = Cache::default();
+        let mut seen: Vec<&'static str> = Vec::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut got_any = false;
+            let r = stream_once(
+                &cp,
+                channel.clone(),
+                &node_name,
+                &trust_domain,
+                &mut cache,
+                &store,
+                &mut |t| {
+                    got_any = true;
+                    if let Some(t) = TYPES.iter().find(|x| **x == t) {
+                        if !seen.contains(t) {
+                            seen.push(t);
+                            if seen.len() == TYPES.len() {
+                                info!("first full xDS sync");
+                                synced.send_replace(true);
+                            }
+                        }
+                    }
+                },
+            )
+            .await;
+            match r {
+                Ok(()) => warn!("xDS stream ended; reconnecting"),
+                Err(e) => warn!("xDS stream: {e:#}; reconnecting"),
+            }
+            if got_any {
+                backoff = Duration::from_millis(100);
+            }
+            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+        }
+    });
+    Ok(())
+}
+
+async fn stream_once(
+    cp: &ControlPlane,
+    channel: Channel,
+    node_name: &str,
+    trust_domain: &str,
+    cache: &mut Cache,
+    store: &Store,
+    on_response: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<()> {
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel(8);
+    for (i, t) in TYPES.iter().enumerate() {
+        tx.send(DeltaDiscoveryRequest {
+            node: (i == 0).then(|| node(node_name)),
+            type_url: t.to_string(),
+            initial_resource_versions: cache.versions(t),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| anyhow!("request channel closed"))?;
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    cp.authorize(&mut req)?;
+    let mut inbound = client.delta_aggregated_resources(req).await?.into_inner();
+    info!(address = %cp.address, "xDS stream open");
+    while let Some(resp) = inbound.message().await? {
+        let result = cache.apply(&resp).and_then(|next| {
+            let snap = to_snapshot(&next, trust_domain)?;
+            Ok((next, snap))
+        });
+        let error_detail = match result {
+            Ok((next, snap)) => {
+                *cache = next;
+                store.replace(snap);
+                None
+            }
+            Err(e) => {
+                warn!(type_url = %resp.type_url, nonce = %resp.nonce, "rejecting xDS response (NACK): {e:#}");
+                Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: format!("{e:#}"),
+                    details: vec![],
+                })
+            }
+        };
+        on_response(&resp.type_url);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| anyhow!("request channel closed"))?;
+    }
+    Ok(())
+}
+
+/// The control plane's CA (`IstioCertificateService`), asked on behalf of
+/// the workloads on this node.
+pub struct RemoteCa {
+    cp: ControlPlane,
+    channel: Channel,
+}
+
+impl RemoteCa {
+    pub fn new(cp: ControlPlane) -> anyhow::Result<Self> {
+        let channel = cp.channel()?;
+        Ok(RemoteCa { cp, channel })
+    }
+}
+
+impl CaClient for RemoteCa {
+    fn sign(&self, req: CertificateRequest) -> BoxFuture<'_, anyhow::Result<IssuedCertificate>> {
+        Box::pin(async move {
+            let mut md = prost_types::Struct::default();
+            md.fields.insert(
+                "ImpersonatedIdentity".into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(
+                        req.identity.to_string(),
+                    )),
+                },
+            );
+            let mut r = tonic::Request::new(IstioCertificateRequest {
+                csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", req.csr_der.clone())),
+                validity_duration: req.ttl.as_secs() as i64,
+                metadata: Some(md),
+            });
+            self.cp.authorize(&mut r)?;
+            let resp = IstioCertificateServiceClient::new(self.channel.clone())
+                .create_certificate(r)
+                .await
+                .map_err(|s| {
+                    anyhow!(
+                        "CA refused {}: {} ({:?})",
+                        req.identity,
+                        s.message(),
+                        s.code()
+                    )
+                })?
+                .into_inner();
+            let mut ders = Vec::new();
+            for p in &resp.cert_chain {
+                for block in pem::parse_many(p.as_bytes())
+                    .map_err(|e| anyhow!("CA answered a bad PEM chain: {e}"))?
+                {
+                    ders.push(CertificateDer::from(block.into_contents()));
+                }
+            }
+            if ders.len() < 2 {
+                return Err(anyhow!("CA answered a chain without root"));
+            }
+            let root = ders.pop().ok_or_else(|| anyhow!("empty chain"))?;
+            Ok(IssuedCertificate {
+                chain: ders,
+                roots: vec![root],
+            })
+        })
+    }
+}

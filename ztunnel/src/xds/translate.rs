@@ -1,0 +1,205 @@
+//! Istio's workload API -> ztunnel's state model.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{anyhow, bail, Context};
+use ipnet::IpNet;
+use mesh_proto::security as sec;
+use mesh_proto::workload as wl;
+
+use super::Cache;
+use crate::rbac;
+use crate::state::{HealthStatus, Port, Protocol, Service, Snapshot, Workload};
+
+fn ip(b: &[u8]) -> anyhow::Result<IpAddr> {
+    match b.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            Ok(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        n => bail!("address of {n} bytes is neither IPv4 nor IPv6"),
+    }
+}
+
+fn string_match(m: &sec::StringMatch) -> String {
+    use sec::string_match::MatchType;
+    match &m.match_type {
+        Some(MatchType::Exact(s)) => s.clone(),
+        Some(MatchType::Prefix(s)) => format!("{s}*"),
+        Some(MatchType::Suffix(s)) => format!("*{s}"),
+        Some(MatchType::Presence(())) | None => "*".into(),
+    }
+}
+
+fn nets(a: &[sec::Address]) -> anyhow::Result<Vec<IpNet>> {
+    a.iter()
+        .map(|a| {
+            let addr = ip(&a.address)?;
+            IpNet::new(addr, a.length as u8).map_err(|e| anyhow!("{addr}/{}: {e}", a.length))
+        })
+        .collect()
+}
+
+fn ports(p: &[u32]) -> anyhow::Result<Vec<u16>> {
+    p.iter()
+        .map(|p| u16::try_from(*p).map_err(|_| anyhow!("{p} is not a port")))
+        .collect()
+}
+
+fn policy(a: &sec::Authorization) -> anyhow::Result<rbac::Authorization> {
+    let sm = |v: &[sec::StringMatch]| v.iter().map(string_match).collect::<Vec<_>>();
+    let mut rules = Vec::new();
+    for r in &a.rules {
+        let mut clauses = Vec::new();
+        for c in &r.clauses {
+            let mut matches = Vec::new();
+            for m in &c.matches {
+                matches.push(rbac::Match {
+                    principals: sm(&m.principals),
+                    not_principals: sm(&m.not_principals),
+                    namespaces: sm(&m.namespaces),
+                    not_namespaces: sm(&m.not_namespaces),
+                    source_ips: nets(&m.source_ips)?,
+                    not_source_ips: nets(&m.not_source_ips)?,
+                    destination_ips: nets(&m.destination_ips)?,
+                    not_destination_ips: nets(&m.not_destination_ips)?,
+                    destination_ports: ports(&m.destination_ports)?,
+                    not_destination_ports: ports(&m.not_destination_ports)?,
+                    ..Default::default()
+                });
+            }
+            clauses.push(rbac::Clause { matches });
+        }
+        rules.push(rbac::Rule { clauses });
+    }
+    Ok(rbac::Authorization {
+        name: a.name.clone(),
+        namespace: a.namespace.clone(),
+        scope: match sec::Scope::try_from(a.scope) {
+            Ok(sec::Scope::Global) => rbac::Scope::Global,
+            Ok(sec::Scope::Namespace) => rbac::Scope::Namespace,
+            Ok(sec::Scope::WorkloadSelector) => rbac::Scope::WorkloadSelector,
+            Err(_) => bail!("unknown scope {}", a.scope),
+        },
+        action: match sec::Action::try_from(a.action) {
+            Ok(sec::Action::Allow) => rbac::Action::Allow,
+            Ok(sec::Action::Deny) => rbac::Action::Deny,
+            Err(_) => bail!("unknown action {}", a.action),
+        },
+        rules,
+    })
+}
+
+fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert("app".to_string(), w.canonical_name.clone());
+    labels.insert("version".to_string(), w.canonical_revision.clone());
+    let mut services: Vec<String> = w.services.keys().cloned().collect();
+    services.sort();
+    Ok(Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account.clone()
+        },
+        trust_domain: if w.trust_domain.is_empty() {
+            trust_domain.to_string()
+        } else {
+            w.trust_domain.clone()
+        },
+        node: w.node.clone(),
+        addresses: w
+            .addresses
+            .iter()
+            .map(|a| ip(a))
+            .collect::<anyhow::Result<_>>()?,
+        protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
+            Protocol::Hbone
+        } else {
+            Protocol::Tcp
+        },
+        status: if w.status == wl::WorkloadStatus::Unhealthy as i32 {
+            HealthStatus::Unhealthy
+        } else {
+            HealthStatus::Healthy
+        },
+        labels,
+        services,
+        authorization_policies: w.authorization_policies.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+    })
+}
+
+/// The whole cache as a ztunnel snapshot. Fails (so the response is
+/// NACKed) on anything ztunnel cannot represent.
+pub fn to_snapshot(cache: &Cache, trust_domain: &str) -> anyhow::Result<Snapshot> {
+    let mut workloads = Vec::new();
+    let mut services = Vec::new();
+    // Named target ports are resolved per workload; remember them.
+    let mut targets: HashMap<(String, u32), u32> = HashMap::new();
+    for (name, (_, a)) in &cache.addresses {
+        match &a.r#type {
+            Some(wl::address::Type::Workload(w)) => {
+                for (svc, pl) in &w.services {
+                    for p in &pl.ports {
+                        if p.target_port != 0 {
+                            targets.insert((svc.clone(), p.service_port), p.target_port);
+                        }
+                    }
+                }
+                workloads.push(workload(w, trust_domain).with_context(|| format!("workload {name}"))?);
+            }
+            Some(wl::address::Type::Service(s)) => services.push(s.clone()),
+            None => bail!("address {name} is neither a workload nor a service"),
+        }
+    }
+    let services = services
+        .into_iter()
+        .map(|s| {
+            let key = format!("{}/{}", s.namespace, s.hostname);
+            Ok(Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                hostname: s.hostname.clone(),
+                addresses: s
+                    .addresses
+                    .iter()
+                    .map(|a| ip(&a.address))
+                    .collect::<anyhow::Result<_>>()
+                    .with_context(|| format!("service {key}"))?,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let target = match p.target_port {
+                            0 => targets
+                                .get(&(key.clone(), p.service_port))
+                                .copied()
+                                .unwrap_or(p.service_port),
+                            t => t,
+                        };
+                        Ok(Port {
+                            port: u16::try_from(p.service_port)
+                                .map_err(|_| anyhow!("service {key}: bad port"))?,
+                            target_port: u16::try_from(target)
+                                .map_err(|_| anyhow!("service {key}: bad target port"))?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let policies = cache
+        .authorizations
+        .iter()
+        .map(|(name, (_, a))| policy(a).with_context(|| format!("authorization {name}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Snapshot::build(workloads, services, policies)?)
+}
