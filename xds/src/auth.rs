@@ -43,11 +43,7 @@ impl Auth {
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(node), Some(tok), None) => pairs.push((node.to_string(), tok.to_string())),
-                _ => bail!(
-                    "{}:{}: expected `<node> <token>`",
-                    path.display(),
-                    i + 1
-                ),
+                _ => bail!("{}:{}: expected `<node> <token>`", path.display(), i + 1),
             }
         }
         Ok(Auth::from_pairs(pairs))

@@ -140,7 +140,11 @@ async fn translator(
         };
         let prev = tx.borrow().clone();
         let next = Snapshot::next(&prev, res);
-        info!(generation = next.generation, changed = next.changed.as_ref().map_or(0, |c| c.len()), "translated");
+        info!(
+            generation = next.generation,
+            changed = next.changed.as_ref().map_or(0, |c| c.len()),
+            "translated"
+        );
         tx.send_replace(Arc::new(next));
     }
 }
@@ -192,7 +196,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         )
         .context("setting up the CA root")?,
     );
-    let (cert_pem, key_pem) = ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
+    let (cert_pem, key_pem) =
+        ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
 

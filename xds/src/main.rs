@@ -53,7 +53,11 @@ struct Args {
     #[arg(long)]
     insecure_no_auth: bool,
     /// Names (DNS or IP) in the server certificate.
-    #[arg(long, value_delimiter = ',', default_value = "istiod.istio-system.svc,localhost")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,localhost"
+    )]
     server_names: Vec<String>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,

@@ -147,8 +147,7 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
             if let Some(spec) = &s.spec {
                 for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
                     if ip != "None" {
-                        parse_ip(ip)
-                            .map_err(|m| field_err(format!("spec.clusterIPs[{i}]"), m))?;
+                        parse_ip(ip).map_err(|m| field_err(format!("spec.clusterIPs[{i}]"), m))?;
                     }
                 }
                 if let Some(ip) = &spec.cluster_ip {

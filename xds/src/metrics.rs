@@ -38,16 +38,28 @@ impl Default for Metrics {
             certs_denied: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("xds_nacks", "xDS responses rejected by a client", m.nacks.clone());
+        registry.register(
+            "xds_nacks",
+            "xDS responses rejected by a client",
+            m.nacks.clone(),
+        );
         registry.register("xds_acks", "xDS responses acknowledged", m.acks.clone());
         registry.register("xds_pushes", "xDS responses sent", m.pushes.clone());
-        registry.register("xds_connected_clients", "open ADS streams", m.connected.clone());
+        registry.register(
+            "xds_connected_clients",
+            "open ADS streams",
+            m.connected.clone(),
+        );
         registry.register(
             "xds_source_errors",
             "invalid objects or files reported by a source",
             m.source_errors.clone(),
         );
-        registry.register("citadel_certs_issued", "certificates signed", m.certs_issued.clone());
+        registry.register(
+            "citadel_certs_issued",
+            "certificates signed",
+            m.certs_issued.clone(),
+        );
         registry.register(
             "citadel_certs_denied",
             "certificate requests refused",

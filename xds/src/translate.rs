@@ -115,7 +115,10 @@ fn pod_labels(p: &Pod) -> BTreeMap<String, String> {
 /// `istio.io/dataplane-mode=ambient` (`none` on the pod opts it out).
 pub fn in_mesh(model: &Model, pod: &Pod) -> bool {
     let labels = pod.metadata.labels.as_ref();
-    match labels.and_then(|l| l.get(AMBIENT_LABEL)).map(String::as_str) {
+    match labels
+        .and_then(|l| l.get(AMBIENT_LABEL))
+        .map(String::as_str)
+    {
         Some("ambient") => true,
         Some("none") => false,
         _ => {
@@ -292,16 +295,15 @@ pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec:
             let mut matches = Vec::new();
             for f in &r.from {
                 let s = &f.source;
-                if !deny && !(s.request_principals.is_empty() && s.not_request_principals.is_empty())
+                if !deny
+                    && !(s.request_principals.is_empty() && s.not_request_principals.is_empty())
                 {
                     continue;
                 }
                 let sa = |sas: &Vec<String>| -> Vec<sec::StringMatch> {
                     sas.iter()
                         .filter_map(|x| x.split_once('/'))
-                        .map(|(n, a)| {
-                            string_match(&format!("{}/ns/{n}/sa/{a}", opts.trust_domain))
-                        })
+                        .map(|(n, a)| string_match(&format!("{}/ns/{n}/sa/{a}", opts.trust_domain)))
                         .collect()
                 };
                 let mut principals: Vec<_> = s.principals.iter().map(|p| string_match(p)).collect();
@@ -492,7 +494,12 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         let Some(a) = translate_policy(opts, ap) else {
             continue;
         };
-        if let Some(sel) = ap.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+        if let Some(sel) = ap
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty())
+        {
             policies_by_ns
                 .entry(ap.metadata.namespace.as_deref().unwrap_or_default())
                 .or_default()
@@ -619,6 +626,7 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         );
     }
     out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
-    out.by_type.insert(mesh_proto::type_url::AUTHORIZATION, authz);
+    out.by_type
+        .insert(mesh_proto::type_url::AUTHORIZATION, authz);
     out
 }
