@@ -166,14 +166,11 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
             }
         }
         Object::AuthorizationPolicy(ap) => {
-            match ap.spec.action {
-                Some(PolicyAction::Audit | PolicyAction::Custom) => {
-                    return Err(field_err(
-                        "spec.action",
-                        "only ALLOW and DENY are supported",
-                    ))
-                }
-                _ => {}
+            if let Some(PolicyAction::Audit | PolicyAction::Custom) = ap.spec.action {
+                return Err(field_err(
+                    "spec.action",
+                    "only ALLOW and DENY are supported",
+                ));
             }
             for (r, rule) in ap.spec.rules.iter().flatten().enumerate() {
                 for (t, to) in rule.to.iter().enumerate() {
@@ -218,12 +215,12 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP address"))
 }
 
+/// Good objects, and errors with the id of the object they concern.
+pub type Parsed = (Vec<Object>, Vec<(Option<String>, ObjectError)>);
+
 /// The objects of one file's text, plus what was wrong. `Err`: not YAML
 /// at all (the caller keeps the file's previous objects).
-pub fn parse_file(
-    text: &str,
-    origin: &str,
-) -> Result<(Vec<Object>, Vec<(Option<String>, ObjectError)>), ObjectError> {
+pub fn parse_file(text: &str, origin: &str) -> Result<Parsed, ObjectError> {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {

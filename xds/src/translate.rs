@@ -296,7 +296,7 @@ pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec:
             for f in &r.from {
                 let s = &f.source;
                 if !deny
-                    && !(s.request_principals.is_empty() && s.not_request_principals.is_empty())
+                    && (!s.request_principals.is_empty() || !s.not_request_principals.is_empty())
                 {
                     continue;
                 }
@@ -402,6 +402,9 @@ pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec:
     })
 }
 
+type ServicePorts = (String, Vec<wl::Port>);
+type Labels = BTreeMap<String, String>;
+
 /// The whole model, translated.
 pub fn translate(opts: &Options, model: &Model) -> Resources {
     let mut out = Resources::default();
@@ -435,8 +438,7 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         }
     }
     // Selector-less services: endpoints from EndpointSlices, by pod IP.
-    let mut slice_services: HashMap<(String, IpAddr), Vec<(String, Vec<wl::Port>)>> =
-        HashMap::new();
+    let mut slice_services: HashMap<(String, IpAddr), Vec<ServicePorts>> = HashMap::new();
     for es in model.endpoint_slices.values() {
         let ns = es.metadata.namespace.clone().unwrap_or_default();
         let Some(svc_name) = es
@@ -488,8 +490,7 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         }
     }
     // Workload-selector policies, by namespace.
-    let mut policies_by_ns: HashMap<&str, Vec<(String, &BTreeMap<String, String>)>> =
-        HashMap::new();
+    let mut policies_by_ns: HashMap<&str, Vec<(String, &Labels)>> = HashMap::new();
     for (key, ap) in &model.policies {
         let Some(a) = translate_policy(opts, ap) else {
             continue;
