@@ -16,6 +16,8 @@ mod load;
 mod procstat;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/xds.rs"]
+mod xds;
 #[path = "bench/ztunnel.rs"]
 mod ztunnel;
 
@@ -37,6 +39,9 @@ enum Bench {
     /// throughput, request/response latency, connections/s, ztunnel memory
     /// and CPU.
     Ztunnel(ztunnel::ZtunnelArgs),
+    /// The control plane at scale on loopback: first full sync, change ->
+    /// all clients acked (p50/p99), server and ztunnel memory.
+    Xds(xds::XdsArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match &cli.bench {
+        Bench::Xds(args) => xds::run(args).map(|t| println!("{t}")),
         Bench::Ztunnel(args) => ztunnel::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
