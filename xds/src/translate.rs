@@ -46,9 +46,22 @@ impl Default for Options {
 /// One encoded resource, ready to send.
 #[derive(Debug, PartialEq)]
 pub struct Resource {
-    pub name: String,
-    pub version: String,
+    pub name: Arc<str>,
+    /// Hash of the encoded body; sent as 16 hex digits.
+    pub hash: u64,
     pub body: prost_types::Any,
+}
+
+impl Resource {
+    pub fn version(&self) -> String {
+        format!("{:016x}", self.hash)
+    }
+}
+
+/// A version string as sent by [`Resource::version`]; anything else
+/// (another server's version) matches nothing.
+pub fn parse_version(v: &str) -> u64 {
+    u64::from_str_radix(v, 16).unwrap_or(u64::MAX)
 }
 
 /// The translated state: resources by type URL and name, and which
@@ -66,20 +79,20 @@ impl Resources {
 }
 
 /// FNV-1a: a version that only depends on the bytes.
-fn version_of(bytes: &[u8]) -> String {
+fn version_of(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{h:016x}")
+    h
 }
 
 fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
     let value = msg.encode_to_vec();
     Arc::new(Resource {
-        name,
-        version: version_of(&value),
+        name: name.into(),
+        hash: version_of(&value),
         body: prost_types::Any {
             type_url: type_url.to_string(),
             value,
@@ -630,4 +643,202 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
     out.by_type
         .insert(mesh_proto::type_url::AUTHORIZATION, authz);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! The translation as the Kubernetes source drives it: typed objects
+    //! built in code (as kube-rs reflectors hand them over), no YAML.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use k8s_openapi::api::core::v1::{
+        Container, Namespace, PodIP, PodSpec, PodStatus, ServicePort, ServiceSpec,
+    };
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::manifest::validate;
+    use crate::model::{
+        AuthorizationPolicySpec, From, Object, Operation, PolicyRule, Source, To, WorkloadSelector,
+    };
+
+    fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: ns.map(String::from),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Object {
+        Object::Pod(Box::new(Pod {
+            metadata: meta(Some(ns), name, labels),
+            spec: Some(PodSpec {
+                node_name: Some("node-1".into()),
+                service_account_name: Some("sa".into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    fn decode(r: &Resources, name: &str) -> wl::address::Type {
+        let res = &r.get(mesh_proto::type_url::ADDRESS).unwrap()[name];
+        wl::Address::decode(res.body.value.as_slice())
+            .unwrap()
+            .r#type
+            .unwrap()
+    }
+
+    fn model() -> Model {
+        let mut objs = vec![
+            Object::Namespace(Namespace {
+                metadata: meta(None, "mesh", &[(AMBIENT_LABEL, "ambient")]),
+                ..Default::default()
+            }),
+            Object::Namespace(Namespace {
+                metadata: meta(None, "plain", &[]),
+                ..Default::default()
+            }),
+            pod("mesh", "a", "10.0.0.1", &[("app", "a")]),
+            pod("mesh", "out", "10.0.0.2", &[(AMBIENT_LABEL, "none")]),
+            pod("plain", "p", "10.0.0.3", &[]),
+            pod("plain", "in", "10.0.0.4", &[(AMBIENT_LABEL, "ambient")]),
+            // Selector-less service: endpoints from an EndpointSlice.
+            Object::Service(Box::new(Service {
+                metadata: meta(Some("mesh"), "ext", &[]),
+                spec: Some(ServiceSpec {
+                    cluster_ip: Some("10.96.0.1".into()),
+                    ports: Some(vec![ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            Object::EndpointSlice(Box::new(EndpointSlice {
+                metadata: meta(
+                    Some("mesh"),
+                    "ext-1",
+                    &[("kubernetes.io/service-name", "ext")],
+                ),
+                address_type: "IPv4".into(),
+                endpoints: vec![Endpoint {
+                    addresses: vec!["10.0.0.1".into()],
+                    ..Default::default()
+                }],
+                ports: Some(vec![EndpointPort {
+                    name: Some("http".into()),
+                    port: Some(9090),
+                    ..Default::default()
+                }]),
+            })),
+            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy {
+                metadata: meta(Some("mesh"), "allow", &[]),
+                spec: AuthorizationPolicySpec {
+                    selector: Some(WorkloadSelector {
+                        match_labels: [("app".to_string(), "a".to_string())].into(),
+                    }),
+                    rules: Some(vec![
+                        PolicyRule {
+                            from: vec![From {
+                                source: Source {
+                                    principals: vec!["cluster.local/ns/mesh/sa/*".into()],
+                                    ..Default::default()
+                                },
+                            }],
+                            ..Default::default()
+                        },
+                        // L7-only: cannot match at L4, dropped from an ALLOW.
+                        PolicyRule {
+                            to: vec![To {
+                                operation: Operation {
+                                    methods: vec!["GET".into()],
+                                    ..Default::default()
+                                },
+                            }],
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                },
+            })),
+        ];
+        for o in &mut objs {
+            validate(o).unwrap();
+        }
+        Model::from_objects(objs)
+    }
+
+    #[test]
+    fn typed_objects_translate_like_manifests() {
+        let r = translate(&Options::default(), &model());
+        let wl::address::Type::Workload(a) = decode(&r, "Kubernetes//Pod/mesh/a") else {
+            panic!("not a workload")
+        };
+        assert_eq!(a.tunnel_protocol, wl::TunnelProtocol::Hbone as i32);
+        assert_eq!(a.authorization_policies, vec!["mesh/allow"]);
+        let ports = &a.services["mesh/ext.mesh.svc.cluster.local"].ports;
+        assert_eq!((ports[0].service_port, ports[0].target_port), (80, 9090));
+        let proto = |n: &str| match decode(&r, n) {
+            wl::address::Type::Workload(w) => w.tunnel_protocol,
+            _ => panic!(),
+        };
+        assert_eq!(
+            proto("Kubernetes//Pod/mesh/out"),
+            wl::TunnelProtocol::None as i32
+        );
+        assert_eq!(
+            proto("Kubernetes//Pod/plain/p"),
+            wl::TunnelProtocol::None as i32
+        );
+        assert_eq!(
+            proto("Kubernetes//Pod/plain/in"),
+            wl::TunnelProtocol::Hbone as i32
+        );
+        // Only in-mesh pods get identities from the CA.
+        let ids = &r.node_identities["node-1"];
+        assert!(ids.contains("spiffe://cluster.local/ns/mesh/sa/sa"));
+        assert!(ids.contains("spiffe://cluster.local/ns/plain/sa/sa"));
+        assert_eq!(ids.len(), 2);
+        let pol = &r.get(mesh_proto::type_url::AUTHORIZATION).unwrap()["mesh/allow"];
+        let a = sec::Authorization::decode(pol.body.value.as_slice()).unwrap();
+        assert_eq!(a.scope, sec::Scope::WorkloadSelector as i32);
+        assert_eq!(a.rules.len(), 1, "the L7-only ALLOW rule is dropped");
+        assert_eq!(
+            a.rules[0].clauses[0].matches[0].principals[0].match_type,
+            Some(sec::string_match::MatchType::Prefix(
+                "cluster.local/ns/mesh/sa/".into()
+            ))
+        );
+        // Same input, same versions: what resume relies on.
+        let again = translate(&Options::default(), &model());
+        assert_eq!(
+            r.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash,
+            again.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash
+        );
+    }
+
+    #[test]
+    fn invalid_typed_objects_name_the_field() {
+        let mut p = pod("mesh", "bad", "300.1.1.1", &[]);
+        let e = validate(&mut p).unwrap_err();
+        assert_eq!(e.field, "status.podIPs[0].ip");
+    }
 }

@@ -225,7 +225,10 @@ pub fn run(a: &XdsArgs) -> Result<String> {
                 "--debounce",
                 "5ms",
             ])
-            .env("RUST_LOG", std::env::var("XDS_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("XDS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -264,7 +267,9 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         let single = t0.elapsed();
         let expected = a.pods + a.services + a.policies;
         if synced_resources != expected {
-            return Err(anyhow!("client synced {synced_resources} resources, expected {expected}"));
+            return Err(anyhow!(
+                "client synced {synced_resources} resources, expected {expected}"
+            ));
         }
         // Then N at once, each with its own connection.
         let mut chans = Vec::new();
