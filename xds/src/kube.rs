@@ -87,27 +87,19 @@ pub async fn run(
     tokio::spawn(async move {
         while kicked.recv().await.is_some() {
             let mut objs: Vec<Object> = Vec::new();
-            objs.extend(ns.state().iter().map(|o| Object::Namespace((**o).clone())));
-            objs.extend(
-                pods.state()
-                    .iter()
-                    .map(|o| Object::Pod(Box::new((**o).clone()))),
-            );
-            objs.extend(
-                svcs.state()
-                    .iter()
-                    .map(|o| Object::Service(Box::new((**o).clone()))),
-            );
+            objs.extend(ns.state().iter().map(|o| Object::Namespace(o.clone())));
+            objs.extend(pods.state().iter().map(|o| Object::Pod(o.clone())));
+            objs.extend(svcs.state().iter().map(|o| Object::Service(o.clone())));
             objs.extend(
                 slices
                     .state()
                     .iter()
-                    .map(|o| Object::EndpointSlice(Box::new((**o).clone()))),
+                    .map(|o| Object::EndpointSlice(o.clone())),
             );
             objs.extend(
                 sas.state()
                     .iter()
-                    .map(|o| Object::ServiceAccount((**o).clone())),
+                    .map(|o| Object::ServiceAccount(o.clone())),
             );
             let mut errs = Vec::new();
             for p in preader.state() {

@@ -92,15 +92,17 @@ pub fn parse_object(v: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
         return Err(field_err("apiVersion", "missing"));
     }
     let o = match (api, kind) {
-        ("v1", "Namespace") => Object::Namespace(parse_typed::<Namespace>(v)?),
-        ("v1", "Pod") => Object::Pod(Box::new(parse_typed::<Pod>(v)?)),
-        ("v1", "Service") => Object::Service(Box::new(parse_typed::<Service>(v)?)),
-        ("v1", "ServiceAccount") => Object::ServiceAccount(parse_typed::<ServiceAccount>(v)?),
+        ("v1", "Namespace") => Object::Namespace(Arc::new(parse_typed::<Namespace>(v)?)),
+        ("v1", "Pod") => Object::Pod(Arc::new(parse_typed::<Pod>(v)?)),
+        ("v1", "Service") => Object::Service(Arc::new(parse_typed::<Service>(v)?)),
+        ("v1", "ServiceAccount") => {
+            Object::ServiceAccount(Arc::new(parse_typed::<ServiceAccount>(v)?))
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            Object::EndpointSlice(Box::new(parse_typed::<EndpointSlice>(v)?))
+            Object::EndpointSlice(Arc::new(parse_typed::<EndpointSlice>(v)?))
         }
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-            Object::AuthorizationPolicy(Box::new(parse_typed::<AuthorizationPolicy>(v)?))
+            Object::AuthorizationPolicy(Arc::new(parse_typed::<AuthorizationPolicy>(v)?))
         }
         (_, "Namespace" | "Pod" | "Service" | "ServiceAccount" | "EndpointSlice")
         | (_, "AuthorizationPolicy") => {
@@ -118,13 +120,15 @@ pub fn parse_object(v: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
 /// translation relies on. Shared by both sources.
 pub fn validate(o: &mut Object) -> Result<(), FieldError> {
     let namespaced = !matches!(o, Object::Namespace(_));
+    // Objects are fresh from a parser or a reflector: make_mut only copies
+    // when the object is shared.
     let meta = match o {
-        Object::Namespace(x) => &mut x.metadata,
-        Object::Pod(x) => &mut x.metadata,
-        Object::Service(x) => &mut x.metadata,
-        Object::EndpointSlice(x) => &mut x.metadata,
-        Object::ServiceAccount(x) => &mut x.metadata,
-        Object::AuthorizationPolicy(x) => &mut x.metadata,
+        Object::Namespace(x) => &mut Arc::make_mut(x).metadata,
+        Object::Pod(x) => &mut Arc::make_mut(x).metadata,
+        Object::Service(x) => &mut Arc::make_mut(x).metadata,
+        Object::EndpointSlice(x) => &mut Arc::make_mut(x).metadata,
+        Object::ServiceAccount(x) => &mut Arc::make_mut(x).metadata,
+        Object::AuthorizationPolicy(x) => &mut Arc::make_mut(x).metadata,
     };
     if meta.name.as_deref().unwrap_or_default().is_empty() {
         return Err(field_err("metadata.name", "missing"));

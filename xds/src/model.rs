@@ -8,6 +8,7 @@
 //! typed here ([`AuthorizationPolicy`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -124,25 +125,27 @@ pub struct Condition {
 }
 
 /// Everything the control plane knows, as the sources last reported it.
+/// Objects are shared (`Arc`), so publishing a new model after one change
+/// copies pointers, not objects.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<String, Pod>,
-    pub services: BTreeMap<String, Service>,
-    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
-    pub service_accounts: BTreeMap<String, ServiceAccount>,
-    pub policies: BTreeMap<String, AuthorizationPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
+    pub service_accounts: BTreeMap<String, Arc<ServiceAccount>>,
+    pub policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
 }
 
 /// One object of any kind the model holds.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    ServiceAccount(ServiceAccount),
-    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    ServiceAccount(Arc<ServiceAccount>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 /// `namespace/name` (or just `name` for cluster-scoped objects).
@@ -191,19 +194,19 @@ impl Model {
                 self.namespaces.insert(key, o);
             }
             Object::Pod(o) => {
-                self.pods.insert(key, *o);
+                self.pods.insert(key, o);
             }
             Object::Service(o) => {
-                self.services.insert(key, *o);
+                self.services.insert(key, o);
             }
             Object::EndpointSlice(o) => {
-                self.endpoint_slices.insert(key, *o);
+                self.endpoint_slices.insert(key, o);
             }
             Object::ServiceAccount(o) => {
                 self.service_accounts.insert(key, o);
             }
             Object::AuthorizationPolicy(o) => {
-                self.policies.insert(key, *o);
+                self.policies.insert(key, o);
             }
         }
     }

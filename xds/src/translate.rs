@@ -467,7 +467,7 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         };
         if selecting
             .get(ns.as_str())
-            .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc)))
+            .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc.as_ref())))
         {
             continue;
         }
@@ -527,9 +527,9 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
 
     for p in model.pods.values() {
         let ips = pod_ips(p);
-        let spec = p.spec.clone().unwrap_or_default();
+        let spec = p.spec.as_ref();
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-        if ips.is_empty() || spec.host_network == Some(true) {
+        if ips.is_empty() || spec.and_then(|s| s.host_network) == Some(true) {
             continue;
         }
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -541,8 +541,13 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
         let mesh = in_mesh(model, p);
         let mut services = HashMap::new();
         for s in selecting.get(ns.as_str()).into_iter().flatten() {
-            let sspec = s.spec.clone().unwrap_or_default();
-            if !labels_match(&sspec.selector.clone().unwrap_or_default(), &labels) {
+            let Some(sspec) = s.spec.as_ref() else {
+                continue;
+            };
+            let Some(sel) = sspec.selector.as_ref() else {
+                continue;
+            };
+            if !labels_match(sel, &labels) {
                 continue;
             }
             let ports = sspec
@@ -584,7 +589,7 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
             .is_none_or(|c| c.status == "True");
         let uid = format!("{}//Pod/{ns}/{name}", opts.cluster_id);
-        let node = spec.node_name.clone().unwrap_or_default();
+        let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
         let w = wl::Workload {
             uid: uid.clone(),
             name: name.clone(),
@@ -678,7 +683,7 @@ mod tests {
     }
 
     fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Object {
-        Object::Pod(Box::new(Pod {
+        Object::Pod(Arc::new(Pod {
             metadata: meta(Some(ns), name, labels),
             spec: Some(PodSpec {
                 node_name: Some("node-1".into()),
@@ -706,20 +711,20 @@ mod tests {
 
     fn model() -> Model {
         let mut objs = vec![
-            Object::Namespace(Namespace {
+            Object::Namespace(Arc::new(Namespace {
                 metadata: meta(None, "mesh", &[(AMBIENT_LABEL, "ambient")]),
                 ..Default::default()
-            }),
-            Object::Namespace(Namespace {
+            })),
+            Object::Namespace(Arc::new(Namespace {
                 metadata: meta(None, "plain", &[]),
                 ..Default::default()
-            }),
+            })),
             pod("mesh", "a", "10.0.0.1", &[("app", "a")]),
             pod("mesh", "out", "10.0.0.2", &[(AMBIENT_LABEL, "none")]),
             pod("plain", "p", "10.0.0.3", &[]),
             pod("plain", "in", "10.0.0.4", &[(AMBIENT_LABEL, "ambient")]),
             // Selector-less service: endpoints from an EndpointSlice.
-            Object::Service(Box::new(Service {
+            Object::Service(Arc::new(Service {
                 metadata: meta(Some("mesh"), "ext", &[]),
                 spec: Some(ServiceSpec {
                     cluster_ip: Some("10.96.0.1".into()),
@@ -732,7 +737,7 @@ mod tests {
                 }),
                 ..Default::default()
             })),
-            Object::EndpointSlice(Box::new(EndpointSlice {
+            Object::EndpointSlice(Arc::new(EndpointSlice {
                 metadata: meta(
                     Some("mesh"),
                     "ext-1",
@@ -749,7 +754,7 @@ mod tests {
                     ..Default::default()
                 }]),
             })),
-            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy {
+            Object::AuthorizationPolicy(Arc::new(AuthorizationPolicy {
                 metadata: meta(Some("mesh"), "allow", &[]),
                 spec: AuthorizationPolicySpec {
                     selector: Some(WorkloadSelector {

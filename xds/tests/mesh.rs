@@ -379,6 +379,15 @@ fn certificates_from_the_control_plane_rotate_under_traffic() {
     // and new connections work with the new certificate.
     thread::sleep(Duration::from_secs(3));
     assert!(roundtrip(&mut long, b"after rotation"));
-    assert!(m.works(&m.client));
+    let mut fresh = socks(m.a.netns(), IpAddr::V4(m.client.ipv4()), m.vip()).unwrap();
+    assert!(roundtrip(&mut fresh, b"new connection"));
+    // The new tunnel could not reuse the old certificate's HBONE connection.
+    let pooled = m.config_dump(&m.a)["hbonePoolConnections"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        pooled >= 2,
+        "new tunnel reused the old certificate's connection"
+    );
     assert!(m.works(&m.other));
 }
