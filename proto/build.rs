@@ -19,5 +19,29 @@ fn main() -> anyhow::Result<()> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    // The server-side ADS with pre-encoded resources: its own output
+    // directory (same package name), sharing every type but the responses.
+    let encoded = "proto/envoy/discovery_encoded.proto";
+    println!("cargo:rerun-if-changed={encoded}");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("encoded");
+    std::fs::create_dir_all(&out)?;
+    let fds = protox::compile([encoded], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .out_dir(&out)
+        .bytes(".")
+        .extern_path(".envoy.config.core.v3", "crate::envoy::config::core::v3")
+        .extern_path(".google.rpc", "crate::google::rpc")
+        .extern_path(
+            ".envoy.service.discovery.v3.DiscoveryRequest",
+            "crate::envoy::service::discovery::v3::DiscoveryRequest",
+        )
+        .extern_path(
+            ".envoy.service.discovery.v3.DeltaDiscoveryRequest",
+            "crate::envoy::service::discovery::v3::DeltaDiscoveryRequest",
+        )
+        .compile_fds(fds)?;
     Ok(())
 }

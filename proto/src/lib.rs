@@ -25,6 +25,15 @@ pub mod envoy {
         pub mod discovery {
             pub mod v3 {
                 tonic::include_proto!("envoy.service.discovery.v3");
+
+                /// The server side of the same service with pre-encoded
+                /// resources (see `discovery_encoded.proto`).
+                pub mod encoded {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/encoded/envoy.service.discovery.v3.rs"
+                    ));
+                }
             }
         }
     }

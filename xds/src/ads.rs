@@ -22,11 +22,12 @@ use std::sync::Arc;
 
 use futures::Stream;
 use mesh_proto::core::Node;
-use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use mesh_proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as XdsResource,
+use mesh_proto::discovery::encoded::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use mesh_proto::discovery::encoded::{
+    EncodedDeltaDiscoveryResponse as DeltaDiscoveryResponse,
+    EncodedDiscoveryResponse as DiscoveryResponse,
 };
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -326,15 +327,7 @@ impl AdsServer {
         self.metrics.pushes.get_or_create(&label(type_url)).inc();
         let resp = DeltaDiscoveryResponse {
             system_version_info: generation.to_string(),
-            resources: send
-                .iter()
-                .map(|r| XdsResource {
-                    name: r.name.to_string(),
-                    version: r.version(),
-                    resource: Some(r.body.clone()),
-                    ..Default::default()
-                })
-                .collect(),
+            resources: send.iter().map(|r| r.delta.clone()).collect(),
             type_url: type_url.to_string(),
             nonce: nonce.to_string(),
             removed_resources: removed,
@@ -417,7 +410,7 @@ impl AdsServer {
             .map(|m| {
                 m.values()
                     .filter(|r| names.is_empty() || names.iter().any(|n| **n == *r.name))
-                    .map(|r| r.body.clone())
+                    .map(|r| r.any.clone())
                     .collect()
             })
             .unwrap_or_default();
@@ -426,7 +419,6 @@ impl AdsServer {
             resources,
             type_url: type_url.to_string(),
             nonce: nonce.to_string(),
-            ..Default::default()
         }))
         .await
         .map_err(|_| Status::cancelled("client went away"))

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
-use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use mesh_proto::discovery::encoded::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;

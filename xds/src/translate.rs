@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -49,7 +50,13 @@ pub struct Resource {
     pub name: Arc<str>,
     /// Hash of the encoded body; sent as 16 hex digits.
     pub hash: u64,
-    pub body: prost_types::Any,
+    pub type_url: &'static str,
+    /// The resource message, encoded.
+    pub value: Bytes,
+    /// Wrapped in an `Any`, encoded (state-of-the-world responses).
+    pub any: Bytes,
+    /// As an envoy `Resource` (name, version, `Any`), encoded (delta).
+    pub delta: Bytes,
 }
 
 impl Resource {
@@ -88,15 +95,27 @@ fn version_of(bytes: &[u8]) -> u64 {
     h
 }
 
+/// Encodes a resource once, in the three shapes streams send.
 fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
     let value = msg.encode_to_vec();
+    let hash = version_of(&value);
+    let any = prost_types::Any {
+        type_url: type_url.to_string(),
+        value,
+    };
+    let delta = mesh_proto::discovery::Resource {
+        name: name.clone(),
+        version: format!("{hash:016x}"),
+        resource: Some(any.clone()),
+        ..Default::default()
+    };
     Arc::new(Resource {
         name: name.into(),
-        hash: version_of(&value),
-        body: prost_types::Any {
-            type_url: type_url.to_string(),
-            value,
-        },
+        hash,
+        type_url,
+        any: any.encode_to_vec().into(),
+        value: any.value.into(),
+        delta: delta.encode_to_vec().into(),
     })
 }
 
@@ -703,7 +722,7 @@ mod tests {
 
     fn decode(r: &Resources, name: &str) -> wl::address::Type {
         let res = &r.get(mesh_proto::type_url::ADDRESS).unwrap()[name];
-        wl::Address::decode(res.body.value.as_slice())
+        wl::Address::decode(res.value.clone())
             .unwrap()
             .r#type
             .unwrap()
@@ -823,7 +842,7 @@ mod tests {
         assert!(ids.contains("spiffe://cluster.local/ns/plain/sa/sa"));
         assert_eq!(ids.len(), 2);
         let pol = &r.get(mesh_proto::type_url::AUTHORIZATION).unwrap()["mesh/allow"];
-        let a = sec::Authorization::decode(pol.body.value.as_slice()).unwrap();
+        let a = sec::Authorization::decode(pol.value.clone()).unwrap();
         assert_eq!(a.scope, sec::Scope::WorkloadSelector as i32);
         assert_eq!(a.rules.len(), 1, "the L7-only ALLOW rule is dropped");
         assert_eq!(
