@@ -63,7 +63,11 @@ pub struct Config {
     pub xds_root_cert: Option<PathBuf>,
 
     /// Name expected in the control plane's certificate.
-    #[arg(long, env = "XDS_SERVER_NAME", default_value = "istiod.istio-system.svc")]
+    #[arg(
+        long,
+        env = "XDS_SERVER_NAME",
+        default_value = "istiod.istio-system.svc"
+    )]
     pub xds_server_name: String,
 
     /// File with this node's bearer token for the control plane.

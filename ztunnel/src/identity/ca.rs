@@ -194,7 +194,6 @@ impl LocalCa {
     }
 }
 
-
 impl CaClient for LocalCa {
     fn sign(&self, req: CertificateRequest) -> BoxFuture<'_, anyhow::Result<IssuedCertificate>> {
         Box::pin(async move {

@@ -14,7 +14,7 @@
 
 mod translate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,45 +107,93 @@ impl Cache {
         }
     }
 
-    /// Applies one response to a copy; the copy is returned only if every
-    /// resource decodes.
-    fn apply(&self, resp: &DeltaDiscoveryResponse) -> anyhow::Result<Cache> {
-        let mut next = self.clone();
+    /// Decodes one response without touching the cache.
+    fn stage(resp: &DeltaDiscoveryResponse) -> anyhow::Result<Staged> {
+        fn body(r: &mesh_proto::discovery::Resource) -> anyhow::Result<&[u8]> {
+            r.resource
+                .as_ref()
+                .map(|a| a.value.as_slice())
+                .ok_or_else(|| anyhow!("resource {} has no body", r.name))
+        }
+        let mut st = Staged {
+            removed: resp.removed_resources.iter().cloned().collect(),
+            ..Default::default()
+        };
         match resp.type_url.as_str() {
             type_url::ADDRESS => {
                 for r in &resp.resources {
-                    let any = r
-                        .resource
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("resource {} has no body", r.name))?;
-                    let a = workload::Address::decode(any.value.as_slice())
+                    let a = workload::Address::decode(body(r)?)
                         .with_context(|| format!("decoding Address {}", r.name))?;
-                    next.addresses
-                        .insert(r.name.clone(), (r.version.clone(), a));
-                }
-                for n in &resp.removed_resources {
-                    next.addresses.remove(n);
+                    st.addresses.insert(r.name.clone(), (r.version.clone(), a));
                 }
             }
             type_url::AUTHORIZATION => {
                 for r in &resp.resources {
-                    let any = r
-                        .resource
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("resource {} has no body", r.name))?;
-                    let a = security::Authorization::decode(any.value.as_slice())
+                    let a = security::Authorization::decode(body(r)?)
                         .with_context(|| format!("decoding Authorization {}", r.name))?;
-                    next.authorizations
+                    st.authorizations
                         .insert(r.name.clone(), (r.version.clone(), a));
-                }
-                for n in &resp.removed_resources {
-                    next.authorizations.remove(n);
                 }
             }
             other => return Err(anyhow!("unexpected type {other}")),
         }
-        Ok(next)
+        st.type_url = resp.type_url.clone();
+        Ok(st)
     }
+
+    /// The cache as it would be with `st` applied, without copying it.
+    fn overlay<'a>(&'a self, st: &'a Staged) -> View<'a> {
+        let is_addr = st.type_url == type_url::ADDRESS;
+        let addresses = self
+            .addresses
+            .iter()
+            .filter(move |(k, _)| {
+                !is_addr || !(st.addresses.contains_key(*k) || st.removed.contains(*k))
+            })
+            .chain(st.addresses.iter())
+            .map(|(k, (_, v))| (k, v));
+        let authorizations = self
+            .authorizations
+            .iter()
+            .filter(move |(k, _)| {
+                is_addr || !(st.authorizations.contains_key(*k) || st.removed.contains(*k))
+            })
+            .chain(st.authorizations.iter())
+            .map(|(k, (_, v))| (k, v));
+        View {
+            addresses: Box::new(addresses),
+            authorizations: Box::new(authorizations),
+        }
+    }
+
+    fn commit(&mut self, st: Staged) {
+        if st.type_url == type_url::ADDRESS {
+            for n in &st.removed {
+                self.addresses.remove(n);
+            }
+            self.addresses.extend(st.addresses);
+        } else {
+            for n in &st.removed {
+                self.authorizations.remove(n);
+            }
+            self.authorizations.extend(st.authorizations);
+        }
+    }
+}
+
+/// One decoded response, not yet applied.
+#[derive(Default)]
+struct Staged {
+    type_url: String,
+    addresses: HashMap<String, (String, workload::Address)>,
+    authorizations: HashMap<String, (String, security::Authorization)>,
+    removed: HashSet<String>,
+}
+
+/// Iterators over a cache with a response applied.
+pub struct View<'a> {
+    pub addresses: Box<dyn Iterator<Item = (&'a String, &'a workload::Address)> + 'a>,
+    pub authorizations: Box<dyn Iterator<Item = (&'a String, &'a security::Authorization)> + 'a>,
 }
 
 const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
@@ -244,13 +292,13 @@ async fn stream_once(
     let mut inbound = client.delta_aggregated_resources(req).await?.into_inner();
     info!(address = %cp.address, "xDS stream open");
     while let Some(resp) = inbound.message().await? {
-        let result = cache.apply(&resp).and_then(|next| {
-            let snap = to_snapshot(&next, trust_domain)?;
-            Ok((next, snap))
+        let result = Cache::stage(&resp).and_then(|st| {
+            let snap = to_snapshot(cache.overlay(&st), trust_domain)?;
+            Ok((st, snap))
         });
         let error_detail = match result {
-            Ok((next, snap)) => {
-                *cache = next;
+            Ok((st, snap)) => {
+                cache.commit(st);
                 store.replace(snap);
                 None
             }

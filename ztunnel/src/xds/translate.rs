@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use mesh_proto::security as sec;
 use mesh_proto::workload as wl;
 
-use super::Cache;
+use super::View;
 use crate::rbac;
 use crate::state::{HealthStatus, Port, Protocol, Service, Snapshot, Workload};
 
@@ -139,12 +139,12 @@ fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
 
 /// The whole cache as a ztunnel snapshot. Fails (so the response is
 /// NACKed) on anything ztunnel cannot represent.
-pub fn to_snapshot(cache: &Cache, trust_domain: &str) -> anyhow::Result<Snapshot> {
+pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapshot> {
     let mut workloads = Vec::new();
     let mut services = Vec::new();
     // Named target ports are resolved per workload; remember them.
     let mut targets: HashMap<(String, u32), u32> = HashMap::new();
-    for (name, (_, a)) in &cache.addresses {
+    for (name, a) in view.addresses {
         match &a.r#type {
             Some(wl::address::Type::Workload(w)) => {
                 for (svc, pl) in &w.services {
@@ -154,7 +154,8 @@ pub fn to_snapshot(cache: &Cache, trust_domain: &str) -> anyhow::Result<Snapshot
                         }
                     }
                 }
-                workloads.push(workload(w, trust_domain).with_context(|| format!("workload {name}"))?);
+                workloads
+                    .push(workload(w, trust_domain).with_context(|| format!("workload {name}"))?);
             }
             Some(wl::address::Type::Service(s)) => services.push(s.clone()),
             None => bail!("address {name} is neither a workload nor a service"),
@@ -196,10 +197,9 @@ pub fn to_snapshot(cache: &Cache, trust_domain: &str) -> anyhow::Result<Snapshot
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let policies = cache
+    let policies = view
         .authorizations
-        .iter()
-        .map(|(name, (_, a))| policy(a).with_context(|| format!("authorization {name}")))
+        .map(|(name, a)| policy(a).with_context(|| format!("authorization {name}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Snapshot::build(workloads, services, policies)?)
 }
