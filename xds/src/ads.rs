@@ -187,6 +187,9 @@ impl Watch {
     }
 }
 
+/// Most resources in one delta response.
+pub const CHUNK: usize = 500;
+
 type Out<T> = mpsc::Sender<Result<T, Status>>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -284,8 +287,7 @@ impl AdsServer {
                         } else {
                             w.diff(res, Some(&mut std::iter::empty()), &force)
                         };
-                        nonce += 1;
-                        self.send_delta(&tx, &t, cur.generation, nonce, send, removed).await?;
+                        self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
                     }
                 }
                 r = snaps.changed() => {
@@ -304,8 +306,7 @@ impl AdsServer {
                         if send.is_empty() && removed.is_empty() {
                             continue;
                         }
-                        nonce += 1;
-                        self.send_delta(&tx, t, next.generation, nonce, send, removed).await?;
+                        self.send_delta(&tx, t, next.generation, &mut nonce, send, removed).await?;
                     }
                     cur = next;
                 }
@@ -315,26 +316,52 @@ impl AdsServer {
         Ok(())
     }
 
+    /// Sends resources and removals, in chunks of at most [`CHUNK`]
+    /// resources: each stream's encode buffer grows to its largest message
+    /// and keeps that memory, so a 12,500-resource initial sync in one
+    /// message would pin megabytes per client. Every chunk but the last
+    /// has `system_version_info` `<generation>/partial` (the field is for
+    /// debugging; clients that do not know this apply each chunk as any
+    /// delta response), which lets our ztunnel hold readiness until the
+    /// whole first sync is in.
     async fn send_delta(
         &self,
         tx: &Out<DeltaDiscoveryResponse>,
         type_url: &str,
         generation: u64,
-        nonce: u64,
+        nonce: &mut u64,
         send: Vec<Arc<Resource>>,
-        removed: Vec<String>,
+        mut removed: Vec<String>,
     ) -> Result<(), Status> {
-        self.metrics.pushes.get_or_create(&label(type_url)).inc();
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: generation.to_string(),
-            resources: send.iter().map(|r| r.delta.clone()).collect(),
-            type_url: type_url.to_string(),
-            nonce: nonce.to_string(),
-            removed_resources: removed,
+        let chunks: Vec<&[Arc<Resource>]> = if send.is_empty() {
+            vec![&[]]
+        } else {
+            send.chunks(CHUNK).collect()
         };
-        tx.send(Ok(resp))
-            .await
-            .map_err(|_| Status::cancelled("client went away"))
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            *nonce += 1;
+            self.metrics.pushes.get_or_create(&label(type_url)).inc();
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: if i == last {
+                    generation.to_string()
+                } else {
+                    format!("{generation}/partial")
+                },
+                resources: chunk.iter().map(|r| r.delta.clone()).collect(),
+                type_url: type_url.to_string(),
+                nonce: nonce.to_string(),
+                removed_resources: if i == last {
+                    std::mem::take(&mut removed)
+                } else {
+                    vec![]
+                },
+            };
+            tx.send(Ok(resp))
+                .await
+                .map_err(|_| Status::cancelled("client went away"))?;
+        }
+        Ok(())
     }
 
     async fn run_sotw(

@@ -132,6 +132,7 @@ async fn translator(
         }
         tokio::time::sleep(debounce).await;
         let model = models.borrow_and_update().clone();
+        let t0 = std::time::Instant::now();
         let opts2 = opts.clone();
         let Ok(res) =
             tokio::task::spawn_blocking(move || translate::translate(&opts2, &model)).await
@@ -143,6 +144,7 @@ async fn translator(
         info!(
             generation = next.generation,
             changed = next.changed.as_ref().map_or(0, |c| c.len()),
+            took = ?t0.elapsed(),
             "translated"
         );
         tx.send_replace(Arc::new(next));

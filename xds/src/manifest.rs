@@ -414,6 +414,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut md = ManifestDir::new(&dir);
     let publish = move |md: &mut ManifestDir, first: bool| -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
         let (changed, errs) = md.rescan()?;
         for e in &errs {
             warn!("manifest error: {e}");
@@ -426,6 +427,7 @@ pub async fn run(
                 services = model.services.len(),
                 policies = model.policies.len(),
                 errors = errs.len(),
+                took = ?t0.elapsed(),
                 "manifests loaded"
             );
             if let Ok(mut g) = errors.lock() {

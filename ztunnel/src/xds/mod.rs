@@ -311,7 +311,10 @@ async fn stream_once(
                 })
             }
         };
-        on_response(&resp.type_url);
+        // A first sync may come in chunks; only the last counts as synced.
+        if !resp.system_version_info.ends_with("/partial") {
+            on_response(&resp.type_url);
+        }
         tx.send(DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
