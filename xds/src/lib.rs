@@ -123,7 +123,7 @@ impl Running {
 async fn translator(
     mut models: watch::Receiver<Arc<Model>>,
     tx: watch::Sender<Arc<Snapshot>>,
-    opts: translate::Options,
+    mut tr: translate::Translator,
     debounce: Duration,
 ) {
     loop {
@@ -133,12 +133,17 @@ async fn translator(
         tokio::time::sleep(debounce).await;
         let model = models.borrow_and_update().clone();
         let t0 = std::time::Instant::now();
-        let opts2 = opts.clone();
-        let Ok(res) =
-            tokio::task::spawn_blocking(move || translate::translate(&opts2, &model)).await
+        let Ok((back, res)) = tokio::task::spawn_blocking(move || {
+            let res = tr.translate(&model);
+            (tr, res)
+        })
+        .await
         else {
-            continue;
+            // The translation panicked: a bug, not input. Start afresh.
+            tracing::error!("translation failed");
+            return;
         };
+        tr = back;
         let prev = tx.borrow().clone();
         let next = Snapshot::next(&prev, res);
         info!(
@@ -177,18 +182,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     }
     let first = model_rx.borrow_and_update().clone();
+    let mut tr = translate::Translator::new(cfg.translate.clone());
     let snap = Snapshot {
         generation: 1,
-        resources: Arc::new(translate::translate(&cfg.translate, &first)),
+        resources: Arc::new(tr.translate(&first)),
         changed: None,
     };
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
-    tokio::spawn(translator(
-        model_rx,
-        snap_tx,
-        cfg.translate.clone(),
-        cfg.debounce,
-    ));
+    tokio::spawn(translator(model_rx, snap_tx, tr, cfg.debounce));
 
     let ca = Arc::new(
         LocalCa::load_or_generate(

@@ -439,120 +439,258 @@ type Labels = BTreeMap<String, String>;
 
 /// The whole model, translated.
 pub fn translate(opts: &Options, model: &Model) -> Resources {
-    let mut out = Resources::default();
-    let mut addrs = BTreeMap::new();
-    let mut authz = BTreeMap::new();
+    Translator::new(opts.clone()).translate(model)
+}
 
-    // Services, and which ones select pods by namespace.
-    let mut selecting: HashMap<&str, Vec<&Service>> = HashMap::new();
-    for s in model.services.values() {
-        let msg = translate_service(opts, s);
-        let key = format!("{}/{}", msg.namespace, msg.hostname);
-        addrs.insert(
-            key.clone(),
-            resource(
-                mesh_proto::type_url::ADDRESS,
-                key,
-                &wl::Address {
-                    r#type: Some(wl::address::Type::Service(msg)),
-                },
-            ),
-        );
-        let spec = s.spec.as_ref();
-        if spec
-            .and_then(|sp| sp.selector.as_ref())
-            .is_some_and(|sel| !sel.is_empty())
-        {
-            selecting
-                .entry(s.metadata.namespace.as_deref().unwrap_or_default())
-                .or_default()
-                .push(s);
+/// A pod's last translation: the resource (none if the pod is not served)
+/// and the node identity it contributes.
+struct PodMemo {
+    ptr: usize,
+    ns_fp: u64,
+    out: Option<(Arc<Resource>, Option<(String, String)>)>,
+}
+
+/// Translates a model, reusing the previous translation of what did not
+/// change. Sources keep unchanged objects as the same `Arc` across updates,
+/// so "unchanged" is pointer equality; a pod also depends on its
+/// namespace (labels), that namespace's services, EndpointSlices and
+/// policies, summarised as a fingerprint of their pointers. A change to one
+/// pod then costs one pod's translation, not ten thousand.
+pub struct Translator {
+    opts: Options,
+    pods: HashMap<String, PodMemo>,
+    services: HashMap<String, (usize, Arc<Resource>)>,
+    policies: HashMap<String, (usize, Option<Arc<Resource>>)>,
+}
+
+fn ptr<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as usize
+}
+
+impl Translator {
+    pub fn new(opts: Options) -> Self {
+        Translator {
+            opts,
+            pods: HashMap::new(),
+            services: HashMap::new(),
+            policies: HashMap::new(),
         }
     }
-    // Selector-less services: endpoints from EndpointSlices, by pod IP.
-    let mut slice_services: HashMap<(String, IpAddr), Vec<ServicePorts>> = HashMap::new();
-    for es in model.endpoint_slices.values() {
-        let ns = es.metadata.namespace.clone().unwrap_or_default();
-        let Some(svc_name) = es
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        else {
-            continue;
-        };
-        let Some(svc) = model.services.get(&format!("{ns}/{svc_name}")) else {
-            continue;
-        };
-        if selecting
-            .get(ns.as_str())
-            .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc.as_ref())))
-        {
-            continue;
+
+    /// Fingerprints of what pods of each namespace depend on.
+    fn namespace_fingerprints(model: &Model) -> HashMap<&str, u64> {
+        let mut fp: HashMap<&str, u64> = HashMap::new();
+        fn mix<'a>(fp: &mut HashMap<&'a str, u64>, ns: &'a str, kind: u64, p: usize) {
+            let h = fp.entry(ns).or_insert(0xcbf2_9ce4_8422_2325);
+            for x in [kind, p as u64] {
+                *h ^= x;
+                *h = h.wrapping_mul(0x0100_0000_01b3);
+            }
         }
-        let spec = svc.spec.clone().unwrap_or_default();
-        let ports: Vec<wl::Port> = spec
-            .ports
-            .iter()
-            .flatten()
-            .map(|sp| {
-                let target = es
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|ep| ep.name == sp.name)
-                    .and_then(|ep| ep.port)
-                    .unwrap_or(sp.port);
-                wl::Port {
-                    service_port: sp.port as u32,
-                    target_port: target as u32,
+        for (k, n) in &model.namespaces {
+            mix(&mut fp, k, 1, ptr(n));
+        }
+        for s in model.services.values() {
+            mix(
+                &mut fp,
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                2,
+                ptr(s),
+            );
+        }
+        for e in model.endpoint_slices.values() {
+            mix(
+                &mut fp,
+                e.metadata.namespace.as_deref().unwrap_or_default(),
+                3,
+                ptr(e),
+            );
+        }
+        for a in model.policies.values() {
+            mix(
+                &mut fp,
+                a.metadata.namespace.as_deref().unwrap_or_default(),
+                4,
+                ptr(a),
+            );
+        }
+        fp
+    }
+
+    pub fn translate(&mut self, model: &Model) -> Resources {
+        let opts = &self.opts.clone();
+        let ns_fps = Self::namespace_fingerprints(model);
+        let mut out = Resources::default();
+        let mut addrs = BTreeMap::new();
+        let mut authz = BTreeMap::new();
+
+        // Services, and which ones select pods by namespace.
+        let mut selecting: HashMap<&str, Vec<&Service>> = HashMap::new();
+        let mut services_memo = HashMap::new();
+        for (mkey, s) in &model.services {
+            let r = match self.services.get(mkey) {
+                Some((p, r)) if *p == ptr(s) => r.clone(),
+                _ => {
+                    let msg = translate_service(opts, s);
+                    let key = format!("{}/{}", msg.namespace, msg.hostname);
+                    resource(
+                        mesh_proto::type_url::ADDRESS,
+                        key,
+                        &wl::Address {
+                            r#type: Some(wl::address::Type::Service(msg)),
+                        },
+                    )
                 }
-            })
-            .collect();
-        let key = format!("{ns}/{}", hostname(opts, svc));
-        for ep in &es.endpoints {
-            for a in &ep.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    slice_services
-                        .entry((ns.clone(), ip))
-                        .or_default()
-                        .push((key.clone(), ports.clone()));
+            };
+            services_memo.insert(mkey.clone(), (ptr(s), r.clone()));
+            addrs.insert(r.name.to_string(), r);
+            let spec = s.spec.as_ref();
+            if spec
+                .and_then(|sp| sp.selector.as_ref())
+                .is_some_and(|sel| !sel.is_empty())
+            {
+                selecting
+                    .entry(s.metadata.namespace.as_deref().unwrap_or_default())
+                    .or_default()
+                    .push(s);
+            }
+        }
+        // Selector-less services: endpoints from EndpointSlices, by pod IP.
+        let mut slice_services: HashMap<(String, IpAddr), Vec<ServicePorts>> = HashMap::new();
+        for es in model.endpoint_slices.values() {
+            let ns = es.metadata.namespace.clone().unwrap_or_default();
+            let Some(svc_name) = es
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            else {
+                continue;
+            };
+            let Some(svc) = model.services.get(&format!("{ns}/{svc_name}")) else {
+                continue;
+            };
+            if selecting
+                .get(ns.as_str())
+                .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc.as_ref())))
+            {
+                continue;
+            }
+            let spec = svc.spec.clone().unwrap_or_default();
+            let ports: Vec<wl::Port> = spec
+                .ports
+                .iter()
+                .flatten()
+                .map(|sp| {
+                    let target = es
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|ep| ep.name == sp.name)
+                        .and_then(|ep| ep.port)
+                        .unwrap_or(sp.port);
+                    wl::Port {
+                        service_port: sp.port as u32,
+                        target_port: target as u32,
+                    }
+                })
+                .collect();
+            let key = format!("{ns}/{}", hostname(opts, svc));
+            for ep in &es.endpoints {
+                for a in &ep.addresses {
+                    if let Ok(ip) = a.parse::<IpAddr>() {
+                        slice_services
+                            .entry((ns.clone(), ip))
+                            .or_default()
+                            .push((key.clone(), ports.clone()));
+                    }
                 }
             }
         }
-    }
-    // Workload-selector policies, by namespace.
-    let mut policies_by_ns: HashMap<&str, Vec<(String, &Labels)>> = HashMap::new();
-    for (key, ap) in &model.policies {
-        let Some(a) = translate_policy(opts, ap) else {
-            continue;
-        };
-        if let Some(sel) = ap
-            .spec
-            .selector
-            .as_ref()
-            .filter(|s| !s.match_labels.is_empty())
-        {
-            policies_by_ns
-                .entry(ap.metadata.namespace.as_deref().unwrap_or_default())
-                .or_default()
-                .push((key.clone(), &sel.match_labels));
+        // Workload-selector policies, by namespace.
+        let mut policies_by_ns: HashMap<&str, Vec<(String, &Labels)>> = HashMap::new();
+        let mut policies_memo = HashMap::new();
+        for (key, ap) in &model.policies {
+            let r = match self.policies.get(key) {
+                Some((p, r)) if *p == ptr(ap) => r.clone(),
+                _ => translate_policy(opts, ap)
+                    .map(|a| resource(mesh_proto::type_url::AUTHORIZATION, key.clone(), &a)),
+            };
+            policies_memo.insert(key.clone(), (ptr(ap), r.clone()));
+            let Some(r) = r else {
+                continue;
+            };
+            if let Some(sel) = ap
+                .spec
+                .selector
+                .as_ref()
+                .filter(|s| !s.match_labels.is_empty())
+            {
+                policies_by_ns
+                    .entry(ap.metadata.namespace.as_deref().unwrap_or_default())
+                    .or_default()
+                    .push((key.clone(), &sel.match_labels));
+            }
+            authz.insert(key.clone(), r);
         }
-        authz.insert(
-            key.clone(),
-            resource(mesh_proto::type_url::AUTHORIZATION, key.clone(), &a),
-        );
+
+        let mut pods_memo = HashMap::new();
+        for (pkey, p) in &model.pods {
+            let ns_fp = ns_fps
+                .get(p.metadata.namespace.as_deref().unwrap_or_default())
+                .copied()
+                .unwrap_or(0);
+            let reuse = self
+                .pods
+                .remove(pkey)
+                .filter(|m| m.ptr == ptr(p) && m.ns_fp == ns_fp);
+            let memo = match reuse {
+                Some(m) => m,
+                None => PodMemo {
+                    ptr: ptr(p),
+                    ns_fp,
+                    out: self.translate_pod(model, p, &selecting, &slice_services, &policies_by_ns),
+                },
+            };
+            if let Some((r, id)) = &memo.out {
+                if let Some((node, identity)) = id {
+                    out.node_identities
+                        .entry(node.clone())
+                        .or_default()
+                        .insert(identity.clone());
+                }
+                addrs.insert(r.name.to_string(), r.clone());
+            }
+            pods_memo.insert(pkey.clone(), memo);
+        }
+        self.pods = pods_memo;
+        self.services = services_memo;
+        self.policies = policies_memo;
+        out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
+        out.by_type
+            .insert(mesh_proto::type_url::AUTHORIZATION, authz);
+        out
     }
 
-    for p in model.pods.values() {
+    /// One pod as a Workload; `None` when it is not served (no IP, host
+    /// network, finished).
+    fn translate_pod(
+        &self,
+        model: &Model,
+        p: &Pod,
+        selecting: &HashMap<&str, Vec<&Service>>,
+        slice_services: &HashMap<(String, IpAddr), Vec<ServicePorts>>,
+        policies_by_ns: &HashMap<&str, Vec<(String, &Labels)>>,
+    ) -> Option<(Arc<Resource>, Option<(String, String)>)> {
+        let opts = &self.opts;
         let ips = pod_ips(p);
         let spec = p.spec.as_ref();
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         if ips.is_empty() || spec.and_then(|s| s.host_network) == Some(true) {
-            continue;
+            return None;
         }
         if matches!(phase, Some("Succeeded" | "Failed")) {
-            continue;
+            return None;
         }
         let ns = p.metadata.namespace.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
@@ -646,27 +784,16 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
             cluster_id: opts.cluster_id.clone(),
             ..Default::default()
         };
-        if mesh && !node.is_empty() {
-            out.node_identities
-                .entry(node)
-                .or_default()
-                .insert(pod_identity(opts, p));
-        }
-        addrs.insert(
-            uid.clone(),
-            resource(
-                mesh_proto::type_url::ADDRESS,
-                uid,
-                &wl::Address {
-                    r#type: Some(wl::address::Type::Workload(w)),
-                },
-            ),
+        let id = (mesh && !node.is_empty()).then(|| (node, pod_identity(opts, p)));
+        let r = resource(
+            mesh_proto::type_url::ADDRESS,
+            uid,
+            &wl::Address {
+                r#type: Some(wl::address::Type::Workload(w)),
+            },
         );
+        Some((r, id))
     }
-    out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
-    out.by_type
-        .insert(mesh_proto::type_url::AUTHORIZATION, authz);
-    out
 }
 
 #[cfg(test)]
@@ -857,6 +984,46 @@ mod tests {
             r.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash,
             again.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash
         );
+    }
+
+    fn hashes(r: &Resources) -> Vec<(String, u64)> {
+        r.by_type
+            .values()
+            .flat_map(|m| m.values().map(|x| (x.name.to_string(), x.hash)))
+            .collect()
+    }
+
+    #[test]
+    fn incremental_translation_matches_a_fresh_one() {
+        let opts = Options::default();
+        let mut tr = Translator::new(opts.clone());
+        let mut m = model();
+        assert_eq!(hashes(&tr.translate(&m)), hashes(&translate(&opts, &m)));
+        // One pod changes; the namespace of others changes its label; a
+        // policy goes away.
+        let Object::Pod(p) = pod("mesh", "a", "10.0.0.9", &[("app", "a")]) else {
+            panic!()
+        };
+        m.pods.insert("mesh/a".into(), p);
+        m.namespaces.insert(
+            "plain".into(),
+            Arc::new(Namespace {
+                metadata: meta(None, "plain", &[(AMBIENT_LABEL, "ambient")]),
+                ..Default::default()
+            }),
+        );
+        m.policies.remove("mesh/allow");
+        let inc = tr.translate(&m);
+        assert_eq!(hashes(&inc), hashes(&translate(&opts, &m)));
+        let wl::address::Type::Workload(p) = decode(&inc, "Kubernetes//Pod/plain/p") else {
+            panic!()
+        };
+        assert_eq!(p.tunnel_protocol, wl::TunnelProtocol::Hbone as i32);
+        let wl::address::Type::Workload(a) = decode(&inc, "Kubernetes//Pod/mesh/a") else {
+            panic!()
+        };
+        assert!(a.authorization_policies.is_empty());
+        assert_eq!(a.addresses, vec![vec![10, 0, 0, 9]]);
     }
 
     #[test]
