@@ -372,3 +372,34 @@ async fn malformed_manifests_are_reported_and_skipped() {
     assert!(snap.resources.get(ADDRESS).unwrap().contains_key(SVC));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn large_responses_come_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = NS.to_string();
+    for i in 0..600 {
+        text += &pod(
+            &format!("p{i}"),
+            "node-a",
+            &format!("10.1.{}.{}", i / 256, i % 256),
+            "sa",
+            "app: x",
+        );
+    }
+    write(dir.path(), "many.yaml", &text);
+    let server = start(dir.path()).await;
+    let mut first = sub(ADDRESS, &[]);
+    first.node = node("node-a");
+    let mut s = Delta::open(channel(&server).await, "tok-a", first)
+        .await
+        .unwrap();
+    let c1 = s.recv().await.unwrap();
+    assert_eq!(c1.resources.len(), xds::ads::CHUNK);
+    assert!(c1.system_version_info.ends_with("/partial"));
+    s.ack(&c1).await;
+    let c2 = s.recv().await.unwrap();
+    assert_eq!(c2.resources.len(), 600 - xds::ads::CHUNK);
+    assert!(!c2.system_version_info.ends_with("/partial"));
+    assert_ne!(c1.nonce, c2.nonce);
+    server.stop().await;
+}

@@ -292,14 +292,29 @@ async fn stream_once(
     let mut inbound = client.delta_aggregated_resources(req).await?.into_inner();
     info!(address = %cp.address, "xDS stream open");
     while let Some(resp) = inbound.message().await? {
+        // A chunk of a larger response (see the server's `send_delta`) is
+        // checked resource by resource and kept; the state is rebuilt once,
+        // at the last chunk.
+        let partial = resp.system_version_info.ends_with("/partial");
         let result = Cache::stage(&resp).and_then(|st| {
+            if partial {
+                for (n, (_, a)) in &st.addresses {
+                    translate::check_address(n, a, trust_domain)?;
+                }
+                for (n, (_, a)) in &st.authorizations {
+                    translate::check_authorization(n, a)?;
+                }
+                return Ok((st, None));
+            }
             let snap = to_snapshot(cache.overlay(&st), trust_domain)?;
-            Ok((st, snap))
+            Ok((st, Some(snap)))
         });
         let error_detail = match result {
             Ok((st, snap)) => {
                 cache.commit(st);
-                store.replace(snap);
+                if let Some(snap) = snap {
+                    store.replace(snap);
+                }
                 None
             }
             Err(e) => {
@@ -312,7 +327,7 @@ async fn stream_once(
             }
         };
         // A first sync may come in chunks; only the last counts as synced.
-        if !resp.system_version_info.ends_with("/partial") {
+        if !partial {
             on_response(&resp.type_url);
         }
         tx.send(DeltaDiscoveryRequest {

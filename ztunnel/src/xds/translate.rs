@@ -137,6 +137,29 @@ fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
     })
 }
 
+/// Checks one resource on its own (everything but cross-resource
+/// conflicts), for responses applied without building a snapshot.
+pub(super) fn check_address(name: &str, a: &wl::Address, trust_domain: &str) -> anyhow::Result<()> {
+    match &a.r#type {
+        Some(wl::address::Type::Workload(w)) => {
+            workload(w, trust_domain).with_context(|| format!("workload {name}"))?;
+        }
+        Some(wl::address::Type::Service(s)) => {
+            for a in &s.addresses {
+                ip(&a.address).with_context(|| format!("service {name}"))?;
+            }
+        }
+        None => bail!("address {name} is neither a workload nor a service"),
+    }
+    Ok(())
+}
+
+pub(super) fn check_authorization(name: &str, a: &sec::Authorization) -> anyhow::Result<()> {
+    policy(a)
+        .map(|_| ())
+        .with_context(|| format!("authorization {name}"))
+}
+
 /// The whole cache as a ztunnel snapshot. Fails (so the response is
 /// NACKed) on anything ztunnel cannot represent.
 pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapshot> {
