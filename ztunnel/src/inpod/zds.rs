@@ -1,0 +1,187 @@
+//! The enrollment protocol (`proto/zds.proto`, shaped after Istio's ZDS):
+//! messages, the server side ztunnel runs, and a small client for the CNI
+//! plugin and tests.
+//!
+//! One message per `SOCK_SEQPACKET` packet. The client starts with a
+//! [`ZdsHello`]; every [`WorkloadRequest`] then gets one
+//! [`WorkloadResponse`] whose `Ack.error` is empty on success. An `add`
+//! carries the pod's network namespace as exactly one `SCM_RIGHTS` fd.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use prost::Message;
+use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tracing::{debug, info, warn};
+
+include!(concat!(env!("OUT_DIR"), "/ambient.zds.rs"));
+
+/// Largest message either side accepts (requests are a few hundred bytes).
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// What a server does with requests; implemented by the pod manager.
+pub trait Handler: Send + Sync + 'static {
+    /// `netns` is the fd that came with an `add` (if any).
+    fn handle(
+        &self,
+        req: workload_request::Payload,
+        netns: Option<OwnedFd>,
+        resync: &mut Option<Vec<String>>,
+    ) -> Result<(), String>;
+}
+
+/// Serves the enrollment socket at `path` (a stale socket file is replaced).
+pub fn bind(path: &Path) -> anyhow::Result<UnixSeqpacketListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    UnixSeqpacketListener::bind(path)
+        .with_context(|| format!("binding enrollment socket {}", path.display()))
+}
+
+pub async fn serve(mut listener: UnixSeqpacketListener, handler: Arc<dyn Handler>) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_conn(conn, handler).await {
+                        warn!(error = %format!("{e:#}"), "enrollment connection failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "enrollment accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(conn: UnixSeqpacket, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut anc = [0u8; 256];
+    let (info, _) = conn.recv_with_ancillary(&mut buf, &mut anc).await?;
+    if info.bytes_read() == 0 {
+        return Ok(());
+    }
+    let hello = ZdsHello::decode(&buf[..info.bytes_read()]).context("decoding ZdsHello")?;
+    if hello.version != Version::V1 as i32 {
+        bail!("unsupported ZDS version {}", hello.version);
+    }
+    // Names seen since the last snapshot began, while a resync is under way.
+    let mut resync: Option<Vec<String>> = None;
+    loop {
+        let (info, anc_reader) = conn.recv_with_ancillary(&mut buf, &mut anc).await?;
+        let n = info.bytes_read();
+        if n == 0 {
+            return Ok(()); // peer closed
+        }
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for m in anc_reader.into_messages() {
+            if let OwnedAncillaryMessage::FileDescriptors(f) = m {
+                fds.extend(f);
+            }
+        }
+        let result = if info.truncated() {
+            Err(format!("message larger than {MAX_MESSAGE} bytes"))
+        } else {
+            match WorkloadRequest::decode(&buf[..n]) {
+                Err(e) => Err(format!("decoding WorkloadRequest: {e}")),
+                Ok(WorkloadRequest { payload: None }) => Err("empty WorkloadRequest".into()),
+                Ok(WorkloadRequest {
+                    payload: Some(payload),
+                }) => {
+                    let is_add = matches!(payload, workload_request::Payload::Add(_));
+                    if is_add && fds.len() != 1 {
+                        Err(format!(
+                            "add needs exactly one network namespace fd, got {}",
+                            fds.len()
+                        ))
+                    } else if !is_add && !fds.is_empty() {
+                        Err("only add carries a file descriptor".into())
+                    } else {
+                        debug!(request = ?payload, "enrollment request");
+                        handler.handle(payload, fds.pop(), &mut resync)
+                    }
+                }
+            }
+        };
+        if let Err(e) = &result {
+            info!(error = %e, "enrollment request refused");
+        }
+        let resp = WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(Ack {
+                error: result.err().unwrap_or_default(),
+            })),
+        };
+        conn.send(&resp.encode_to_vec()).await?;
+    }
+}
+
+/// A connection to ztunnel's enrollment socket.
+pub struct Client {
+    conn: UnixSeqpacket,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> anyhow::Result<Client> {
+        let conn = UnixSeqpacket::connect(path).await.with_context(|| {
+            format!(
+                "connecting to ztunnel's enrollment socket {}",
+                path.display()
+            )
+        })?;
+        let hello = ZdsHello {
+            version: Version::V1 as i32,
+        };
+        conn.send(&hello.encode_to_vec()).await?;
+        Ok(Client { conn })
+    }
+
+    /// Sends one request (with the netns fd for an add) and waits for its ack.
+    pub async fn request(
+        &self,
+        payload: workload_request::Payload,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> anyhow::Result<()> {
+        let msg = WorkloadRequest {
+            payload: Some(payload),
+        }
+        .encode_to_vec();
+        match netns {
+            Some(fd) => {
+                let mut space = [0u8; 64];
+                let mut anc = AncillaryMessageWriter::new(&mut space);
+                anc.add_fds([fd.as_fd()])
+                    .map_err(|_| anyhow!("no room for the netns fd"))?;
+                self.conn.send_with_ancillary(&msg, &mut anc).await?;
+            }
+            None => {
+                self.conn.send(&msg).await?;
+            }
+        }
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let info = self.conn.recv(&mut buf).await?;
+        if info.bytes_read() == 0 {
+            bail!("ztunnel closed the enrollment connection without an answer");
+        }
+        let resp = WorkloadResponse::decode(&buf[..info.bytes_read()])
+            .context("decoding ztunnel's WorkloadResponse")?;
+        match resp.payload {
+            Some(workload_response::Payload::Ack(Ack { error })) if error.is_empty() => Ok(()),
+            Some(workload_response::Payload::Ack(Ack { error })) => {
+                Err(anyhow!("ztunnel: {error}"))
+            }
+            None => Err(anyhow!("ztunnel sent an empty response")),
+        }
+    }
+}
