@@ -3,6 +3,8 @@
 //! ```text
 //! cargo build --release -p ztunnel
 //! cargo run --release -p e2e --bin bench -- ztunnel [--duration-secs N] [--out-dir DIR]
+//! cargo build --release -p ztunnel -p ztunnel-cni
+//! cargo run --release -p e2e --bin bench -- capture [--duration-secs N] [--out-dir DIR]
 //! ```
 //!
 //! Needs root (network namespaces) and iptables. Each benchmark prints a
@@ -10,6 +12,8 @@
 //! a shape shared by all benchmarks (see `report.rs`). Ctrl-C stops the run
 //! and removes the test bed.
 
+#[path = "bench/capture.rs"]
+mod capture;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/procstat.rs"]
@@ -37,6 +41,10 @@ enum Bench {
     /// throughput, request/response latency, connections/s, ztunnel memory
     /// and CPU.
     Ztunnel(ztunnel::ZtunnelArgs),
+    /// eBPF capture vs iptables REDIRECT feeding the same ztunnel's in-pod
+    /// listeners: throughput, latency, connections/s, and the time to set
+    /// up capture for one pod.
+    Capture(capture::CaptureArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -74,6 +82,13 @@ fn main() -> ExitCode {
     }
     let result = match &cli.bench {
         Bench::Ztunnel(args) => ztunnel::run(args).and_then(|report| {
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
+        Bench::Capture(args) => capture::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
                 report.write(dir)?;

@@ -193,7 +193,10 @@ impl PodCapture {
         let dir = spec.pin_dir;
         let outbound_port = u32::from(spec.outbound_port);
         let hbone_port = u32::from(spec.hbone_port);
+        // No CO-RE relocations in these programs, so skip parsing the
+        // kernel's BTF (megabytes; most of the set-up time otherwise).
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .map_pin_path(dir)
             .set_global(globals::MARK, &spec.mark, true)
             .set_global(globals::OUTBOUND_PORT, &outbound_port, true)

@@ -64,6 +64,7 @@ pub use netns::Netns;
 use crate::proxy::connection::log_refused;
 use crate::proxy::{
     accept_loop, inbound, inbound_plaintext, outbound, OriginalDestination, ProxyInputs,
+    SocketOriginalDst,
 };
 use crate::socket::canonical;
 use crate::state::Snapshot;
@@ -423,8 +424,10 @@ where
     });
 }
 
-/// The original destination from the pod's capture map (outbound), or the
-/// accepted socket's local address (inbound via `sk_lookup`).
+/// The original destination from the pod's capture map (outbound); else
+/// what the socket says: `SO_ORIGINAL_DST` if iptables REDIRECT inside the
+/// pod sent it (how Istio captures, and how `bench capture` compares), or
+/// the accepted socket's local address (inbound via `sk_lookup`).
 pub struct EbpfOriginalDst(pub Arc<PodCapture>);
 
 impl OriginalDestination for EbpfOriginalDst {
@@ -433,7 +436,7 @@ impl OriginalDestination for EbpfOriginalDst {
         if let Some(d) = self.0.take_original_destination(peer) {
             return Ok(canonical(d));
         }
-        Ok(canonical(stream.local_addr()?))
+        SocketOriginalDst.original_destination(stream)
     }
 }
 
