@@ -44,6 +44,9 @@ struct Bed {
     blocked: Pod,
     /// Not in the mesh, node b; runs the same server.
     plain: Pod,
+    /// Not in the mesh, node a; its addresses are exempt from capture (as
+    /// the kubelet's probe source would be).
+    prober: Pod,
     ca: (PathBuf, PathBuf),
     labels: PathBuf,
     za: Option<ChildGuard>,
@@ -120,6 +123,10 @@ impl Bed {
             .arg(&d.bpf)
             .arg("--inpod-state-dir")
             .arg(&d.state)
+            .arg("--inpod-exempt")
+            .arg(format!("{}/32", self.prober.ipv4()))
+            .arg("--inpod-exempt")
+            .arg(self.prober.ipv6().to_string())
             .env("RUST_LOG", "info");
         let child = self.tb.spawn(node.netns(), cmd).expect("spawn ztunnel");
         let ns = node.netns().to_string();
@@ -361,6 +368,7 @@ fn ambient_pods_with_ebpf_capture() {
     let blocked = tb.add_netns_pod(&a, "blocked").unwrap();
     let server = tb.add_netns_pod(&b, "server").unwrap();
     let plain = tb.add_netns_pod(&b, "plain").unwrap();
+    let prober = tb.add_netns_pod(&a, "prober").unwrap();
     let ca = (tb.dir().join("ca.crt"), tb.dir().join("ca.key"));
     LocalCa::generate("cluster.local")
         .unwrap()
@@ -384,6 +392,7 @@ fn ambient_pods_with_ebpf_capture() {
         server: server.clone(),
         blocked: blocked.clone(),
         plain: plain.clone(),
+        prober: prober.clone(),
         ca,
         labels,
         za: None,
@@ -454,6 +463,14 @@ fn ambient_pods_with_ebpf_capture() {
         let body = tcp_get(&outsider, ip, "/").expect("outsider reaches server");
         assert!(body.contains(&format!("peer={ip}")), "{ip}: {body}");
         assert_eq!(tcp_get(&blocked, ip, "/"), None, "{ip}: blocked is denied");
+    }
+    // An exempt source (probes) reaches the enrolled pod untouched.
+    for (ip, me) in [
+        (s4, IpAddr::V4(prober.ipv4())),
+        (s6, IpAddr::V6(prober.ipv6())),
+    ] {
+        let body = tcp_get(&prober, ip, "/").unwrap();
+        assert!(body.contains(&format!("peer={me}")), "{body}");
     }
     // Not enrolled -> not enrolled: direct.
     for (ip, me) in [
