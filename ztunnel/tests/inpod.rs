@@ -313,6 +313,26 @@ fn tcp_get(pod: &Pod, ip: IpAddr, path: &str) -> Option<String> {
     (!body.is_empty()).then_some(body)
 }
 
+/// Sends `keep` for each uid, then `snapshot_sent`.
+fn resync(socket: &Path, keep: &[String]) {
+    use ztunnel::inpod::zds::{workload_request::Payload, Client, KeepWorkload, SnapshotSent};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = Client::connect(socket).await.unwrap();
+        for uid in keep {
+            c.request(Payload::Keep(KeepWorkload { uid: uid.clone() }), None)
+                .await
+                .unwrap();
+        }
+        c.request(Payload::SnapshotSent(SnapshotSent {}), None)
+            .await
+            .unwrap();
+    });
+}
+
 fn state_yaml(bed: &Bed) -> String {
     format!(
         r#"workloads:
@@ -503,6 +523,14 @@ fn ambient_pods_with_ebpf_capture() {
         let body = tcp_get(&outsider, ip, "/").unwrap();
         assert!(body.contains(&format!("peer={ip}")), "{body}");
     }
+
+    // A resync from the agent (ZDS snapshot): node b keeps the server;
+    // node a is told of no pod at all, so it drops the client.
+    resync(&bed.dirs(&b).socket, &[uid(&server)]);
+    resync(&bed.dirs(&a).socket, &[]);
+    assert_eq!(bed.pinned(&b), vec![uid(&server)]);
+    assert!(bed.pinned(&a).is_empty());
+    assert_eq!(bed.records(&a), 0);
 
     // Un-enroll: everything added is gone and traffic is direct again.
     bed.cni("DEL", &client, "default");
