@@ -185,3 +185,115 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records what it is asked; refuses uids starting with "bad".
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Handler for Recorder {
+        fn handle(
+            &self,
+            req: workload_request::Payload,
+            netns: Option<OwnedFd>,
+            _resync: &mut Option<Vec<String>>,
+        ) -> Result<(), String> {
+            let what = match &req {
+                workload_request::Payload::Add(a) => {
+                    format!("add {} fd={}", a.uid, netns.is_some())
+                }
+                workload_request::Payload::Del(d) => format!("del {}", d.uid),
+                workload_request::Payload::Keep(k) => format!("keep {}", k.uid),
+                workload_request::Payload::SnapshotSent(_) => "snapshot".into(),
+            };
+            self.0.lock().unwrap().push(what.clone());
+            if what.contains(" bad") {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn sock_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("zds-test-{}-{name}.sock", std::process::id()))
+    }
+
+    #[tokio::test]
+    async fn requests_acks_and_bad_input() {
+        let path = sock_path("main");
+        let rec = Arc::new(Recorder::default());
+        tokio::spawn(serve(bind(&path).unwrap(), rec.clone()));
+        let c = Client::connect(&path).await.unwrap();
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let add = |uid: &str| {
+            workload_request::Payload::Add(AddWorkload {
+                uid: uid.into(),
+                ..Default::default()
+            })
+        };
+        c.request(add("p1"), Some(netns.as_fd())).await.unwrap();
+        // An add without the fd is refused before the handler sees it.
+        let e = c.request(add("p2"), None).await.unwrap_err();
+        assert!(
+            e.to_string().contains("exactly one network namespace fd"),
+            "{e}"
+        );
+        // The handler's refusal comes back as the ack's error.
+        let e = c
+            .request(
+                workload_request::Payload::Del(DelWorkload { uid: "bad".into() }),
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        // Garbage instead of a WorkloadRequest: an error ack, and the
+        // connection keeps working.
+        c.conn.send(b"\xff\xff\xff garbage").await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = c.conn.recv(&mut buf).await.unwrap().bytes_read();
+        let resp = WorkloadResponse::decode(&buf[..n]).unwrap();
+        match resp.payload {
+            Some(workload_response::Payload::Ack(Ack { error })) => {
+                assert!(error.contains("decoding WorkloadRequest"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        c.request(
+            workload_request::Payload::SnapshotSent(SnapshotSent {}),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec!["add p1 fd=true", "del bad", "snapshot"]
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test]
+    async fn wrong_version_closes() {
+        let path = sock_path("version");
+        tokio::spawn(serve(bind(&path).unwrap(), Arc::new(Recorder::default())));
+        let conn = UnixSeqpacket::connect(&path).await.unwrap();
+        conn.send(&ZdsHello { version: 7 }.encode_to_vec())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // The server gives up on the connection: EOF (0 bytes).
+        let n = conn
+            .recv(&mut buf)
+            .await
+            .map(|i| i.bytes_read())
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let _ = std::fs::remove_file(&path);
+    }
+}
