@@ -164,6 +164,58 @@ impl Bed {
     }
 }
 
+/// `kernel.bpf_stats_enabled=1` while alive (run time and count per
+/// program), restored after. Machine-wide, so only for the run.
+struct BpfStats {
+    old: String,
+}
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+    fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(Self::PATH)?.trim().to_string();
+        std::fs::write(Self::PATH, "1")?;
+        Ok(BpfStats { old })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.old);
+    }
+}
+
+/// (link, runs, mean ns per run) of each program pinned for one pod, read
+/// with bpftool; empty if bpftool is missing.
+fn hook_costs(pin_dir: &Path) -> Vec<(String, u64, f64)> {
+    let bpftool = |args: &[&str]| -> Option<serde_json::Value> {
+        let out = Command::new("bpftool").args(args).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let mut v = Vec::new();
+    for link in ["link_connect4", "link_sockops", "link_sk_lookup"] {
+        let path = pin_dir.join(link).display().to_string();
+        let Some(prog_id) =
+            bpftool(&["-j", "link", "show", "pinned", &path]).and_then(|l| l["prog_id"].as_u64())
+        else {
+            continue;
+        };
+        let Some(p) = bpftool(&["-j", "prog", "show", "id", &prog_id.to_string()]) else {
+            continue;
+        };
+        let runs = p["run_cnt"].as_u64().unwrap_or(0);
+        let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+        if runs > 0 {
+            v.push((
+                link.trim_start_matches("link_").to_string(),
+                runs,
+                ns as f64 / runs as f64,
+            ));
+        }
+    }
+    v
+}
+
 fn opened(node: &Node) -> Result<f64> {
     let (code, body) = http_get(node.netns(), METRICS.parse()?, "/metrics")?;
     if code != 200 {
@@ -401,6 +453,14 @@ fn run_in(
         ));
     }
 
+    let stats = match BpfStats::enable() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            notes.push(format!("no per-hook costs: cannot enable bpf stats: {e}"));
+            None
+        }
+    };
+
     // --- bulk, request/response, churn: iptables then eBPF for each.
     let cpu0 = (
         procstat::cpu_seconds(zt_a.pid())?,
@@ -470,6 +530,22 @@ fn run_in(
                 r.first_error.as_deref().unwrap_or("?")
             ));
         }
+    }
+
+    let costs = hook_costs(&pins.join("pod-ebpf"));
+    drop(stats);
+    for (hook, runs, ns) in &costs {
+        eprintln!("bench: hook {hook}: {runs} runs, {ns:.0} ns per run");
+    }
+    if !costs.is_empty() {
+        notes.push(format!(
+            "eBPF cost per run (kernel.bpf_stats_enabled, pod \"ebpf\" over the whole run): {}",
+            costs
+                .iter()
+                .map(|(h, r, ns)| format!("{h} {ns:.0} ns ({r} runs)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
 
     let mut processes = Vec::new();
@@ -580,6 +656,13 @@ fn run_in(
                "inside_ztunnel": inside.iter().map(|v| round3(*v)).collect::<Vec<_>>()}),
     );
     config.insert("no_deep_idle".into(), json!(args.no_deep_idle));
+    config.insert(
+        "hook_ns_per_run".into(),
+        json!(costs
+            .iter()
+            .map(|(h, r, ns)| (h.clone(), json!({"runs": r, "ns": round3(*ns)})))
+            .collect::<Map<_, _>>()),
+    );
     notes.insert(
         0,
         "baseline = pod \"ipt\": iptables -t nat OUTPUT REDIRECT to 15001 inside the pod's netns \
