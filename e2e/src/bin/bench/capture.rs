@@ -62,6 +62,10 @@ pub struct CaptureArgs {
     pub cps_workers: usize,
     #[arg(long, default_value_t = 50_000)]
     pub rr_max_round_trips: usize,
+    /// Rounds of each measurement per path (alternating which path goes
+    /// first); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Hold /dev/cpu_dma_latency at 0 during the run (see `bench ztunnel`).
     #[arg(long)]
     pub no_deep_idle: bool,
@@ -461,76 +465,70 @@ fn run_in(
         }
     };
 
-    // --- bulk, request/response, churn: iptables then eBPF for each.
+    // --- bulk, request/response, churn: `rounds` rounds, iptables and
+    // eBPF alternating which goes first; the median of each is reported.
     let cpu0 = (
         procstat::cpu_seconds(zt_a.pid())?,
         procstat::cpu_seconds(zt_b.pid())?,
     );
-    pause(Duration::from_millis(500))?;
-    let bulk_i = load::bulk(ipt.netns(), ipt_src, &servers, duration).context("bulk, iptables")?;
-    pause(Duration::from_millis(500))?;
-    let bulk_e = {
-        let _cg = InPodCgroup::enter(&ebpf)?;
-        load::bulk(ebpf.netns(), ebpf_src, &servers, duration).context("bulk, eBPF")?
-    };
-    eprintln!(
-        "bench: bulk: iptables {:.2} Gbit/s, eBPF {:.2} Gbit/s",
-        bulk_i.gbit_per_s(),
-        bulk_e.gbit_per_s()
-    );
     let max = args.rr_max_round_trips.max(1);
-    pause(Duration::from_millis(500))?;
-    let rr_i = load::request_response(ipt.netns(), ipt_src, servers.echo, duration, max)
-        .context("request/response, iptables")?;
-    pause(Duration::from_millis(500))?;
-    let rr_e = {
-        let _cg = InPodCgroup::enter(&ebpf)?;
-        load::request_response(ebpf.netns(), ebpf_src, servers.echo, duration, max)
-            .context("request/response, eBPF")?
-    };
-    eprintln!(
-        "bench: rr p50: iptables {:.1} us, eBPF {:.1} us",
-        rr_i.p50_us, rr_e.p50_us
-    );
     let workers = args.cps_workers.max(1);
-    pause(Duration::from_millis(500))?;
-    let cps_i = load::churn(
-        ipt.netns(),
-        ipt_src,
-        &servers,
-        load::Close::Rst,
-        duration,
-        workers,
-    )
-    .context("connections, iptables")?;
-    pause(Duration::from_millis(500))?;
-    let cps_e = {
-        let _cg = InPodCgroup::enter(&ebpf)?;
-        load::churn(
-            ebpf.netns(),
-            ebpf_src,
-            &servers,
-            load::Close::Rst,
-            duration,
-            workers,
-        )
-        .context("connections, eBPF")?
-    };
-    eprintln!(
-        "bench: cps: iptables {:.0}/s, eBPF {:.0}/s",
-        cps_i.per_second(),
-        cps_e.per_second()
-    );
-    for (label, r) in [("iptables", &cps_i), ("eBPF", &cps_e)] {
-        if r.errors > 0 {
-            notes.push(format!(
-                "connection churn ({label}): {} of {} failed; first error: {}",
-                r.errors,
-                r.errors + r.connections,
-                r.first_error.as_deref().unwrap_or("?")
-            ));
+    let mut m: [Samples; 2] = Default::default(); // [iptables, eBPF]
+    for round in 0..args.rounds.max(1) {
+        for kind in [Kind::Bulk, Kind::Rr, Kind::Churn] {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                pause(Duration::from_millis(300))?;
+                let (pod, src) = if which == 0 {
+                    (&ipt, ipt_src)
+                } else {
+                    (&ebpf, ebpf_src)
+                };
+                let _cg = (which == 1)
+                    .then(|| InPodCgroup::enter(&ebpf))
+                    .transpose()?;
+                let label = ["iptables", "eBPF"][which];
+                let ns = pod.netns();
+                let s = &mut m[which];
+                match kind {
+                    Kind::Bulk => s.gbit.push(
+                        load::bulk(ns, src, &servers, duration)
+                            .with_context(|| format!("bulk, {label}"))?
+                            .gbit_per_s(),
+                    ),
+                    Kind::Rr => {
+                        let r = load::request_response(ns, src, servers.echo, duration, max)
+                            .with_context(|| format!("request/response, {label}"))?;
+                        s.p50.push(r.p50_us);
+                        s.p99.push(r.p99_us);
+                    }
+                    Kind::Churn => {
+                        let r = load::churn(ns, src, &servers, load::Close::Rst, duration, workers)
+                            .with_context(|| format!("connections, {label}"))?;
+                        if r.errors > 0 {
+                            notes.push(format!(
+                                "connection churn ({label}, round {round}): {} of {} failed; first error: {}",
+                                r.errors,
+                                r.errors + r.connections,
+                                r.first_error.as_deref().unwrap_or("?")
+                            ));
+                        }
+                        s.cps.push(r.per_second());
+                    }
+                }
+            }
         }
+        eprintln!(
+            "bench: round {round}: bulk {:.2} / {:.2} Gbit/s, rr p50 {:.1} / {:.1} us, cps {:.0} / {:.0} (iptables / eBPF)",
+            m[0].gbit.last().copied().unwrap_or(0.0),
+            m[1].gbit.last().copied().unwrap_or(0.0),
+            m[0].p50.last().copied().unwrap_or(0.0),
+            m[1].p50.last().copied().unwrap_or(0.0),
+            m[0].cps.last().copied().unwrap_or(0.0),
+            m[1].cps.last().copied().unwrap_or(0.0),
+        );
     }
+    let [mut mi, mut me] = m;
 
     let costs = hook_costs(&pins.join("pod-ebpf"));
     drop(stats);
@@ -573,16 +571,16 @@ fn run_in(
             "bulk",
             "throughput",
             "Gbit/s",
-            bulk_i.gbit_per_s(),
-            bulk_e.gbit_per_s(),
+            percentile(&mut mi.gbit, 0.5),
+            percentile(&mut me.gbit, 0.5),
             Better::Higher,
         ),
         Row::new(
             "request_response",
             "latency_p50",
             "us",
-            rr_i.p50_us,
-            rr_e.p50_us,
+            percentile(&mut mi.p50, 0.5),
+            percentile(&mut me.p50, 0.5),
             Better::Lower,
         )
         .with_delta(),
@@ -590,8 +588,8 @@ fn run_in(
             "request_response",
             "latency_p99",
             "us",
-            rr_i.p99_us,
-            rr_e.p99_us,
+            percentile(&mut mi.p99, 0.5),
+            percentile(&mut me.p99, 0.5),
             Better::Lower,
         )
         .with_delta(),
@@ -599,8 +597,8 @@ fn run_in(
             "connections",
             "rate",
             "conn/s",
-            cps_i.per_second(),
-            cps_e.per_second(),
+            percentile(&mut mi.cps, 0.5),
+            percentile(&mut me.cps, 0.5),
             Better::Higher,
         ),
         Row::new(
@@ -649,6 +647,14 @@ fn run_in(
     config.insert("duration_secs".into(), json!(duration.as_secs()));
     config.insert("setups".into(), json!(args.setups));
     config.insert("cps_workers".into(), json!(workers));
+    config.insert("rounds".into(), json!(args.rounds.max(1)));
+    config.insert(
+        "samples_sorted".into(),
+        json!({
+            "iptables": {"gbit": mi.gbit, "p50_us": mi.p50, "p99_us": mi.p99, "cps": mi.cps},
+            "ebpf": {"gbit": me.gbit, "p50_us": me.p50, "p99_us": me.p99, "cps": me.cps},
+        }),
+    );
     config.insert("ztunnel_bin".into(), json!(bin.display().to_string()));
     config.insert(
         "setup_ms".into(),
@@ -689,6 +695,22 @@ fn run_in(
         targets,
         notes,
     })
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Bulk,
+    Rr,
+    Churn,
+}
+
+/// One path's results, one entry per round.
+#[derive(Default)]
+struct Samples {
+    gbit: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cps: Vec<f64>,
 }
 
 fn ping(netns: &str, src: IpAddr, dst: SocketAddr) -> Result<()> {
