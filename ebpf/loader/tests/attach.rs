@@ -87,6 +87,63 @@ fn attach_adopt_redirect_remove() {
     drop(s);
     let _ = child.kill9();
 
+    // ztunnel's mark exempts a socket even inside the pod's cgroup; the
+    // same connect without it is captured.
+    let target: SocketAddr = SocketAddr::new(pod.ipv4().into(), 4567);
+    let direct: TcpListener = e2e::in_netns(pod.netns(), || TcpListener::bind(target).unwrap());
+    let (marked_peer, unmarked) = {
+        let _in_pod = InCgroup::enter(pod.cgroup().unwrap());
+        let connect = |mark: u32| {
+            e2e::in_netns(pod.netns(), || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                if mark != 0 {
+                    s.set_mark(mark).unwrap();
+                }
+                s.connect(&target.into()).unwrap();
+                std::net::TcpStream::from(s)
+            })
+        };
+        let marked = connect(0x539);
+        let unmarked = connect(0);
+        (marked.local_addr().unwrap(), unmarked)
+    };
+    let (_, peer) = direct.accept().unwrap();
+    assert_eq!(
+        peer, marked_peer,
+        "the marked connect went straight to its destination"
+    );
+    let (_, peer) = listener.accept().unwrap();
+    assert_eq!(
+        cap.take_original_destination(peer),
+        Some(target),
+        "the unmarked one was captured"
+    );
+    drop(unmarked);
+
     remove(&dir).unwrap();
     assert!(!dir.exists());
+}
+
+/// Moves this whole process into a cgroup (cgroup v2 moves every thread)
+/// and back when dropped; this test file holds a single test for that
+/// reason.
+struct InCgroup(PathBuf);
+
+impl InCgroup {
+    fn enter(cg: &std::path::Path) -> InCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let back = e2e::cgroup_root()
+            .unwrap()
+            .join(rel.trim_start_matches('/'));
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        InCgroup(back)
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+    }
 }
