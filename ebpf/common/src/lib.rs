@@ -48,6 +48,8 @@ pub mod programs {
     pub const CONNECT6: &str = "zt_connect6";
     pub const SOCKOPS: &str = "zt_sockops";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
+    /// Rejected by the verifier on purpose; only tests load it.
+    pub const SELFTEST_REJECTED: &str = "zt_selftest_rejected";
 }
 
 /// Globals the loader sets before loading (read-only data).

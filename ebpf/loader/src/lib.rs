@@ -370,6 +370,21 @@ impl PodCapture {
     }
 }
 
+/// Loads the program the verifier rejects on purpose (maps pinned under
+/// `pin_dir`, which the caller removes): the error a rejection produces.
+#[doc(hidden)]
+pub fn selftest_load_rejected(pin_dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(pin_dir).map_err(io_err("creating pin directory", pin_dir))?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(None)
+        .map_pin_path(pin_dir)
+        .load(OBJECT)?;
+    let program = programs::SELFTEST_REJECTED;
+    let prog: &mut SockOps = program_mut(&mut ebpf, program)?;
+    prog.load()
+        .map_err(|source| Error::Load { program, source })
+}
+
 /// Removes everything pinned for one pod: links (detaching the programs)
 /// and maps. Missing files are fine: removal is idempotent.
 pub fn remove(dir: &Path) -> Result<(), Error> {

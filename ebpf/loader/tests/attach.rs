@@ -18,11 +18,14 @@ fn pin_root(tb: &Testbed) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(format!("{}-loader", tb.prefix()))
 }
 
-struct Cleanup(PathBuf);
+/// Removes a pin directory, and with `.1` its parent too.
+struct Cleanup(PathBuf, bool);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = remove(&self.0);
-        let _ = std::fs::remove_dir(self.0.parent().unwrap());
+        if self.1 {
+            let _ = std::fs::remove_dir(self.0.parent().unwrap());
+        }
     }
 }
 
@@ -35,7 +38,7 @@ fn attach_adopt_redirect_remove() {
     let node = tb.add_node("n").unwrap();
     let pod = tb.add_netns_pod(&node, "p").unwrap();
     let dir = pin_root(&tb).join("pod-uid-1");
-    let _cleanup = Cleanup(dir.clone());
+    let _cleanup = Cleanup(dir.clone(), true);
     let netns = std::fs::File::open(format!("/run/netns/{}", pod.netns())).unwrap();
 
     let started = Instant::now();
@@ -125,9 +128,27 @@ fn attach_adopt_redirect_remove() {
     assert!(!dir.exists());
 }
 
+#[test]
+fn verifier_rejection_names_program_and_log() {
+    if !e2e::require_root() {
+        return;
+    }
+    let dir =
+        PathBuf::from("/sys/fs/bpf").join(format!("ztunnel-ebpf-selftest-{}", std::process::id()));
+    let _cleanup = Cleanup(dir.clone(), false);
+    let e = ztunnel_ebpf::selftest_load_rejected(&dir).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("zt_selftest_rejected"), "{msg}");
+    assert!(msg.contains("Verifier output"), "{msg}");
+    assert!(
+        msg.contains("ctx"),
+        "the verifier's reason is included: {msg}"
+    );
+}
+
 /// Moves this whole process into a cgroup (cgroup v2 moves every thread)
-/// and back when dropped; this test file holds a single test for that
-/// reason.
+/// and back when dropped. (The other test here only loads programs, so
+/// it does not mind where this process runs.)
 struct InCgroup(PathBuf);
 
 impl InCgroup {

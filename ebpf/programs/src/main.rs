@@ -227,3 +227,12 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+/// Never attached: the verifier rejects it on purpose (it reads a context
+/// array through a computed pointer), so the loader's tests can check that
+/// a rejection names the program and carries the verifier's log.
+#[sock_ops]
+pub fn zt_selftest_rejected(ctx: SockOpsContext) -> u32 {
+    let ip = ctx.local_ip6();
+    ip[0] ^ ip[1] ^ ip[2] ^ ip[3]
+}
