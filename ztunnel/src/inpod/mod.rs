@@ -109,6 +109,9 @@ pub struct Manager {
     cfg: InPodConfig,
     node: Arc<ProxyInputs>,
     pods: Mutex<HashMap<String, Pod>>,
+    /// Held through each add and remove, so two requests for one pod (two
+    /// agent connections) cannot interleave their set-up and tear-down.
+    ops: Mutex<()>,
     rt: tokio::runtime::Handle,
 }
 
@@ -143,6 +146,7 @@ impl Manager {
             cfg,
             node,
             pods: Mutex::new(HashMap::new()),
+            ops: Mutex::new(()),
             rt: tokio::runtime::Handle::current(),
         });
         let m = mgr.clone();
@@ -176,6 +180,7 @@ impl Manager {
     /// Enrolls a pod (idempotent for the same uid and netns).
     pub fn add(&self, mut record: PodRecord, netns: Netns) -> anyhow::Result<()> {
         check_uid(&record.uid).map_err(|e| anyhow!(e))?;
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         record.netns_inode = netns.inode();
         if let Some(p) = self.lock().get(&record.uid) {
             if p.record.netns_inode == record.netns_inode {
@@ -183,12 +188,14 @@ impl Manager {
             }
         }
         // Same uid, another netns (sandbox recreated): start over.
-        self.remove(&record.uid)?;
+        self.remove_locked(&record.uid)?;
         let started = Instant::now();
         let pod = self.serve(&record, netns, false)?;
         let json = serde_json::to_vec_pretty(&record)?;
         let path = self.record_path(&record.uid);
-        if let Err(e) = std::fs::write(&path, json) {
+        // Written aside then renamed: a crash never leaves half a record.
+        let tmp = path.with_extension("json.tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path)) {
             pod.stop.cancel();
             let _ = ztunnel_ebpf::remove(&self.pin_dir(&record.uid));
             return Err(e).with_context(|| format!("writing {}", path.display()));
@@ -203,6 +210,11 @@ impl Manager {
     /// Unknown uids are fine (idempotent).
     pub fn remove(&self, uid: &str) -> anyhow::Result<()> {
         check_uid(uid).map_err(|e| anyhow!(e))?;
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        self.remove_locked(uid)
+    }
+
+    fn remove_locked(&self, uid: &str) -> anyhow::Result<()> {
         if let Some(p) = self.lock().remove(uid) {
             p.stop.cancel();
             info!(uid, "pod removed");
@@ -289,8 +301,14 @@ impl Manager {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => {}
+                Some("tmp") => {
+                    // A record being written when ztunnel died.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                _ => continue,
             }
             let record: PodRecord = match std::fs::read(&path)
                 .map_err(anyhow::Error::from)

@@ -110,7 +110,19 @@ async fn serve_conn(conn: UnixSeqpacket, handler: Arc<dyn Handler>) -> anyhow::R
                         Err("only add carries a file descriptor".into())
                     } else {
                         debug!(request = ?payload, "enrollment request");
-                        handler.handle(payload, fds.pop(), &mut resync)
+                        // Setting up a pod blocks (netns switches, program
+                        // loads): keep it off the data plane's workers.
+                        let h = handler.clone();
+                        let fd = fds.pop();
+                        let mut rs = resync.take();
+                        let (r, rs) = tokio::task::spawn_blocking(move || {
+                            let r = h.handle(payload, fd, &mut rs);
+                            (r, rs)
+                        })
+                        .await
+                        .map_err(|e| anyhow!("enrollment handler failed: {e}"))?;
+                        resync = rs;
+                        r
                     }
                 }
             }
