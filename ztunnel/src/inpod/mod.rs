@@ -16,8 +16,8 @@
 //! 3. writes a small record `--inpod-state-dir/<uid>.json` (what it needs to
 //!    find the pod again after a restart),
 //! 4. serves the three listeners with a copy of the node's [`ProxyInputs`]
-//!    whose upstream connections to the app (and passthrough connections)
-//!    start in the pod's netns.
+//!    whose upstream connections (to the app, passthrough, and HBONE to
+//!    other nodes through a pool of the pod's own) start in the pod's netns.
 //!
 //! `del` stops the listeners and removes the pins and the record, after which
 //! the pod's traffic is untouched again.
@@ -263,19 +263,20 @@ impl Manager {
             .context("registering the inbound listener")?;
         let capture = Arc::new(capture);
         let n = &self.node;
+        let netns = Arc::new(netns);
         let pi = Arc::new(ProxyInputs {
             node: n.node.clone(),
             store: n.store.clone(),
             secrets: n.secrets.clone(),
             metrics: n.metrics.clone(),
-            pool: n.pool.clone(),
+            pool: n.pool.in_netns(netns.clone()),
             tracker: n.tracker.clone(),
             orig_dst: Arc::new(EbpfOriginalDst(capture.clone())),
             mark: n.mark,
             hbone_port: n.hbone_port,
             max_streams: n.max_streams,
             drain: n.drain.clone(),
-            netns: Some(Arc::new(netns)),
+            netns: Some(netns),
         });
         let stop = CancellationToken::new();
         let who = Arc::new((record.namespace.clone(), record.name.clone()));
