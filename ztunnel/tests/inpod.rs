@@ -313,6 +313,16 @@ fn tcp_get(pod: &Pod, ip: IpAddr, path: &str) -> Option<String> {
     (!body.is_empty()).then_some(body)
 }
 
+/// True if `pcap` holds an IP header `src -> dst` followed by a TCP header
+/// to `port` (no IP options).
+fn tcp_to_port(pcap: &[u8], src: &[u8], dst: &[u8], port: u16) -> bool {
+    let mut pat = src.to_vec();
+    pat.extend_from_slice(dst);
+    let n = pat.len();
+    pcap.windows(n + 4)
+        .any(|w| w[..n] == pat[..] && w[n + 2..n + 4] == port.to_be_bytes())
+}
+
 /// Sends `keep` for each uid, then `snapshot_sent`.
 fn resync(socket: &Path, keep: &[String]) {
     use ztunnel::inpod::zds::{workload_request::Payload, Client, KeepWorkload, SnapshotSent};
@@ -461,6 +471,23 @@ fn ambient_pods_with_ebpf_capture() {
         !e2e::contains(&pcap, MARKER.as_bytes()),
         "payload in clear on the node link"
     );
+    // HBONE left from the client pod's own address, as in Istio's in-pod
+    // mode (IP header: source then destination; then the TCP ports).
+    for (src, dst) in [
+        (
+            client.ipv4().octets().to_vec(),
+            server.ipv4().octets().to_vec(),
+        ),
+        (
+            client.ipv6().octets().to_vec(),
+            server.ipv6().octets().to_vec(),
+        ),
+    ] {
+        assert!(
+            tcp_to_port(&pcap, &src, &dst, 15008),
+            "no HBONE packet from the client pod's address {src:?}"
+        );
+    }
     let mb = e2e::mesh::http_get(b.netns(), "127.0.0.1:15020".parse().unwrap(), "/metrics")
         .unwrap()
         .1;
