@@ -10,6 +10,7 @@ use tracing::info;
 use crate::admin;
 use crate::config::Config;
 use crate::identity::{CaClient, Identity, LocalCa, SecretManager};
+use crate::inpod;
 use crate::metrics::Metrics;
 use crate::proxy::{
     ConnectionTracker, Drain, ListenAddrs, Listeners, Pool, ProxyInputs, SocketOriginalDst,
@@ -92,6 +93,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         hbone_port: cfg.hbone_port,
         max_streams: cfg.pool_max_streams,
         drain: Drain::default(),
+        netns: None,
     });
 
     let listeners = Listeners::bind(
@@ -117,6 +119,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         admin::readiness_handler(ready.clone()),
     );
     listeners.spawn(pi.clone());
+    let _inpod = match &cfg.inpod_socket {
+        Some(socket) => Some(
+            inpod::Manager::start(
+                inpod::InPodConfig {
+                    socket: socket.clone(),
+                    bpf_dir: cfg.inpod_bpf_dir.clone(),
+                    state_dir: cfg.inpod_state_dir.clone(),
+                    exempt: cfg.inpod_exempt.clone(),
+                },
+                pi.clone(),
+            )
+            .await
+            .context("starting in-pod mode")?,
+        ),
+        None => None,
+    };
     let mut synced = synced_rx;
     let ready2 = ready.clone();
     let node = cfg.node.clone();

@@ -120,6 +120,25 @@ pub struct Config {
     #[arg(long, env = "DRAIN_TIMEOUT", value_parser = duration, default_value = "30s")]
     pub drain_timeout: Duration,
 
+    /// In-pod mode: the enrollment socket (Istio ZDS shape) where the CNI
+    /// plugin adds and removes pods. Off unless set.
+    #[arg(long, env = "INPOD_SOCKET")]
+    pub inpod_socket: Option<PathBuf>,
+
+    /// Where each enrolled pod's eBPF programs and maps are pinned
+    /// (`<dir>/<pod uid>/`, on a bpffs).
+    #[arg(long, env = "INPOD_BPF_DIR", default_value = "/sys/fs/bpf/ztunnel")]
+    pub inpod_bpf_dir: PathBuf,
+
+    /// Where enrolled pods are recorded, to re-adopt them after a restart.
+    #[arg(long, env = "INPOD_STATE_DIR", default_value = "/var/run/ztunnel/pods")]
+    pub inpod_state_dir: PathBuf,
+
+    /// Source CIDR whose inbound connections to enrolled pods are never
+    /// captured (for example the kubelet's probe address); repeatable.
+    #[arg(long, value_parser = crate::inpod::parse_cidr)]
+    pub inpod_exempt: Vec<ipnet::IpNet>,
+
     /// Data-plane worker threads.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

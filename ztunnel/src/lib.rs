@@ -10,6 +10,7 @@
 //! - [`tls`]: rustls set-up for HBONE
 //! - [`rbac`]: L4 authorization
 //! - [`proxy`]: the listeners and data paths
+//! - [`inpod`]: pod enrollment and eBPF capture inside each pod
 //! - [`metrics`], [`admin`]: observability
 //! - [`xds`]: the control-plane client (workload xDS and the CA)
 //! - [`app`]: where it is all wired together
@@ -19,6 +20,7 @@ pub mod alloc;
 pub mod app;
 pub mod config;
 pub mod identity;
+pub mod inpod;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;

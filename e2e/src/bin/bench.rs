@@ -3,6 +3,8 @@
 //! ```text
 //! cargo build --release -p ztunnel
 //! cargo run --release -p e2e --bin bench -- ztunnel [--duration-secs N] [--out-dir DIR]
+//! cargo build --release -p ztunnel -p ztunnel-cni
+//! cargo run --release -p e2e --bin bench -- capture [--duration-secs N] [--out-dir DIR]
 //! ```
 //!
 //! Needs root (network namespaces) and iptables. Each benchmark prints a
@@ -10,6 +12,8 @@
 //! a shape shared by all benchmarks (see `report.rs`). Ctrl-C stops the run
 //! and removes the test bed.
 
+#[path = "bench/capture.rs"]
+mod capture;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/procstat.rs"]
@@ -42,6 +46,10 @@ enum Bench {
     /// The control plane at scale on loopback: first full sync, change ->
     /// all clients acked (p50/p99), server and ztunnel memory.
     Xds(xds::XdsArgs),
+    /// eBPF capture vs iptables REDIRECT feeding the same ztunnel's in-pod
+    /// listeners: throughput, latency, connections/s, and the time to set
+    /// up capture for one pod.
+    Capture(capture::CaptureArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -80,6 +88,13 @@ fn main() -> ExitCode {
     let result = match &cli.bench {
         Bench::Xds(args) => xds::run(args).map(|t| println!("{t}")),
         Bench::Ztunnel(args) => ztunnel::run(args).and_then(|report| {
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
+        Bench::Capture(args) => capture::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
                 report.write(dir)?;

@@ -24,7 +24,7 @@ use super::{accept_loop, ProxyInputs};
 use crate::identity::Identity;
 use crate::metrics::ServiceRef;
 use crate::rbac::{self, Decision};
-use crate::socket::{self, canonical};
+use crate::socket::canonical;
 use crate::state::{Protocol, Workload};
 use crate::tls;
 
@@ -182,7 +182,7 @@ async fn serve_stream(
         log_refused("inbound", src, target, &format!("{} ({})", why, ctx.src_id));
         return status(&mut respond, StatusCode::UNAUTHORIZED);
     }
-    let mut upstream = match socket::connect(target, pi.mark).await {
+    let mut upstream = match pi.connect(target).await {
         Ok(s) => s,
         Err(e) => {
             log_refused(

@@ -12,7 +12,7 @@ use super::copy::copy_tcp;
 use super::{accept_loop, ProxyInputs};
 use crate::metrics::ServiceRef;
 use crate::rbac::{self, Decision};
-use crate::socket::{self, canonical};
+use crate::socket::canonical;
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let local = listener.local_addr().ok().map(canonical);
@@ -63,7 +63,7 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
     if let Decision::Deny(why) = rbac::authorize(snap.policies_for(&dst_w), &conn) {
         return log_refused("inbound", src, dst, &why);
     }
-    let mut upstream = match socket::connect(dst, pi.mark).await {
+    let mut upstream = match pi.connect(dst).await {
         Ok(s) => s,
         Err(e) => {
             return log_refused(

@@ -54,6 +54,20 @@ pub struct ProxyInputs {
     /// HTTP/2 streams per HBONE connection.
     pub max_streams: usize,
     pub drain: Drain,
+    /// For in-pod capture: the pod's network namespace, where connections
+    /// to the app and passthrough connections start (see [`crate::inpod`]).
+    /// `None`: ztunnel's own namespace.
+    pub netns: Option<Arc<crate::inpod::Netns>>,
+}
+
+impl ProxyInputs {
+    /// Opens a marked upstream connection from [`ProxyInputs::netns`].
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        match &self.netns {
+            Some(ns) => ns.connect(addr, self.mark).await,
+            None => crate::socket::connect(addr, self.mark).await,
+        }
+    }
 }
 
 /// Graceful shutdown: `stop` tells listeners to stop accepting (and HBONE

@@ -21,7 +21,7 @@ use super::hbone::H2Stream;
 use super::pool::{PoolKey, StreamGuard, TunnelError};
 use super::{accept_loop, ProxyInputs};
 use crate::metrics::ServiceRef;
-use crate::socket::{self, canonical};
+use crate::socket::canonical;
 use crate::state::{Protocol, Snapshot, Workload};
 
 /// The far side of an outbound connection, once established.
@@ -145,7 +145,8 @@ pub async fn connect(
             })
         }
         _ => {
-            let tcp = socket::connect(route.target, pi.mark)
+            let tcp = pi
+                .connect(route.target)
                 .await
                 .with_context(|| format!("connecting to {}", route.target))
                 .map_err(OutboundError::Failed)?;

@@ -57,6 +57,8 @@ pub struct Pool {
     max_streams: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// In-pod mode: dial from this pod's network namespace.
+    netns: Option<Arc<crate::inpod::Netns>>,
 }
 
 /// Why opening a tunnel failed, as the HBONE peer said it.
@@ -88,6 +90,16 @@ impl Pool {
         max_streams: usize,
         idle_timeout: Duration,
     ) -> Arc<Self> {
+        Self::build(secrets, mark, max_streams, idle_timeout, None)
+    }
+
+    fn build(
+        secrets: Arc<SecretManager>,
+        mark: u32,
+        max_streams: usize,
+        idle_timeout: Duration,
+        netns: Option<Arc<crate::inpod::Netns>>,
+    ) -> Arc<Self> {
         let pool = Arc::new(Pool {
             slots: Mutex::new(HashMap::new()),
             secrets,
@@ -95,6 +107,7 @@ impl Pool {
             max_streams: max_streams.max(1),
             idle_timeout,
             connect_timeout: Duration::from_secs(10),
+            netns,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -106,6 +119,19 @@ impl Pool {
             }
         });
         pool
+    }
+
+    /// A pool with the same settings whose connections start in a pod's
+    /// network namespace (in-pod mode: the pod's HBONE traffic leaves from
+    /// the pod, with its address, as Istio's does).
+    pub fn in_netns(&self, netns: Arc<crate::inpod::Netns>) -> Arc<Self> {
+        Self::build(
+            self.secrets.clone(),
+            self.mark,
+            self.max_streams,
+            self.idle_timeout,
+            Some(netns),
+        )
     }
 
     fn evict_idle(&self) {
@@ -206,9 +232,11 @@ impl Pool {
         cert: Arc<WorkloadCertificate>,
     ) -> anyhow::Result<Arc<PooledConnection>> {
         let cfg = cert.client_config(key.dst.clone())?;
-        let tcp = socket::connect(key.next_hop, self.mark)
-            .await
-            .with_context(|| format!("connecting to {}", key.next_hop))?;
+        let tcp = match &self.netns {
+            Some(ns) => ns.connect(key.next_hop, self.mark).await,
+            None => socket::connect(key.next_hop, self.mark).await,
+        }
+        .with_context(|| format!("connecting to {}", key.next_hop))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(tls::server_name(key.next_hop.ip()), tcp)
             .await

@@ -65,7 +65,7 @@ pub struct ZtunnelArgs {
     pub logs_dir: Option<PathBuf>,
 }
 
-fn locate_ztunnel(arg: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn locate_ztunnel(arg: Option<&Path>) -> Result<PathBuf> {
     const HINT: &str =
         "build it with `cargo build --release -p ztunnel` (or pass --ztunnel PATH / set ZTUNNEL_BIN)";
     let path = match arg {
@@ -90,7 +90,7 @@ fn locate_ztunnel(arg: Option<&Path>) -> Result<PathBuf> {
 
 /// PM QoS: while the returned file is open, CPUs stay out of idle states
 /// with a wake-up latency above 0 us.
-fn hold_cpu_dma_latency_zero() -> Result<std::fs::File> {
+pub(crate) fn hold_cpu_dma_latency_zero() -> Result<std::fs::File> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/cpu_dma_latency")
@@ -101,7 +101,7 @@ fn hold_cpu_dma_latency_zero() -> Result<std::fs::File> {
     Ok(f)
 }
 
-fn check_stop() -> Result<()> {
+pub(crate) fn check_stop() -> Result<()> {
     if stopped() {
         Err(load::interrupted_error())
     } else {
@@ -110,7 +110,7 @@ fn check_stop() -> Result<()> {
 }
 
 /// Interruptible sleep.
-fn pause(d: Duration) -> Result<()> {
+pub(crate) fn pause(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     while Instant::now() < end {
         check_stop()?;
@@ -120,7 +120,7 @@ fn pause(d: Duration) -> Result<()> {
 }
 
 /// Sum of a counter's samples over all label sets.
-fn counter_sum(text: &str, name: &str) -> f64 {
+pub(crate) fn counter_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
@@ -148,7 +148,7 @@ fn conn_metrics(node: &Node) -> Result<Conns> {
     })
 }
 
-fn log_tail(child: &ChildGuard, lines: usize) -> String {
+pub(crate) fn log_tail(child: &ChildGuard, lines: usize) -> String {
     let log = child.log();
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -243,7 +243,7 @@ fn spawn_ztunnel(
 }
 
 /// Per-namespace TCP settings for connection churn (see the notes).
-fn tune_netns(node: &Node) -> Result<()> {
+pub(crate) fn tune_netns(node: &Node) -> Result<()> {
     e2e::try_in_netns(node.netns(), || -> Result<()> {
         for (k, v) in [
             ("net/ipv4/tcp_tw_reuse", "1"),
@@ -399,7 +399,7 @@ fn with_cpu<T>(
 }
 
 /// WARN and ERROR lines of a log, and a few samples of them.
-fn scan_log(log: &str) -> (usize, usize, Vec<String>) {
+pub(crate) fn scan_log(log: &str) -> (usize, usize, Vec<String>) {
     let (mut warns, mut errors, mut samples) = (0, 0, Vec::new());
     for l in log.lines() {
         let is_err = l.contains(" ERROR ") || l.contains("\"level\":\"ERROR\"");
@@ -895,6 +895,6 @@ fn measure(
     })
 }
 
-fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }

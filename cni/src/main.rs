@@ -1,0 +1,285 @@
+//! `ztunnel-cni`: a chained CNI plugin that enrolls ambient pods with the
+//! node's ztunnel.
+//!
+//! It runs after the cluster's primary CNI, exactly as the CNI spec has a
+//! runtime call a plugin: `CNI_COMMAND` (`ADD`, `DEL`, `CHECK`, `VERSION`),
+//! `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`, `CNI_ARGS` in the
+//! environment, the network config on stdin, the result on stdout. It
+//! changes nothing in the pod's network: `ADD` prints the previous plugin's
+//! `prevResult` unchanged.
+//!
+//! On `ADD` for a pod in the mesh it hands the pod's netns (an open fd) to
+//! ztunnel over ztunnel's enrollment socket (see `ztunnel::inpod::zds`);
+//! `DEL` removes it (and succeeds when there is nothing to remove or ztunnel
+//! is away: a restarted ztunnel drops pods whose netns is gone).
+//!
+//! # Which pods
+//!
+//! A pod is in the mesh when the pod carries `istio.io/dataplane-mode=ambient`,
+//! or its namespace does and the pod does not say `none` (Istio's rule).
+//! There is no API server here, so labels come from a JSON file named by
+//! the config's `labelsFile` (standing in for the Namespace and Pod
+//! objects):
+//!
+//! ```json
+//! {"namespaces": {"default": {"istio.io/dataplane-mode": "ambient"}},
+//!  "pods": {"default/echo": {"istio.io/dataplane-mode": "none"}}}
+//! ```
+//!
+//! The pod is named by `CNI_ARGS` as containerd and CRI-O pass it
+//! (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID`), and its cgroup by
+//! the `cgroupPath` capability (`runtimeConfig.cgroupPath`).
+//!
+//! # Config
+//!
+//! ```json
+//! {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ztunnel-cni",
+//!  "ztunnelSocket": "/var/run/ztunnel/ztunnel.sock",
+//!  "labelsFile": "/etc/ztunnel-cni/labels.json",
+//!  "capabilities": {"cgroupPath": true},
+//!  "runtimeConfig": {"cgroupPath": "/sys/fs/cgroup/kubepods/pod1234"},
+//!  "prevResult": {...}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use ztunnel::inpod::zds::{self, workload_request::Payload};
+
+const LABEL: &str = "istio.io/dataplane-mode";
+const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    #[serde(default)]
+    cni_version: String,
+    #[serde(default)]
+    ztunnel_socket: Option<PathBuf>,
+    #[serde(default)]
+    labels_file: Option<PathBuf>,
+    #[serde(default)]
+    runtime_config: RuntimeConfig,
+    #[serde(default)]
+    prev_result: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RuntimeConfig {
+    #[serde(default)]
+    cgroup_path: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct Labels {
+    #[serde(default)]
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    pods: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A CNI error: printed as the spec's error object, exit status 1.
+struct CniError {
+    code: u32,
+    msg: String,
+    details: String,
+}
+
+fn err(code: u32, msg: &str, e: impl std::fmt::Display) -> CniError {
+    CniError {
+        code,
+        msg: msg.to_string(),
+        details: e.to_string(),
+    }
+}
+
+fn main() {
+    let version = std::cell::RefCell::new(String::from("1.0.0"));
+    match run(&version) {
+        Ok(Some(out)) => println!("{out}"),
+        Ok(None) => {}
+        Err(e) => {
+            let out = json!({
+                "cniVersion": *version.borrow(),
+                "code": e.code,
+                "msg": e.msg,
+                "details": e.details,
+            });
+            println!("{out}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `CNI_ARGS`: `K1=V1;K2=V2`.
+fn cni_args() -> BTreeMap<String, String> {
+    env("CNI_ARGS")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn run(version: &std::cell::RefCell<String>) -> Result<Option<String>, CniError> {
+    // 4 = invalid environment variables, 6 = failed to decode content,
+    // 11 = try again later (per the CNI spec's well-known codes).
+    let command = env("CNI_COMMAND").ok_or_else(|| err(4, "CNI_COMMAND is not set", ""))?;
+    if command == "VERSION" {
+        return Ok(Some(
+            json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED}).to_string(),
+        ));
+    }
+    let mut stdin = String::new();
+    std::io::stdin()
+        .read_to_string(&mut stdin)
+        .map_err(|e| err(6, "reading the network config from stdin", e))?;
+    let raw: Value =
+        serde_json::from_str(&stdin).map_err(|e| err(6, "network config is not JSON", e))?;
+    let conf: NetConf = serde_json::from_value(raw.clone())
+        .map_err(|e| err(6, "network config has a field of the wrong type", e))?;
+    if !conf.cni_version.is_empty() {
+        *version.borrow_mut() = conf.cni_version.clone();
+    }
+    let args = cni_args();
+    let socket = conf
+        .ztunnel_socket
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SOCKET.into());
+    match command.as_str() {
+        "ADD" => {
+            let prev = conf.prev_result.clone().ok_or_else(|| {
+                err(
+                    4,
+                    "no prevResult: ztunnel-cni is chained after the primary CNI plugin",
+                    "",
+                )
+            })?;
+            if let Some(pod) = pod_in_mesh(&conf, &args)? {
+                enroll(&conf, &socket, &pod)
+                    .map_err(|e| err(11, "enrolling the pod with ztunnel", format!("{e:#}")))?;
+            }
+            Ok(Some(prev.to_string()))
+        }
+        "DEL" => {
+            if let Some(uid) = args.get("K8S_POD_UID") {
+                if let Err(e) = block_on(async {
+                    let c = zds::Client::connect(&socket).await?;
+                    c.request(Payload::Del(zds::DelWorkload { uid: uid.clone() }), None)
+                        .await
+                }) {
+                    eprintln!("ztunnel-cni: DEL of pod {uid}: {e:#} (ignored)");
+                }
+            }
+            Ok(None)
+        }
+        "CHECK" => {
+            if pod_in_mesh(&conf, &args)?.is_some() {
+                block_on(async { zds::Client::connect(&socket).await.map(|_| ()) })
+                    .map_err(|e| err(11, "ztunnel is not reachable", format!("{e:#}")))?;
+            }
+            Ok(None)
+        }
+        other => Err(err(4, "unknown CNI_COMMAND", other)),
+    }
+}
+
+struct PodRef {
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+fn pod_in_mesh(
+    conf: &NetConf,
+    args: &BTreeMap<String, String>,
+) -> Result<Option<PodRef>, CniError> {
+    let (Some(ns), Some(name)) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) else {
+        return Ok(None); // not a Kubernetes pod
+    };
+    let labels: Labels = match &conf.labels_file {
+        None => Labels::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(4, &format!("reading labelsFile {}", path.display()), e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| err(6, &format!("parsing labelsFile {}", path.display()), e))?
+        }
+    };
+    let pod_label = labels
+        .pods
+        .get(&format!("{ns}/{name}"))
+        .and_then(|l| l.get(LABEL));
+    let ns_label = labels.namespaces.get(ns).and_then(|l| l.get(LABEL));
+    let ambient = match pod_label.map(String::as_str) {
+        Some("ambient") => true,
+        Some("none") => false,
+        _ => ns_label.map(String::as_str) == Some("ambient"),
+    };
+    if !ambient {
+        return Ok(None);
+    }
+    let uid = args
+        .get("K8S_POD_UID")
+        .cloned()
+        .ok_or_else(|| err(4, "CNI_ARGS has no K8S_POD_UID for an ambient pod", ""))?;
+    Ok(Some(PodRef {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid,
+    }))
+}
+
+fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
+    let netns_path = env("CNI_NETNS").ok_or_else(|| anyhow!("CNI_NETNS is not set"))?;
+    let cgroup = conf
+        .runtime_config
+        .cgroup_path
+        .clone()
+        .ok_or_else(|| anyhow!("runtimeConfig.cgroupPath is not set (the runtime passes it with the cgroupPath capability)"))?;
+    if !cgroup.is_dir() {
+        bail!("cgroup {} is not a directory", cgroup.display());
+    }
+    let netns = std::fs::File::open(&netns_path)
+        .with_context(|| format!("opening CNI_NETNS {netns_path}"))?;
+    block_on(async {
+        let c = zds::Client::connect(socket).await?;
+        c.request(
+            Payload::Add(zds::AddWorkload {
+                uid: pod.uid.clone(),
+                workload_info: Some(zds::WorkloadInfo {
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    service_account: String::new(),
+                }),
+                netns_path: netns_path.clone(),
+                cgroup_path: cgroup.display().to_string(),
+            }),
+            Some(netns.as_fd()),
+        )
+        .await
+    })
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), f)
+                .await
+                .map_err(|_| anyhow!("ztunnel did not answer within 10s"))?
+        })
+}

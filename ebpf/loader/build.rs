@@ -1,0 +1,62 @@
+//! Builds the eBPF programs (`../programs`) for `bpfel-unknown-none` with the
+//! nightly toolchain and `-Z build-std=core`, and leaves the object at
+//! `$OUT_DIR/capture` for `include_bytes!`.
+//!
+//! `aya-build` does the same but runs `cargo build --package <name>` inside
+//! *this* workspace, and the programs crate is deliberately not a member (it
+//! only builds for the BPF target, with nightly and build-std), so this is
+//! the same recipe pointed at the programs' own manifest.
+//!
+//! Needs what `scripts/setup.sh` installs: rustup's `nightly` with `rust-src`
+//! and `bpf-linker` on `PATH`.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let programs = manifest_dir.join("../programs");
+    let common = manifest_dir.join("../common");
+    for dir in [&programs, &common] {
+        for sub in ["src", "Cargo.toml"] {
+            println!("cargo:rerun-if-changed={}", dir.join(sub).display());
+        }
+    }
+    let target_dir = out_dir.join("ebpf-target");
+    // The programs read kernel structs laid out for the host's arch.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--manifest-path")
+        .arg(programs.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // The outer (stable) build's settings must not leak into the
+        // nightly one: its compiler, wrappers, flags and jobserver-free
+        // target dir.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2"),
+        );
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!(
+            "running {cmd:?}: {e} (scripts/setup.sh installs the nightly toolchain and bpf-linker)"
+        )
+    });
+    if !status.success() {
+        panic!("building the eBPF programs failed ({status}); see the output above. scripts/setup.sh installs nightly, rust-src and bpf-linker");
+    }
+    let obj = target_dir.join("bpfel-unknown-none/release/capture");
+    std::fs::copy(&obj, out_dir.join("capture"))
+        .unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+}
