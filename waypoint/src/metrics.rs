@@ -43,13 +43,10 @@ impl Default for Metrics {
 
 fn duration_histogram() -> Histogram {
     // Istio's default buckets for request duration.
-    Histogram::new(
-        [
-            0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-            30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
-        ]
-        .into_iter(),
-    )
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
 }
 
 fn bytes_histogram() -> Histogram {

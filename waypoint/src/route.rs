@@ -109,7 +109,7 @@ pub fn httproute_order(routes: &mut [model::Route]) {
         let headers = m.headers.iter().filter(|h| h.name != ":method").count();
         (kind, len, method, headers, m.query_parameters.len())
     }
-    routes.sort_by(|a, b| key(b).cmp(&key(a)));
+    routes.sort_by_key(|r| std::cmp::Reverse(key(r)));
 }
 
 #[cfg(test)]

@@ -86,9 +86,8 @@ pub fn parse_yaml(text: &str) -> Result<Bootstrap, ConfigError> {
 fn load(path: &Path, store: &Store) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let b = parse_yaml(&text).map_err(|e| {
+    let b = parse_yaml(&text).inspect_err(|e| {
         *store.last_error.lock().expect("error lock") = Some(e.to_string());
-        e
     })?;
     store.apply(&b)?;
     Ok(())
