@@ -37,18 +37,27 @@ pub fn ca() -> Arc<dyn CaClient> {
 }
 
 pub async fn waypoint(ca: Arc<dyn CaClient>, yaml: &str, sa: &str) -> Running {
+    waypoint_at(ca, yaml, sa, "127.0.0.1".parse().unwrap()).await
+}
+
+pub async fn waypoint_at(
+    ca: Arc<dyn CaClient>,
+    yaml: &str,
+    sa: &str,
+    ip: std::net::IpAddr,
+) -> Running {
     let store = Store::empty();
     store.apply(&parse_yaml(yaml).unwrap()).unwrap();
     let proxy = build(Parts {
         identity: id(sa),
         ca,
         cert_ttl: Duration::from_secs(3600),
-        own_ip: "127.0.0.1".parse().unwrap(),
+        own_ip: ip,
         mark: 0,
         pool_max_streams: 100,
         store,
     });
-    let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     start(proxy, hbone, vec![admin]).await.unwrap()
 }
@@ -93,7 +102,11 @@ type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// gRPC requests get a gRPC answer (`grpc-status: 0` trailer) naming the
 /// backend and the method.
 pub async fn backend(name: &str) -> Backend {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_at(name, "127.0.0.1:0".parse().unwrap()).await
+}
+
+pub async fn backend_at(name: &str, at: SocketAddr) -> Backend {
+    let l = TcpListener::bind(at).await.unwrap();
     let addr = l.local_addr().unwrap();
     let state = Arc::new(BackendState::default());
     let st = state.clone();
