@@ -237,3 +237,12 @@ fn validation_names_the_field() {
     let e = parse_yaml("clusters: [{name: a, colour: blue}]").unwrap_err();
     assert!(e.message.contains("colour"), "{e}");
 }
+
+#[test]
+fn the_readme_example_is_valid() {
+    let readme = include_str!("../README.md");
+    let start = readme.find("```yaml\n").unwrap() + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let b = parse_yaml(&readme[start..end]).unwrap();
+    Store::empty().apply(&b).unwrap();
+}
