@@ -58,6 +58,10 @@ pub struct Args {
     pub cert_ttl: Duration,
     #[arg(long, default_value = "[::]:15008")]
     pub hbone_addr: SocketAddr,
+    /// Plaintext HTTP listener, off by default (benchmarks, debugging):
+    /// the local address is taken as the original destination; no identity.
+    #[arg(long)]
+    pub plaintext_addr: Option<SocketAddr>,
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
     #[arg(long, default_value = "[::]:15020")]
@@ -182,7 +186,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         admin.push(ztunnel::admin::bind(a, what).await?);
     }
+    let plaintext = args
+        .plaintext_addr
+        .map(|a| {
+            ztunnel::socket::listen(a, false)
+                .with_context(|| format!("binding the plaintext listener on {a}"))
+        })
+        .transpose()?;
     let running = start(proxy, hbone, admin).await?;
+    if let Some(l) = plaintext {
+        tokio::spawn(crate::plaintext::run(running.proxy.clone(), l));
+    }
     info!(hbone = %running.hbone_addr, identity = %args.identity, "waypoint ready");
     // Keep the configuration's endpoint table in step with reloads.
     let p = running.proxy.clone();

@@ -30,6 +30,7 @@ pub mod forward;
 pub mod h2io;
 pub mod inbound;
 pub mod metrics;
+pub mod plaintext;
 pub mod rbac;
 pub mod record;
 pub mod route;

@@ -3,6 +3,8 @@
 //! ```text
 //! cargo build --release -p ztunnel
 //! cargo run --release -p e2e --bin bench -- ztunnel [--duration-secs N] [--out-dir DIR]
+//! cargo build --release -p ztunnel -p waypoint
+//! cargo run --release -p e2e --bin bench -- waypoint [--concurrency N] [--out-dir DIR]
 //! ```
 //!
 //! Needs root (network namespaces) and iptables. Each benchmark prints a
@@ -10,12 +12,16 @@
 //! a shape shared by all benchmarks (see `report.rs`). Ctrl-C stops the run
 //! and removes the test bed.
 
+#[path = "bench/httpload.rs"]
+mod httpload;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/procstat.rs"]
 mod procstat;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/waypoint.rs"]
+mod waypoint;
 #[path = "bench/ztunnel.rs"]
 mod ztunnel;
 
@@ -37,6 +43,10 @@ enum Bench {
     /// throughput, request/response latency, connections/s, ztunnel memory
     /// and CPU.
     Ztunnel(ztunnel::ZtunnelArgs),
+    /// HTTP/1.1 and HTTP/2 requests/s and p50/p99 at a fixed concurrency:
+    /// waypoint vs nginx as reverse proxies (same workers), and the mesh
+    /// path through the waypoint vs L4-only vs direct.
+    Waypoint(waypoint::WaypointArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -74,6 +84,13 @@ fn main() -> ExitCode {
     }
     let result = match &cli.bench {
         Bench::Ztunnel(args) => ztunnel::run(args).and_then(|report| {
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
+        Bench::Waypoint(args) => waypoint::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
                 report.write(dir)?;
