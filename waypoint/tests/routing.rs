@@ -241,3 +241,39 @@ async fn mirror_sends_a_copy_to_the_shadow_cluster() {
         "echo.default.svc.cluster.local-shadow"
     );
 }
+
+#[tokio::test]
+async fn the_plaintext_listener_routes_without_identity() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let yaml = config(
+        "[{action: ALLOW, policies: {anyone-may-get: {permissions: [{methods: [GET]}]}}}]",
+        "          - match: {prefix: /}\n            route: {cluster: v1}\n",
+        &cluster("v1", &[v1.addr], ""),
+    )
+    .replace(
+        "{destination_port: 80, prefix_ranges: [\"10.96.0.10/32\"]}",
+        &format!("{{destination_port: {port}}}"),
+    );
+    let wp = waypoint(ca, &yaml, "waypoint").await;
+    tokio::spawn(waypoint::plaintext::run(wp.proxy.clone(), l));
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = |m: &str| {
+        http::Request::builder()
+            .method(m)
+            .uri("/plain")
+            .header("host", "x")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send(&mut sender, req("GET")).await.body, "v1 /plain");
+    assert_eq!(send(&mut sender, req("DELETE")).await.status, 403);
+}
