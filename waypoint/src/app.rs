@@ -80,6 +80,10 @@ pub struct Args {
     pub worker_threads: usize,
     #[arg(long)]
     pub log_json: bool,
+    /// On SIGTERM: not ready, stop accepting, GOAWAY, and wait this long
+    /// at most for open requests to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
 }
 
 /// A running waypoint: where it listens and its shared state.
@@ -87,6 +91,7 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     pub hbone_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub ready: Arc<AtomicBool>,
 }
 
 /// The pieces a waypoint is built from, for embedding (tests) as well as
@@ -116,6 +121,7 @@ pub fn build(p: Parts) -> Arc<Proxy> {
         store: p.store,
         upstream: Arc::new(Upstream::new(dialer)),
         metrics: Arc::new(Metrics::new()),
+        drain: ztunnel::proxy::Drain::default(),
     })
 }
 
@@ -147,6 +153,7 @@ pub async fn start(
         proxy,
         hbone_addr,
         admin_addr,
+        ready,
     })
 }
 
@@ -214,6 +221,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    info!("waypoint stopping");
+    info!("waypoint draining");
+    running.ready.store(false, Ordering::Release);
+    let left = running.proxy.drain.run(args.drain_timeout).await;
+    info!(still_open = left, "waypoint stopped");
     Ok(())
 }

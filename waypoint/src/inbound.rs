@@ -36,8 +36,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STREAMS: u32 = 1000;
 
 pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
+    let drain = proxy.drain.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = drain.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "HBONE accept failed");
@@ -47,7 +52,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        tokio::spawn(async move {
+        drain.connections.spawn(async move {
             if let Err(e) = serve_connection(proxy, stream, canonical(peer)).await {
                 warn!(%peer, error = %format!("{e:#}"), "HBONE connection rejected");
             }
@@ -84,7 +89,18 @@ async fn serve_connection(
     .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
     .context("HTTP/2 handshake failed")?;
     debug!(%peer, identity = %src_id, "HBONE connection accepted");
-    while let Some(next) = conn.accept().await {
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            _ = proxy.drain.stop.cancelled(), if !draining => {
+                // GOAWAY: no new tunnels here; open ones finish.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            n = conn.accept() => n,
+        };
+        let Some(next) = next else { break };
         let (req, respond) = match next {
             Ok(r) => r,
             Err(e) => {
@@ -94,7 +110,8 @@ async fn serve_connection(
         };
         let proxy = proxy.clone();
         let src_id = src_id.clone();
-        tokio::spawn(serve_stream(proxy, peer, src_id, req, respond));
+        let tracker = proxy.drain.connections.clone();
+        tracker.spawn(serve_stream(proxy, peer, src_id, req, respond));
     }
     Ok(())
 }

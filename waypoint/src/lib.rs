@@ -50,4 +50,6 @@ pub struct Proxy {
     pub store: Arc<config::Store>,
     pub upstream: Arc<upstream::Upstream>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Graceful shutdown: stop accepting, GOAWAY, let open requests end.
+    pub drain: ztunnel::proxy::Drain,
 }

@@ -16,8 +16,13 @@ use crate::serve::{serve_http, Downstream};
 use crate::Proxy;
 
 pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
+    let drain = proxy.drain.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = drain.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "plaintext accept failed");
@@ -39,6 +44,8 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
             src_ip: canonical(peer).ip(),
             dst: local,
         });
-        tokio::spawn(serve_http(proxy.clone(), stream, ds, chain));
+        drain
+            .connections
+            .spawn(serve_http(proxy.clone(), stream, ds, chain));
     }
 }

@@ -68,12 +68,24 @@ where
         CodecType::Http1 => builder.http1_only(),
         CodecType::Http2 => builder.http2_only(),
     };
+    let stop = proxy.drain.stop.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let ds = ds.clone();
         async move { Ok::<_, Infallible>(handle(proxy, ds, req).await) }
     });
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            // Finish the request in progress (HTTP/1.1) or the open streams
+            // (HTTP/2, after a GOAWAY), then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
     }
 }

@@ -182,3 +182,34 @@ async fn ejected_endpoint_is_readmitted_after_the_ejection_time() {
     }
     assert!(back, "b was never re-admitted");
 }
+
+#[tokio::test]
+async fn drain_lets_the_request_in_flight_finish_and_refuses_new_tunnels() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let routes = "          - match: {prefix: /}\n            route: {cluster: v1}\n";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("v1", &[v1.addr], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    let mut s = c.h1(VIP).await;
+    let req = http::Request::builder()
+        .uri("/slow")
+        .header("host", "echo")
+        .header("x-delay-ms", "300")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let in_flight = tokio::spawn(async move { send(&mut s, req).await.status });
+    // Until the backend has the request.
+    while v1.hits() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let drain = wp.proxy.drain.clone();
+    let left = tokio::spawn(async move { drain.run(std::time::Duration::from_secs(20)).await });
+    assert_eq!(in_flight.await.unwrap(), 200);
+    assert_eq!(left.await.unwrap(), 0);
+    assert!(c.tunnel(VIP).await.is_err());
+}
