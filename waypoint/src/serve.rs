@@ -104,6 +104,31 @@ fn local(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// A local reply to a gRPC client: HTTP 200, trailers-only, with the gRPC
+/// status the HTTP status maps to (gRPC's "HTTP to gRPC status" table), as
+/// gRPC clients do not read HTTP statuses.
+fn grpc_local(status: StatusCode, message: &'static str) -> Response<Body> {
+    let code = match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    let mut r = local(StatusCode::OK, "");
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", http::HeaderValue::from(code));
+    if let Ok(v) = http::HeaderValue::from_str(message.trim_end()) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
@@ -185,7 +210,11 @@ pub async fn handle(
             if info.flags == "-" {
                 info.flags = flag;
             }
-            local(status, body)
+            if info.protocol == "grpc" {
+                grpc_local(status, body)
+            } else {
+                local(status, body)
+            }
         }
     };
     if let Some(r) = &route {

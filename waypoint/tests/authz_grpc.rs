@@ -122,6 +122,14 @@ async fn grpc_routes_by_method_over_http2() {
         assert_eq!(&body[5..], format!("{who} {method}").as_bytes());
     }
     assert_eq!((a.hits(), b.hits()), (1, 1));
+    // Local replies to gRPC clients carry a gRPC status: an unknown
+    // service is UNIMPLEMENTED (12).
+    let resp = h2
+        .send_request(grpc_request("/other.Svc/Call"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "12");
     // The gRPC status shows in the metrics.
     let metrics = admin_get(&wp, "/metrics").await;
     assert!(
