@@ -114,6 +114,7 @@ pub fn httproute_order(routes: &mut [model::Route]) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -124,5 +125,29 @@ mod tests {
         assert!(domain_score("a.b", "a.b") > domain_score("*.b", "a.b"));
         assert_eq!(strip_port("echo:8080"), "echo");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn httproute_precedence() {
+        let yaml = r#"
+- {name: short-prefix, match: {prefix: /a}, route: {cluster: c}}
+- {name: prefix-with-header, match: {prefix: /a, headers: [{name: x, present_match: true}]}, route: {cluster: c}}
+- {name: exact, match: {path: /a}, route: {cluster: c}}
+- {name: long-prefix, match: {prefix: /a/b}, route: {cluster: c}}
+- {name: prefix-with-method, match: {prefix: /a, headers: [{name: ':method', string_match: {exact: GET}}]}, route: {cluster: c}}
+"#;
+        let mut routes: Vec<model::Route> = serde_yaml::from_str(yaml).unwrap();
+        httproute_order(&mut routes);
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "exact",
+                "long-prefix",
+                "prefix-with-method",
+                "prefix-with-header",
+                "short-prefix"
+            ]
+        );
     }
 }
