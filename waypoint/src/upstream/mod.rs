@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod connector;
+pub mod h2pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub struct Upstream {
     pub balancer: Balancer,
     pub dialer: Arc<Dialer>,
     http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
+    http2: h2pool::H2Pool,
 }
 
 /// Why an attempt produced no response.
@@ -51,11 +52,8 @@ impl Upstream {
         let connector = Connector(dialer.clone());
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(connector);
+        let http2 = h2pool::H2Pool::new(dialer.clone());
         Upstream {
             balancer: Balancer::default(),
             dialer,
@@ -92,23 +90,48 @@ impl Upstream {
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_string();
-        let uri = format!("http://{}{}", ep.address, pq);
-        *req.uri_mut() = uri
-            .parse::<Uri>()
-            .map_err(|e| SendError::Connect(ep.address, e.to_string()))?;
         let h2 = match cluster.protocol {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::UseDownstream => downstream_h2,
         };
-        *req.version_mut() = if h2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        };
-        let client = if h2 { &self.http2 } else { &self.http1 };
         let address = ep.address;
-        match client.request(req).await {
+        let sent = if h2 {
+            // `:authority` carries the host; no `Host` header in HTTP/2.
+            let host = req.headers_mut().remove(http::header::HOST);
+            let uri = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| format!("http://{h}{pq}").parse::<Uri>().ok());
+            *req.uri_mut() = match uri {
+                Some(u) => u,
+                None => format!("http://{address}{pq}")
+                    .parse::<Uri>()
+                    .map_err(|e| SendError::Connect(address, e.to_string()))?,
+            };
+            *req.version_mut() = http::Version::HTTP_2;
+            match self.http2.get(address).await {
+                Err(e) => Err(SendError::Connect(address, e)),
+                Ok(mut s) => s
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Reset(address, error_chain(&e))),
+            }
+        } else {
+            *req.uri_mut() = format!("http://{address}{pq}")
+                .parse::<Uri>()
+                .map_err(|e| SendError::Connect(address, e.to_string()))?;
+            *req.version_mut() = http::Version::HTTP_11;
+            self.http1.request(req).await.map_err(|e| {
+                let why = error_chain(&e);
+                if e.is_connect() {
+                    SendError::Connect(address, why)
+                } else {
+                    SendError::Reset(address, why)
+                }
+            })
+        };
+        match sent {
             Ok(response) => {
                 let outcome = if response.status().is_server_error() {
                     Outcome::Failure
@@ -123,12 +146,7 @@ impl Upstream {
             }
             Err(e) => {
                 self.balancer.record(cluster, &picked, Outcome::Failure);
-                let why = error_chain(&e);
-                if e.is_connect() {
-                    Err(SendError::Connect(address, why))
-                } else {
-                    Err(SendError::Reset(address, why))
-                }
+                Err(e)
             }
         }
     }

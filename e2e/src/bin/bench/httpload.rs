@@ -96,12 +96,15 @@ async fn connect(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
         .with_context(|| format!("connect {src} -> {dst}"))
 }
 
-fn request(host: &str) -> http::Request<Empty<Bytes>> {
-    http::Request::builder()
-        .uri(format!("http://{host}/"))
-        .header("host", host)
-        .body(Empty::new())
-        .expect("static request")
+/// HTTP/1.1: origin form and a `Host` header; HTTP/2: the host in
+/// `:authority` only (a `Host` header as well is refused by some servers).
+fn request(host: &str, h2: bool) -> http::Request<Empty<Bytes>> {
+    let b = if h2 {
+        http::Request::builder().uri(format!("http://{host}/"))
+    } else {
+        http::Request::builder().uri("/").header("host", host)
+    };
+    b.body(Empty::new()).expect("static request")
 }
 
 /// Request loops until `until`; latencies in µs of requests that ended
@@ -119,7 +122,7 @@ async fn h1_loop(
     let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0);
     while Instant::now() < until && !crate::load::stopped() {
         let t = Instant::now();
-        let ok = match send.send_request(request(&host)).await {
+        let ok = match send.send_request(request(&host, false)).await {
             Ok(r) => r.status() == 200 && r.into_body().collect().await.is_ok(),
             Err(_) => false,
         };
@@ -139,26 +142,64 @@ async fn h1_loop(
     Ok((lat, errors))
 }
 
-async fn h2_loop(
+async fn h2_stream_loop(
     mut send: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
     host: String,
     record_from: Instant,
     until: Instant,
-) -> Result<(Vec<u32>, u64)> {
+) -> (Vec<u32>, u64) {
     let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0);
     while Instant::now() < until && !crate::load::stopped() {
         let t = Instant::now();
-        let ok = match send.send_request(request(&host)).await {
+        let ok = match send.send_request(request(&host, true)).await {
             Ok(r) => r.status() == 200 && r.into_body().collect().await.is_ok(),
             Err(_) => false,
         };
         if !ok {
             errors += 1;
-            send.ready().await.context("HTTP/2 connection lost")?;
+            if send.ready().await.is_err() {
+                // The connection is gone; the caller opens another.
+                break;
+            }
             continue;
         }
         if t >= record_from {
             lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+    }
+    (lat, errors)
+}
+
+/// One HTTP/2 connection carrying `streams` request loops; reopened if the
+/// server closes it.
+async fn h2_connection(
+    src: IpAddr,
+    dst: SocketAddr,
+    host: String,
+    streams: usize,
+    record_from: Instant,
+    until: Instant,
+) -> Result<(Vec<u32>, u64)> {
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    while Instant::now() < until && !crate::load::stopped() {
+        let s = connect(src, dst).await?;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        let loops: Vec<_> = (0..streams)
+            .map(|_| {
+                tokio::spawn(h2_stream_loop(
+                    send.clone(),
+                    host.clone(),
+                    record_from,
+                    until,
+                ))
+            })
+            .collect();
+        for l in loops {
+            let (l, e) = l.await.context("stream task panicked")?;
+            lat.extend(l);
+            errors += e;
         }
     }
     Ok((lat, errors))
@@ -209,22 +250,15 @@ pub fn run(rt: &Runtime, load: &Load) -> Result<LoadResult> {
             Proto::Http2 => {
                 let conns = h2_connections.clamp(1, concurrency.max(1));
                 for c in 0..conns {
-                    let s = connect(src, dst).await?;
-                    let (send, conn) = hyper::client::conn::http2::handshake(
-                        TokioExecutor::new(),
-                        TokioIo::new(s),
-                    )
-                    .await?;
-                    tokio::spawn(conn);
                     let streams = concurrency / conns + usize::from(c < concurrency % conns);
-                    for _ in 0..streams {
-                        tasks.push(tokio::spawn(h2_loop(
-                            send.clone(),
-                            host.clone(),
-                            record_from,
-                            until,
-                        )));
-                    }
+                    tasks.push(tokio::spawn(h2_connection(
+                        src,
+                        dst,
+                        host.clone(),
+                        streams,
+                        record_from,
+                        until,
+                    )));
                 }
             }
         }

@@ -162,12 +162,13 @@ error_log {d}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;
   client_body_temp_path {d}/nginx-body;
   proxy_temp_path {d}/nginx-proxy;
   fastcgi_temp_path {d}/nginx-fastcgi;
   uwsgi_temp_path {d}/nginx-uwsgi;
   scgi_temp_path {d}/nginx-scgi;
-  upstream backend {{ server {server}:{SERVER_PORT}; keepalive 64; }}
+  upstream backend {{ server {server}:{SERVER_PORT}; keepalive 64; keepalive_requests 1000000; }}
   server {{
     listen {ng}:{NGINX_H1};
     listen {ng}:{NGINX_H2} http2;
@@ -219,6 +220,11 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     httpload::start_server(&server_rt, SocketAddr::new(ip.server, SERVER_PORT))?;
     let client_rt = httpload::runtime_in(a.netns(), 2)?;
     e2e::mesh::capture_outbound(a.netns(), ip.client)?;
+    // A route for the service VIPs, so connects to them reach the capture.
+    e2e::ip_netns_exec(
+        a.netns(),
+        &["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"],
+    )?;
 
     let mut guards: Vec<ChildGuard> = Vec::new();
     for node in [&a, &b] {
