@@ -122,6 +122,10 @@ async fn grpc_routes_by_method_over_http2() {
         assert_eq!(&body[5..], format!("{who} {method}").as_bytes());
     }
     assert_eq!((a.hits(), b.hits()), (1, 1));
+    // Upstream, `:authority` is the service's host, with no Host header.
+    let h = a.last_headers();
+    assert_eq!(h["x-seen-authority"], "echo.default.svc.cluster.local");
+    assert!(h.get("host").is_none());
     // Local replies to gRPC clients carry a gRPC status: an unknown
     // service is UNIMPLEMENTED (12).
     let resp = h2

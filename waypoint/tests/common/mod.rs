@@ -144,10 +144,12 @@ async fn answer(name: &str, st: &BackendState, req: Request<Incoming>) -> Respon
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
-    st.seen
-        .lock()
-        .unwrap()
-        .push((path.clone(), req.headers().clone()));
+    let mut seen = req.headers().clone();
+    // HTTP/2 carries the host in `:authority`: record it as a header.
+    if let Some(a) = req.uri().authority() {
+        seen.insert("x-seen-authority", a.as_str().parse().unwrap());
+    }
+    st.seen.lock().unwrap().push((path.clone(), seen));
     if let Some(ms) = req
         .headers()
         .get("x-delay-ms")
