@@ -33,7 +33,8 @@ pub fn request_host(parts: &Parts) -> String {
 
 fn strip_port(h: &str) -> &str {
     if h.starts_with('[') {
-        return h.split(']').next().map(|s| &h[..s.len() + 1]).unwrap_or(h);
+        // "[v6]" or "[v6]:port"; a lone "[" is left as it is.
+        return h.find(']').map(|i| &h[..=i]).unwrap_or(h);
     }
     h.rsplit_once(':')
         .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
@@ -125,6 +126,8 @@ mod tests {
         assert!(domain_score("a.b", "a.b") > domain_score("*.b", "a.b"));
         assert_eq!(strip_port("echo:8080"), "echo");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1"), "[::1");
+        assert_eq!(strip_port(":"), "");
     }
 
     #[test]

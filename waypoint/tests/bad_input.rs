@@ -37,6 +37,13 @@ async fn malformed_http1_gets_400() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
     let out = raw_exchange(&c, b"\x01\x02garbage that is not http\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    // A host that is not one gets a clear answer, not a crash.
+    let out = raw_exchange(
+        &c,
+        b"GET / HTTP/1.1\r\nHost: [abc\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
     assert_eq!(v1.hits(), 0);
     // The waypoint is fine afterwards.
     assert_eq!(c.get("/", &[]).await.status, 200);
@@ -215,6 +222,11 @@ fn validation_names_the_field() {
             "route_configurations: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: sometimes}}}]}]}]\nclusters: [{name: a}]",
             "route_configurations[0].virtual_hosts[0].routes[0].route.retry_policy.retry_on",
             "unsupported retry condition",
+        ),
+        (
+            "route_configurations: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {weighted_clusters: {clusters: [{name: a, weight: 4294967295}, {name: a, weight: 1}]}}}]}]}]\nclusters: [{name: a}]",
+            "route_configurations[0].virtual_hosts[0].routes[0].route.weighted_clusters",
+            "add up to more than",
         ),
         (
             "listeners: [{name: l, filter_chains: [{http_connection_manager: {route_config_name: missing}}]}]",

@@ -462,7 +462,13 @@ fn forward(
             )
         }
     };
-    let total_weight: u32 = targets.iter().map(|(_, w)| *w).sum();
+    let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+    let Ok(total_weight) = u32::try_from(total) else {
+        return err(
+            &format!("{path}.weighted_clusters"),
+            "weights add up to more than 4294967295",
+        );
+    };
     if total_weight == 0 {
         return err(
             &format!("{path}.weighted_clusters"),
