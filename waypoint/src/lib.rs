@@ -17,7 +17,11 @@
 //! (rewrites, retries, timeout, mirroring) → [`upstream`] (endpoint choice
 //! in [`upstream::balancer`], HBONE or TCP in [`upstream::connector`],
 //! hyper client) → back, with [`record`] writing metrics ([`metrics`]) and
-//! the access log. Opaque TCP takes [`tcp`] instead of [`serve`].
+//! the access log. Opaque TCP takes [`tcp`] instead of [`serve`];
+//! [`plaintext`] is an optional way in without HBONE (benchmarks, debugging).
+//! HTTP/2 upstream uses its own per-endpoint pool ([`upstream::h2pool`]).
+//! [`app`] wires it together and drains on SIGTERM; [`admin`] serves
+//! `/config_dump`, `/metrics` and readiness.
 //!
 //! Configuration ([`config`]) mirrors Envoy's Listener / RouteConfiguration
 //! / Cluster resources, is read from YAML today (xDS later) and swapped in
