@@ -66,6 +66,14 @@ impl Dialer {
         }
     }
 
+    /// Forgets addresses that are no longer endpoints.
+    pub fn retain(&self, live: &std::collections::HashSet<SocketAddr>) {
+        self.targets
+            .lock()
+            .expect("targets lock")
+            .retain(|a, _| live.contains(a));
+    }
+
     /// Opens a byte stream to `addr`: an HBONE tunnel or a TCP connection.
     pub async fn dial(&self, addr: SocketAddr) -> Result<UpstreamIo, BoxError> {
         let target = self
