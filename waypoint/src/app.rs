@@ -214,6 +214,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             p.upstream
                 .balancer
                 .retain(cfg.clusters.values().map(|c| c.as_ref()));
+            let live = cfg
+                .clusters
+                .values()
+                .flat_map(|c| c.endpoints.iter().map(|e| e.address))
+                .collect();
+            p.upstream.dialer.retain(&live);
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
