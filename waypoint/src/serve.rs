@@ -155,6 +155,27 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// What Envoy adds on the way upstream: the client's address appended to
+/// `x-forwarded-for`, `x-forwarded-proto`, and an `x-request-id` when the
+/// client sent none (for correlating logs across hops).
+fn add_forwarding_headers(h: &mut HeaderMap, client: IpAddr) {
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.entry("x-forwarded-proto")
+        .or_insert(http::HeaderValue::from_static("http"));
+    if !h.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            h.insert("x-request-id", v);
+        }
+    }
+}
+
 fn protocol(req: &Request<Incoming>) -> &'static str {
     let grpc = req
         .headers()
@@ -272,6 +293,7 @@ async fn route_and_run(
     };
     info.route = route.name.clone();
     strip_hop_by_hop(&mut parts.headers);
+    add_forwarding_headers(&mut parts.headers, ds.src_ip);
     if let Some(fault) = &route.fault {
         if let Some((d, p)) = fault.delay {
             if fastrand::f64() < p {
