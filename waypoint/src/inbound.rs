@@ -148,6 +148,10 @@ async fn serve_stream(
         .and_then(hbone::parse_forwarded_for)
         .unwrap_or(peer.ip());
     let cfg = proxy.store.get();
+    if cfg.needs_sniffing(target) {
+        drop(cfg);
+        return sniff_and_serve(proxy, src_id, src_ip, target, respond, req).await;
+    }
     let Some(chain) = cfg.chain_for(target) else {
         debug!(%target, "no filter chain for this destination");
         return status(&mut respond, StatusCode::NOT_FOUND);
@@ -156,6 +160,7 @@ async fn serve_stream(
         identity: Some(src_id),
         src_ip,
         dst: target,
+        protocol: None,
     });
     match &chain.kind {
         ChainKind::Http(http) => {
@@ -171,6 +176,50 @@ async fn serve_stream(
             drop(cfg);
             crate::tcp::serve(proxy, ds, tcp, respond, req).await;
         }
+    }
+}
+
+/// The chain depends on the protocol: accept the tunnel, sniff its first
+/// bytes, then hand it (bytes replayed) to the chain they select. Refusals
+/// from here on are a reset stream: the 200 has been sent.
+async fn sniff_and_serve(
+    proxy: Arc<Proxy>,
+    src_id: Identity,
+    src_ip: std::net::IpAddr,
+    target: SocketAddr,
+    mut respond: h2::server::SendResponse<Bytes>,
+    req: Request<h2::RecvStream>,
+) {
+    let Some(mut io) = accept(&mut respond, req) else {
+        return;
+    };
+    let (prefix, protocol) = match crate::sniff::sniff(&mut io).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%target, error = %e, "tunnel failed while sniffing");
+            return;
+        }
+    };
+    let io = crate::sniff::Prefixed::new(prefix, io);
+    let ds = Arc::new(Downstream {
+        identity: Some(src_id),
+        src_ip,
+        dst: target,
+        protocol,
+    });
+    let kind = match proxy.store.get().chain_for_protocol(target, protocol) {
+        Some(c) => match &c.kind {
+            ChainKind::Http(h) => ChainKind::Http(h.clone()),
+            ChainKind::Tcp(t) => ChainKind::Tcp(t.clone()),
+        },
+        None => {
+            debug!(%target, ?protocol, "no filter chain for this destination and protocol");
+            return;
+        }
+    };
+    match kind {
+        ChainKind::Http(http) => serve_http(proxy, io, ds, http).await,
+        ChainKind::Tcp(tcp) => crate::tcp::serve_accepted(proxy, ds, tcp, io).await,
     }
 }
 

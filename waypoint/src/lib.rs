@@ -39,6 +39,7 @@ pub mod rbac;
 pub mod record;
 pub mod route;
 pub mod serve;
+pub mod sniff;
 pub mod tcp;
 pub mod upstream;
 

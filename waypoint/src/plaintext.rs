@@ -43,6 +43,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
             identity: None,
             src_ip: canonical(peer).ip(),
             dst: local,
+            protocol: None,
         });
         drain
             .connections

@@ -45,6 +45,8 @@ pub struct Downstream {
     pub identity: Option<Identity>,
     pub src_ip: IpAddr,
     pub dst: SocketAddr,
+    /// What the first bytes were sniffed as, if they were.
+    pub protocol: Option<&'static str>,
 }
 
 /// Serves HTTP on `io` until the client is done.
@@ -260,7 +262,7 @@ async fn route_and_run(
     info: &mut RequestInfo,
 ) -> (Option<Arc<Route>>, Outcome) {
     let cfg = proxy.store.get();
-    let chain = match cfg.chain_for(ds.dst).map(|c| &c.kind) {
+    let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
         Some(ChainKind::Http(h)) => h.clone(),
         _ => {
             return (

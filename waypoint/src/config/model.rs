@@ -58,6 +58,10 @@ pub struct FilterChainMatch {
     /// CIDRs, e.g. `10.96.0.10/32`; empty matches any address.
     #[serde(default)]
     pub prefix_ranges: Vec<String>,
+    /// What the first bytes were sniffed as (Envoy's http_inspector):
+    /// `http/1.1`, `h2c`. Empty matches anything, including non-HTTP.
+    #[serde(default)]
+    pub application_protocols: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -24,18 +24,40 @@ pub struct Config {
 }
 
 impl Config {
-    /// The filter chain for a CONNECT stream to `dst`: the most specific
-    /// match (port and address beat port only beat address only).
-    pub fn chain_for(&self, dst: SocketAddr) -> Option<&Chain> {
+    /// The filter chain for a CONNECT stream to `dst` whose first bytes
+    /// were sniffed as `protocol` (`"http/1.1"`, `"h2c"`, or `None` when not
+    /// HTTP or not sniffed): the most specific match, as Envoy orders them:
+    /// port, then address prefix length, then application protocol.
+    pub fn chain_for_protocol(&self, dst: SocketAddr, protocol: Option<&str>) -> Option<&Chain> {
         self.chains
             .iter()
-            .filter(|c| c.port.is_none_or(|p| p == dst.port()))
-            .filter(|c| c.prefixes.is_empty() || c.prefixes.iter().any(|n| n.contains(&dst.ip())))
+            .filter(|c| c.matches_address(dst))
+            .filter(|c| {
+                c.application_protocols.is_empty()
+                    || protocol.is_some_and(|p| c.application_protocols.iter().any(|a| a == p))
+            })
             .max_by_key(|c| {
                 let longest = c.prefixes.iter().map(|n| n.prefix_len()).max();
-                (c.port.is_some(), longest.map(|l| l as i32 + 1).unwrap_or(0))
+                (
+                    c.port.is_some(),
+                    longest.map(|l| l as i32 + 1).unwrap_or(0),
+                    !c.application_protocols.is_empty(),
+                )
             })
             .or(self.default_chain.as_ref())
+    }
+
+    /// The chain for `dst` without sniffing.
+    pub fn chain_for(&self, dst: SocketAddr) -> Option<&Chain> {
+        self.chain_for_protocol(dst, None)
+    }
+
+    /// Whether choosing a chain for `dst` depends on the protocol, i.e. the
+    /// first bytes must be sniffed (Envoy's http_inspector).
+    pub fn needs_sniffing(&self, dst: SocketAddr) -> bool {
+        self.chains
+            .iter()
+            .any(|c| c.matches_address(dst) && !c.application_protocols.is_empty())
     }
 }
 
@@ -43,7 +65,15 @@ pub struct Chain {
     pub name: String,
     pub port: Option<u16>,
     pub prefixes: Vec<IpNet>,
+    pub application_protocols: Vec<String>,
     pub kind: ChainKind,
+}
+
+impl Chain {
+    fn matches_address(&self, dst: SocketAddr) -> bool {
+        self.port.is_none_or(|p| p == dst.port())
+            && (self.prefixes.is_empty() || self.prefixes.iter().any(|n| n.contains(&dst.ip())))
+    }
 }
 
 pub enum ChainKind {

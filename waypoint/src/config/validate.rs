@@ -689,10 +689,24 @@ fn chain(
             )
         }
     };
+    for (i, p) in fc
+        .filter_chain_match
+        .application_protocols
+        .iter()
+        .enumerate()
+    {
+        if !matches!(p.as_str(), "http/1.1" | "h2c") {
+            return err(
+                &format!("{path}.filter_chain_match.application_protocols[{i}]"),
+                format!("{p:?} is not sniffed; use \"http/1.1\" or \"h2c\""),
+            );
+        }
+    }
     Ok(Chain {
         name: fc.name.clone(),
         port: fc.filter_chain_match.destination_port,
         prefixes,
+        application_protocols: fc.filter_chain_match.application_protocols.clone(),
         kind,
     })
 }

@@ -6,7 +6,9 @@
 //! distinct endpoints at random and takes the one with the lower cost
 //! `ewma * (in_flight + 1)`, which steers load away from slow or busy
 //! endpoints without the herding of "always the fastest". A new endpoint
-//! starts at cost zero, so it gets tried at once.
+//! starts at cost zero, so it gets tried at once; an estimate decays towards
+//! zero while its endpoint gets no traffic (time constant [`DECAY`], as
+//! tower's PeakEwma does), so an endpoint once slow is tried again.
 //!
 //! An endpoint whose last `consecutive_5xx` results were failures (a 5xx,
 //! a connect failure or a reset) is ejected for `base_ejection_time` times
@@ -29,6 +31,8 @@ use crate::config::runtime::{ClusterConfig, EndpointConfig};
 
 /// How much a new latency sample moves the average.
 const EWMA_WEIGHT: f64 = 0.3;
+/// Time constant of the decay of an estimate without new samples.
+const DECAY: Duration = Duration::from_secs(2);
 const MAX_EJECTION_MULTIPLIER: u32 = 10;
 
 pub struct EndpointState {
@@ -40,14 +44,21 @@ pub struct EndpointState {
 #[derive(Default)]
 struct Stats {
     ewma_us: f64,
+    /// When `ewma_us` last took a sample.
+    sampled: Option<Instant>,
     consecutive_failures: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
 }
 
 impl EndpointState {
-    fn cost(&self) -> f64 {
-        let ewma = self.stats.lock().expect("stats lock").ewma_us;
+    fn cost(&self, now: Instant) -> f64 {
+        let s = self.stats.lock().expect("stats lock");
+        let idle = s
+            .sampled
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        let ewma = s.ewma_us * (-idle / DECAY.as_secs_f64()).exp();
         ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
     }
 
@@ -164,7 +175,7 @@ impl Balancer {
                     j += 1;
                 }
                 let (a, b) = (&live[i], &live[j]);
-                if b.cost() < a.cost() {
+                if b.cost(now) < a.cost(now) {
                     b.clone()
                 } else {
                     a.clone()
@@ -188,6 +199,7 @@ impl Balancer {
             } else {
                 s.ewma_us * (1.0 - EWMA_WEIGHT) + elapsed_us * EWMA_WEIGHT
             };
+            s.sampled = Some(Instant::now());
             match outcome {
                 Outcome::Success => {
                     s.consecutive_failures = 0;
