@@ -5,6 +5,8 @@
 //! cargo run --release -p e2e --bin bench -- ztunnel [--duration-secs N] [--out-dir DIR]
 //! cargo build --release -p ztunnel -p ztunnel-cni
 //! cargo run --release -p e2e --bin bench -- capture [--duration-secs N] [--out-dir DIR]
+//! cargo build --release -p ztunnel -p waypoint
+//! cargo run --release -p e2e --bin bench -- waypoint [--concurrency N] [--out-dir DIR]
 //! ```
 //!
 //! Needs root (network namespaces) and iptables. Each benchmark prints a
@@ -14,6 +16,8 @@
 
 #[path = "bench/capture.rs"]
 mod capture;
+#[path = "bench/httpload.rs"]
+mod httpload;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/procstat.rs"]
@@ -22,6 +26,8 @@ mod procstat;
 mod report;
 #[path = "bench/xds.rs"]
 mod xds;
+#[path = "bench/waypoint.rs"]
+mod waypoint;
 #[path = "bench/ztunnel.rs"]
 mod ztunnel;
 
@@ -50,6 +56,16 @@ enum Bench {
     /// listeners: throughput, latency, connections/s, and the time to set
     /// up capture for one pod.
     Capture(capture::CaptureArgs),
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
+    /// HTTP/1.1 and HTTP/2 requests/s and p50/p99 at a fixed concurrency:
+    /// waypoint vs nginx as reverse proxies (same workers), and the mesh
+    /// path through the waypoint vs L4-only vs direct.
+    Waypoint(waypoint::WaypointArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -95,6 +111,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Bench::Capture(args) => capture::run(args).and_then(|report| {
+        Bench::Waypoint(args) => waypoint::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
                 report.write(dir)?;

@@ -1,0 +1,434 @@
+//! `bench waypoint`: HTTP/1.1 and HTTP/2 requests per second and latency
+//! at a fixed concurrency, on one test bed, in one run:
+//!
+//! | target          | path                                                              |
+//! |-----------------|-------------------------------------------------------------------|
+//! | direct          | client (node a) -> server (node b)                                |
+//! | nginx           | client -> nginx (node w) -> server                                |
+//! | waypoint        | client -> waypoint's plaintext listener (node w) -> server        |
+//! | L4 mesh         | client -> ztunnel a -> HBONE -> ztunnel b -> server               |
+//! | waypoint mesh   | client -> ztunnel a -> HBONE -> waypoint -> HBONE -> ztunnel b -> server |
+//!
+//! nginx and the waypoint run with the same number of workers
+//! (`--workers`) and the same upstream keep-alive, so "nginx vs waypoint"
+//! compares the two L7 engines on the same footing; the mesh rows show
+//! what the whole waypoint path costs over L4 only and over direct.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use e2e::mesh::http_get;
+use e2e::{ChildGuard, Testbed};
+use serde_json::{json, Map};
+
+use crate::httpload::{self, LoadResult, Proto};
+use crate::load::stopped;
+use crate::procstat;
+use crate::report::{Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
+
+const SERVER_PORT: u16 = 8080;
+const PLAIN_PORT: u16 = 8090;
+const NGINX_H1: u16 = 8081;
+const NGINX_H2: u16 = 8082;
+const VIP_L4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const VIP_L7: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+const READY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WaypointArgs {
+    /// Seconds measured per target and protocol (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub duration_secs: u64,
+    /// Requests in flight at any time.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the concurrent streams are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub h2_connections: usize,
+    /// Worker threads of the waypoint, worker processes of nginx.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Write `waypoint.json` and `waypoint.md` to this directory.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Directory holding the `waypoint` and `ztunnel` binaries [default:
+    /// next to this executable].
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx: PathBuf,
+}
+
+fn bin(dir: Option<&Path>, name: &str) -> Result<PathBuf> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow!("the bench executable has no directory"))?
+            .to_path_buf(),
+    };
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p {name}` (or pass --bin-dir)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn wait_ready(child: &ChildGuard, netns: &str, what: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if stopped() {
+            return Err(crate::load::interrupted_error());
+        }
+        if !child.is_running() {
+            bail!("{what} exited before becoming ready; log:\n{}", child.log());
+        }
+        if matches!(http_get(netns, READY, "/healthz/ready"), Ok((200, _))) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{what} not ready after 30 s; log:\n{}", child.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Ips {
+    client: IpAddr,
+    direct: IpAddr,
+    server: IpAddr,
+    waypoint: IpAddr,
+    nginx: IpAddr,
+}
+
+fn state_yaml(ip: &Ips) -> String {
+    format!(
+        "workloads:\n\
+         \x20 - {{name: client, namespace: default, serviceAccount: client, node: a, addresses: [{}]}}\n\
+         \x20 - {{name: server, namespace: default, serviceAccount: server, node: b, addresses: [{}], services: [default/server]}}\n\
+         \x20 - {{name: waypoint, namespace: default, serviceAccount: waypoint, node: w, addresses: [{}], services: [default/server-l7]}}\n\
+         services:\n\
+         \x20 - {{name: server, namespace: default, addresses: [{VIP_L4}], ports: [{{port: 80, targetPort: {SERVER_PORT}}}]}}\n\
+         \x20 - {{name: server-l7, namespace: default, addresses: [{VIP_L7}], ports: [{{port: 80, targetPort: {SERVER_PORT}}}]}}\n",
+        ip.client, ip.server, ip.waypoint
+    )
+}
+
+fn waypoint_yaml(ip: &Ips) -> String {
+    let endpoint = |meta: &str| {
+        format!(
+            "    load_assignment: {{endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {SERVER_PORT}}}}}}}{meta}}}]}}]}}\n",
+            ip.server
+        )
+    };
+    format!(
+        r#"listeners:
+  - name: waypoint
+    filter_chains:
+      - name: mesh
+        filter_chain_match: {{destination_port: {SERVER_PORT}, prefix_ranges: ["{wp}/32"]}}
+        http_connection_manager: {{route_config_name: mesh}}
+      - name: plain
+        filter_chain_match: {{destination_port: {PLAIN_PORT}}}
+        http_connection_manager: {{route_config_name: plain}}
+route_configurations:
+  - name: mesh
+    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: server-mesh}}}}]}}]
+  - name: plain
+    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: server-plain}}}}]}}]
+clusters:
+  - name: server-mesh
+{mesh}  - name: server-plain
+{plain}"#,
+        wp = ip.waypoint,
+        mesh = endpoint(", metadata: {identity: \"spiffe://cluster.local/ns/default/sa/server\"}"),
+        plain = endpoint(""),
+    )
+}
+
+fn nginx_conf(dir: &Path, ip: &Ips, workers: usize) -> String {
+    let d = dir.display();
+    format!(
+        r#"worker_processes {workers};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/nginx-body;
+  proxy_temp_path {d}/nginx-proxy;
+  fastcgi_temp_path {d}/nginx-fastcgi;
+  uwsgi_temp_path {d}/nginx-uwsgi;
+  scgi_temp_path {d}/nginx-scgi;
+  upstream backend {{ server {server}:{SERVER_PORT}; keepalive 64; keepalive_requests 1000000; }}
+  server {{
+    listen {ng}:{NGINX_H1};
+    listen {ng}:{NGINX_H2} http2;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"#,
+        server = ip.server,
+        ng = ip.nginx,
+    )
+}
+
+pub fn run(args: &WaypointArgs) -> Result<Report> {
+    let waypoint_bin = bin(args.bin_dir.as_deref(), "waypoint")?;
+    let ztunnel_bin = bin(args.bin_dir.as_deref(), "ztunnel")?;
+    if !args.nginx.is_file() {
+        bail!(
+            "nginx not found at {} (scripts/setup.sh installs Debian's)",
+            args.nginx.display()
+        );
+    }
+    let tb = Testbed::new().context("creating the test bed")?;
+    let a = tb.add_node("a")?;
+    let b = tb.add_node("b")?;
+    let w = tb.add_node("w")?;
+    let v4 = |p: &e2e::Pod| IpAddr::V4(p.ipv4());
+    let ip = Ips {
+        client: v4(&tb.add_host_pod(&a, "client")?),
+        direct: v4(&tb.add_host_pod(&a, "direct")?),
+        server: v4(&tb.add_host_pod(&b, "server")?),
+        waypoint: v4(&tb.add_host_pod(&w, "waypoint")?),
+        nginx: v4(&tb.add_host_pod(&w, "nginx")?),
+    };
+    let dir = tb.dir().to_path_buf();
+    let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let state = dir.join("state.yaml");
+    std::fs::write(&state, state_yaml(&ip))?;
+    let wp_conf = dir.join("waypoint.yaml");
+    std::fs::write(&wp_conf, waypoint_yaml(&ip))?;
+    let ng_conf = dir.join("nginx.conf");
+    std::fs::write(&ng_conf, nginx_conf(&dir, &ip, args.workers))?;
+
+    // Server on node b, load from node a: threads of this process.
+    let server_rt = httpload::runtime_in(b.netns(), 1)?;
+    httpload::start_server(&server_rt, SocketAddr::new(ip.server, SERVER_PORT))?;
+    let client_rt = httpload::runtime_in(a.netns(), 2)?;
+    e2e::mesh::capture_outbound(a.netns(), ip.client)?;
+    // A route for the service VIPs, so connects to them reach the capture.
+    e2e::ip_netns_exec(
+        a.netns(),
+        &["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"],
+    )?;
+
+    let mut guards: Vec<ChildGuard> = Vec::new();
+    for node in [&a, &b] {
+        let mut cmd = Command::new(&ztunnel_bin);
+        cmd.args(["--node", node.name()])
+            .arg("--local-state")
+            .arg(&state)
+            .arg("--ca-cert")
+            .arg(&ca_cert)
+            .arg("--ca-key")
+            .arg(&ca_key)
+            .args(["--worker-threads", "2"])
+            .env("RUST_LOG", "warn");
+        let z = tb.spawn(node.netns(), cmd)?;
+        wait_ready(&z, node.netns(), &format!("ztunnel {}", node.name()))?;
+        guards.push(z);
+    }
+    let mut cmd = Command::new(&waypoint_bin);
+    cmd.arg("--config")
+        .arg(&wp_conf)
+        .args([
+            "--identity",
+            "spiffe://cluster.local/ns/default/sa/waypoint",
+        ])
+        .arg("--ca-cert")
+        .arg(&ca_cert)
+        .arg("--ca-key")
+        .arg(&ca_key)
+        .args([
+            "--hbone-addr",
+            &SocketAddr::new(ip.waypoint, 15008).to_string(),
+        ])
+        .args([
+            "--plaintext-addr",
+            &SocketAddr::new(ip.waypoint, PLAIN_PORT).to_string(),
+        ])
+        .args(["--own-ip", &ip.waypoint.to_string()])
+        .args(["--worker-threads", &args.workers.to_string()])
+        .env("RUST_LOG", "warn");
+    let wp = tb.spawn(w.netns(), cmd)?;
+    wait_ready(&wp, w.netns(), "waypoint")?;
+    let wp_idle = procstat::rss_mib(wp.pid())?;
+    let mut cmd = Command::new(&args.nginx);
+    cmd.arg("-c").arg(&ng_conf).arg("-p").arg(&dir);
+    let ng = tb.spawn(w.netns(), cmd)?;
+    let start = Instant::now();
+    while e2e::tcp_connect_in(w.netns(), SocketAddr::new(ip.nginx, NGINX_H1)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) || !ng.is_running() {
+            bail!("nginx did not start; log:\n{}", ng.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let duration = Duration::from_secs(args.duration_secs.max(1));
+    let warmup = Duration::from_secs(1);
+    let targets = [
+        (
+            "direct",
+            ip.direct,
+            SocketAddr::new(ip.server, SERVER_PORT),
+            SocketAddr::new(ip.server, SERVER_PORT),
+        ),
+        (
+            "nginx",
+            ip.direct,
+            SocketAddr::new(ip.nginx, NGINX_H1),
+            SocketAddr::new(ip.nginx, NGINX_H2),
+        ),
+        (
+            "waypoint",
+            ip.direct,
+            SocketAddr::new(ip.waypoint, PLAIN_PORT),
+            SocketAddr::new(ip.waypoint, PLAIN_PORT),
+        ),
+        (
+            "L4 mesh",
+            ip.client,
+            SocketAddr::new(IpAddr::V4(VIP_L4), 80),
+            SocketAddr::new(IpAddr::V4(VIP_L4), 80),
+        ),
+        (
+            "waypoint mesh",
+            ip.client,
+            SocketAddr::new(IpAddr::V4(VIP_L7), 80),
+            SocketAddr::new(IpAddr::V4(VIP_L7), 80),
+        ),
+    ];
+    let mut results: Vec<(Proto, &str, LoadResult)> = Vec::new();
+    let mut wp_cpu = 0.0;
+    for proto in [Proto::Http1, Proto::Http2] {
+        for (name, src, h1, h2) in targets {
+            let dst = if proto == Proto::Http1 { h1 } else { h2 };
+            let cpu0 = procstat::cpu_seconds(wp.pid())?;
+            let load = httpload::Load {
+                proto,
+                src,
+                dst,
+                host: "server.default.svc.cluster.local".into(),
+                concurrency: args.concurrency,
+                h2_connections: args.h2_connections,
+                warmup,
+                duration,
+            };
+            let r = httpload::run(&client_rt, &load)
+                .with_context(|| format!("{} load via {name}", proto.name()))?;
+            if name.starts_with("waypoint") {
+                wp_cpu += procstat::cpu_seconds(wp.pid())? - cpu0;
+            }
+            eprintln!(
+                "bench: {:8} {:14} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  errors {}",
+                proto.name(),
+                name,
+                r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.errors
+            );
+            if r.requests == 0 {
+                bail!("{} via {name}: no request succeeded", proto.name());
+            }
+            results.push((proto, name, r));
+        }
+    }
+
+    let get = |p: Proto, n: &str| {
+        results
+            .iter()
+            .find(|(rp, rn, _)| *rp == p && *rn == n)
+            .map(|(_, _, r)| r.clone())
+            .expect("measured")
+    };
+    let mut rows = Vec::new();
+    let mut targets_met = Vec::new();
+    for proto in [Proto::Http1, Proto::Http2] {
+        for (base, mesh, label) in [
+            ("nginx", "waypoint", "reverse proxy nginx vs waypoint"),
+            ("L4 mesh", "waypoint mesh", "mesh L4-only vs via waypoint"),
+            ("direct", "waypoint mesh", "direct vs mesh via waypoint"),
+        ] {
+            let (b, m) = (get(proto, base), get(proto, mesh));
+            let sc = format!("{} {label}", proto.name());
+            rows.push(Row::new(&sc, "rps", "req/s", b.rps, m.rps, Better::Higher));
+            rows.push(Row::new(&sc, "p50", "us", b.p50_us, m.p50_us, Better::Lower).with_delta());
+            rows.push(Row::new(&sc, "p99", "us", b.p99_us, m.p99_us, Better::Lower).with_delta());
+        }
+        let (n, wpr) = (get(proto, "nginx"), get(proto, "waypoint"));
+        targets_met.push(Target::new(
+            &format!("{} waypoint rps / nginx rps", proto.name()),
+            (wpr.rps / n.rps * 1000.0).round() / 1000.0,
+            "x",
+            ">=",
+            1.0,
+        ));
+        targets_met.push(Target::new(
+            &format!("{} waypoint p99 / nginx p99", proto.name()),
+            (wpr.p99_us / n.p99_us * 1000.0).round() / 1000.0,
+            "x",
+            "<=",
+            1.0,
+        ));
+    }
+    let log = wp.log();
+    let mut config = Map::new();
+    config.insert("duration_secs".into(), json!(args.duration_secs));
+    config.insert("concurrency".into(), json!(args.concurrency));
+    config.insert("h2_connections".into(), json!(args.h2_connections));
+    config.insert("workers".into(), json!(args.workers));
+    let mut by = Map::new();
+    by.insert("waypoint targets".into(), json!(wp_cpu));
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        benchmark: "waypoint".into(),
+        baseline_label: "baseline".into(),
+        mesh_label: "waypoint".into(),
+        timestamp_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        machine: Machine::detect(),
+        config,
+        results: rows,
+        processes: vec![Process {
+            name: "waypoint".into(),
+            idle_rss_mb: wp_idle,
+            peak_rss_mb: procstat::hwm_mib(wp.pid())?,
+            cpu_seconds: wp_cpu,
+            cpu_seconds_by_scenario: by,
+            log_warnings: log.matches(" WARN ").count(),
+            log_errors: log.matches(" ERROR ").count(),
+        }],
+        targets: targets_met,
+        notes: vec![
+            format!(
+                "{} requests in flight; HTTP/2 over {} connections; nginx {} worker processes, waypoint {} worker threads; upstream keep-alive for both.",
+                args.concurrency, args.h2_connections, args.workers, args.workers
+            ),
+            "Client, server, ztunnels, waypoint and nginx share the machine's cores; compare rows of one run.".into(),
+        ],
+    };
+    drop(ng);
+    drop(wp);
+    drop(guards);
+    drop(client_rt);
+    drop(server_rt);
+    drop(tb);
+    Ok(report)
+}

@@ -1,0 +1,235 @@
+//! Where the waypoint is wired together: flags, identity, configuration
+//! file, listeners.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+use ztunnel::identity::{CaClient, Identity, LocalCa, SecretManager};
+use ztunnel::proxy::Pool;
+
+use crate::config::{self, Store};
+use crate::metrics::Metrics;
+use crate::upstream::connector::Dialer;
+use crate::upstream::Upstream;
+use crate::Proxy;
+
+/// `1.5s`, `250ms`, `10m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Some(h) = s.strip_suffix('h') {
+        return h
+            .parse::<u64>()
+            .map(|h| Duration::from_secs(h * 3600))
+            .map_err(|e| e.to_string());
+    }
+    if let Some(m) = s.strip_suffix('m').filter(|m| !m.ends_with('m')) {
+        if let Ok(m) = m.parse::<u64>() {
+            return Ok(Duration::from_secs(m * 60));
+        }
+    }
+    config::validate::duration("duration", s).map_err(|e| e.message)
+}
+
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "waypoint", about = "L7 proxy of the ambient mesh")]
+pub struct Args {
+    /// The waypoint's SPIFFE identity.
+    #[arg(
+        long,
+        env = "WAYPOINT_IDENTITY",
+        default_value = "spiffe://cluster.local/ns/default/sa/waypoint"
+    )]
+    pub identity: Identity,
+    /// Configuration file (YAML, Envoy v3 shaped; see the README).
+    #[arg(long, env = "WAYPOINT_CONFIG")]
+    pub config: PathBuf,
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub config_poll: Duration,
+    #[arg(long, env = "CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    #[arg(long, env = "CA_KEY")]
+    pub ca_key: Option<PathBuf>,
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub cert_ttl: Duration,
+    #[arg(long, default_value = "[::]:15008")]
+    pub hbone_addr: SocketAddr,
+    /// Plaintext HTTP listener, off by default (benchmarks, debugging):
+    /// the local address is taken as the original destination; no identity.
+    #[arg(long)]
+    pub plaintext_addr: Option<SocketAddr>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "[::]:15021")]
+    pub readiness_addr: SocketAddr,
+    /// This waypoint's address, sent as `Forwarded: for=` upstream
+    /// (default: the HBONE listen address, or 127.0.0.1 if unspecified).
+    #[arg(long)]
+    pub own_ip: Option<IpAddr>,
+    #[arg(long, default_value_t = 0x539)]
+    pub socket_mark: u32,
+    #[arg(long, default_value_t = 100)]
+    pub pool_max_streams: usize,
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
+    #[arg(long)]
+    pub log_json: bool,
+    /// On SIGTERM: not ready, stop accepting, GOAWAY, and wait this long
+    /// at most for open requests to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+}
+
+/// A running waypoint: where it listens and its shared state.
+pub struct Running {
+    pub proxy: Arc<Proxy>,
+    pub hbone_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The pieces a waypoint is built from, for embedding (tests) as well as
+/// the binary.
+pub struct Parts {
+    pub identity: Identity,
+    pub ca: Arc<dyn CaClient>,
+    pub cert_ttl: Duration,
+    pub own_ip: IpAddr,
+    pub mark: u32,
+    pub pool_max_streams: usize,
+    pub store: Arc<Store>,
+}
+
+pub fn build(p: Parts) -> Arc<Proxy> {
+    let secrets = SecretManager::new(p.ca, p.cert_ttl);
+    let pool = Pool::new(
+        secrets.clone(),
+        p.mark,
+        p.pool_max_streams,
+        Duration::from_secs(60),
+    );
+    let dialer = Dialer::new(pool, p.identity.clone(), p.own_ip, p.mark);
+    Arc::new(Proxy {
+        identity: p.identity,
+        secrets,
+        store: p.store,
+        upstream: Arc::new(Upstream::new(dialer)),
+        metrics: Arc::new(Metrics::new()),
+        drain: ztunnel::proxy::Drain::default(),
+    })
+}
+
+/// Starts serving HBONE on `hbone` and the admin endpoints on `admin`.
+pub async fn start(
+    proxy: Arc<Proxy>,
+    hbone: TcpListener,
+    admin: Vec<TcpListener>,
+) -> anyhow::Result<Running> {
+    // The certificate first: a waypoint without one cannot serve.
+    proxy
+        .secrets
+        .fetch(&proxy.identity)
+        .await
+        .context("fetching the waypoint's certificate")?;
+    let hbone_addr = hbone.local_addr()?;
+    let admin_addr = admin
+        .first()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .unwrap_or(hbone_addr);
+    let ready = Arc::new(AtomicBool::new(false));
+    for l in admin {
+        ztunnel::admin::serve(l, crate::admin::handler(proxy.clone(), ready.clone()));
+    }
+    tokio::spawn(crate::inbound::run(proxy.clone(), hbone));
+    ready.store(true, Ordering::Release);
+    Ok(Running {
+        proxy,
+        hbone_addr,
+        admin_addr,
+        ready,
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let store = Store::empty();
+    config::watch_file(args.config.clone(), store.clone(), args.config_poll).await?;
+    let ca = LocalCa::load_or_generate(
+        args.ca_cert.as_deref(),
+        args.ca_key.as_deref(),
+        &args.identity.trust_domain,
+    )
+    .context("setting up the local CA")?;
+    let own_ip = args.own_ip.unwrap_or_else(|| {
+        let ip = args.hbone_addr.ip();
+        if ip.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            ip
+        }
+    });
+    let proxy = build(Parts {
+        identity: args.identity.clone(),
+        ca: Arc::new(ca),
+        cert_ttl: args.cert_ttl,
+        own_ip,
+        mark: args.socket_mark,
+        pool_max_streams: args.pool_max_streams,
+        store: store.clone(),
+    });
+    let hbone = ztunnel::socket::listen(args.hbone_addr, false)
+        .with_context(|| format!("binding HBONE on {}", args.hbone_addr))?;
+    let mut admin = Vec::new();
+    for (a, what) in [
+        (args.admin_addr, "admin"),
+        (args.metrics_addr, "metrics"),
+        (args.readiness_addr, "readiness"),
+    ] {
+        admin.push(ztunnel::admin::bind(a, what).await?);
+    }
+    let plaintext = args
+        .plaintext_addr
+        .map(|a| {
+            ztunnel::socket::listen(a, false)
+                .with_context(|| format!("binding the plaintext listener on {a}"))
+        })
+        .transpose()?;
+    let running = start(proxy, hbone, admin).await?;
+    if let Some(l) = plaintext {
+        tokio::spawn(crate::plaintext::run(running.proxy.clone(), l));
+    }
+    info!(hbone = %running.hbone_addr, identity = %args.identity, "waypoint ready");
+    // Keep the configuration's endpoint table in step with reloads.
+    let p = running.proxy.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let cfg = p.store.get();
+            p.upstream
+                .balancer
+                .retain(cfg.clusters.values().map(|c| c.as_ref()));
+            let live = cfg
+                .clusters
+                .values()
+                .flat_map(|c| c.endpoints.iter().map(|e| e.address))
+                .collect();
+            p.upstream.dialer.retain(&live);
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("waypoint draining");
+    running.ready.store(false, Ordering::Release);
+    let left = running.proxy.drain.run(args.drain_timeout).await;
+    info!(still_open = left, "waypoint stopped");
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! Forwarding a routed request: choose the weighted cluster, rewrite path
+//! and host, then attempt, retrying per the route's policy within its
+//! timeout, and mirror a copy where asked.
+//!
+//! The request body is buffered (up to [`MAX_BUFFERED_BODY`]) only when a
+//! retry or a mirror may need to send it again; otherwise it streams.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route};
+use crate::record::RequestInfo;
+use crate::upstream::{Attempt, Body, SendError, Upstream};
+
+pub const MAX_BUFFERED_BODY: usize = 4 * 1024 * 1024;
+
+/// What forwarding produced: an upstream response, or a status to answer
+/// locally with an Envoy-style response flag.
+pub enum Outcome {
+    Upstream(Response<Incoming>),
+    /// A response made here (direct response, redirect).
+    Ready(Response<Body>),
+    Local(StatusCode, &'static str, &'static str),
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn pick_cluster(f: &Forward) -> Arc<ClusterConfig> {
+    let mut n = fastrand::u32(..f.total_weight);
+    for (c, w) in &f.clusters {
+        if n < *w {
+            return c.clone();
+        }
+        n -= w;
+    }
+    // Unreachable: weights add up to total_weight (checked at validation).
+    f.clusters[0].0.clone()
+}
+
+/// The path after the route's rewrites.
+pub fn rewrite_path(route: &Route, f: &Forward, path: &str) -> String {
+    if let (Some(new), PathMatch::Prefix(old)) = (&f.prefix_rewrite, &route.path) {
+        if let Some(rest) = path.strip_prefix(old.as_str()) {
+            let mut p = format!("{new}{rest}");
+            if p.starts_with("//") {
+                p.remove(0);
+            }
+            if p.is_empty() {
+                p.push('/');
+            }
+            return p;
+        }
+    }
+    if let Some((re, sub)) = &f.regex_rewrite {
+        return re.replace_all(path, sub.as_str()).into_owned();
+    }
+    path.to_string()
+}
+
+enum ReqBody {
+    Streaming(Incoming),
+    Buffered(Bytes),
+}
+
+fn retriable_status(r: &Retry, s: StatusCode) -> bool {
+    let code = s.as_u16();
+    (r.on_5xx && code >= 500)
+        || (r.on_gateway_error && matches!(code, 502..=504))
+        || r.status_codes.contains(&code)
+}
+
+fn retriable_error(r: &Retry, e: &SendError) -> bool {
+    match e {
+        SendError::NoEndpoint(_) => false,
+        SendError::Connect(..) => r.on_connect_failure || r.on_5xx || r.on_gateway_error,
+        SendError::Reset(..) => r.on_reset || r.on_5xx || r.on_gateway_error,
+    }
+}
+
+/// Fully jittered exponential backoff, as Envoy does it.
+fn backoff(r: &Retry, retry: u32) -> Duration {
+    let cap = r
+        .base_interval
+        .saturating_mul(1u32 << retry.min(16))
+        .min(r.max_interval);
+    cap.mul_f64(fastrand::f64())
+}
+
+pub async fn forward(
+    upstream: &Arc<Upstream>,
+    route: &Route,
+    f: &Forward,
+    mut parts: Parts,
+    body: Incoming,
+    info: &mut RequestInfo,
+) -> Outcome {
+    let cluster = pick_cluster(f);
+    info.cluster = cluster.name.clone();
+    let path = rewrite_path(route, f, parts.uri.path());
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut uri = http::uri::Builder::new().path_and_query(pq.as_str());
+    let authority = f
+        .host_rewrite
+        .clone()
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    if let Some(a) = &authority {
+        uri = uri.scheme("http").authority(a.as_str());
+        if let Ok(v) = HeaderValue::from_str(a) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
+    match uri.build() {
+        Ok(u) => parts.uri = u,
+        Err(_) => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
+    }
+    route.request_headers.apply(&mut parts.headers);
+    let downstream_h2 = parts.version == http::Version::HTTP_2;
+
+    let needs_copy = f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
+    let counter = info.request_bytes.clone();
+    let body = if needs_copy {
+        match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+            Ok(c) => {
+                let b = c.to_bytes();
+                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                ReqBody::Buffered(b)
+            }
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Outcome::Local(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "-",
+                    "request body too large to buffer for retry\n",
+                )
+            }
+            Err(_) => return Outcome::Local(StatusCode::BAD_REQUEST, "DC", "request body error\n"),
+        }
+    } else {
+        ReqBody::Streaming(body)
+    };
+
+    if let ReqBody::Buffered(b) = &body {
+        for (mc, fraction) in &f.mirrors {
+            if fastrand::f64() < *fraction {
+                mirror(upstream, mc.clone(), &parts, b.clone(), downstream_h2);
+            }
+        }
+    }
+
+    let attempts = attempt_all(upstream, &cluster, f, parts, body, downstream_h2, info);
+    let result = match f.timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Outcome::Local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout\n",
+                )
+            }
+        },
+        None => attempts.await,
+    };
+    match result {
+        Ok(a) => {
+            info.endpoint = Some(a.endpoint);
+            if let Some(ep) = cluster.endpoints.iter().find(|e| e.address == a.endpoint) {
+                info.destination_workload = ep.workload.clone();
+                info.destination_namespace = ep.namespace.clone();
+                info.destination_principal = ep.identity.clone();
+            }
+            Outcome::Upstream(a.response)
+        }
+        Err(e) => match e {
+            SendError::NoEndpoint(_) => Outcome::Local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                "no healthy upstream\n",
+            ),
+            SendError::Connect(..) => Outcome::Local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UF",
+                "upstream connect error\n",
+            ),
+            SendError::Reset(..) => Outcome::Local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UR",
+                "upstream reset before response\n",
+            ),
+        },
+    }
+}
+
+fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+async fn attempt_all(
+    upstream: &Upstream,
+    cluster: &ClusterConfig,
+    f: &Forward,
+    parts: Parts,
+    body: ReqBody,
+    downstream_h2: bool,
+    info: &mut RequestInfo,
+) -> Result<Attempt, SendError> {
+    let body = match body {
+        ReqBody::Streaming(b) => {
+            let counter = info.request_bytes.clone();
+            let counted = b
+                .map_frame(move |fr| {
+                    if let Some(d) = fr.data_ref() {
+                        counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    fr
+                })
+                .map_err(Into::into)
+                .boxed_unsync();
+            info.attempts = 1;
+            return upstream
+                .send(cluster, copy_request(&parts, counted), downstream_h2, None)
+                .await;
+        }
+        ReqBody::Buffered(b) => b,
+    };
+    let Some(retry) = &f.retry else {
+        info.attempts = 1;
+        return upstream
+            .send(
+                cluster,
+                copy_request(&parts, full(body)),
+                downstream_h2,
+                None,
+            )
+            .await;
+    };
+    let mut avoid = None;
+    let mut n = 0;
+    loop {
+        info.attempts = n + 1;
+        let req = copy_request(&parts, full(body.clone()));
+        let sent = upstream.send(cluster, req, downstream_h2, avoid);
+        let res = match retry.per_try_timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => Err(SendError::Reset(
+                    avoid.unwrap_or(([0, 0, 0, 0], 0).into()),
+                    "per-try timeout".into(),
+                )),
+            },
+            None => sent.await,
+        };
+        let again = match &res {
+            Ok(a) => retriable_status(retry, a.response.status()),
+            Err(e) => retriable_error(retry, e),
+        };
+        if !again || n >= retry.num_retries {
+            if n > 0 && again {
+                info.flags = "URX";
+            }
+            return res;
+        }
+        avoid = match &res {
+            Ok(a) => Some(a.endpoint),
+            Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
+            Err(_) => None,
+        };
+        drop(res);
+        tokio::time::sleep(backoff(retry, n)).await;
+        n += 1;
+    }
+}
+
+/// Sends a copy to `cluster` in the background, its host suffixed with
+/// `-shadow` as Envoy does; the answer is dropped.
+fn mirror(
+    upstream: &Arc<Upstream>,
+    cluster: Arc<ClusterConfig>,
+    parts: &Parts,
+    body: Bytes,
+    downstream_h2: bool,
+) {
+    let mut req = copy_request(parts, full(body));
+    if let Some(host) = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+    }
+    let upstream = upstream.clone();
+    tokio::spawn(async move {
+        if let Err(e) = upstream.send(&cluster, req, downstream_h2, None).await {
+            tracing::debug!(cluster = %cluster.name, error = %e, "mirror request failed");
+        }
+    });
+}

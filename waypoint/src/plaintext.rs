@@ -1,0 +1,52 @@
+//! An optional plaintext HTTP listener (`--plaintext-addr`), off by
+//! default: the connection's local address stands for the original
+//! destination and there is no client identity (principal-based policies
+//! never match it). It exists to measure and debug the L7 engine without
+//! HBONE in front, e.g. against another reverse proxy on the same footing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::warn;
+use ztunnel::socket::canonical;
+
+use crate::config::runtime::ChainKind;
+use crate::serve::{serve_http, Downstream};
+use crate::Proxy;
+
+pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
+    let drain = proxy.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "plaintext accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let local = canonical(local);
+        let chain = match proxy.store.get().chain_for(local).map(|c| &c.kind) {
+            Some(ChainKind::Http(h)) => h.clone(),
+            _ => continue,
+        };
+        let ds = Arc::new(Downstream {
+            identity: None,
+            src_ip: canonical(peer).ip(),
+            dst: local,
+            protocol: None,
+        });
+        drain
+            .connections
+            .spawn(serve_http(proxy.clone(), stream, ds, chain));
+    }
+}

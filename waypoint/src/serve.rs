@@ -1,0 +1,383 @@
+//! HTTP inside one CONNECT stream: hyper serves HTTP/1.1 or HTTP/2 (told
+//! apart by the HTTP/2 connection preface, or fixed by the chain's codec,
+//! i.e. the service port's appProtocol), and every request goes through
+//! [`handle`]:
+//!
+//! 1. authorization (RBAC filters of the chain) — denied: 403, and the
+//!    request never reaches a backend;
+//! 2. route selection — none: 404;
+//! 3. fault injection (delay, abort);
+//! 4. the route's action: direct response, redirect, or forward
+//!    (see [`crate::forward`]);
+//! 5. response header modifiers, then metrics and the access log once the
+//!    response body is done (see [`crate::record`]).
+//!
+//! hyper answers malformed HTTP/1.1 with 400 and oversized headers with
+//! 431; an HTTP/2 protocol error resets that stream or connection only.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, CONNECTION, LOCATION};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::model::CodecType;
+use crate::config::runtime::{Action, ChainKind, HttpChain, Redirect, Route};
+use crate::forward::{self, Outcome};
+use crate::rbac::{self, AuthzRequest, Decision};
+use crate::record::{self, RequestInfo};
+use crate::upstream::Body;
+use crate::Proxy;
+use ztunnel::identity::Identity;
+
+/// Who is on the other end of a CONNECT stream, and where it was going.
+pub struct Downstream {
+    pub identity: Option<Identity>,
+    pub src_ip: IpAddr,
+    pub dst: SocketAddr,
+    /// What the first bytes were sniffed as, if they were.
+    pub protocol: Option<&'static str>,
+}
+
+/// Serves HTTP on `io` until the client is done.
+pub async fn serve_http<I>(proxy: Arc<Proxy>, io: I, ds: Arc<Downstream>, chain: Arc<HttpChain>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(chain.max_header_bytes.max(8192))
+        .header_read_timeout(Duration::from_secs(30))
+        .timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http2()
+        .max_header_list_size(chain.max_header_bytes as u32)
+        .max_concurrent_streams(1000)
+        .timer(hyper_util::rt::TokioTimer::new());
+    let builder = match chain.codec {
+        CodecType::Auto => builder,
+        CodecType::Http1 => builder.http1_only(),
+        CodecType::Http2 => builder.http2_only(),
+    };
+    let stop = proxy.drain.stop.clone();
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let ds = ds.clone();
+        async move { Ok::<_, Infallible>(handle(proxy, ds, req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            // Finish the request in progress (HTTP/1.1) or the open streams
+            // (HTTP/2, after a GOAWAY), then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+fn local(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// A local reply to a gRPC client: HTTP 200, trailers-only, with the gRPC
+/// status the HTTP status maps to (gRPC's "HTTP to gRPC status" table), as
+/// gRPC clients do not read HTTP statuses.
+fn grpc_local(status: StatusCode, message: &'static str) -> Response<Body> {
+    let code = match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    let mut r = local(StatusCode::OK, "");
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", http::HeaderValue::from(code));
+    if let Ok(v) = http::HeaderValue::from_str(message.trim_end()) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+    if h.get("te").is_some_and(|v| v != "trailers") {
+        h.remove("te");
+    }
+}
+
+/// What Envoy adds on the way upstream: the client's address appended to
+/// `x-forwarded-for`, `x-forwarded-proto`, and an `x-request-id` when the
+/// client sent none (for correlating logs across hops).
+fn add_forwarding_headers(h: &mut HeaderMap, client: IpAddr) {
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.entry("x-forwarded-proto")
+        .or_insert(http::HeaderValue::from_static("http"));
+    if !h.contains_key("x-request-id") {
+        let id = format!("{:032x}", fastrand::u128(..));
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            h.insert("x-request-id", v);
+        }
+    }
+}
+
+fn protocol(req: &Request<Incoming>) -> &'static str {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    if grpc {
+        "grpc"
+    } else {
+        "http"
+    }
+}
+
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    ds: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let mut info = RequestInfo {
+        start: Instant::now(),
+        method: req.method().clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        authority: String::new(),
+        protocol: protocol(&req),
+        source: ds.identity.clone(),
+        source_ip: ds.src_ip,
+        destination: ds.dst,
+        route: "-".into(),
+        cluster: "-".into(),
+        endpoint: None,
+        destination_workload: None,
+        destination_namespace: None,
+        destination_principal: None,
+        flags: "-",
+        attempts: 0,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+    };
+    let (mut parts, body) = req.into_parts();
+    info.authority = crate::route::request_host(&parts);
+    let (route, resp) = route_and_run(&proxy, &ds, &mut parts, body, &mut info).await;
+    let mut resp = match resp {
+        Outcome::Upstream(r) => {
+            let (mut rp, b) = r.into_parts();
+            strip_hop_by_hop(&mut rp.headers);
+            Response::from_parts(rp, b.map_err(Into::into).boxed_unsync())
+        }
+        Outcome::Ready(r) => r,
+        Outcome::Local(status, flag, body) => {
+            if info.flags == "-" {
+                info.flags = flag;
+            }
+            if info.protocol == "grpc" {
+                grpc_local(status, body)
+            } else {
+                local(status, body)
+            }
+        }
+    };
+    if let Some(r) = &route {
+        r.response_headers.apply(resp.headers_mut());
+    }
+    let status = resp.status();
+    let grpc = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (rp, b) = resp.into_parts();
+    let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
+    Response::from_parts(rp, b)
+}
+
+async fn route_and_run(
+    proxy: &Arc<Proxy>,
+    ds: &Downstream,
+    parts: &mut http::request::Parts,
+    body: Incoming,
+    info: &mut RequestInfo,
+) -> (Option<Arc<Route>>, Outcome) {
+    let cfg = proxy.store.get();
+    let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
+        Some(ChainKind::Http(h)) => h.clone(),
+        _ => {
+            return (
+                None,
+                Outcome::Local(
+                    StatusCode::NOT_FOUND,
+                    "NR",
+                    "no HTTP listener for this destination\n",
+                ),
+            )
+        }
+    };
+    let authz = AuthzRequest {
+        source: ds.identity.as_ref(),
+        destination_port: ds.dst.port(),
+        http: Some((&parts.method, parts.uri.path(), &parts.headers)),
+    };
+    if let Decision::Deny(why) = rbac::authorize(&chain.rbac, &authz) {
+        tracing::debug!(reason = %why, "request denied");
+        return (
+            None,
+            Outcome::Local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied\n"),
+        );
+    }
+    let Some(route) = crate::route::select(&chain.routes, parts) else {
+        return (
+            None,
+            Outcome::Local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
+        );
+    };
+    info.route = route.name.clone();
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarding_headers(&mut parts.headers, ds.src_ip);
+    if let Some(fault) = &route.fault {
+        if let Some((d, p)) = fault.delay {
+            if fastrand::f64() < p {
+                info.flags = "DI";
+                tokio::time::sleep(d).await;
+            }
+        }
+        if let Some((s, p)) = fault.abort {
+            if fastrand::f64() < p {
+                return (Some(route), Outcome::Local(s, "FI", "fault filter abort\n"));
+            }
+        }
+    }
+    let outcome = match &route.action {
+        Action::Direct { status, body } => {
+            let mut r = local(*status, "");
+            *r.body_mut() = Full::new(Bytes::from(body.clone()))
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            return (Some(route.clone()), Outcome::Ready(r));
+        }
+        Action::Redirect(r) => return (Some(route.clone()), redirect(r, &route, parts)),
+        Action::Forward(f) => {
+            forward::forward(&proxy.upstream, &route, f, parts.clone(), body, info).await
+        }
+    };
+    (Some(route), outcome)
+}
+
+fn redirect(r: &Redirect, route: &Route, parts: &http::request::Parts) -> Outcome {
+    let host_header = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let (orig_host, orig_port) = match host_header.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => {
+            (h.to_string(), Some(p.to_string()))
+        }
+        _ => (host_header.clone(), None),
+    };
+    let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
+    let host = r.host.clone().unwrap_or(orig_host);
+    let port = match (r.port, &r.host) {
+        (Some(p), _) => Some(p.to_string()),
+        (None, Some(_)) => None,
+        (None, None) => orig_port,
+    };
+    let path = match (&r.path, &r.prefix_rewrite, &route.path) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(new), crate::config::runtime::PathMatch::Prefix(old)) => {
+            let rest = parts.uri.path().strip_prefix(old.as_str()).unwrap_or("");
+            let p = format!("{new}{rest}").replace("//", "/");
+            if p.is_empty() {
+                "/".into()
+            } else {
+                p
+            }
+        }
+        _ => parts.uri.path().to_string(),
+    };
+    let mut location = match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    };
+    if let (false, Some(q)) = (r.strip_query, parts.uri.query()) {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = local(r.status, "");
+    match http::HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(LOCATION, v);
+            Outcome::Ready(resp)
+        }
+        Err(_) => Outcome::Local(StatusCode::BAD_REQUEST, "-", "cannot build redirect\n"),
+    }
+}

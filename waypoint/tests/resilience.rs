@@ -1,0 +1,226 @@
+//! Timeouts, retries, load balancing and ejection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn request_timeout_gives_504() {
+    let ca = ca();
+    let slow = backend("slow").await;
+    let routes = "          - match: {prefix: /}
+            route: {cluster: slow, timeout: 0.2s}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("slow", &[slow.addr], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    let r = c.get("/", &[("x-delay-ms", "3000")]).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(c.get("/", &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn retry_turns_a_flaky_503_into_200() {
+    let ca = ca();
+    let flaky = backend("flaky").await;
+    let routes = "          - match: {prefix: /retry}
+            route:
+              cluster: flaky
+              retry_policy:
+                retry_on: 5xx
+                num_retries: 2
+                retry_back_off: {base_interval: 0.01s}
+          - match: {prefix: /codes}
+            route:
+              cluster: flaky
+              retry_policy: {retry_on: retriable-status-codes, retriable_status_codes: [409], num_retries: 1}
+          - match: {prefix: /}
+            route: {cluster: flaky}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("flaky", &[flaky.addr], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    flaky.script(&[503]);
+    let r = c
+        .request("POST", "/retry", &[], "body survives the retry")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(flaky.hits(), 2);
+    // Out of retries: the last answer is passed on.
+    flaky.script(&[503, 503, 503]);
+    assert_eq!(c.get("/retry", &[]).await.status, 503);
+    assert_eq!(flaky.hits(), 5);
+    // Only the listed codes are retried.
+    flaky.script(&[409]);
+    assert_eq!(c.get("/codes", &[]).await.status, 200);
+    flaky.script(&[500]);
+    assert_eq!(c.get("/codes", &[]).await.status, 500);
+    // Without a retry policy a 503 is final.
+    flaky.script(&[503]);
+    assert_eq!(c.get("/", &[]).await.status, 503);
+}
+
+#[tokio::test]
+async fn connect_failure_is_retried_on_another_endpoint() {
+    let ca = ca();
+    let good = backend("good").await;
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let routes = "          - match: {prefix: /}
+            route:
+              cluster: pair
+              retry_policy: {retry_on: connect-failure, num_retries: 2}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("pair", &[good.addr, dead], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    for _ in 0..20 {
+        assert_eq!(c.get("/", &[]).await.status, 200);
+    }
+    assert_eq!(good.hits(), 20);
+}
+
+#[tokio::test]
+async fn both_endpoints_serve_and_a_failing_one_is_ejected() {
+    let ca = ca();
+    let a = backend("a").await;
+    let b = backend("b").await;
+    let od = "    outlier_detection: {consecutive_5xx: 3, base_ejection_time: 600s, max_ejection_percent: 50}\n";
+    let routes = "          - match: {prefix: /}
+            route: {cluster: pair}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("pair", &[a.addr, b.addr], od)),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    for _ in 0..100 {
+        assert_eq!(c.get("/", &[]).await.status, 200);
+    }
+    assert!(
+        a.hits() > 0 && b.hits() > 0,
+        "a {} b {}",
+        a.hits(),
+        b.hits()
+    );
+    // b starts failing: after 3 consecutive 5xx it is ejected and gets
+    // nothing more. (P2C sends b traffic again once its latency estimate
+    // has decayed below a's: keep going until it has failed 3 times.)
+    b.script(&[500; 1000]);
+    let before = b.hits();
+    let mut failed = 0;
+    for _ in 0..5000 {
+        if c.get("/", &[]).await.status != 200 {
+            failed += 1;
+        }
+        if b.hits() - before == 3 {
+            break;
+        }
+    }
+    assert_eq!((failed, b.hits() - before), (3, 3));
+    for _ in 0..100 {
+        assert_eq!(c.get("/", &[]).await.status, 200);
+    }
+    assert_eq!(b.hits() - before, 3);
+    let dump = admin_get(&wp, "/config_dump").await;
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let eps = v["endpoints"].as_array().unwrap();
+    let eb = eps
+        .iter()
+        .find(|e| e["address"] == b.addr.to_string())
+        .unwrap();
+    assert_eq!(eb["ejected"], true);
+    let ea = eps
+        .iter()
+        .find(|e| e["address"] == a.addr.to_string())
+        .unwrap();
+    assert_eq!(ea["ejected"], false);
+}
+
+#[tokio::test]
+async fn ejected_endpoint_is_readmitted_after_the_ejection_time() {
+    let ca = ca();
+    let a = backend("a").await;
+    let b = backend("b").await;
+    let od = "    outlier_detection: {consecutive_5xx: 1, base_ejection_time: 0.3s, max_ejection_percent: 50}\n";
+    let routes = "          - match: {prefix: /}
+            route: {cluster: pair}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("pair", &[a.addr, b.addr], od)),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    b.script(&[500]);
+    // Until b has failed once (and is ejected).
+    for _ in 0..5000 {
+        if b.hits() > 0 {
+            break;
+        }
+        c.get("/", &[]).await;
+    }
+    assert_eq!(b.hits(), 1);
+    let after_ejection = b.hits();
+    // Wait for re-admission, then b serves again.
+    let mut back = false;
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(c.get("/", &[]).await.status, 200);
+        if b.hits() > after_ejection {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "b was never re-admitted");
+}
+
+#[tokio::test]
+async fn drain_lets_the_request_in_flight_finish_and_refuses_new_tunnels() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let routes = "          - match: {prefix: /}\n            route: {cluster: v1}\n";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("v1", &[v1.addr], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    let mut s = c.h1(VIP).await;
+    let req = http::Request::builder()
+        .uri("/slow")
+        .header("host", "echo")
+        .header("x-delay-ms", "300")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let in_flight = tokio::spawn(async move { send(&mut s, req).await.status });
+    // Until the backend has the request.
+    while v1.hits() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let drain = wp.proxy.drain.clone();
+    let left = tokio::spawn(async move { drain.run(std::time::Duration::from_secs(20)).await });
+    assert_eq!(in_flight.await.unwrap(), 200);
+    assert_eq!(left.await.unwrap(), 0);
+    assert!(c.tunnel(VIP).await.is_err());
+}
