@@ -56,12 +56,6 @@ enum Bench {
     /// listeners: throughput, latency, connections/s, and the time to set
     /// up capture for one pod.
     Capture(capture::CaptureArgs),
-            println!("{}", report.text());
-            if let Some(dir) = &args.out_dir {
-                report.write(dir)?;
-            }
-            Ok(())
-        }),
     /// HTTP/1.1 and HTTP/2 requests/s and p50/p99 at a fixed concurrency:
     /// waypoint vs nginx as reverse proxies (same workers), and the mesh
     /// path through the waypoint vs L4-only vs direct.
@@ -111,6 +105,12 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Bench::Capture(args) => capture::run(args).and_then(|report| {
+            println!("{}", report.text());
+            if let Some(dir) = &args.out_dir {
+                report.write(dir)?;
+            }
+            Ok(())
+        }),
         Bench::Waypoint(args) => waypoint::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {
