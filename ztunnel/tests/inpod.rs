@@ -513,6 +513,9 @@ fn ambient_pods_with_ebpf_capture() {
     assert!(bed.pinned(&a).is_empty());
     assert_eq!(bed.records(&a), 0);
 
+    // CHECK: the runtime asking whether the pod is still set up.
+    bed.cni("CHECK", &server, "default");
+
     // Un-enroll: everything added is gone and traffic is direct again.
     bed.cni("DEL", &client, "default");
     bed.cni("DEL", &server, "default");
