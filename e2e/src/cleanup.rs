@@ -1,4 +1,5 @@
-//! Removing what test beds leave behind: cgroups, namespaces, processes.
+//! Removing what test beds leave behind: cgroups, namespaces, processes,
+//! pinned eBPF objects.
 //!
 //! Names carry the owner's pid (`ztb<pid>x<counter>...`), which is how a later
 //! run knows that a leftover is stale: its owner process is gone, so nobody
@@ -251,6 +252,18 @@ fn remove_matching(is_stale: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         }
     }
 
+    // Pinned eBPF objects (in-pod capture) that tests and benchmarks put
+    // under `/sys/fs/bpf/<prefix>-...`: they outlive every namespace and
+    // cgroup (only their pins keep them), so they go explicitly.
+    for (name, path) in bpf_pins() {
+        if is_stale(&name) {
+            match remove_pins(&path) {
+                Ok(()) => removed.push(format!("bpf pins {}", path.display())),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+
     // Temp dirs (logs, pcaps), unless the user is keeping them to look at.
     if !keep_files() {
         if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
@@ -273,6 +286,35 @@ fn remove_matching(is_stale: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         bail!("cleaning up leftovers of old test beds (removed {removed:?}): {e:#}");
     }
     Ok(removed)
+}
+
+/// Where test beds pin eBPF objects.
+pub(crate) const BPF_FS: &str = "/sys/fs/bpf";
+
+/// `(name, path)` of each entry at the top of the bpffs.
+pub(crate) fn bpf_pins() -> Vec<(String, PathBuf)> {
+    match std::fs::read_dir(BPF_FS) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Unpins a file or a tree of pins (unlinking a pin drops the kernel
+/// object once nothing else holds it; a pinned link detaches).
+pub(crate) fn remove_pins(path: &Path) -> Result<()> {
+    let r = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unpinning {}", path.display())),
+    }
 }
 
 #[cfg(test)]

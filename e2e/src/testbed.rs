@@ -292,6 +292,13 @@ impl Testbed {
         &self.dir
     }
 
+    /// A bpffs directory for this test bed's pinned eBPF objects,
+    /// `/sys/fs/bpf/<prefix>-<name>` (not created). Removed on drop, and by a
+    /// later run's stale cleanup if this process dies first.
+    pub fn bpf_dir(&self, name: &str) -> PathBuf {
+        Path::new(cleanup::BPF_FS).join(format!("{}-{name}", self.prefix))
+    }
+
     /// All nodes, in creation order.
     pub fn nodes(&self) -> Vec<Node> {
         self.lock().nodes.clone()
@@ -771,6 +778,15 @@ impl Drop for Testbed {
         for ns in st.netns.iter().rev() {
             if let Err(e) = cleanup::delete_netns(ns) {
                 eprintln!("e2e: {}: {e:#}", self.prefix);
+            }
+        }
+        // eBPF objects pinned under this test bed's prefix (see
+        // [`Testbed::bpf_dir`]).
+        for (name, path) in cleanup::bpf_pins() {
+            if cleanup::parse_prefix(&name).is_some_and(|(_, p)| p == self.prefix) {
+                if let Err(e) = cleanup::remove_pins(&path) {
+                    eprintln!("e2e: {}: {e:#}", self.prefix);
+                }
             }
         }
         if cleanup::keep_files() {

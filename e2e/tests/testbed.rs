@@ -399,3 +399,19 @@ fn new_removes_stale_leftovers_of_dead_pids_only() {
     drop(fixture);
     assert!(!netns_exists(&live_ns));
 }
+
+#[test]
+fn bpf_pins_go_with_the_testbed_and_stale_ones_with_the_next() {
+    if !e2e::require_root() {
+        return;
+    }
+    // A pin tree left by a process that is gone (pid above any pid_max).
+    let stale = Path::new("/sys/fs/bpf").join("ztb4194399x1-inpod-stale");
+    std::fs::create_dir_all(stale.join("pod-uid")).unwrap();
+    let tb = Testbed::new().unwrap();
+    assert!(!stale.exists(), "stale pins removed by a new test bed");
+    let mine = tb.bpf_dir("inpod-a");
+    std::fs::create_dir_all(mine.join("pod-uid")).unwrap();
+    drop(tb);
+    assert!(!mine.exists(), "the test bed's own pins removed on drop");
+}

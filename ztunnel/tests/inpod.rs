@@ -53,56 +53,12 @@ struct Bed {
     zb: Option<ChildGuard>,
 }
 
-/// Pins live on the host's bpffs, outside the test bed's own cleanup.
-struct PinCleanup(Vec<PathBuf>);
-impl Drop for PinCleanup {
-    fn drop(&mut self) {
-        for root in &self.0 {
-            remove_pin_root(root);
-        }
-    }
-}
-
-fn remove_pin_root(root: &Path) {
-    if let Ok(entries) = std::fs::read_dir(root) {
-        for e in entries.flatten() {
-            let _ = ztunnel_ebpf::remove(&e.path());
-        }
-    }
-    let _ = std::fs::remove_dir(root);
-}
-
-/// Pin roots of test processes that died without cleaning up: named
-/// `ztb<pid>x<n>-inpod-<node>` like the test bed's own prefixes.
-fn cleanup_stale_pins() {
-    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("ztb") else {
-            continue;
-        };
-        if !name.contains("-inpod-") {
-            continue;
-        }
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-            remove_pin_root(&e.path());
-        }
-    }
-}
-
 impl Bed {
     fn dirs(&self, node: &Node) -> NodeDirs {
         let base = self.tb.dir().join(format!("inpod-{}", node.name()));
         NodeDirs {
             socket: base.join("ztunnel.sock"),
-            bpf: PathBuf::from("/sys/fs/bpf").join(format!(
-                "{}-inpod-{}",
-                self.tb.prefix(),
-                node.name()
-            )),
+            bpf: self.tb.bpf_dir(&format!("inpod-{}", node.name())),
             state: base.join("pods"),
         }
     }
@@ -389,7 +345,6 @@ fn ambient_pods_with_ebpf_capture() {
     if !common::root_or_skip() {
         return;
     }
-    cleanup_stale_pins();
     let tb = Testbed::new().expect("test bed");
     let a = tb.add_node("a").unwrap();
     let b = tb.add_node("b").unwrap();
@@ -428,7 +383,6 @@ fn ambient_pods_with_ebpf_capture() {
         za: None,
         zb: None,
     };
-    let _pins = PinCleanup(vec![bed.dirs(&a).bpf, bed.dirs(&b).bpf]);
     write_atomic(&bed.tb.dir().join("state.yaml"), &state_yaml(&bed));
     spawn_whoami(server.netns());
     spawn_whoami(plain.netns());
@@ -558,6 +512,9 @@ fn ambient_pods_with_ebpf_capture() {
     assert_eq!(bed.pinned(&b), vec![uid(&server)]);
     assert!(bed.pinned(&a).is_empty());
     assert_eq!(bed.records(&a), 0);
+
+    // CHECK: the runtime asking whether the pod is still set up.
+    bed.cni("CHECK", &server, "default");
 
     // Un-enroll: everything added is gone and traffic is direct again.
     bed.cni("DEL", &client, "default");

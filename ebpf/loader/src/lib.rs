@@ -52,13 +52,14 @@
 //! | `sockops` | ~0.2 us per callback, 5 callbacks per connection (only `TCP_CONNECT_CB` does work) |
 //! | `sk_lookup` | ~0.1 us per SYN into the pod |
 //! | ztunnel's lookup on accept | two map syscalls (get, delete), against one `getsockopt(SO_ORIGINAL_DST)` |
-//! | set-up for one pod | p50 ~16 ms inside ztunnel (listeners, load, verify, attach, pin), ~19 ms for the CNI ADD end to end |
+//! | set-up for one pod | p50 ~13-21 ms inside ztunnel (listeners, load, verify, attach, pin), ~15-27 ms for the CNI ADD end to end |
 //!
 //! Against Istio's in-pod iptables REDIRECT feeding the very same ztunnel
-//! listener (medians of 3 alternating rounds): throughput 1.01x, p50
-//! latency -12 us, connections/s 1.18x. Run to run the host noise is larger
-//! than the difference: the capture layer is not what a connection's cost
-//! is made of (ztunnel's TLS and copies are). Candidates not taken:
+//! listener (medians of 5 alternating rounds): throughput 1.22x, p50
+//! latency -10.6 us, connections/s 1.08x. Single rounds swing either way on
+//! a shared 2-vCPU machine: the capture layer is not what a connection's
+//! cost is made of (ztunnel's TLS and copies are), but unlike REDIRECT it
+//! adds no per-packet conntrack/NAT work. Candidates not taken:
 //! `sk_lookup` for outbound needs policy routing of every pod packet
 //! (per-packet cost, a routing change inside the pod); a `cgroup/getsockopt`
 //! answer to `SO_ORIGINAL_DST` runs in ztunnel's cgroup, not the pod's, so it

@@ -13,9 +13,8 @@ use e2e::Testbed;
 use ztunnel_ebpf::{remove, CaptureSpec, PodCapture};
 
 fn pin_root(tb: &Testbed) -> PathBuf {
-    // Unique per test bed; the test bed's stale cleanup does not know bpffs,
-    // so the test removes it on every path (remove() is idempotent).
-    PathBuf::from("/sys/fs/bpf").join(format!("{}-loader", tb.prefix()))
+    // Removed with the test bed (and by a later run's stale cleanup).
+    tb.bpf_dir("loader")
 }
 
 /// Removes a pin directory, and with `.1` its parent too.

@@ -312,7 +312,7 @@ pub fn run(args: &CaptureArgs) -> Result<Report> {
         None
     };
     let tb = Testbed::new().context("creating the test bed")?;
-    let pins = PathBuf::from("/sys/fs/bpf").join(format!("{}-inpod-bench", tb.prefix()));
+    let pins = tb.bpf_dir("inpod");
     let mut zts = Vec::new();
     let r = run_in(&tb, &bin, &cni, &pins, args, &mut zts);
     if r.is_err() && !stopped() {
@@ -325,19 +325,7 @@ pub fn run(args: &CaptureArgs) -> Result<Report> {
         }
     }
     drop(zts);
-    // Pinned capture is on the host's bpffs, not in the test bed: unpin
-    // every pod's links and maps, then the directories.
-    if let Ok(pods) = std::fs::read_dir(&pins) {
-        for pod in pods.flatten() {
-            if let Ok(files) = std::fs::read_dir(pod.path()) {
-                for f in files.flatten() {
-                    let _ = std::fs::remove_file(f.path());
-                }
-            }
-            let _ = std::fs::remove_dir(pod.path());
-        }
-    }
-    let _ = std::fs::remove_dir(&pins);
+    // The test bed unpins everything under `pins` when dropped.
     drop(tb);
     r
 }
