@@ -24,10 +24,10 @@ mod load;
 mod procstat;
 #[path = "bench/report.rs"]
 mod report;
-#[path = "bench/xds.rs"]
-mod xds;
 #[path = "bench/waypoint.rs"]
 mod waypoint;
+#[path = "bench/xds.rs"]
+mod xds;
 #[path = "bench/ztunnel.rs"]
 mod ztunnel;
 
