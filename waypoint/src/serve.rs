@@ -14,6 +14,10 @@
 //!
 //! hyper answers malformed HTTP/1.1 with 400 and oversized headers with
 //! 431; an HTTP/2 protocol error resets that stream or connection only.
+//!
+//! An HTTP/1.1 connection's task also drives the upstream connections its
+//! requests use ([`crate::upstream::affinity`]), so a request crosses the
+//! proxy without being handed to another task.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
