@@ -214,6 +214,12 @@ pub async fn forward(
 
 fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     let mut r = Request::new(body);
+    if let Some(a) = parts
+        .extensions
+        .get::<Arc<crate::upstream::affinity::Affinity>>()
+    {
+        r.extensions_mut().insert(a.clone());
+    }
     *r.method_mut() = parts.method.clone();
     *r.uri_mut() = parts.uri.clone();
     *r.version_mut() = parts.version;
@@ -307,6 +313,9 @@ fn mirror(
     downstream_h2: bool,
 ) {
     let mut req = copy_request(parts, full(body));
+    // Not on the client connection's own upstream: it runs alongside.
+    req.extensions_mut()
+        .remove::<Arc<crate::upstream::affinity::Affinity>>();
     if let Some(host) = req
         .headers()
         .get(http::header::HOST)

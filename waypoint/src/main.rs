@@ -1,3 +1,5 @@
+//! The waypoint binary: flags (see `app::Args`), logging, the runtime.
+
 use std::io::IsTerminal;
 
 use clap::Parser;

@@ -14,6 +14,10 @@
 //!
 //! hyper answers malformed HTTP/1.1 with 400 and oversized headers with
 //! 431; an HTTP/2 protocol error resets that stream or connection only.
+//!
+//! An HTTP/1.1 connection's task also drives the upstream connections its
+//! requests use ([`crate::upstream::affinity`]), so a request crosses the
+//! proxy without being handed to another task.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +40,7 @@ use crate::config::runtime::{Action, ChainKind, HttpChain, Redirect, Route};
 use crate::forward::{self, Outcome};
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::record::{self, RequestInfo};
+use crate::upstream::affinity::Affinity;
 use crate::upstream::Body;
 use crate::Proxy;
 use ztunnel::identity::Identity;
@@ -71,20 +76,32 @@ where
         CodecType::Http2 => builder.http2_only(),
     };
     let stop = proxy.drain.stop.clone();
-    let svc = service_fn(move |req| {
+    let (driver, mut new_upstreams) = tokio::sync::mpsc::unbounded_channel();
+    let affinity = Arc::new(Affinity::new(driver));
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let proxy = proxy.clone();
         let ds = ds.clone();
+        if req.version() < http::Version::HTTP_2 {
+            req.extensions_mut().insert(affinity.clone());
+        }
         async move { Ok::<_, Infallible>(handle(proxy, ds, req).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            // Finish the request in progress (HTTP/1.1) or the open streams
-            // (HTTP/2, after a GOAWAY), then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // This connection's own upstream connections, driven by this task.
+    let mut upstreams = futures::stream::FuturesUnordered::new();
+    let mut draining = false;
+    let res = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            Some(f) = new_upstreams.recv() => upstreams.push(f),
+            Some(()) = futures::StreamExt::next(&mut upstreams), if !upstreams.is_empty() => {}
+            _ = stop.cancelled(), if !draining => {
+                // Finish the request in progress (HTTP/1.1) or the open
+                // streams (HTTP/2, after a GOAWAY), then close.
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     };
     if let Err(e) = res {

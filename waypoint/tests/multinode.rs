@@ -2,7 +2,8 @@
 //! on node `a` reaches the waypoint on node `w` over HBONE, as its ztunnel
 //! would; the waypoint routes to two versions of `echo` on node `b`,
 //! reaching them through node b's real ztunnel over HBONE with the
-//! waypoint's identity. Node b's L4 policy admits only the waypoint.
+//! waypoint's identity. Node b's L4 policy admits only the waypoint; the
+//! waypoint's L7 policy denies `/admin` before anything reaches node b.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -123,7 +124,11 @@ fn split_and_header_routing_across_nodes_through_ztunnel() {
 ";
     let clusters = mesh_endpoint_cluster("v1", v1_ip, "echo-v1")
         + &mesh_endpoint_cluster("v2", v2_ip, "echo-v2");
-    let yaml = config("[]", routes, &clusters);
+    let deny_admin = r#"
+            - action: DENY
+              policies:
+                no-admin: {permissions: [{paths: [{prefix: /admin}]}]}"#;
+    let yaml = config(deny_admin, routes, &clusters);
     let rt_w = runtime_in(w.netns());
     let wp_ip = IpAddr::V4(wp_pod.ipv4());
     let ca_w = ca.clone();
@@ -154,6 +159,8 @@ fn split_and_header_routing_across_nodes_through_ztunnel() {
             let r = cc.get("/", &[("x-version", "v2")]).await;
             assert_eq!(r.body, "v2 /");
         }
+        // L7 policy at the waypoint: denied, and nothing reaches node b.
+        assert_eq!(cc.get("/admin/x", &[]).await.status, 403);
     });
     let share = v1.hits() as f64 / n as f64;
     assert_eq!(v1.hits() + v2.hits(), n + 10);

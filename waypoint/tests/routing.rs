@@ -288,3 +288,36 @@ async fn the_plaintext_listener_routes_without_identity() {
     assert_eq!(send(&mut sender, req("GET")).await.body, "v1 /plain");
     assert_eq!(send(&mut sender, req("DELETE")).await.status, 403);
 }
+
+#[tokio::test]
+async fn codec_type_fixes_the_protocol_like_app_protocol() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let yaml = config(
+        "[]",
+        "          - match: {prefix: /}\n            route: {cluster: v1}\n",
+        &cluster("v1", &[v1.addr], ""),
+    )
+    .replace(
+        "route_config_name: echo\n",
+        "route_config_name: echo\n          codec_type: HTTP2\n",
+    );
+    let wp = waypoint(ca.clone(), &yaml, "waypoint").await;
+    let c = client(ca, "client", &wp);
+    // HTTP/2 (prior knowledge) is served...
+    let mut h2 = c.h2(VIP).await;
+    let req = http::Request::builder()
+        .uri("http://echo/two")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    // ...HTTP/1.1 is not: the connection fails instead of being routed.
+    let mut h1 = c.h1(VIP).await;
+    let req = http::Request::builder()
+        .uri("/one")
+        .header("host", "echo")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert!(h1.send_request(req).await.is_err());
+    assert_eq!(v1.hits(), 1);
+}

@@ -2,6 +2,7 @@
 //! it ([`connector`]: HBONE or TCP), speak HTTP/1.1 or HTTP/2 to it with
 //! hyper's pooled client, and report the outcome back to the balancer.
 
+pub mod affinity;
 pub mod balancer;
 pub mod connector;
 pub mod h2pool;
@@ -14,7 +15,7 @@ use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::model::UpstreamProtocol;
 use crate::config::runtime::ClusterConfig;
@@ -117,6 +118,12 @@ impl Upstream {
                     .await
                     .map_err(|e| SendError::Reset(address, error_chain(&e))),
             }
+        } else if let Some(aff) = req.extensions_mut().remove::<Arc<affinity::Affinity>>() {
+            *req.uri_mut() = pq
+                .parse::<Uri>()
+                .map_err(|e| SendError::Connect(address, e.to_string()))?;
+            *req.version_mut() = http::Version::HTTP_11;
+            self.send_affine(&aff, address, req).await
         } else {
             *req.uri_mut() = format!("http://{address}{pq}")
                 .parse::<Uri>()
@@ -149,6 +156,45 @@ impl Upstream {
                 Err(e)
             }
         }
+    }
+}
+
+impl Upstream {
+    /// HTTP/1.1 on the downstream connection's own upstream connection
+    /// (opened, and handed to its driver, when there is none idle).
+    async fn send_affine(
+        &self,
+        aff: &affinity::Affinity,
+        address: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = match aff.take(address) {
+            Some(s) => s,
+            None => {
+                let io = self
+                    .dialer
+                    .dial(address)
+                    .await
+                    .map_err(|e| SendError::Connect(address, e.to_string()))?;
+                let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| SendError::Connect(address, error_chain(&e)))?;
+                let conn: affinity::ConnFuture = Box::pin(async move {
+                    let _ = conn.await;
+                });
+                if let Err(e) = aff.driver.send(conn) {
+                    // The downstream connection is gone; drive it here.
+                    tokio::spawn(e.0);
+                }
+                s
+            }
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Reset(address, error_chain(&e)))?;
+        aff.put(address, sender);
+        Ok(resp)
     }
 }
 
