@@ -44,7 +44,7 @@ pub struct Snapshot {
     pub resources: Arc<Resources>,
     /// `(type_url, name)` changed since generation `generation - 1`;
     /// `None` when unknown (the first snapshot).
-    pub changed: Option<HashSet<(String, String)>>,
+    pub changed: Option<HashSet<(&'static str, Arc<str>)>>,
 }
 
 impl Snapshot {
@@ -56,12 +56,12 @@ impl Snapshot {
             let old = prev.resources.get(t).unwrap_or(&empty);
             for (name, r) in new {
                 if old.get(name).map(|o| o.hash) != Some(r.hash) {
-                    changed.insert((t.to_string(), name.clone()));
+                    changed.insert((*t, name.clone()));
                 }
             }
             for name in old.keys() {
                 if !new.contains_key(name) {
-                    changed.insert((t.to_string(), name.clone()));
+                    changed.insert((*t, name.clone()));
                 }
             }
         }
@@ -130,21 +130,16 @@ impl Watch {
     /// only; `force`: send even when the client has the version.
     fn diff(
         &mut self,
-        res: &BTreeMap<String, Arc<Resource>>,
-        only: Option<&mut dyn Iterator<Item = &String>>,
+        res: &BTreeMap<Arc<str>, Arc<Resource>>,
+        only: Option<&mut dyn Iterator<Item = &Arc<str>>>,
         force: &HashSet<String>,
     ) -> (Vec<Arc<Resource>>, Vec<String>) {
         let candidates: Vec<Arc<str>> = match only {
-            Some(it) => it.map(|n| Arc::from(n.as_str())).collect(),
+            Some(it) => it.cloned().collect(),
             None if self.wildcard => res
                 .values()
                 .map(|r| r.name.clone())
-                .chain(
-                    self.known
-                        .keys()
-                        .filter(|k| !res.contains_key(&***k))
-                        .cloned(),
-                )
+                .chain(self.known.keys().filter(|k| !res.contains_key(*k)).cloned())
                 .collect(),
             None => self
                 .names
@@ -408,7 +403,7 @@ impl AdsServer {
                     for (t, names) in &watches {
                         let touched = match &cur.changed {
                             Some(ch) => ch.iter().any(|(ct, n)| ct == t
-                                && (names.is_empty() || names.contains(n))),
+                                && (names.is_empty() || names.iter().any(|x| **x == **n))),
                             None => true,
                         };
                         if touched {

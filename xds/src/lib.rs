@@ -144,11 +144,14 @@ async fn translator(
             return;
         };
         tr = back;
+        let t1 = t0.elapsed();
         let prev = tx.borrow().clone();
         let next = Snapshot::next(&prev, res);
         info!(
             generation = next.generation,
             changed = next.changed.as_ref().map_or(0, |c| c.len()),
+            retranslated_pods = tr.last_retranslated,
+            translate = ?t1,
             took = ?t0.elapsed(),
             "translated"
         );

@@ -75,12 +75,12 @@ pub fn parse_version(v: &str) -> u64 {
 /// identities each node's pods have (for the CA).
 #[derive(Debug, Default)]
 pub struct Resources {
-    pub by_type: BTreeMap<&'static str, BTreeMap<String, Arc<Resource>>>,
+    pub by_type: BTreeMap<&'static str, BTreeMap<Arc<str>, Arc<Resource>>>,
     pub node_identities: HashMap<String, HashSet<String>>,
 }
 
 impl Resources {
-    pub fn get(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
+    pub fn get(&self, type_url: &str) -> Option<&BTreeMap<Arc<str>, Arc<Resource>>> {
         self.by_type.get(type_url)
     }
 }
@@ -461,6 +461,8 @@ pub struct Translator {
     pods: HashMap<String, PodMemo>,
     services: HashMap<String, (usize, Arc<Resource>)>,
     policies: HashMap<String, (usize, Option<Arc<Resource>>)>,
+    /// Pods translated afresh by the last [`Translator::translate`].
+    pub last_retranslated: usize,
 }
 
 fn ptr<T>(a: &Arc<T>) -> usize {
@@ -474,6 +476,7 @@ impl Translator {
             pods: HashMap::new(),
             services: HashMap::new(),
             policies: HashMap::new(),
+            last_retranslated: 0,
         }
     }
 
@@ -543,7 +546,7 @@ impl Translator {
                 }
             };
             services_memo.insert(mkey.clone(), (ptr(s), r.clone()));
-            addrs.insert(r.name.to_string(), r);
+            addrs.insert(r.name.clone(), r);
             let spec = s.spec.as_ref();
             if spec
                 .and_then(|sp| sp.selector.as_ref())
@@ -631,26 +634,35 @@ impl Translator {
                     .or_default()
                     .push((key.clone(), &sel.match_labels));
             }
-            authz.insert(key.clone(), r);
+            authz.insert(r.name.clone(), r);
         }
 
-        let mut pods_memo = HashMap::new();
+        self.last_retranslated = 0;
+        self.pods.retain(|k, _| model.pods.contains_key(k));
         for (pkey, p) in &model.pods {
             let ns_fp = ns_fps
                 .get(p.metadata.namespace.as_deref().unwrap_or_default())
                 .copied()
                 .unwrap_or(0);
-            let reuse = self
+            let fresh = self
                 .pods
-                .remove(pkey)
-                .filter(|m| m.ptr == ptr(p) && m.ns_fp == ns_fp);
-            let memo = match reuse {
-                Some(m) => m,
-                None => PodMemo {
-                    ptr: ptr(p),
-                    ns_fp,
-                    out: self.translate_pod(model, p, &selecting, &slice_services, &policies_by_ns),
-                },
+                .get(pkey)
+                .is_some_and(|m| m.ptr == ptr(p) && m.ns_fp == ns_fp);
+            if !fresh {
+                self.last_retranslated += 1;
+                let out =
+                    self.translate_pod(model, p, &selecting, &slice_services, &policies_by_ns);
+                self.pods.insert(
+                    pkey.clone(),
+                    PodMemo {
+                        ptr: ptr(p),
+                        ns_fp,
+                        out,
+                    },
+                );
+            }
+            let Some(memo) = self.pods.get(pkey) else {
+                continue;
             };
             if let Some((r, id)) = &memo.out {
                 if let Some((node, identity)) = id {
@@ -659,11 +671,9 @@ impl Translator {
                         .or_default()
                         .insert(identity.clone());
                 }
-                addrs.insert(r.name.to_string(), r.clone());
+                addrs.insert(r.name.clone(), r.clone());
             }
-            pods_memo.insert(pkey.clone(), memo);
         }
-        self.pods = pods_memo;
         self.services = services_memo;
         self.policies = policies_memo;
         out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
@@ -999,6 +1009,8 @@ mod tests {
         let mut tr = Translator::new(opts.clone());
         let mut m = model();
         assert_eq!(hashes(&tr.translate(&m)), hashes(&translate(&opts, &m)));
+        tr.translate(&m.clone());
+        assert_eq!(tr.last_retranslated, 0, "nothing changed");
         // One pod changes; the namespace of others changes its label; a
         // policy goes away.
         let Object::Pod(p) = pod("mesh", "a", "10.0.0.9", &[("app", "a")]) else {
@@ -1015,6 +1027,8 @@ mod tests {
         m.policies.remove("mesh/allow");
         let inc = tr.translate(&m);
         assert_eq!(hashes(&inc), hashes(&translate(&opts, &m)));
+        // Namespaces mesh (a policy went) and plain (its label): all four.
+        assert_eq!(tr.last_retranslated, 4);
         let wl::address::Type::Workload(p) = decode(&inc, "Kubernetes//Pod/plain/p") else {
             panic!()
         };
