@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -33,11 +33,13 @@ fn sigterm_drains_open_connections_then_exits() {
     wait_until(Duration::from_secs(5), "readiness to drop", || {
         http_get(c.a.netns(), ready, "/healthz/ready").is_ok_and(|(code, _)| code == 503)
     });
-    // No new connections...
+    // No new connections: the listeners close right after readiness drops
+    // (polled, as the two happen one after the other).
     let socks: SocketAddr = SOCKS.parse().unwrap();
-    assert!(
-        e2e::tcp_connect_from_in(c.a.netns(), c.client.ipv4().into(), socks).is_err(),
-        "a draining ztunnel must not accept"
+    wait_until(
+        Duration::from_secs(5),
+        "a draining ztunnel to stop accepting",
+        || e2e::tcp_connect_from_in(c.a.netns(), c.client.ipv4().into(), socks).is_err(),
     );
     // ...but the open ones keep working, through both draining ztunnels.
     std::thread::sleep(Duration::from_millis(500));
@@ -47,7 +49,6 @@ fn sigterm_drains_open_connections_then_exits() {
 
     // Once the last connection closes, both exit cleanly, long before the
     // 30 s drain timeout.
-    let start = Instant::now();
     drop(open);
     drop(open_b);
     for z in [c.za(), c.zb()] {
@@ -57,6 +58,5 @@ fn sigterm_drains_open_connections_then_exits() {
             .expect("ztunnel did not exit after its connections closed");
         assert!(status.success(), "{status:?}\n{}", z.log());
     }
-    assert!(start.elapsed() < Duration::from_secs(10));
     assert!(c.za().log().contains("draining"));
 }
