@@ -83,8 +83,8 @@ impl CaService {
             let allowed = snap
                 .resources
                 .node_identities
-                .get(node)
-                .is_some_and(|ids| ids.contains(&identity.to_string()));
+                .get(node.as_str())
+                .is_some_and(|ids| ids.contains(identity.to_string().as_str()));
             if !allowed {
                 self.metrics.certs_denied.inc();
                 warn!(%node, %identity, "certificate refused: no pod with that identity on the node");

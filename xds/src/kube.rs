@@ -64,7 +64,8 @@ pub async fn run(
     let sas = reflect(Api::<ServiceAccount>::all(client.clone()), kick.clone());
     let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
     let ar = ApiResource::from_gvk(&gvk);
-    let (preader, pwriter) = reflector::store_with_dynamic(ar.clone());
+    let pwriter = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let preader = pwriter.as_reader();
     let pstream = reflector::reflector(
         pwriter,
         watcher(

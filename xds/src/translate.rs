@@ -76,7 +76,7 @@ pub fn parse_version(v: &str) -> u64 {
 #[derive(Debug, Default)]
 pub struct Resources {
     pub by_type: BTreeMap<&'static str, BTreeMap<Arc<str>, Arc<Resource>>>,
-    pub node_identities: HashMap<String, HashSet<String>>,
+    pub node_identities: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
 impl Resources {
@@ -442,12 +442,15 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
     Translator::new(opts.clone()).translate(model)
 }
 
+/// A pod's Workload and, when in the mesh, its (node, identity).
+type PodOut = (Arc<Resource>, Option<(Arc<str>, Arc<str>)>);
+
 /// A pod's last translation: the resource (none if the pod is not served)
 /// and the node identity it contributes.
 struct PodMemo {
     ptr: usize,
     ns_fp: u64,
-    out: Option<(Arc<Resource>, Option<(String, String)>)>,
+    out: Option<PodOut>,
 }
 
 /// Translates a model, reusing the previous translation of what did not
@@ -691,7 +694,7 @@ impl Translator {
         selecting: &HashMap<&str, Vec<&Service>>,
         slice_services: &HashMap<(String, IpAddr), Vec<ServicePorts>>,
         policies_by_ns: &HashMap<&str, Vec<(String, &Labels)>>,
-    ) -> Option<(Arc<Resource>, Option<(String, String)>)> {
+    ) -> Option<PodOut> {
         let opts = &self.opts;
         let ips = pod_ips(p);
         let spec = p.spec.as_ref();
@@ -794,7 +797,12 @@ impl Translator {
             cluster_id: opts.cluster_id.clone(),
             ..Default::default()
         };
-        let id = (mesh && !node.is_empty()).then(|| (node, pod_identity(opts, p)));
+        let id = (mesh && !node.is_empty()).then(|| {
+            (
+                Arc::from(node.as_str()),
+                Arc::from(pod_identity(opts, p).as_str()),
+            )
+        });
         let r = resource(
             mesh_proto::type_url::ADDRESS,
             uid,

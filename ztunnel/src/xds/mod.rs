@@ -405,3 +405,93 @@ impl CaClient for RemoteCa {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use mesh_proto::discovery::Resource;
+
+    use super::*;
+    use crate::state::Snapshot;
+
+    fn workload_resource(uid: &str, ip: Vec<u8>) -> Resource {
+        let a = workload::Address {
+            r#type: Some(workload::address::Type::Workload(workload::Workload {
+                uid: uid.into(),
+                name: uid.into(),
+                namespace: "ns".into(),
+                addresses: vec![ip],
+                node: "n".into(),
+                ..Default::default()
+            })),
+        };
+        Resource {
+            name: uid.into(),
+            version: "1".into(),
+            resource: Some(prost_types::Any {
+                type_url: type_url::ADDRESS.into(),
+                value: a.encode_to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn response(resources: Vec<Resource>, removed: Vec<String>) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url::ADDRESS.into(),
+            resources,
+            removed_resources: removed,
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    /// What the stream does with a response: the new snapshot, or the
+    /// error it NACKs with (leaving the cache untouched).
+    fn apply(cache: &mut Cache, resp: &DeltaDiscoveryResponse) -> anyhow::Result<Snapshot> {
+        let st = Cache::stage(resp)?;
+        let snap = to_snapshot(cache.overlay(&st), "cluster.local")?;
+        cache.commit(st);
+        Ok(snap)
+    }
+
+    #[test]
+    fn bad_responses_are_rejected_and_the_last_good_state_stays() {
+        let mut cache = Cache::default();
+        let snap = apply(
+            &mut cache,
+            &response(vec![workload_resource("a", vec![10, 0, 0, 1])], vec![]),
+        )
+        .unwrap();
+        assert_eq!(snap.workloads.len(), 1);
+
+        // An address of 5 bytes: NACK, cache unchanged.
+        let err = apply(
+            &mut cache,
+            &response(vec![workload_resource("b", vec![10, 0, 0, 2, 9])], vec![]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("workload b"), "{err:#}");
+        assert_eq!(cache.addresses.len(), 1);
+
+        // Two workloads claiming one address: NACK, cache unchanged.
+        let err = apply(
+            &mut cache,
+            &response(vec![workload_resource("c", vec![10, 0, 0, 1])], vec![]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("10.0.0.1"), "{err:#}");
+        assert!(!cache.addresses.contains_key("c"));
+
+        // A body that is not an Address at all.
+        let mut garbage = workload_resource("d", vec![10, 0, 0, 4]);
+        garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+        assert!(apply(&mut cache, &response(vec![garbage], vec![])).is_err());
+
+        // Removal applies.
+        let snap = apply(&mut cache, &response(vec![], vec!["a".into()])).unwrap();
+        assert!(snap.workloads.is_empty());
+        assert!(cache.addresses.is_empty());
+    }
+}
