@@ -216,6 +216,18 @@ impl Cache {
             };
             clusters.push(translate::cluster(c, assignment.as_ref()).map_err(|e| e.to_string())?);
         }
+        // As in Envoy, a route to a cluster CDS does not (or no longer)
+        // have is not an error: that cluster has no endpoints (503). Other
+        // control planes order updates differently from ours.
+        let known: BTreeSet<String> = clusters.iter().map(|c| c.name.clone()).collect();
+        for name in translate::cluster_refs(&listeners, &route_configurations) {
+            if !known.contains(&name) {
+                clusters.push(model::Cluster {
+                    name,
+                    ..Default::default()
+                });
+            }
+        }
         let bootstrap = complete.then_some(Bootstrap {
             listeners,
             route_configurations,

@@ -1008,3 +1008,32 @@ pub fn route_names(listeners: &[m::Listener], inline: &BTreeSet<String>) -> BTre
         .filter(|n| !inline.contains(n))
         .collect()
 }
+
+/// Every cluster name that listeners and routes refer to.
+pub fn cluster_refs(
+    listeners: &[m::Listener],
+    routes: &[m::RouteConfiguration],
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for fc in listeners
+        .iter()
+        .flat_map(|l| l.filter_chains.iter().chain(l.default_filter_chain.iter()))
+    {
+        if let Some(t) = &fc.tcp_proxy {
+            out.insert(t.cluster.clone());
+        }
+    }
+    for a in routes
+        .iter()
+        .flat_map(|r| &r.virtual_hosts)
+        .flat_map(|v| &v.routes)
+        .filter_map(|r| r.route.as_ref())
+    {
+        out.extend(a.cluster.iter().cloned());
+        if let Some(w) = &a.weighted_clusters {
+            out.extend(w.clusters.iter().map(|c| c.name.clone()));
+        }
+        out.extend(a.request_mirror_policies.iter().map(|p| p.cluster.clone()));
+    }
+    out
+}
