@@ -43,11 +43,13 @@ use waypoint::xds::{spawn, XdsConfig};
 /// type URL -> name -> encoded resource.
 type Snapshot = BTreeMap<&'static str, BTreeMap<String, prost_types::Any>>;
 
+/// (type URL, error message if NACK), in arrival order.
+type Replies = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 #[derive(Clone)]
 struct Ads {
     snap: watch::Receiver<Snapshot>,
-    /// (type URL, error message if NACK), in arrival order.
-    replies: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    replies: Replies,
 }
 
 fn version(a: &prost_types::Any) -> String {
@@ -161,7 +163,7 @@ impl AggregatedDiscoveryService for Ads {
 struct ControlPlane {
     addr: SocketAddr,
     snap: watch::Sender<Snapshot>,
-    replies: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    replies: Replies,
 }
 
 impl ControlPlane {
