@@ -1037,3 +1037,183 @@ pub fn cluster_refs(
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use prbac::permission::Rule;
+    use prbac::principal::Identifier;
+
+    fn method(m: &str) -> prbac::Permission {
+        prbac::Permission {
+            rule: Some(Rule::Header(pr::HeaderMatcher {
+                name: ":method".into(),
+                header_match_specifier: Some(pr::header_matcher::HeaderMatchSpecifier::ExactMatch(
+                    m.into(),
+                )),
+                invert_match: false,
+            })),
+        }
+    }
+
+    fn path_prefix(p: &str) -> prbac::Permission {
+        prbac::Permission {
+            rule: Some(Rule::UrlPath(pm::PathMatcher {
+                rule: Some(pm::path_matcher::Rule::Path(pm::StringMatcher {
+                    match_pattern: Some(pm::string_matcher::MatchPattern::Prefix(p.into())),
+                    ignore_case: false,
+                })),
+            })),
+        }
+    }
+
+    fn or(rules: Vec<prbac::Permission>) -> prbac::Permission {
+        prbac::Permission {
+            rule: Some(Rule::OrRules(prbac::permission::Set { rules })),
+        }
+    }
+
+    fn and(rules: Vec<prbac::Permission>) -> prbac::Permission {
+        prbac::Permission {
+            rule: Some(Rule::AndRules(prbac::permission::Set { rules })),
+        }
+    }
+
+    fn authn(p: pm::string_matcher::MatchPattern) -> prbac::Principal {
+        prbac::Principal {
+            identifier: Some(Identifier::Authenticated(prbac::principal::Authenticated {
+                principal_name: Some(pm::StringMatcher {
+                    match_pattern: Some(p),
+                    ignore_case: false,
+                }),
+            })),
+        }
+    }
+
+    /// The shapes Istio's AuthorizationPolicy translation produces.
+    #[test]
+    fn istio_style_rbac_flattens() {
+        use pm::string_matcher::MatchPattern as P;
+        let policy = prbac::Policy {
+            permissions: vec![and(vec![
+                or(vec![method("GET"), method("HEAD")]),
+                or(vec![path_prefix("/api/")]),
+            ])],
+            principals: vec![prbac::Principal {
+                identifier: Some(Identifier::OrIds(prbac::principal::Set {
+                    ids: vec![
+                        authn(P::SafeRegex(pm::RegexMatcher {
+                            regex: ".*/ns/default/.*".into(),
+                        })),
+                        authn(P::Exact("spiffe://cluster.local/ns/x/sa/app".into())),
+                    ],
+                })),
+            }],
+        };
+        let r = prbac::Rbac {
+            action: prbac::rbac::Action::Deny as i32,
+            policies: [("p".to_string(), policy)].into(),
+        };
+        let m = rbac("rules", &r).unwrap();
+        assert_eq!(m.action, m::RbacAction::Deny);
+        let p = &m.policies["p"];
+        assert_eq!(p.permissions.len(), 2);
+        assert_eq!(p.permissions[0].methods, vec!["GET"]);
+        assert_eq!(p.permissions[1].methods, vec!["HEAD"]);
+        assert!(p
+            .permissions
+            .iter()
+            .all(|x| x.paths[0].prefix.as_deref() == Some("/api/")));
+        assert_eq!(p.principals[0].namespaces, vec!["default"]);
+        assert_eq!(
+            p.principals[1].principals,
+            vec!["spiffe://cluster.local/ns/x/sa/app"]
+        );
+
+        // AND of two paths cannot be said in the model: an error with a path.
+        let bad = prbac::Rbac {
+            action: 0,
+            policies: [(
+                "q".to_string(),
+                prbac::Policy {
+                    permissions: vec![and(vec![path_prefix("/a"), path_prefix("/b")])],
+                    principals: vec![],
+                },
+            )]
+            .into(),
+        };
+        let e = rbac("rules", &bad).unwrap_err();
+        assert_eq!(
+            e.path,
+            "rules.policies[\"q\"].permissions[0].and_rules.rules[1]"
+        );
+    }
+
+    #[test]
+    fn inline_route_config_and_durations() {
+        let h = hcm::HttpConnectionManager {
+            codec_type: hcm::http_connection_manager::CodecType::Http2 as i32,
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+                pr::RouteConfiguration {
+                    name: String::new(),
+                    virtual_hosts: vec![pr::VirtualHost {
+                        name: "vh".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![pr::Route {
+                            r#match: Some(pr::RouteMatch {
+                                path_specifier: Some(pr::route_match::PathSpecifier::Path(
+                                    "/x".into(),
+                                )),
+                                ..Default::default()
+                            }),
+                            action: Some(pr::route::Action::Route(pr::RouteAction {
+                                cluster_specifier: Some(
+                                    pr::route_action::ClusterSpecifier::Cluster("c".into()),
+                                ),
+                                timeout: Some(prost_types::Duration {
+                                    seconds: 1,
+                                    nanos: 500_000_000,
+                                }),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        }],
+                    }],
+                },
+            )),
+            ..Default::default()
+        };
+        let l = pl::Listener {
+            name: "l".into(),
+            filter_chains: vec![pl::FilterChain {
+                name: "fc".into(),
+                filters: vec![pl::Filter {
+                    name: "hcm".into(),
+                    config_type: Some(pl::filter::ConfigType::TypedConfig(prost_types::Any {
+                        type_url: type_url::HTTP_CONNECTION_MANAGER.into(),
+                        value: h.encode_to_vec(),
+                    })),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = listener(&l).unwrap();
+        let hm = t.listener.filter_chains[0]
+            .http_connection_manager
+            .as_ref()
+            .unwrap();
+        assert_eq!(hm.codec_type, m::CodecType::Http2);
+        assert_eq!(t.inline_routes[0].name, hm.route_config_name);
+        let a = t.inline_routes[0].virtual_hosts[0].routes[0]
+            .route
+            .as_ref()
+            .unwrap();
+        let d = crate::config::validate::duration("t", a.timeout.as_deref().unwrap()).unwrap();
+        assert_eq!(d, std::time::Duration::from_millis(1500));
+        // An inline route config is not an RDS subscription.
+        let inline = t.inline_routes.iter().map(|r| r.name.clone()).collect();
+        assert!(route_names(&[t.listener], &inline).is_empty());
+    }
+}
