@@ -50,6 +50,10 @@ type Replies = Arc<Mutex<Vec<(String, Option<String>)>>>;
 struct Ads {
     snap: watch::Receiver<Snapshot>,
     replies: Replies,
+    /// Bumped to end every open stream (the client must reconnect).
+    kick: watch::Receiver<u64>,
+    /// Streams opened so far.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn version(a: &prost_types::Any) -> String {
@@ -81,6 +85,10 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(16);
         let mut snap = self.snap.clone();
         let replies = self.replies.clone();
+        let mut kick = self.kick.clone();
+        kick.borrow_and_update();
+        self.streams
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             // type -> (wildcard, names); type -> name -> version sent.
             let mut subs: HashMap<String, (bool, Vec<String>)> = HashMap::new();
@@ -108,6 +116,7 @@ impl AggregatedDiscoveryService for Ads {
                         s.1.retain(|n| !r.resource_names_unsubscribe.contains(n));
                     }
                     c = snap.changed() => if c.is_err() { return },
+                    _ = kick.changed() => return,
                 }
                 let cur = snap.borrow().clone();
                 for (t, (wild, names)) in &subs {
@@ -164,15 +173,21 @@ struct ControlPlane {
     addr: SocketAddr,
     snap: watch::Sender<Snapshot>,
     replies: Replies,
+    kick: watch::Sender<u64>,
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ControlPlane {
     async fn start() -> ControlPlane {
         let (snap, rx) = watch::channel(Snapshot::new());
         let replies = Arc::new(Mutex::new(Vec::new()));
+        let (kick, kick_rx) = watch::channel(0);
+        let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ads = Ads {
             snap: rx,
             replies: replies.clone(),
+            kick: kick_rx,
+            streams: streams.clone(),
         };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -185,6 +200,8 @@ impl ControlPlane {
             addr,
             snap,
             replies,
+            kick,
+            streams,
         }
     }
 
@@ -199,6 +216,15 @@ impl ControlPlane {
         self.snap.send_modify(|s| {
             s.entry(t).or_default().remove(name);
         });
+    }
+
+    /// Ends every open stream.
+    fn drop_streams(&self) {
+        self.kick.send_modify(|k| *k += 1);
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn nacks(&self) -> Vec<String> {
@@ -562,4 +588,68 @@ async fn xds_routes_apply_update_nack_and_removal() {
     })
     .await;
     assert!(c.tunnel(VIP).await.is_err() || c.get("/e", &[]).await.status == 404);
+}
+
+#[tokio::test]
+async fn xds_stream_loss_keeps_config_and_resumes() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let v2 = backend("v2").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint(ca.clone(), &cp).await;
+    // Static cluster (inline load_assignment) and an inline-free RDS route.
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    cp.set(type_url::CLUSTER, "v2", &eds_cluster("v2"));
+    cp.set(
+        type_url::CLUSTER_LOAD_ASSIGNMENT,
+        "v2",
+        &assignment("v2", v2.addr),
+    );
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("first config", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    let c = client(ca, "client", &wp);
+    assert_eq!(c.get("/a", &[]).await.body, "v1 /a");
+
+    // The stream breaks; the configuration in force keeps serving.
+    let opened = cp.streams();
+    cp.drop_streams();
+    assert_eq!(c.get("/b", &[]).await.body, "v1 /b");
+    assert_eq!(c.get("/b", &[("x-version", "v2")]).await.body, "v2 /b");
+    // It reconnects, resumes, and picks up what changed meanwhile.
+    eventually("reconnect", || {
+        let n = cp.streams();
+        async move { n > opened }
+    })
+    .await;
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(0, 100)]),
+    );
+    eventually("update after reconnect", || {
+        let s = store.clone();
+        async move {
+            s.get().source.route_configurations[0].virtual_hosts[0].routes[1]
+                .route
+                .as_ref()
+                .and_then(|r| r.weighted_clusters.as_ref())
+                .is_some_and(|w| w.clusters[0].weight == 0)
+        }
+    })
+    .await;
+    assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
 }
