@@ -71,6 +71,10 @@ pub struct Args {
     /// xDS `Node.id` (default: Istio's `router~<ip>~<sa>.<ns>~<ns>.svc.cluster.local`).
     #[arg(long)]
     pub xds_node_id: Option<String>,
+    /// A referenced route configuration or load assignment missing this
+    /// long is taken as empty (Envoy's `initial_fetch_timeout`).
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub xds_warming_timeout: Duration,
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub config_poll: Duration,
     #[arg(long, env = "CA_CERT")]
@@ -241,6 +245,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 token_file: args.xds_token_file.clone(),
                 node_id,
                 node_cluster: id.service_account.clone(),
+                warming_timeout: args.xds_warming_timeout,
             },
             store.clone(),
         );

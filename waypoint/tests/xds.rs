@@ -382,6 +382,14 @@ fn assignment(name: &str, at: SocketAddr) -> pe::ClusterLoadAssignment {
 // --- harness ----------------------------------------------------------------
 
 async fn xds_waypoint(ca: Arc<dyn ztunnel::identity::CaClient>, cp: &ControlPlane) -> Running {
+    xds_waypoint_with(ca, cp, Duration::from_secs(15)).await
+}
+
+async fn xds_waypoint_with(
+    ca: Arc<dyn ztunnel::identity::CaClient>,
+    cp: &ControlPlane,
+    warming_timeout: Duration,
+) -> Running {
     let store = Store::empty();
     let proxy = build(Parts {
         identity: id("waypoint"),
@@ -400,6 +408,7 @@ async fn xds_waypoint(ca: Arc<dyn ztunnel::identity::CaClient>, cp: &ControlPlan
             token_file: None,
             node_id: "router~127.0.0.1~waypoint.default~default.svc.cluster.local".into(),
             node_cluster: "waypoint".into(),
+            warming_timeout,
         },
         store,
     );
@@ -652,4 +661,55 @@ async fn xds_stream_loss_keeps_config_and_resumes() {
     .await;
     assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
     assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
+
+#[tokio::test]
+async fn xds_missing_route_configuration_stops_warming() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint_with(ca.clone(), &cp, Duration::from_millis(200)).await;
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    // The listener names RDS "echo", which the control plane never sends.
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("config without the missing route configuration", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    // In force, with an empty "echo": no route.
+    assert_eq!(c_get(&ca, &wp, "/a").await, 404);
+    // When it does arrive, it applies.
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![pr::Route {
+            name: "all-v1".into(),
+            r#match: prefix("/"),
+            action: to_cluster("v1"),
+            ..Default::default()
+        }]),
+    );
+    eventually("late route configuration", || {
+        let s = store.clone();
+        async move {
+            !s.get().source.route_configurations[0]
+                .virtual_hosts
+                .is_empty()
+        }
+    })
+    .await;
+    assert_eq!(c_get(&ca, &wp, "/b").await, 200);
+}
+
+async fn c_get(ca: &Arc<dyn ztunnel::identity::CaClient>, wp: &Running, path: &str) -> u16 {
+    client(ca.clone(), "client", wp)
+        .get(path, &[])
+        .await
+        .status
+        .as_u16()
 }

@@ -18,14 +18,16 @@
 //! The stream reconnects with exponential backoff and resumes with
 //! `initial_resource_versions`; the data path keeps its configuration
 //! meanwhile. Readiness ([`crate::config::Store::synced`]) waits for the
-//! first complete configuration.
+//! first complete configuration. A referenced resource still missing after
+//! [`XdsConfig::warming_timeout`] is taken as empty (as Envoy's
+//! `initial_fetch_timeout`), so it cannot hold back every later update.
 
 pub mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use mesh_proto::core::Node;
@@ -67,6 +69,11 @@ pub struct XdsConfig {
     /// `Node.id` (Istio's form: `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
     pub node_id: String,
     pub node_cluster: String,
+    /// How long a referenced route configuration or load assignment may
+    /// stay missing before it is taken as empty (Envoy's
+    /// `initial_fetch_timeout`, 15 s), so one absent resource cannot hold
+    /// back every later update.
+    pub warming_timeout: Duration,
 }
 
 impl XdsConfig {
@@ -177,7 +184,9 @@ impl Cache {
     }
 
     /// Translates the cache into one configuration (not yet validated).
-    fn assemble(&self) -> Result<Assembled, String> {
+    /// `expired(type, name)`: a referenced resource that has been missing
+    /// for too long, taken as empty instead of holding the update back.
+    fn assemble(&self, expired: &dyn Fn(&str, &str) -> bool) -> Result<Assembled, String> {
         let mut listeners = Vec::new();
         let mut route_configurations = Vec::new();
         for (_, l) in self.listeners.values() {
@@ -196,6 +205,13 @@ impl Cache {
             match self.routes.get(name) {
                 Some((_, rc)) => route_configurations
                     .push(translate::route_configuration(rc).map_err(|e| e.to_string())?),
+                // Warming gave up: an empty route configuration (404s).
+                None if expired(type_url::ROUTE_CONFIGURATION, name) => {
+                    route_configurations.push(model::RouteConfiguration {
+                        name: name.clone(),
+                        virtual_hosts: Vec::new(),
+                    })
+                }
                 None => complete = false,
             }
         }
@@ -205,7 +221,7 @@ impl Cache {
             let assignment = match translate::eds_name(c) {
                 Some(n) => {
                     let a = self.endpoints.get(&n).map(|(_, a)| a);
-                    if a.is_none() {
+                    if a.is_none() && !expired(type_url::CLUSTER_LOAD_ASSIGNMENT, &n) {
                         complete = false;
                     }
                     eds.insert(n);
@@ -280,6 +296,7 @@ pub fn spawn(cfg: XdsConfig, store: Arc<Store>) -> tokio::task::JoinHandle<()> {
             cache: Cache::default(),
             rds: BTreeSet::new(),
             eds: BTreeSet::new(),
+            needed_since: HashMap::new(),
         };
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -313,6 +330,8 @@ struct Client {
     /// Names subscribed by RDS and EDS on the current stream.
     rds: BTreeSet<String>,
     eds: BTreeSet<String>,
+    /// (type, name) -> when it was first needed, for warming timeouts.
+    needed_since: HashMap<(String, String), Instant>,
 }
 
 type Tx = mpsc::Sender<DeltaDiscoveryRequest>;
@@ -339,9 +358,20 @@ impl Client {
         let channel = self.cfg.channel()?;
         let (tx, rx) = mpsc::channel(16);
         // Resume: what we hold, and the names we need.
-        let needed = self.cache.assemble().ok();
+        let needed = self.cache.assemble(&|_, _| false).ok();
         self.rds = needed.as_ref().map(|a| a.rds.clone()).unwrap_or_default();
         self.eds = needed.as_ref().map(|a| a.eds.clone()).unwrap_or_default();
+        let now = Instant::now();
+        for (t, names) in [
+            (type_url::ROUTE_CONFIGURATION, &self.rds),
+            (type_url::CLUSTER_LOAD_ASSIGNMENT, &self.eds),
+        ] {
+            for n in names {
+                self.needed_since
+                    .entry((t.to_string(), n.clone()))
+                    .or_insert(now);
+            }
+        }
         let mut first = true;
         for t in TYPES {
             let names = match t {
@@ -377,11 +407,19 @@ impl Client {
             .context("opening the delta ADS stream")?
             .into_inner();
         info!(address = %self.cfg.address, "xDS stream open");
-        while let Some(resp) = stream.message().await.context("reading the ADS stream")? {
-            *got_any = true;
-            self.handle(&tx, resp).await?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                m = stream.message() => {
+                    let Some(resp) = m.context("reading the ADS stream")? else {
+                        return Ok(());
+                    };
+                    *got_any = true;
+                    self.handle(&tx, resp).await?;
+                }
+                _ = tick.tick() => self.warming_expired(),
+            }
         }
-        Ok(())
     }
 
     async fn handle(&mut self, tx: &Tx, resp: DeltaDiscoveryResponse) -> anyhow::Result<()> {
@@ -426,7 +464,7 @@ impl Client {
     ) -> Result<(BTreeSet<String>, BTreeSet<String>), String> {
         let mut next = self.cache.clone();
         next.apply(resp)?;
-        let a = next.assemble()?;
+        let a = next.assemble(&|t, n| self.expired(t, n))?;
         if let Some(b) = &a.bootstrap {
             self.store.apply(b).map_err(|e| explain(b, &e))?;
             if !self.store.synced() {
@@ -439,6 +477,42 @@ impl Client {
         }
         self.cache = next;
         Ok((a.rds, a.eds))
+    }
+
+    fn expired(&self, t: &str, n: &str) -> bool {
+        self.needed_since
+            .get(&(t.to_string(), n.to_string()))
+            .is_some_and(|since| since.elapsed() >= self.cfg.warming_timeout)
+    }
+
+    /// On a timer: if a configuration is held back only by resources that
+    /// have been missing too long, put it in force without them.
+    fn warming_expired(&mut self) {
+        let missing = self.needed_since.keys().any(|(t, n)| {
+            let have = if t == type_url::ROUTE_CONFIGURATION {
+                self.cache.routes.contains_key(n)
+            } else {
+                self.cache.endpoints.contains_key(n)
+            };
+            !have && self.expired(t, n)
+        });
+        if !missing {
+            return;
+        }
+        let Ok(Assembled {
+            bootstrap: Some(b), ..
+        }) = self.cache.assemble(&|t, n| self.expired(t, n))
+        else {
+            return;
+        };
+        if b == self.store.get().source {
+            return;
+        }
+        warn!("xDS: referenced resources did not arrive in time; applying without them");
+        match self.store.apply(&b) {
+            Ok(()) => self.store.set_synced(true),
+            Err(e) => warn!(error = %explain(&b, &e), "xDS configuration rejected"),
+        }
     }
 
     /// Subscribes to newly referenced names and drops ones no longer used.
@@ -459,6 +533,15 @@ impl Client {
         let sub: Vec<String> = want.difference(have).cloned().collect();
         let unsub: Vec<String> = have.difference(&want).cloned().collect();
         *have = want;
+        let now = Instant::now();
+        for n in &sub {
+            self.needed_since
+                .entry((t.to_string(), n.clone()))
+                .or_insert(now);
+        }
+        for n in &unsub {
+            self.needed_since.remove(&(t.to_string(), n.clone()));
+        }
         if t == type_url::ROUTE_CONFIGURATION {
             for n in &unsub {
                 self.cache.routes.remove(n);
