@@ -247,7 +247,12 @@ fn any<M: Message>(t: &str, m: &M) -> prost_types::Any {
 // --- Envoy resources ------------------------------------------------------
 
 fn listener() -> pl::Listener {
+    listener_with(vec![])
+}
+
+fn listener_with(http_filters: Vec<hcm::HttpFilter>) -> pl::Listener {
     let h = hcm::HttpConnectionManager {
+        http_filters,
         stat_prefix: "echo".into(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
@@ -712,4 +717,66 @@ async fn c_get(ca: &Arc<dyn ztunnel::identity::CaClient>, wp: &Running, path: &s
         .await
         .status
         .as_u16()
+}
+
+/// Istio's shape for "DENY paths under /admin to anyone": an HTTP RBAC
+/// filter in the connection manager.
+#[tokio::test]
+async fn xds_rbac_filter_denies() {
+    use mesh_proto::envoy::config::rbac::v3 as prbac;
+    use mesh_proto::envoy::extensions::filters::http::rbac::v3 as phrbac;
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint(ca.clone(), &cp).await;
+    let admin_paths = prbac::Permission {
+        rule: Some(prbac::permission::Rule::UrlPath(pm::PathMatcher {
+            rule: Some(pm::path_matcher::Rule::Path(pm::StringMatcher {
+                match_pattern: Some(pm::string_matcher::MatchPattern::Prefix("/admin".into())),
+                ignore_case: false,
+            })),
+        })),
+    };
+    let anyone = prbac::Principal {
+        identifier: Some(prbac::principal::Identifier::Any(true)),
+    };
+    let rbac = phrbac::Rbac {
+        rules: Some(prbac::Rbac {
+            action: prbac::rbac::Action::Deny as i32,
+            policies: [(
+                "ns[default]-policy[no-admin]-rule[0]".to_string(),
+                prbac::Policy {
+                    permissions: vec![admin_paths],
+                    principals: vec![anyone],
+                },
+            )]
+            .into(),
+        }),
+    };
+    let filter = hcm::HttpFilter {
+        name: "envoy.filters.http.rbac".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+            type_url::HTTP_RBAC,
+            &rbac,
+        ))),
+    };
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener_with(vec![filter]));
+    let store = wp.proxy.store.clone();
+    eventually("first config", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    assert_eq!(c_get(&ca, &wp, "/admin/x").await, 403);
+    assert_eq!(c_get(&ca, &wp, "/public").await, 200);
+    assert_eq!(v1.state.seen.lock().unwrap().len(), 1);
 }

@@ -552,6 +552,12 @@ fn redirect(path: &str, a: &pr::RedirectAction) -> Result<m::RedirectAction> {
     match &a.path_rewrite_specifier {
         Some(PathRewriteSpecifier::PathRedirect(p)) => out.path_redirect = Some(p.clone()),
         Some(PathRewriteSpecifier::PrefixRewrite(p)) => out.prefix_rewrite = Some(p.clone()),
+        Some(PathRewriteSpecifier::RegexRewrite(_)) => {
+            return err(
+                &format!("{path}.regex_rewrite"),
+                "regex rewrites in redirects are not supported",
+            )
+        }
         None => {}
     }
     Ok(out)
