@@ -10,6 +10,22 @@ fn main() -> anyhow::Result<()> {
         "proto/istio/workload.proto",
         "proto/istio/authorization.proto",
         "proto/istio/ca.proto",
+        // The waypoint's Envoy v3 resources (LDS, RDS, CDS, EDS).
+        "proto/envoy/xds/type.proto",
+        "proto/envoy/xds/matcher.proto",
+        "proto/envoy/xds/core_types.proto",
+        "proto/envoy/xds/route.proto",
+        "proto/envoy/xds/listener.proto",
+        "proto/envoy/xds/hcm.proto",
+        "proto/envoy/xds/tcp_proxy.proto",
+        "proto/envoy/xds/rbac.proto",
+        "proto/envoy/xds/rbac_filters.proto",
+        "proto/envoy/xds/rbac_network.proto",
+        "proto/envoy/xds/fault_common.proto",
+        "proto/envoy/xds/fault.proto",
+        "proto/envoy/xds/endpoint.proto",
+        "proto/envoy/xds/cluster.proto",
+        "proto/envoy/xds/upstream_http.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -8,6 +8,12 @@
 //! - [`workload`]: `istio.workload.Address` (a `Workload` or a `Service`).
 //! - [`security`]: `istio.security.Authorization`.
 //! - [`ca`]: `istio.v1.auth.IstioCertificateService`.
+//! - [`envoy::config`] `listener`, `route`, `cluster`, `endpoint`, `rbac`
+//!   and the [`envoy::extensions`] the waypoint reads (HTTP connection
+//!   manager, tcp_proxy, RBAC and fault filters, upstream HTTP options):
+//!   the subset of Envoy's v3 LDS/RDS/CDS/EDS resources the waypoint maps
+//!   (see [`type_url`]). Fields we do not read are left out; prost skips
+//!   them on decode, so the subset is wire-compatible.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -18,6 +24,90 @@ pub mod envoy {
         pub mod core {
             pub mod v3 {
                 tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+        pub mod listener {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.listener.v3");
+            }
+        }
+        pub mod route {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.route.v3");
+            }
+        }
+        pub mod cluster {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.cluster.v3");
+            }
+        }
+        pub mod endpoint {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.endpoint.v3");
+            }
+        }
+        pub mod rbac {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.rbac.v3");
+            }
+        }
+    }
+    pub mod r#type {
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+        pub mod matcher {
+            pub mod v3 {
+                tonic::include_proto!("envoy.r#type.matcher.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod filters {
+            pub mod network {
+                pub mod http_connection_manager {
+                    pub mod v3 {
+                        tonic::include_proto!(
+                            "envoy.extensions.filters.network.http_connection_manager.v3"
+                        );
+                    }
+                }
+                pub mod tcp_proxy {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.filters.network.tcp_proxy.v3");
+                    }
+                }
+                pub mod rbac {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.filters.network.rbac.v3");
+                    }
+                }
+            }
+            pub mod http {
+                pub mod rbac {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.filters.http.rbac.v3");
+                    }
+                }
+                pub mod fault {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.filters.http.fault.v3");
+                    }
+                }
+            }
+            pub mod common {
+                pub mod fault {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.filters.common.fault.v3");
+                    }
+                }
+            }
+        }
+        pub mod upstreams {
+            pub mod http {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.upstreams.http.v3");
+                }
             }
         }
     }
@@ -71,6 +161,22 @@ pub use istio::workload;
 pub mod type_url {
     pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const ROUTE_CONFIGURATION: &str =
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const CLUSTER_LOAD_ASSIGNMENT: &str =
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    pub const TCP_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+    pub const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+    pub const NETWORK_RBAC: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    pub const HTTP_FAULT: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+    pub const HTTP_PROTOCOL_OPTIONS: &str =
+        "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 }
 
 pub use prost;

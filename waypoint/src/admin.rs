@@ -42,7 +42,7 @@ pub fn handler(proxy: Arc<Proxy>, ready: Arc<AtomicBool>) -> Handler {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             proxy.metrics.encode(),
         ),
-        "/healthz/ready" if ready.load(Ordering::Acquire) => {
+        "/healthz/ready" if ready.load(Ordering::Acquire) && proxy.store.synced() => {
             reply(StatusCode::OK, "text/plain", "ready\n")
         }
         "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),

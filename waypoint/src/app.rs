@@ -46,8 +46,35 @@ pub struct Args {
     )]
     pub identity: Identity,
     /// Configuration file (YAML, Envoy v3 shaped; see the README).
-    #[arg(long, env = "WAYPOINT_CONFIG")]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        env = "WAYPOINT_CONFIG",
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    pub config: Option<PathBuf>,
+    /// Take the configuration over Envoy v3 delta ADS from this control
+    /// plane (`http://host:port`, or `https://` with `--xds-root-cert`)
+    /// instead of `--config`.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// PEM root the control plane's certificate must chain to.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_cert: Option<PathBuf>,
+    /// Name expected in the control plane's certificate (default: its host).
+    #[arg(long)]
+    pub xds_server_name: Option<String>,
+    /// File with a bearer token sent to the control plane (re-read on each
+    /// connect).
+    #[arg(long)]
+    pub xds_token_file: Option<PathBuf>,
+    /// xDS `Node.id` (default: Istio's `router~<ip>~<sa>.<ns>~<ns>.svc.cluster.local`).
+    #[arg(long)]
+    pub xds_node_id: Option<String>,
+    /// A referenced route configuration or load assignment missing this
+    /// long is taken as empty (Envoy's `initial_fetch_timeout`).
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub xds_warming_timeout: Duration,
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub config_poll: Duration,
     #[arg(long, env = "CA_CERT")]
@@ -159,7 +186,9 @@ pub async fn start(
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let store = Store::empty();
-    config::watch_file(args.config.clone(), store.clone(), args.config_poll).await?;
+    if let Some(path) = &args.config {
+        config::watch_file(path.clone(), store.clone(), args.config_poll).await?;
+    }
     let ca = LocalCa::load_or_generate(
         args.ca_cert.as_deref(),
         args.ca_key.as_deref(),
@@ -200,6 +229,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("binding the plaintext listener on {a}"))
         })
         .transpose()?;
+    if let Some(address) = &args.xds_address {
+        let id = &args.identity;
+        let node_id = args.xds_node_id.clone().unwrap_or_else(|| {
+            format!(
+                "router~{own_ip}~{}.{}~{}.svc.cluster.local",
+                id.service_account, id.namespace, id.namespace
+            )
+        });
+        crate::xds::spawn(
+            crate::xds::XdsConfig {
+                address: address.clone(),
+                root_cert: args.xds_root_cert.clone(),
+                server_name: args.xds_server_name.clone(),
+                token_file: args.xds_token_file.clone(),
+                node_id,
+                node_cluster: id.service_account.clone(),
+                warming_timeout: args.xds_warming_timeout,
+            },
+            store.clone(),
+        );
+    }
     let running = start(proxy, hbone, admin).await?;
     if let Some(l) = plaintext {
         tokio::spawn(crate::plaintext::run(running.proxy.clone(), l));

@@ -24,8 +24,9 @@
 //! `/config_dump`, `/metrics` and readiness.
 //!
 //! Configuration ([`config`]) mirrors Envoy's Listener / RouteConfiguration
-//! / Cluster resources, is read from YAML today (xDS later) and swapped in
-//! whole after [`config::validate::compile`] accepts it.
+//! / Cluster resources, is read from YAML or received over Envoy v3 xDS
+//! ([`xds`]: delta ADS, LDS/RDS/CDS/EDS) and swapped in whole after
+//! [`config::validate::compile`] accepts it.
 
 pub mod admin;
 pub mod app;
@@ -42,6 +43,7 @@ pub mod serve;
 pub mod sniff;
 pub mod tcp;
 pub mod upstream;
+pub mod xds;
 
 use std::sync::Arc;
 

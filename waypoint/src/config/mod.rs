@@ -3,7 +3,7 @@
 //! change into the [`runtime::Config`] that the data path reads.
 //!
 //! - [`model`]: the YAML/xDS-shaped data
-//! - [`validate`]: the single gate (also the future xDS NACK check)
+//! - [`validate`]: the single gate (also the xDS client's NACK check)
 //! - [`runtime`]: the compiled, in-force form
 //! - [`matcher`]: string/header/query matchers
 //!
@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ pub use validate::{compile, ConfigError};
 pub struct Store {
     current: ArcSwap<Config>,
     last_error: Mutex<Option<String>>,
+    /// False while a configuration source (xDS) has not delivered its
+    /// first complete configuration; readiness waits for it.
+    synced: AtomicBool,
 }
 
 impl Store {
@@ -40,6 +44,7 @@ impl Store {
         Arc::new(Store {
             current: ArcSwap::from_pointee(initial),
             last_error: Mutex::new(None),
+            synced: AtomicBool::new(true),
         })
     }
 
@@ -65,6 +70,14 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn set_synced(&self, v: bool) {
+        self.synced.store(v, Ordering::Release);
     }
 
     pub fn last_error(&self) -> Option<String> {
