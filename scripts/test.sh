@@ -22,3 +22,7 @@ cargo build --workspace --all-targets
 
 echo "== test.sh: cargo test --workspace $*"
 cargo test --workspace "$@"
+
+# The README's demo scenario, end to end on the binaries just built.
+echo "== test.sh: demo --once"
+"${CARGO_TARGET_DIR:-$ROOT/target}/debug/demo" --once
