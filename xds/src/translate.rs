@@ -442,12 +442,16 @@ pub fn translate(opts: &Options, model: &Model) -> Resources {
     Translator::new(opts.clone()).translate(model)
 }
 
+/// A pod's translation: its resource and the (node, identity) it
+/// contributes, if any.
+type PodOut = (Arc<Resource>, Option<(String, String)>);
+
 /// A pod's last translation: the resource (none if the pod is not served)
 /// and the node identity it contributes.
 struct PodMemo {
     ptr: usize,
     ns_fp: u64,
-    out: Option<(Arc<Resource>, Option<(String, String)>)>,
+    out: Option<PodOut>,
 }
 
 /// Translates a model, reusing the previous translation of what did not
@@ -681,7 +685,7 @@ impl Translator {
         selecting: &HashMap<&str, Vec<&Service>>,
         slice_services: &HashMap<(String, IpAddr), Vec<ServicePorts>>,
         policies_by_ns: &HashMap<&str, Vec<(String, &Labels)>>,
-    ) -> Option<(Arc<Resource>, Option<(String, String)>)> {
+    ) -> Option<PodOut> {
         let opts = &self.opts;
         let ips = pod_ips(p);
         let spec = p.spec.as_ref();

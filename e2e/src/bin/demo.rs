@@ -667,8 +667,52 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
         Ok(())
     });
 
+    let exp = "cart-2 leaves service cart";
+    r.step("d4. relabel cart-2", exp, |r| {
+        let c2 = m.relabel_cart2("cart-canary")?;
+        say(&format!(
+            "edit: {}: labels app: cart -> app: cart-canary",
+            m.pod_file(&c2).display()
+        ));
+        let mut st = None;
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "node-1's ztunnel to see the new label",
+            || {
+                st = m.cart2_state()?;
+                Ok(st.as_ref().is_some_and(|(l, _)| l == "cart-canary"))
+            },
+        )?;
+        let services = st.map(|(_, s)| s).unwrap_or_default();
+        say(&format!(
+            "node-1's ztunnel: shop/cart-2 now has app=cart-canary and backs services {services:?}"
+        ));
+        let (mut n1, mut n2, mut other) = (0, 0, 0);
+        for i in 0..10 {
+            if interrupted() {
+                break;
+            }
+            let out = m.request(&m.frontend, vip(CART_VIP), &format!("/after-relabel/{i}"));
+            match out.who() {
+                Some("shop/cart-2") => n2 += 1,
+                Some("shop/cart") => n1 += 1,
+                _ => other += 1,
+            }
+        }
+        say(&format!(
+            "10 requests frontend -> cart VIP: shop/cart answered {n1}, shop/cart-2 {n2}, failed {other}"
+        ));
+        r.record(
+            "d4. relabel cart-2",
+            exp,
+            format!("services {services:?}; cart {n1}, cart-2 {n2}, failed {other} of 10"),
+            services.is_empty() && n1 == 10,
+        );
+        Ok(())
+    });
+
     let exp = "reported, skipped, rest kept";
-    r.step("d4. a bad manifest", exp, |r| {
+    r.step("d5. a bad manifest", exp, |r| {
         let bad = m.manifests.join("broken.yaml");
         say(&format!(
             "edit: {} with a Service whose port is \"eighty\"",
@@ -701,7 +745,7 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
         })?;
         say("removed the file; the error cleared");
         r.record(
-            "d4. a bad manifest",
+            "d5. a bad manifest",
             exp,
             format!(
                 "reported ({}); traffic {}",
@@ -714,7 +758,7 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
     });
 
     let exp = "same xds and ztunnel pids";
-    r.step("d5. no restarts", exp, |r| {
+    r.step("d6. no restarts", exp, |r| {
         let now: Vec<u32> = m
             .ztunnels
             .iter()
@@ -724,7 +768,7 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
         let running = m.ztunnels.iter().all(|(_, z)| z.is_running())
             && m.xds.as_ref().is_some_and(|x| x.is_running());
         r.record(
-            "d5. no restarts",
+            "d6. no restarts",
             exp,
             format!("pids {pids:?} -> {now:?}, running: {running}"),
             now == pids && running,
@@ -765,7 +809,9 @@ as a container runtime puts the app there:
 
   pod                node    netns / cgroup
 {pod_rows}
-Call through the mesh, as shop/frontend (answers come from cart or cart-2):
+Call through the mesh, as shop/frontend (cart answers; cart-2 left the service
+when the demo relabelled it app: cart-canary; set app: cart again in
+{cart2_file} and it shares the load again):
   sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{CART_VIP}/hello'
   sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{CATALOG_VIP}/items'
 
@@ -821,6 +867,11 @@ Press Ctrl-C to stop; everything ({prefix}-* namespaces, cgroups, pins, processe
             .map(|c| c.display().to_string())
             .unwrap_or_default(),
         logs = logs.join(" "),
+        cart2_file = m
+            .cart2
+            .as_ref()
+            .map(|c| m.pod_file(c).display().to_string())
+            .unwrap_or_else(|| "pod-shop-cart-2.yaml".into()),
         cat = m.catalog.ip(),
         manifests = m.manifests.display(),
         prefix = m.tb.prefix(),

@@ -581,6 +581,39 @@ impl Mesh {
         Ok(app)
     }
 
+    /// Rewrites cart-2's Pod manifest with another `app` label (a user's
+    /// `kubectl label`): service cart selects it only while it says `cart`.
+    pub fn relabel_cart2(&mut self, label: &'static str) -> Result<App> {
+        let app = self
+            .cart2
+            .as_mut()
+            .ok_or_else(|| anyhow!("no cart-2 yet"))?;
+        app.app_label = label;
+        let app = app.clone();
+        self.write_pod(&app)?;
+        Ok(app)
+    }
+
+    /// cart-2 as node-1's ztunnel holds it: (`app` label, services).
+    pub fn cart2_state(&self) -> Result<Option<(String, Vec<String>)>> {
+        let d = self.config_dump(&self.node1)?;
+        Ok(d["workloads"].as_array().and_then(|ws| {
+            ws.iter().find(|w| w["name"] == "cart-2").map(|w| {
+                (
+                    w["labels"]["app"].as_str().unwrap_or("").to_string(),
+                    w["services"]
+                        .as_array()
+                        .map(|s| {
+                            s.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )
+            })
+        }))
+    }
+
     // ---- observing ----
 
     /// `stateVersion` of each node's ztunnel.
