@@ -122,7 +122,8 @@ fn flatten_report(r: &Report, rows: &mut Vec<FlatRow>, procs: &mut Vec<FlatProce
         procs.push(FlatProcess {
             benchmark: r.benchmark.clone(),
             name: p.name.clone(),
-            idle_rss_mb: Some(p.idle_rss_mb),
+            // 0 is what a benchmark that does not sample idle RSS reports.
+            idle_rss_mb: (p.idle_rss_mb > 0.0).then_some(p.idle_rss_mb),
             peak_rss_mb: Some(p.peak_rss_mb),
             cpu_seconds: Some(p.cpu_seconds),
         });
@@ -146,7 +147,7 @@ fn flatten_xds(v: &serde_json::Value, rows: &mut Vec<FlatRow>, procs: &mut Vec<F
         ("ztunnel start -> first sync", "ztunnel_first_sync_ms"),
     ];
     let label = format!(
-        "xds ({} pods, {} services, {} policies, {clients} clients)",
+        "{} pods, {} services, {} policies, {clients} clients",
         v["pods"], v["services"], v["policies"]
     );
     for (name, key) in scenarios {
@@ -232,14 +233,24 @@ impl Combined {
                 Some(b) => format!("{} ({})", opt(Some(b), &r.unit), r.baseline_label),
                 None => "-".into(),
             };
+            let (scenario, mesh) = match r.baseline {
+                Some(_) => (
+                    r.scenario.clone(),
+                    format!("{} ({})", opt(Some(r.mesh), &r.unit), r.mesh_label),
+                ),
+                // No baseline: the label says what was measured.
+                None => (
+                    format!("{} ({})", r.scenario, r.mesh_label),
+                    opt(Some(r.mesh), &r.unit),
+                ),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} ({}) | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 r.benchmark,
-                r.scenario,
+                scenario,
                 base,
-                opt(Some(r.mesh), &r.unit),
-                r.mesh_label,
+                mesh,
                 r.ratio
                     .map(|x| format!("{}x", num(x)))
                     .unwrap_or("-".into()),
