@@ -7,6 +7,8 @@
 //! cargo run --release -p e2e --bin bench -- capture [--duration-secs N] [--out-dir DIR]
 //! cargo build --release -p ztunnel -p waypoint
 //! cargo run --release -p e2e --bin bench -- waypoint [--concurrency N] [--out-dir DIR]
+//! cargo build --release -p ztunnel -p ztunnel-cni -p xds -p waypoint
+//! cargo run --release -p e2e --bin bench -- all [--out-dir DIR] [--only NAME]...
 //! ```
 //!
 //! Needs root (network namespaces) and iptables. Each benchmark prints a
@@ -14,6 +16,8 @@
 //! a shape shared by all benchmarks (see `report.rs`). Ctrl-C stops the run
 //! and removes the test bed.
 
+#[path = "bench/all.rs"]
+mod all;
 #[path = "bench/capture.rs"]
 mod capture;
 #[path = "bench/httpload.rs"]
@@ -60,6 +64,10 @@ enum Bench {
     /// waypoint vs nginx as reverse proxies (same workers), and the mesh
     /// path through the waypoint vs L4-only vs direct.
     Waypoint(waypoint::WaypointArgs),
+    /// Every benchmark above in sequence, each writing its own files, plus
+    /// one combined table (`all.md`, `all.json`) of every scenario's
+    /// baseline, mesh figure and ratio, and every mesh process's RSS and CPU.
+    All(all::AllArgs),
 }
 
 /// Handles SIGINT/SIGTERM/SIGHUP on a dedicated thread (tokio's signal
@@ -111,6 +119,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Bench::All(args) => all::run(args).map(|md| println!("{md}")),
         Bench::Waypoint(args) => waypoint::run(args).and_then(|report| {
             println!("{}", report.text());
             if let Some(dir) = &args.out_dir {

@@ -4,13 +4,18 @@
 //! demo [--once]
 //! ```
 //!
-//! Builds nodes `node-1` and `node-2`, pods `shop/frontend` and
-//! `legacy/batch` (node-1, batch outside the mesh), `shop/cart` (behind
-//! service `cart`, 10.96.0.20:80) and `shop/catalog` (behind `catalog`,
-//! 10.96.0.30:80) on node-2, starts one ztunnel per node on a shared state
-//! file, captures the pods' TCP with iptables REDIRECT, and walks through a
-//! scenario, checking each step: a mesh call with both identities, a DENY
-//! policy, encryption on the node link, and live edits of the state file.
+//! Builds nodes `node-1` and `node-2` (plus `control`, where the control
+//! plane runs), pods `shop/frontend` and `legacy/batch` (node-1, namespace
+//! legacy outside the mesh), `shop/cart` (behind service `cart`,
+//! 10.96.0.20:80) and `shop/catalog` (behind `catalog`, 10.96.0.30:80) on
+//! node-2, each pod its own network namespace and cgroup. It writes the
+//! cluster as Kubernetes manifests into a directory the `xds` control plane
+//! watches, starts one ztunnel per node fed by xDS (certificates from the
+//! control plane's CA), enrolls the pods by invoking the `ztunnel-cni`
+//! plugin as a container runtime would (eBPF capture inside each pod, no
+//! iptables), and walks through a scenario, checking each step: capture in
+//! place, a mesh call with both identities, a DENY policy, encryption on the
+//! node link, and live edits of the manifests pushed by the control plane.
 //!
 //! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
 //! and removes everything it created. With `--once` it exits after the
@@ -29,8 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 
 use mesh::{
-    counter, interrupted, metric_line, App, Mesh, Outcome, StateKnobs, CART_VIP, CATALOG_VIP,
-    SERVICE_PORT, TRUST_DOMAIN,
+    counter, interrupted, metric_line, App, Mesh, Outcome, CART_VIP, CATALOG_VIP, SERVICE_PORT,
 };
 
 /// One line of the summary table.
@@ -205,7 +209,7 @@ fn parse_args() -> Result<bool> {
 /// (namespaces removed, processes killed) before the process exits.
 fn run(once: bool, signals: &mpsc::Receiver<&'static str>) -> i32 {
     let t0 = Instant::now();
-    println!("Local ambient mesh demo: 2 nodes, 1 ztunnel each, pods captured with iptables.\n");
+    println!("Local ambient mesh demo: 2 nodes, the xds control plane on a manifest directory, 1 ztunnel per node, pods enrolled by the CNI plugin and captured with eBPF.\n");
     heading("Setting up");
     let progress = |s: &str| say(s);
     let mut mesh = match Mesh::start(&progress) {
@@ -250,30 +254,12 @@ fn run(once: bool, signals: &mpsc::Receiver<&'static str>) -> i32 {
         println!("\nInterrupted.");
     }
     println!(
-        "Cleaning up (ztunnels, namespaces, {}) ...",
+        "Cleaning up (CNI DEL of every pod, ztunnels, control plane, pins, namespaces, {}) ...",
         mesh.tb.dir().display()
     );
     let prefix = mesh.tb.prefix().to_string();
     let t2 = Instant::now();
-    // Stop the ztunnels first, in parallel, to say how they went; the test
-    // bed's Drop would also do it (SIGTERM, SIGKILL after 2 s).
-    std::thread::scope(|s| {
-        for (node, z) in &mesh.ztunnels {
-            s.spawn(move || {
-                let t = Instant::now();
-                let how = z
-                    .terminate()
-                    .and_then(|()| z.wait_exit())
-                    .map(|st| st.to_string())
-                    .unwrap_or_else(|e| format!("{e:#}"));
-                println!(
-                    "   ztunnel on {} stopped in {} ms ({how})",
-                    node.name(),
-                    t.elapsed().as_millis()
-                );
-            });
-        }
-    });
+    mesh.shutdown();
     drop(mesh);
     println!("Cleaned up {prefix}-* in {} ms.", t2.elapsed().as_millis());
     if ok && !interrupted() {
@@ -296,17 +282,25 @@ fn print_topology(m: &Mesh) {
             a.node(),
             a.ip(),
             short_id(&a.spiffe()),
-            if a.sa.is_some() { "yes" } else { "no" }
+            if m.is_pinned(a) {
+                "yes (enrolled)"
+            } else {
+                "no"
+            }
         ));
     }
     say(&format!(
         "services: cart {CART_VIP}:{SERVICE_PORT} -> shop/cart:8080, catalog {CATALOG_VIP}:{SERVICE_PORT} -> shop/catalog:8080"
     ));
     say("policy shop/catalog-shop-only: DENY connections to catalog from outside namespace shop");
+    say(&format!("manifests: {}", m.manifests.display()));
 }
 
 fn scenario(m: &mut Mesh, r: &mut Report) {
-    step_a(m, r);
+    step_0(m, r);
+    if !interrupted() {
+        step_a(m, r);
+    }
     if !interrupted() {
         step_b(m, r);
     }
@@ -318,6 +312,52 @@ fn scenario(m: &mut Mesh, r: &mut Report) {
     }
 }
 
+/// 0. Capture is in place where it should be, and only there.
+fn step_0(m: &Mesh, r: &mut Report) {
+    heading("0. enrollment: what the CNI plugin and ztunnel set up in each pod");
+    let exp = "shop pods captured by eBPF, legacy not";
+    r.step("0. eBPF capture per pod", exp, |r| {
+        let mut ok = true;
+        let mut seen = Vec::new();
+        for a in [&m.frontend, &m.batch, &m.cart, &m.catalog] {
+            let progs = m.cgroup_programs(a);
+            let pinned = m.is_pinned(a);
+            say(&format!(
+                "{:<15} pins: {:<3} cgroup programs: {}",
+                a.key(),
+                if pinned { "yes" } else { "no" },
+                if progs.is_empty() {
+                    "none".to_string()
+                } else {
+                    progs.join(", ")
+                }
+            ));
+            let want = a.sa.is_some();
+            ok &= pinned == want && progs.iter().any(|p| p.contains("connect")) == want;
+            seen.push(format!("{} {}", a.name, if pinned { "yes" } else { "no" }));
+        }
+        // No NAT rule anywhere: capture is the pods' eBPF alone.
+        let mut nat = 0;
+        for a in [&m.frontend, &m.cart, &m.catalog] {
+            let out = e2e::ip_netns_exec_output(a.pod.netns(), &["iptables-save", "-t", "nat"]);
+            if let Ok(o) = out {
+                nat += String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count();
+            }
+        }
+        say(&format!("iptables nat rules in the mesh pods: {nat}"));
+        r.record(
+            "0. eBPF capture per pod",
+            exp,
+            format!("enrolled: {}; iptables nat rules: {nat}", seen.join(", ")),
+            ok && nat == 0,
+        );
+        Ok(())
+    });
+}
+
 /// a. frontend -> cart VIP, both identities, the endpoint.
 fn step_a(m: &Mesh, r: &mut Report) {
     heading("a. shop/frontend calls the cart service (10.96.0.20:80) through the mesh");
@@ -326,13 +366,13 @@ fn step_a(m: &Mesh, r: &mut Report) {
         let (m1, m2) = (m.log_mark(&m.node1), m.log_mark(&m.node2));
         let out = m.request(&m.frontend, vip(CART_VIP), "/cart");
         say(&format!("frontend's plain TCP client: {}", out.describe()));
-        let Outcome::Answered { body, port, .. } = &out else {
+        let Outcome::Answered { body, .. } = &out else {
             r.record("a. frontend -> cart VIP", exp, out.describe(), false);
             return Ok(());
         };
-        let src = format!("{}:{port}", m.frontend.ip());
+        let src = m.frontend.ip().to_string();
         let o = m.wait_access(&m.node1, m1, "node-1's outbound access log", |l| {
-            l.get("src.addr") == src && l.get("direction") == "outbound"
+            l.src_ip() == src && l.get("direction") == "outbound"
         })?;
         say(&format!(
             "node-1 ztunnel (outbound): service {} -> picked endpoint {} ({}), tunnelled as {}",
@@ -406,7 +446,7 @@ fn step_b(m: &Mesh, r: &mut Report) {
             "b. legacy/batch -> catalog",
             exp,
             format!("{}; ztunnel: {}", out.short(), l.get("error")),
-            !out.answered() && l.get("error").contains("shop/catalog-shop-only"),
+            !out.answered() && l.get("error").contains("catalog-shop-only"),
         );
         Ok(())
     });
@@ -508,25 +548,37 @@ fn step_c(m: &Mesh, r: &mut Report) {
     }
 }
 
-/// d. Live edits of the state file.
+/// d. Live edits of the manifest directory, applied through the control
+/// plane (no restarts).
 fn step_d(m: &mut Mesh, r: &mut Report) {
     heading(&format!(
-        "d. live edits of {} (no restarts)",
-        m.state_file.display()
+        "d. live edits of the manifests in {} (xds -> both ztunnels, no restarts)",
+        m.manifests.display()
     ));
-    let pids: Vec<u32> = m.ztunnels.iter().map(|(_, z)| z.pid()).collect();
-    let mut knobs = StateKnobs::default();
+    let pids: Vec<u32> = m
+        .ztunnels
+        .iter()
+        .map(|(_, z)| z.pid())
+        .chain(m.xds.as_ref().map(|x| x.pid()))
+        .collect();
 
-    let exp = "denied after reload";
+    let exp = "denied after the push";
     r.step("d1. add DENY frontend->catalog", exp, |r| {
-        say("edit: add policy shop/catalog-no-frontend (DENY principals [cluster.local/ns/shop/sa/frontend])");
-        knobs.lockdown = true;
+        say(&format!(
+            "edit: new file {} (AuthorizationPolicy shop/catalog-no-frontend: DENY from principals [cluster.local/ns/shop/sa/frontend])",
+            m.deny_frontend_file().display()
+        ));
         let before = m.state_versions()?;
         let t = Instant::now();
-        m.write_state(knobs)?;
-        let after = m.wait_applied(&before)?;
+        m.write_deny_frontend()?;
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "node-2's ztunnel to receive the policy",
+            || Ok(m.policies(&m.node2)?.iter().any(|p| p == "shop/catalog-no-frontend")),
+        )?;
+        let after = m.state_versions()?;
         say(&format!(
-            "both ztunnels reloaded in {} ms (stateVersion {:?} -> {:?})",
+            "xds pushed it; node-2's ztunnel holds it {} ms after the write (stateVersion {:?} -> {:?})",
             t.elapsed().as_millis(),
             before,
             after
@@ -542,22 +594,29 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
             "d1. add DENY frontend->catalog",
             exp,
             format!("{}; ztunnel: {}", out.short(), l.get("error")),
-            !out.answered() && l.get("error").contains("shop/catalog-no-frontend"),
+            !out.answered() && l.get("error").contains("catalog-no-frontend"),
         );
         Ok(())
     });
 
     let exp = "allowed again";
-    r.step("d2. remove that DENY", exp, |r| {
-        say("edit: remove shop/catalog-no-frontend again");
-        knobs.lockdown = false;
-        let before = m.state_versions()?;
-        m.write_state(knobs)?;
-        m.wait_applied(&before)?;
+    r.step("d2. delete that policy file", exp, |r| {
+        say("edit: rm policy-catalog-no-frontend.yaml");
+        std::fs::remove_file(m.deny_frontend_file())?;
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "node-2's ztunnel to drop the policy",
+            || {
+                Ok(!m
+                    .policies(&m.node2)?
+                    .iter()
+                    .any(|p| p == "shop/catalog-no-frontend"))
+            },
+        )?;
         let out = m.request(&m.frontend, vip(CATALOG_VIP), "/items");
         say(&format!("frontend -> catalog: {}", out.describe()));
         r.record(
-            "d2. remove that DENY",
+            "d2. delete that policy file",
             exp,
             out.short(),
             out.answered() && out.body().contains("shop/catalog"),
@@ -569,24 +628,31 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
     r.step("d3. scale cart to 2", exp, |r| {
         let c2 = m.add_cart2()?;
         say(&format!(
-            "started pod shop/cart-2 on node-1 ({}, identity {}); edit: add it to service cart",
+            "new pod shop/cart-2 on node-1 ({}): netns + cgroup, CNI ADD ({}), then its Pod manifest {} (label app: cart, so service cart selects it)",
             c2.ip(),
-            short_id(&c2.spiffe())
+            if m.is_pinned(&c2) { "enrolled" } else { "NOT enrolled" },
+            m.pod_file(&c2).display()
         ));
-        knobs.cart2 = true;
-        let before = m.state_versions()?;
-        m.write_state(knobs)?;
-        m.wait_applied(&before)?;
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "node-1's ztunnel to learn cart-2",
+            || {
+                let d = m.config_dump(&m.node1)?;
+                Ok(d["workloads"]
+                    .as_array()
+                    .is_some_and(|ws| ws.iter().any(|w| w["name"] == "cart-2")))
+            },
+        )?;
         let (mut n1, mut n2, mut other) = (0, 0, 0);
         for i in 0..20 {
+            if interrupted() {
+                break;
+            }
             let out = m.request(&m.frontend, vip(CART_VIP), &format!("/cart/{i}"));
-            let b = out.body();
-            if b.contains("shop/cart-2 ") {
-                n2 += 1;
-            } else if b.contains("shop/cart ") {
-                n1 += 1;
-            } else {
-                other += 1;
+            match out.who() {
+                Some("shop/cart-2") => n2 += 1,
+                Some("shop/cart") => n1 += 1,
+                _ => other += 1,
             }
         }
         say(&format!(
@@ -601,71 +667,108 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
         Ok(())
     });
 
-    let exp = "rejected, old state kept";
-    r.step("d4. a bad edit", exp, |r| {
-        say("edit: a typo (serviceAcount) in the file");
-        let before = m.state_versions()?;
-        let good = m.state_yaml(knobs);
-        let bad = good.replacen("serviceAccount: frontend", "serviceAcount: frontend", 1);
-        mesh::write_atomic(&m.state_file, &bad)?;
-        let mut err = String::new();
+    let exp = "cart-2 leaves service cart";
+    r.step("d4. relabel cart-2", exp, |r| {
+        let c2 = m.relabel_cart2("cart-canary")?;
+        say(&format!(
+            "edit: {}: labels app: cart -> app: cart-canary",
+            m.pod_file(&c2).display()
+        ));
+        let mut st = None;
         mesh::wait_for(
             Duration::from_secs(10),
-            "localStateError on both nodes",
+            "node-1's ztunnel to see the new label",
             || {
-                let mut all = true;
-                for n in [&m.node1, &m.node2] {
-                    let d = m.config_dump(n)?;
-                    match d["localStateError"].as_str() {
-                        Some(e) => err = e.to_string(),
-                        None => all = false,
-                    }
-                }
-                Ok(all)
+                st = m.cart2_state()?;
+                Ok(st.as_ref().is_some_and(|(l, _)| l == "cart-canary"))
             },
         )?;
+        let services = st.map(|(_, s)| s).unwrap_or_default();
         say(&format!(
-            "both ztunnels show localStateError: {}",
-            shorten(&err, 160)
+            "node-1's ztunnel: shop/cart-2 now has app=cart-canary and backs services {services:?}"
         ));
-        let same = m.state_versions()? == before;
-        let out = m.request(&m.frontend, vip(CART_VIP), "/still-there");
+        let (mut n1, mut n2, mut other) = (0, 0, 0);
+        for i in 0..10 {
+            if interrupted() {
+                break;
+            }
+            let out = m.request(&m.frontend, vip(CART_VIP), &format!("/after-relabel/{i}"));
+            match out.who() {
+                Some("shop/cart-2") => n2 += 1,
+                Some("shop/cart") => n1 += 1,
+                _ => other += 1,
+            }
+        }
         say(&format!(
-            "stateVersion unchanged: {same}; frontend -> cart still: {}",
-            out.describe()
+            "10 requests frontend -> cart VIP: shop/cart answered {n1}, shop/cart-2 {n2}, failed {other}"
         ));
-        // Put the good file back.
-        m.write_state(knobs)?;
-        mesh::wait_for(Duration::from_secs(10), "the error to clear", || {
-            Ok([&m.node1, &m.node2].iter().all(|n| {
-                m.config_dump(n)
-                    .map(|d| d["localStateError"].is_null())
-                    .unwrap_or(false)
-            }))
-        })?;
-        say("restored the file; the error cleared");
         r.record(
-            "d4. a bad edit",
+            "d4. relabel cart-2",
             exp,
-            format!(
-                "rejected ({}); version kept: {same}; traffic {}",
-                err.rsplit("invalid: ")
-                    .next()
-                    .and_then(|e| e.split(", expected").next())
-                    .unwrap_or(&err),
-                if out.answered() { "flows" } else { "FAILED" }
-            ),
-            same && out.answered(),
+            format!("services {services:?}; cart {n1}, cart-2 {n2}, failed {other} of 10"),
+            services.is_empty() && n1 == 10,
         );
         Ok(())
     });
 
-    let exp = "same ztunnel pids";
-    r.step("d5. no restarts", exp, |r| {
-        let now: Vec<u32> = m.ztunnels.iter().map(|(_, z)| z.pid()).collect();
-        let running = m.ztunnels.iter().all(|(_, z)| z.is_running());
+    let exp = "reported, skipped, rest kept";
+    r.step("d5. a bad manifest", exp, |r| {
+        let bad = m.manifests.join("broken.yaml");
+        say(&format!(
+            "edit: {} with a Service whose port is \"eighty\"",
+            bad.display()
+        ));
+        mesh::write_atomic(
+            &bad,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: shop}\nspec:\n  clusterIP: 10.96.0.99\n  ports: [{port: eighty}]\n",
+        )?;
+        let mut errs = String::new();
+        mesh::wait_for(
+            Duration::from_secs(10),
+            "the control plane to report it",
+            || {
+                errs = m.xds_errors()?;
+                Ok(errs.contains("broken.yaml"))
+            },
+        )?;
+        let line = errs
+            .lines()
+            .find(|l| l.contains("broken.yaml"))
+            .unwrap_or("")
+            .to_string();
+        say(&format!("xds /debug/errors: {}", shorten(&line, 200)));
+        let out = m.request(&m.frontend, vip(CART_VIP), "/still-there");
+        say(&format!("frontend -> cart still: {}", out.describe()));
+        std::fs::remove_file(&bad)?;
+        mesh::wait_for(Duration::from_secs(10), "the error to clear", || {
+            Ok(!m.xds_errors()?.contains("broken.yaml"))
+        })?;
+        say("removed the file; the error cleared");
         r.record(
-            "d5. no restarts",
+            "d5. a bad manifest",
+            exp,
+            format!(
+                "reported ({}); traffic {}",
+                shorten(line.split_once(": ").map_or(line.as_str(), |x| x.1), 50),
+                if out.answered() { "flows" } else { "FAILED" }
+            ),
+            !line.is_empty() && out.answered(),
+        );
+        Ok(())
+    });
+
+    let exp = "same xds and ztunnel pids";
+    r.step("d6. no restarts", exp, |r| {
+        let now: Vec<u32> = m
+            .ztunnels
+            .iter()
+            .map(|(_, z)| z.pid())
+            .chain(m.xds.as_ref().map(|x| x.pid()))
+            .collect();
+        let running = m.ztunnels.iter().all(|(_, z)| z.is_running())
+            && m.xds.as_ref().is_some_and(|x| x.is_running());
+        r.record(
+            "d6. no restarts",
             exp,
             format!("pids {pids:?} -> {now:?}, running: {running}"),
             now == pids && running,
@@ -677,17 +780,20 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
 fn print_playground(m: &Mesh) {
     let n1 = m.node1.netns();
     let n2 = m.node2.netns();
+    let cp = m.cp.netns();
     let dir = m.tb.dir().display().to_string();
-    let z1 = m
-        .ztunnel(&m.node1)
-        .map(|z| z.log_path().display().to_string())
+    let logs: Vec<String> = m
+        .ztunnels
+        .iter()
+        .map(|(_, z)| z.log_path().display().to_string())
+        .collect();
+    let xlog = m
+        .xds
+        .as_ref()
+        .map(|x| x.log_path().display().to_string())
         .unwrap_or_default();
-    let z2 = m
-        .ztunnel(&m.node2)
-        .map(|z| z.log_path().display().to_string())
-        .unwrap_or_default();
-    let f = &m.frontend;
-    let b = &m.batch;
+    let f = m.frontend.pod.netns();
+    let b = m.batch.pod.netns();
     let pods: Vec<&App> = [&m.frontend, &m.batch, &m.cart, &m.catalog]
         .into_iter()
         .chain(m.cart2.as_ref())
@@ -695,59 +801,79 @@ fn print_playground(m: &Mesh) {
     heading("The mesh is up. Poke at it (as root, in another terminal)");
     println!(
         r#"
-Pods are addresses on their node; a pod's program runs in the node's network
-namespace and binds the pod's IP (curl --interface <pod ip>). Its TCP is
-captured by iptables there, so curl needs no proxy settings.
+Every pod is a network namespace and a cgroup. `ip netns exec <netns> CMD`
+runs CMD in a pod's network; the pod's eBPF capture (cgroup connect4/6 and
+sockops) sees CMD's outbound connections once CMD is also in the pod's cgroup,
+as a container runtime puts the app there:
+  sh -c 'echo $$ > <cgroup>/cgroup.procs; exec ip netns exec <netns> CMD'
 
-  pod                node    netns                 ip
+  pod                node    netns / cgroup
 {pod_rows}
-Call through the mesh, as shop/frontend (answers come from cart or cart-2):
-  ip netns exec {n1} curl -s --interface {fip} http://{CART_VIP}/hello
-  ip netns exec {n1} curl -s --interface {fip} http://{CATALOG_VIP}/items
+Call through the mesh, as shop/frontend (cart answers; cart-2 left the service
+when the demo relabelled it app: cart-canary; set app: cart again in
+{cart2_file} and it shares the load again):
+  sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{CART_VIP}/hello'
+  sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{CATALOG_VIP}/items'
 
 Be refused, as legacy/batch (outside the mesh; policy shop/catalog-shop-only);
 curl reports an empty reply or a reset, and node-2's log says why:
-  ip netns exec {n1} curl -sS --interface {bip} http://{cat}:8080/items
+  ip netns exec {b} curl -sS http://{cat}:8080/items
 
 Watch every connection (one access line each, with both identities):
-  tail -f {z1} {z2}
+  tail -f {logs}
 
-Change the mesh: edit the state file; both ztunnels re-read it within a second.
-  $EDITOR {state}
-  e.g. add `- principals: ["{TRUST_DOMAIN}/ns/shop/sa/frontend"]` under a new
-  DENY policy for {{app: cart}}, or remove cart-2 from the workloads.
-  Check it applied (stateVersion goes up; a bad edit shows in localStateError):
-  ip netns exec {n2} curl -s 127.0.0.1:15000/config_dump | grep -oE '"(stateVersion|localStateError)":[^,]*'
+Change the mesh: edit the manifests; the control plane (log: {xlog}) picks
+up changes within a second and pushes them to both ztunnels over xDS.
+  ls {manifests}
+  e.g. add an AuthorizationPolicy (security.istio.io/v1) with action DENY, or
+  change a Pod's label app: cart to something else and watch the cart VIP
+  lose that endpoint. Bad manifests are skipped and listed at:
+  ip netns exec {cp} curl -s 127.0.0.1:15014/debug/errors
+  Control plane metrics: ip netns exec {cp} curl -s 127.0.0.1:15014/metrics
 
 Full state and metrics of a node's ztunnel:
   ip netns exec {n1} curl -s 127.0.0.1:15000/config_dump
   ip netns exec {n2} curl -s 127.0.0.1:15020/metrics | grep istio_tcp_connections_opened_total
 
-See ciphertext on the node link while you call catalog (or cart: cart-2 is on
-node-1 itself, so its answers never cross the link):
+See ciphertext on the node link while you call catalog (cart-2 is on node-1
+itself, so its answers never cross the link):
   ip netns exec {n1} tcpdump -ni eth0 -A tcp port 15008
 
-All files (state, CA, logs, captures): {dir}
-Press Ctrl-C to stop; everything ({prefix}-* namespaces, ztunnels, files) is removed."#,
+All files (manifests, CA, tokens, logs, captures): {dir}
+Press Ctrl-C to stop; everything ({prefix}-* namespaces, cgroups, pins, processes, files) is removed."#,
         pod_rows = pods
             .iter()
             .map(|a| format!(
-                "  {:<18} {:<7} {:<21} {}{}\n",
+                "  {:<18} {:<7} {}{}\n  {:<26} {}\n",
                 a.key(),
                 a.node(),
                 a.pod.netns(),
-                a.ip(),
                 if a.sa.is_none() {
                     "  (not in the mesh)"
                 } else {
                     ""
-                }
+                },
+                "",
+                a.pod
+                    .cgroup()
+                    .map(|c| c.display().to_string())
+                    .unwrap_or_default(),
             ))
             .collect::<String>(),
-        fip = f.ip(),
-        bip = b.ip(),
+        fcg = m
+            .frontend
+            .pod
+            .cgroup()
+            .map(|c| c.display().to_string())
+            .unwrap_or_default(),
+        logs = logs.join(" "),
+        cart2_file = m
+            .cart2
+            .as_ref()
+            .map(|c| m.pod_file(c).display().to_string())
+            .unwrap_or_else(|| "pod-shop-cart-2.yaml".into()),
         cat = m.catalog.ip(),
-        state = m.state_file.display(),
+        manifests = m.manifests.display(),
         prefix = m.tb.prefix(),
     );
 }

@@ -1,25 +1,31 @@
-//! The demo cluster: two nodes, a handful of pods, one ztunnel per node, and
-//! pod traffic captured into ztunnel with iptables REDIRECT (so the "apps"
-//! are plain TCP clients and servers that know nothing of the mesh).
+//! The demo cluster, run the way a real one is: the `xds` control plane on
+//! a directory of Kubernetes manifests (Namespaces, Pods, Services,
+//! AuthorizationPolicies) that this module writes, one ztunnel per node fed
+//! by xDS with workload certificates from the control plane's CA, and pods
+//! that are network namespaces in their own cgroups, enrolled by invoking
+//! the `ztunnel-cni` plugin exactly as a container runtime would, their TCP
+//! captured by eBPF inside each pod (no iptables anywhere).
 //!
-//! Pods are the test bed's host pods: an address on the node's `lo`, with
-//! their processes in the node's network namespace binding that address.
-//! That is what REDIRECT capture on the node can serve (HBONE inbound needs
-//! the pod address as the listener's local address, which REDIRECT would
-//! rewrite).
+//! The "apps" know nothing of the mesh: servers are threads of the demo
+//! listening inside the pod's namespace; clients are `curl` processes
+//! started inside the pod's namespace and cgroup.
+//!
+//! Everything is named after the test bed's unique prefix; the bpffs pins
+//! ztunnel makes live under `/sys/fs/bpf/<prefix>-demo-<node>` and are
+//! removed on exit (and, for dead demos, at the next start).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use e2e::mesh::{capture_inbound, capture_outbound, http_get, parse_response};
+use e2e::mesh::http_get;
 use e2e::{ChildGuard, Node, Pod, Testbed};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -27,10 +33,13 @@ pub const CART_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const CATALOG_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 pub const SERVICE_PORT: u16 = 80;
 pub const APP_PORT: u16 = 8080;
-/// ztunnel's default SO_MARK; capture lets ztunnel's own sockets through.
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15020);
 const READY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
+/// The control plane's Prometheus and `/debug/errors` port (in its netns).
+pub const XDS_DEBUG: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15014);
+/// Where the demo's pin roots live; `<prefix>-demo-<node>` below it.
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// Set by the signal thread; long waits give up when it is set.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -44,8 +53,11 @@ pub fn interrupted() -> bool {
 pub struct App {
     pub name: &'static str,
     pub namespace: &'static str,
-    /// Service account; `None` = not in the mesh.
+    /// Service account; `None` = not in the mesh (its namespace is not
+    /// ambient).
     pub sa: Option<&'static str>,
+    /// The `app` label (services select on it).
+    pub app_label: &'static str,
     pub pod: Pod,
 }
 
@@ -69,187 +81,292 @@ impl App {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip()), APP_PORT)
     }
+    /// The pod uid the CNI plugin passes on (`K8S_POD_UID`).
+    pub fn uid(&self) -> String {
+        format!("uid-{}-{}", self.namespace, self.name)
+    }
 }
 
-/// What the generated state file contains beyond the base set-up.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StateKnobs {
-    /// `cart-2` (node-1) is an endpoint of the cart service.
-    pub cart2: bool,
-    /// The extra DENY: frontend may not reach catalog.
-    pub lockdown: bool,
+/// Paths of the binaries the demo runs, next to its own.
+pub struct Bins {
+    pub ztunnel: PathBuf,
+    pub xds: PathBuf,
+    pub cni: PathBuf,
+}
+
+impl Bins {
+    pub fn locate() -> Result<Bins> {
+        let exe = std::env::current_exe().context("locating the demo binary")?;
+        let dir = exe
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no parent dir", exe.display()))?
+            .to_path_buf();
+        let find = |name: &str, env: &str| -> Result<PathBuf> {
+            if let Some(p) = std::env::var_os(env) {
+                return Ok(PathBuf::from(p));
+            }
+            let p = dir.join(name);
+            if !p.is_file() {
+                bail!(
+                    "no {name} binary at {} (build with `cargo build --release -p ztunnel -p xds -p ztunnel-cni`, or set {env})",
+                    p.display()
+                );
+            }
+            Ok(p)
+        };
+        Ok(Bins {
+            ztunnel: find("ztunnel", "ZTUNNEL_BIN")?,
+            xds: find("xds", "XDS_BIN")?,
+            cni: find("ztunnel-cni", "ZTUNNEL_CNI_BIN")?,
+        })
+    }
+}
+
+/// A node's in-pod mode paths.
+pub struct NodeDirs {
+    pub socket: PathBuf,
+    pub bpf: PathBuf,
+    pub state: PathBuf,
 }
 
 pub struct Mesh {
     pub tb: Testbed,
     pub node1: Node,
     pub node2: Node,
+    /// The control plane's own node (no pods).
+    pub cp: Node,
     pub frontend: App,
     pub batch: App,
     pub cart: App,
     pub catalog: App,
     /// Created when the cart service is scaled out.
     pub cart2: Option<App>,
-    pub state_file: PathBuf,
+    /// The manifest directory the control plane watches.
+    pub manifests: PathBuf,
+    /// The CNI plugin's stand-in for the API server's labels.
+    pub labels_file: PathBuf,
+    pub ca_cert: PathBuf,
+    pub xds: Option<ChildGuard>,
     pub ztunnels: Vec<(Node, ChildGuard)>,
-    pub ztunnel_bin: PathBuf,
-}
-
-pub fn ztunnel_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ZTUNNEL_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("locating the demo binary")?;
-    let bin = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent dir", exe.display()))?
-        .join("ztunnel");
-    if !bin.exists() {
-        bail!(
-            "no ztunnel binary at {} (build it with `cargo build --release -p ztunnel`, or set ZTUNNEL_BIN)",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    /// Pods enrolled through CNI ADD, for CNI DEL at the end.
+    enrolled: Vec<App>,
+    bins: Bins,
 }
 
 impl Mesh {
-    /// Builds the nodes and pods, writes the state file, starts the servers,
-    /// the capture rules and the ztunnels. Prints one line per stage.
+    /// Builds the nodes and pods, writes the manifests, starts the control
+    /// plane, the ztunnels and the app servers, and enrolls the pods through
+    /// the CNI plugin. Prints one line per stage.
     pub fn start(progress: &dyn Fn(&str)) -> Result<Mesh> {
-        let ztunnel_bin = ztunnel_bin()?;
+        let bins = Bins::locate()?;
+        cleanup_stale_pins();
         let tb = Testbed::new().context("creating the network-namespace test bed")?;
         let node1 = tb.add_node("node-1")?;
         let node2 = tb.add_node("node-2")?;
-        // Order fixes the addresses: node-1 gets .10, .11; node-2 .10, .11.
-        let frontend = App {
-            name: "frontend",
-            namespace: "shop",
-            sa: Some("frontend"),
-            pod: tb.add_host_pod(&node1, "frontend")?,
+        let cp = tb.add_node("control")?;
+        let app = |node: &Node,
+                   name: &'static str,
+                   namespace: &'static str,
+                   sa: Option<&'static str>|
+         -> Result<App> {
+            Ok(App {
+                name,
+                namespace,
+                sa,
+                app_label: name,
+                pod: tb
+                    .add_netns_pod(node, &format!("{namespace}-{name}"))
+                    .with_context(|| format!("creating pod {namespace}/{name}"))?,
+            })
         };
-        let batch = App {
-            name: "batch",
-            namespace: "legacy",
-            sa: None,
-            pod: tb.add_host_pod(&node1, "batch")?,
-        };
-        let cart = App {
-            name: "cart",
-            namespace: "shop",
-            sa: Some("cart"),
-            pod: tb.add_host_pod(&node2, "cart")?,
-        };
-        let catalog = App {
-            name: "catalog",
-            namespace: "shop",
-            sa: Some("catalog"),
-            pod: tb.add_host_pod(&node2, "catalog")?,
-        };
+        let frontend = app(&node1, "frontend", "shop", Some("frontend"))?;
+        let batch = app(&node1, "batch", "legacy", None)?;
+        let cart = app(&node2, "cart", "shop", Some("cart"))?;
+        let catalog = app(&node2, "catalog", "shop", Some("catalog"))?;
         progress(&format!(
-            "nodes node-1 ({}) and node-2 ({}) and 4 pods created (netns prefix {})",
+            "nodes node-1 ({}), node-2 ({}) and control ({}); 4 pods, each its own netns and cgroup (prefix {})",
             node1.ipv4(),
             node2.ipv4(),
+            cp.ipv4(),
             tb.prefix()
         ));
-        let manifests = tb.dir().join("mesh");
+        let manifests = tb.dir().join("manifests");
         std::fs::create_dir_all(&manifests)
             .with_context(|| format!("creating {}", manifests.display()))?;
-        let state_file = manifests.join("state.yaml");
         let mut mesh = Mesh {
+            labels_file: tb.dir().join("cni-labels.json"),
+            ca_cert: tb.dir().join("ca.crt"),
             tb,
             node1,
             node2,
+            cp,
             frontend,
             batch,
             cart,
             catalog,
             cart2: None,
-            state_file,
+            manifests,
+            xds: None,
             ztunnels: Vec::new(),
-            ztunnel_bin,
+            enrolled: Vec::new(),
+            bins,
         };
-        mesh.write_state(StateKnobs::default())?;
+        mesh.write_base_manifests()?;
+        mesh.write_labels()?;
         progress(&format!(
-            "mesh state written to {}",
-            mesh.state_file.display()
+            "manifests (Namespaces, Pods, Services, AuthorizationPolicy) written to {}",
+            mesh.manifests.display()
         ));
 
-        for app in [&mesh.frontend, &mesh.batch, &mesh.cart, &mesh.catalog] {
-            spawn_server(app)?;
-        }
-        progress("app servers listening on :8080 in every pod (they say who answered)");
+        let t0 = Instant::now();
+        mesh.start_xds()?;
+        progress(&format!(
+            "control plane (xds) serving on {}:15012 in {} ms; it generated the mesh root CA {}",
+            mesh.cp.ipv4(),
+            t0.elapsed().as_millis(),
+            mesh.ca_cert.display()
+        ));
 
-        for node in [mesh.node1.clone(), mesh.node2.clone()] {
-            // REDIRECT happens after routing: service VIPs need a route.
-            ip_in(
-                node.netns(),
-                &["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"],
-            )?;
-        }
-        for app in [&mesh.frontend, &mesh.cart, &mesh.catalog] {
-            capture_app(app)?;
-        }
-        progress("iptables REDIRECT capture installed for the mesh pods (legacy/batch left alone)");
-
-        // The first ztunnel creates the shared CA pair; the second reuses it.
         for node in [mesh.node1.clone(), mesh.node2.clone()] {
             let t0 = Instant::now();
             let z = mesh.start_ztunnel(&node)?;
             progress(&format!(
-                "ztunnel on {} ready in {} ms (pid {})",
+                "ztunnel on {} synced from xDS and ready in {} ms (pid {})",
                 node.name(),
                 t0.elapsed().as_millis(),
                 z.pid()
             ));
             mesh.ztunnels.push((node, z));
         }
+
+        for a in [&mesh.frontend, &mesh.batch, &mesh.cart, &mesh.catalog] {
+            spawn_server(a)?;
+        }
+        progress("app servers listening on :8080 in every pod (they say who answered)");
+
+        let mut lines = Vec::new();
+        for a in [
+            mesh.frontend.clone(),
+            mesh.batch.clone(),
+            mesh.cart.clone(),
+            mesh.catalog.clone(),
+        ] {
+            let t0 = Instant::now();
+            mesh.cni_add(&a)?;
+            let pinned = mesh.is_pinned(&a);
+            lines.push(format!(
+                "{} {} ({} ms)",
+                a.key(),
+                if pinned {
+                    "enrolled, eBPF attached"
+                } else {
+                    "not enrolled"
+                },
+                t0.elapsed().as_millis()
+            ));
+        }
+        progress(&format!("CNI ADD (ztunnel-cni): {}", lines.join("; ")));
         Ok(mesh)
     }
 
-    pub fn ca_paths(&self) -> (PathBuf, PathBuf) {
-        let dir = self.tb.dir().join("mesh");
-        (dir.join("ca.crt"), dir.join("ca.key"))
+    pub fn dirs(&self, node: &Node) -> NodeDirs {
+        let base = self.tb.dir().join(format!("inpod-{}", node.name()));
+        NodeDirs {
+            socket: base.join("ztunnel.sock"),
+            bpf: pin_root(self.tb.prefix(), node.name()),
+            state: base.join("pods"),
+        }
+    }
+
+    fn node_of(&self, a: &App) -> &Node {
+        if a.node() == self.node1.name() {
+            &self.node1
+        } else {
+            &self.node2
+        }
+    }
+
+    fn start_xds(&mut self) -> Result<()> {
+        let d = self.tb.dir().to_path_buf();
+        let mut tokens = String::new();
+        for n in [&self.node1, &self.node2] {
+            let tok = token(n.name());
+            let _ = writeln!(tokens, "{} {tok}", n.name());
+            write_atomic(&d.join(format!("token-{}", n.name())), &format!("{tok}\n"))?;
+        }
+        write_atomic(&d.join("tokens"), &tokens)?;
+        let mut cmd = Command::new(&self.bins.xds);
+        cmd.arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--listen", "0.0.0.0:15012", "--metrics-addr"])
+            .arg(XDS_DEBUG.to_string())
+            .arg("--tokens")
+            .arg(d.join("tokens"))
+            .arg("--ca-cert")
+            .arg(&self.ca_cert)
+            .arg("--ca-key")
+            .arg(d.join("ca.key"))
+            .env("RUST_LOG", "info");
+        let child = self.tb.spawn(self.cp.netns(), cmd)?;
+        let ns = self.cp.netns().to_string();
+        let ready = wait_for(Duration::from_secs(20), "the control plane", || {
+            if !child.is_running() {
+                bail!("xds exited");
+            }
+            Ok(http_get(&ns, XDS_DEBUG, "/metrics").is_ok() && self.ca_cert.is_file())
+        });
+        if let Err(e) = ready {
+            bail!(
+                "{e:#}; its log ({}):\n{}",
+                child.log_path().display(),
+                child.log()
+            );
+        }
+        self.xds = Some(child);
+        Ok(())
     }
 
     fn start_ztunnel(&self, node: &Node) -> Result<ChildGuard> {
-        let (cert, key) = self.ca_paths();
-        let mut cmd = Command::new(&self.ztunnel_bin);
+        let d = self.dirs(node);
+        let addr = format!("https://{}:15012", self.cp.ipv4());
+        let mut cmd = Command::new(&self.bins.ztunnel);
         cmd.args(["--node", node.name()])
-            .arg("--local-state")
-            .arg(&self.state_file)
-            .arg("--ca-cert")
-            .arg(cert)
-            .arg("--ca-key")
-            .arg(key)
+            .args(["--xds-address", &addr, "--ca-address", &addr])
+            .arg("--xds-root-cert")
+            .arg(&self.ca_cert)
+            .arg("--xds-token-file")
+            .arg(self.tb.dir().join(format!("token-{}", node.name())))
+            .arg("--inpod-socket")
+            .arg(&d.socket)
+            .arg("--inpod-bpf-dir")
+            .arg(&d.bpf)
+            .arg("--inpod-state-dir")
+            .arg(&d.state)
             .env("RUST_LOG", "info");
         let child = self.tb.spawn(node.netns(), cmd)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if matches!(
-                http_get(node.netns(), READY, "/healthz/ready"),
-                Ok((200, _))
-            ) {
-                return Ok(child);
-            }
-            if !child.is_running() {
-                bail!(
-                    "ztunnel on {} exited during start-up; its log ({}):\n{}",
-                    node.name(),
-                    child.log_path().display(),
-                    child.log()
-                );
-            }
-            if Instant::now() > deadline || interrupted() {
-                bail!(
-                    "ztunnel on {} not ready after 20 s; its log ({}):\n{}",
-                    node.name(),
-                    child.log_path().display(),
-                    child.log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
+        let ns = node.netns().to_string();
+        let ready = wait_for(
+            Duration::from_secs(30),
+            "ztunnel readiness (first xDS sync)",
+            || {
+                if !child.is_running() {
+                    bail!("ztunnel exited during start-up");
+                }
+                Ok(matches!(
+                    http_get(&ns, READY, "/healthz/ready"),
+                    Ok((200, _))
+                ))
+            },
+        );
+        if let Err(e) = ready {
+            bail!(
+                "ztunnel on {}: {e:#}; its log ({}):\n{}",
+                node.name(),
+                child.log_path().display(),
+                child.log()
+            );
         }
+        Ok(child)
     }
 
     pub fn ztunnel(&self, node: &Node) -> Result<&ChildGuard> {
@@ -260,8 +377,192 @@ impl Mesh {
             .ok_or_else(|| anyhow!("no ztunnel on {}", node.name()))
     }
 
-    /// Adds `cart-2` on node-1 (pod, server, capture); the state file is
-    /// not touched.
+    /// Runs `ztunnel-cni` as a container runtime does for a new pod sandbox:
+    /// the network config on stdin (chained after a ptp-like primary plugin
+    /// whose result is `prevResult`), the pod in `CNI_ARGS`, its cgroup as
+    /// the `cgroupPath` capability. The plugin decides from the labels
+    /// whether to enroll the pod.
+    pub fn cni_add(&mut self, a: &App) -> Result<()> {
+        self.cni("ADD", a)?;
+        self.enrolled.push(a.clone());
+        Ok(())
+    }
+
+    fn cni(&self, command: &str, a: &App) -> Result<String> {
+        let node = self.node_of(a);
+        let cgroup = a
+            .pod
+            .cgroup()
+            .ok_or_else(|| anyhow!("pod {} has no cgroup", a.key()))?;
+        let sandbox = format!("/run/netns/{}", a.pod.netns());
+        let prev = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": sandbox}],
+            "ips": [
+                {"address": format!("{}/32", a.pod.ipv4()), "interface": 0},
+                {"address": format!("{}/128", a.pod.ipv6()), "interface": 0}
+            ]
+        });
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "type": "ztunnel-cni",
+            "ztunnelSocket": self.dirs(node).socket,
+            "labelsFile": self.labels_file,
+            "capabilities": {"cgroupPath": true},
+            "runtimeConfig": {"cgroupPath": cgroup},
+            "prevResult": prev,
+        });
+        let mut child = Command::new(&self.bins.cni)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("sandbox-{}", a.uid()))
+            .env("CNI_NETNS", &sandbox)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox-{};K8S_POD_UID={}",
+                    a.namespace,
+                    a.name,
+                    a.uid(),
+                    a.uid()
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.bins.cni.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(conf.to_string().as_bytes())
+                .context("writing the CNI config")?;
+        }
+        let out = child
+            .wait_with_output()
+            .context("waiting for ztunnel-cni")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "ztunnel-cni {command} {}: {} {}{}",
+                a.key(),
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// True if the pod's eBPF objects are pinned under its node's pin root.
+    pub fn is_pinned(&self, a: &App) -> bool {
+        self.dirs(self.node_of(a)).bpf.join(a.uid()).exists()
+    }
+
+    /// The cgroup-attached eBPF programs of a pod, as `bpftool` lists them
+    /// (`connect4`, `connect6`, `sock_ops` ...), or an empty list.
+    pub fn cgroup_programs(&self, a: &App) -> Vec<String> {
+        let Some(cg) = a.pod.cgroup() else {
+            return Vec::new();
+        };
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(cg)
+            .output();
+        let Ok(out) = out else { return Vec::new() };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["attach_type"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    // ---- manifests ----
+
+    fn pod_yaml(a: &App) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels: {{app: {label}}}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: demo/app}}]\nstatus:\n  phase: Running\n  podIP: {ip4}\n  podIPs: [{{ip: {ip4}}}, {{ip: \"{ip6}\"}}]\n",
+            name = a.name,
+            ns = a.namespace,
+            uid = a.uid(),
+            label = a.app_label,
+            node = a.node(),
+            sa = a.sa.unwrap_or("default"),
+            ip4 = a.ip(),
+            ip6 = a.pod.ipv6(),
+        )
+    }
+
+    /// The manifests a cluster would hold at the start: one file per kind,
+    /// as a user would keep them.
+    fn write_base_manifests(&self) -> Result<()> {
+        write_atomic(
+            &self.manifests.join("namespaces.yaml"),
+            "# Pods of namespace shop are in the mesh (ambient); legacy is not.\n\
+             apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {istio.io/dataplane-mode: ambient}\n\
+             ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n",
+        )?;
+        for a in [&self.frontend, &self.batch, &self.cart, &self.catalog] {
+            self.write_pod(a)?;
+        }
+        write_atomic(
+            &self.manifests.join("services.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: cart, namespace: shop}}\nspec:\n  selector: {{app: cart}}\n  clusterIP: {CART_VIP}\n  ports: [{{port: {SERVICE_PORT}, targetPort: {APP_PORT}}}]\n\
+                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: catalog, namespace: shop}}\nspec:\n  selector: {{app: catalog}}\n  clusterIP: {CATALOG_VIP}\n  ports: [{{port: {SERVICE_PORT}, targetPort: {APP_PORT}}}]\n"
+            ),
+        )?;
+        write_atomic(
+            &self.manifests.join("policy-catalog-shop-only.yaml"),
+            "# Only workloads of namespace shop may reach catalog.\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: catalog-shop-only, namespace: shop}\nspec:\n  selector: {matchLabels: {app: catalog}}\n  action: DENY\n  rules: [{from: [{source: {notNamespaces: [shop]}}]}]\n",
+        )
+    }
+
+    pub fn pod_file(&self, a: &App) -> PathBuf {
+        self.manifests
+            .join(format!("pod-{}-{}.yaml", a.namespace, a.name))
+    }
+
+    fn write_pod(&self, a: &App) -> Result<()> {
+        write_atomic(&self.pod_file(a), &Self::pod_yaml(a))
+    }
+
+    /// The labels the CNI plugin reads in place of the API server.
+    fn write_labels(&self) -> Result<()> {
+        let labels = serde_json::json!({
+            "namespaces": {
+                "shop": {"istio.io/dataplane-mode": "ambient"},
+                "legacy": {}
+            },
+            "pods": {}
+        });
+        write_atomic(&self.labels_file, &labels.to_string())
+    }
+
+    pub fn deny_frontend_file(&self) -> PathBuf {
+        self.manifests.join("policy-catalog-no-frontend.yaml")
+    }
+
+    /// Adds the live DENY policy: frontend may no longer reach catalog.
+    pub fn write_deny_frontend(&self) -> Result<()> {
+        write_atomic(
+            &self.deny_frontend_file(),
+            &format!(
+                "# Added live by the demo: frontend may no longer reach catalog.\n\
+                 apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: catalog-no-frontend, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: catalog}}}}\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"{TRUST_DOMAIN}/ns/shop/sa/frontend\"]}}}}]}}]\n"
+            ),
+        )
+    }
+
+    /// Adds `cart-2` on node-1: its netns and cgroup, its server, CNI ADD,
+    /// and its Pod manifest (label `app: cart`, so service cart selects it).
     pub fn add_cart2(&mut self) -> Result<App> {
         if let Some(a) = &self.cart2 {
             return Ok(a.clone());
@@ -270,66 +571,50 @@ impl Mesh {
             name: "cart-2",
             namespace: "shop",
             sa: Some("cart"),
-            pod: self.tb.add_host_pod(&self.node1, "cart-2")?,
+            app_label: "cart",
+            pod: self.tb.add_netns_pod(&self.node1, "shop-cart-2")?,
         };
         spawn_server(&app)?;
-        capture_app(&app)?;
+        self.cni_add(&app)?;
+        self.write_pod(&app)?;
         self.cart2 = Some(app.clone());
         Ok(app)
     }
 
-    pub fn state_yaml(&self, k: StateKnobs) -> String {
-        let mut y = String::new();
-        let _ = writeln!(
-            y,
-            "# The mesh as both ztunnels see it (format: ztunnel/src/state/file.rs).\n\
-             # Edit and save: each ztunnel re-reads this file within a second; a bad\n\
-             # edit is rejected (see localStateError in /config_dump) and the last\n\
-             # good state stays in force. legacy/batch is not listed: it is not in\n\
-             # the mesh.\n\
-             workloads:"
-        );
-        let mut apps = vec![(&self.frontend, "[]"), (&self.cart, "[shop/cart]")];
-        if k.cart2 {
-            if let Some(c2) = &self.cart2 {
-                apps.push((c2, "[shop/cart]"));
-            }
-        }
-        apps.push((&self.catalog, "[shop/catalog]"));
-        for (a, svcs) in apps {
-            let _ = writeln!(
-                y,
-                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    node: {}\n    addresses: [{}]\n    labels: {{app: {}}}\n    services: {svcs}",
-                a.name,
-                a.namespace,
-                a.sa.unwrap_or("default"),
-                a.node(),
-                a.ip(),
-                if a.name == "cart-2" { "cart" } else { a.name },
-            );
-        }
-        let _ = writeln!(
-            y,
-            "services:\n\
-             \x20 - name: cart\n    namespace: shop\n    addresses: [{CART_VIP}]\n    ports: [{{port: {SERVICE_PORT}, targetPort: {APP_PORT}}}]\n\
-             \x20 - name: catalog\n    namespace: shop\n    addresses: [{CATALOG_VIP}]\n    ports: [{{port: {SERVICE_PORT}, targetPort: {APP_PORT}}}]\n\
-             policies:\n\
-             \x20 # Only workloads of namespace shop may reach catalog.\n\
-             \x20 - name: catalog-shop-only\n    namespace: shop\n    scope: WorkloadSelector\n    selector: {{app: catalog}}\n    action: Deny\n    rules:\n      - clauses:\n          - matches:\n              - notNamespaces: [shop]"
-        );
-        if k.lockdown {
-            let _ = writeln!(
-                y,
-                "  # Added live by the demo: frontend may no longer reach catalog.\n\
-                 \x20 - name: catalog-no-frontend\n    namespace: shop\n    scope: WorkloadSelector\n    selector: {{app: catalog}}\n    action: Deny\n    rules:\n      - clauses:\n          - matches:\n              - principals: [\"{TRUST_DOMAIN}/ns/shop/sa/frontend\"]"
-            );
-        }
-        y
+    /// Rewrites cart-2's Pod manifest with another `app` label (a user's
+    /// `kubectl label`): service cart selects it only while it says `cart`.
+    pub fn relabel_cart2(&mut self, label: &'static str) -> Result<App> {
+        let app = self
+            .cart2
+            .as_mut()
+            .ok_or_else(|| anyhow!("no cart-2 yet"))?;
+        app.app_label = label;
+        let app = app.clone();
+        self.write_pod(&app)?;
+        Ok(app)
     }
 
-    pub fn write_state(&self, k: StateKnobs) -> Result<()> {
-        write_atomic(&self.state_file, &self.state_yaml(k))
+    /// cart-2 as node-1's ztunnel holds it: (`app` label, services).
+    pub fn cart2_state(&self) -> Result<Option<(String, Vec<String>)>> {
+        let d = self.config_dump(&self.node1)?;
+        Ok(d["workloads"].as_array().and_then(|ws| {
+            ws.iter().find(|w| w["name"] == "cart-2").map(|w| {
+                (
+                    w["labels"]["app"].as_str().unwrap_or("").to_string(),
+                    w["services"]
+                        .as_array()
+                        .map(|s| {
+                            s.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )
+            })
+        }))
     }
+
+    // ---- observing ----
 
     /// `stateVersion` of each node's ztunnel.
     pub fn state_versions(&self) -> Result<Vec<u64>> {
@@ -344,18 +629,23 @@ impl Mesh {
             .collect()
     }
 
-    /// Waits until both ztunnels report a state version above `before`.
-    pub fn wait_applied(&self, before: &[u64]) -> Result<Vec<u64>> {
-        let mut now = Vec::new();
-        wait_for(
-            Duration::from_secs(10),
-            "both ztunnels to reload the state",
-            || {
-                now = self.state_versions()?;
-                Ok(now.iter().zip(before).all(|(n, b)| n > b))
-            },
-        )?;
-        Ok(now)
+    /// Names (`ns/name`) of the policies a node's ztunnel holds.
+    pub fn policies(&self, node: &Node) -> Result<Vec<String>> {
+        let d = self.config_dump(node)?;
+        Ok(d["policies"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        format!(
+                            "{}/{}",
+                            p["namespace"].as_str().unwrap_or("?"),
+                            p["name"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     pub fn config_dump(&self, node: &Node) -> Result<serde_json::Value> {
@@ -369,6 +659,11 @@ impl Mesh {
 
     pub fn metrics(&self, node: &Node) -> Result<String> {
         Ok(http_get(node.netns(), METRICS, "/metrics")?.1)
+    }
+
+    /// The control plane's `/debug/errors` (bad manifests it skipped).
+    pub fn xds_errors(&self) -> Result<String> {
+        Ok(http_get(self.cp.netns(), XDS_DEBUG, "/debug/errors")?.1)
     }
 
     /// Byte length of a node's ztunnel log: access lines after it are new.
@@ -406,56 +701,137 @@ impl Mesh {
         found.ok_or_else(|| anyhow!("timed out waiting for {what}"))
     }
 
-    /// Sends an HTTP/1.0 GET from `from` (a pod) to `dst`, as a plain TCP
-    /// client would: its connection is captured by the node's iptables
-    /// rules, not by anything in the client.
+    /// `curl http://<dst><path>` run inside pod `from` (its netns and its
+    /// cgroup), as the pod's own app would: nothing in the client knows of
+    /// the mesh; the pod's eBPF programs capture the connection if the pod
+    /// is enrolled.
     pub fn request(&self, from: &App, dst: SocketAddr, path: &str) -> Outcome {
         let t0 = Instant::now();
-        let r = (|| -> std::io::Result<(u16, String, u16)> {
-            let mut s = e2e::tcp_connect_from_in(from.pod.netns(), IpAddr::V4(from.ip()), dst)?;
-            let port = s.local_addr()?.port();
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.0\r\nHost: {dst}\r\nUser-Agent: demo\r\n\r\n"
-            )?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out)?;
-            let out = String::from_utf8_lossy(&out).into_owned();
-            let (code, body) = parse_response(&out).unwrap_or_default();
-            Ok((code, body, port))
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-A",
+            "demo",
+            "-w",
+            "\n@@code=%{http_code}",
+        ])
+        .arg(format!("http://{dst}{path}"));
+        let r = (|| -> Result<String> {
+            let c = self.tb.spawn_in_pod(&from.pod, cmd)?;
+            if c.wait_exit_timeout(Duration::from_secs(10))?.is_none() {
+                bail!("curl still running after 10 s");
+            }
+            Ok(c.log())
         })();
         let ms = t0.elapsed().as_millis();
         match r {
-            Ok((200, body, port)) => Outcome::Answered {
-                body: body.trim().to_string(),
-                port,
-                ms,
-            },
-            Ok((0, _, _)) => Outcome::NoReply("connection closed without a reply".into()),
-            Ok((code, body, _)) => Outcome::NoReply(format!("HTTP {code}: {}", body.trim())),
-            // The capture accepted the connection; ztunnel then closed it
-            // (maybe before the request was even written).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::BrokenPipe
-                        | std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::UnexpectedEof
-                ) =>
-            {
-                Outcome::NoReply(format!("connection closed without a reply ({e})"))
+            Err(e) => Outcome::NoReply(format!("error: {e:#}")),
+            Ok(log) => {
+                let (before, code) = match log.rsplit_once("\n@@code=") {
+                    Some((b, c)) => (b, c.trim().parse::<u16>().unwrap_or(0)),
+                    None => (log.as_str(), 0),
+                };
+                // curl's errors go to the same log (stderr), after the body.
+                let (body, err): (Vec<&str>, Vec<&str>) =
+                    before.lines().partition(|l| !l.starts_with("curl: "));
+                match code {
+                    200 => Outcome::Answered {
+                        body: body.join("\n").trim().to_string(),
+                        ms,
+                    },
+                    0 => Outcome::NoReply(if err.is_empty() {
+                        "no reply".into()
+                    } else {
+                        err.join("; ")
+                    }),
+                    c => Outcome::NoReply(format!("HTTP {c}: {}", body.join(" ").trim())),
+                }
             }
-            Err(e) => Outcome::NoReply(format!("error: {e}")),
         }
     }
+
+    /// Everything the demo added outside the test bed's own namespaces,
+    /// cgroups and dir: CNI DEL for every enrolled pod (as the runtime does
+    /// when a pod goes away), the ztunnels and the control plane stopped,
+    /// then any pins left behind removed.
+    pub fn shutdown(&mut self) {
+        for a in std::mem::take(&mut self.enrolled) {
+            if let Err(e) = self.cni("DEL", &a) {
+                eprintln!("   CNI DEL {}: {e:#}", a.key());
+            }
+        }
+        for (_, z) in self.ztunnels.drain(..) {
+            let _ = z.terminate();
+            if !matches!(z.wait_exit_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+                let _ = z.kill9();
+            }
+        }
+        if let Some(x) = self.xds.take() {
+            let _ = x.terminate();
+            let _ = x.wait_exit_timeout(Duration::from_secs(5));
+        }
+        for n in [&self.node1, &self.node2] {
+            remove_pin_root(&self.dirs(n).bpf);
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `<bpffs>/<prefix>-demo-<node>`: the pin root of one node's ztunnel.
+fn pin_root(prefix: &str, node: &str) -> PathBuf {
+    Path::new(BPFFS).join(format!("{prefix}-demo-{node}"))
+}
+
+/// Removes a pin root: one dir per pod holding pinned programs, links and
+/// maps (unlinking a pin releases the object once nothing else holds it).
+fn remove_pin_root(root: &Path) {
+    if root.exists() {
+        if let Err(e) = std::fs::remove_dir_all(root) {
+            eprintln!("   removing {}: {e}", root.display());
+        }
+    }
+}
+
+/// Pin roots of demos whose process is gone (`ztb<pid>x<n>-demo-<node>`).
+fn cleanup_stale_pins() {
+    let Ok(entries) = std::fs::read_dir(BPFFS) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("ztb") else {
+            continue;
+        };
+        if !name.contains("-demo-") {
+            continue;
+        }
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_pin_root(&e.path());
+        }
+    }
+}
+
+/// A per-run bearer token for a node's ztunnel.
+fn token(node: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{node}-{:x}-{nanos:x}", std::process::id())
 }
 
 /// What a client saw.
 #[derive(Clone, Debug)]
 pub enum Outcome {
-    Answered { body: String, port: u16, ms: u128 },
+    Answered { body: String, ms: u128 },
     NoReply(String),
 }
 
@@ -563,24 +939,12 @@ fn parse_fields(s: &str) -> BTreeMap<String, String> {
     out
 }
 
-/// Captures a mesh pod's traffic on its node, the way Istio's iptables mode
-/// does: outbound TCP from the pod to 15001 (except ztunnel's own, marked,
-/// sockets), inbound TCP to the pod to 15006 (except HBONE on 15008).
-fn capture_app(app: &App) -> Result<()> {
-    let ns = app.pod.node_netns();
-    capture_outbound(ns, app.ip().into())?;
-    capture_inbound(ns, app.ip().into())
-}
-
-fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
-    e2e::ip_netns_exec(netns, args).map(drop)
-}
-
-/// A tiny HTTP responder on `<pod ip>:8080` that says who answered and
-/// what was asked. Threads of this process, in the node's namespace.
+/// A tiny HTTP responder on `[::]:8080` inside the pod's namespace that
+/// says who answered and what was asked: threads of this process.
 fn spawn_server(app: &App) -> Result<()> {
-    let listener: TcpListener = e2e::tcp_listen_in(app.pod.netns(), app.addr())
-        .with_context(|| format!("listening on {} for {}", app.addr(), app.key()))?;
+    let any = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), APP_PORT);
+    let listener: TcpListener = e2e::tcp_listen_in(app.pod.netns(), any)
+        .with_context(|| format!("listening on {any} in pod {}", app.key()))?;
     let who = format!("{} on {} ({})", app.key(), app.node(), app.ip());
     thread::spawn(move || {
         for conn in listener.incoming() {
