@@ -13,6 +13,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::hbone::H2Stream;
 
@@ -173,15 +174,17 @@ where
 
 /// Copies both ways between a socket and an HBONE stream until both
 /// directions have finished. `socket_is_client` says which side the
-/// counters call the client.
-pub async fn copy_hbone<S: AsyncRead + AsyncWrite + Unpin>(
-    socket: &mut S,
+/// counters call the client. The socket is split with
+/// [`TcpStream::split`], whose halves are plain references, rather than
+/// `tokio::io::split`, which puts a lock around every read and write.
+pub async fn copy_hbone(
+    socket: &mut TcpStream,
     stream: H2Stream,
     counters: &ByteCounters,
     socket_is_client: bool,
 ) -> io::Result<()> {
     let H2Stream { mut send, mut recv } = stream;
-    let (mut rd, mut wr) = tokio::io::split(socket);
+    let (mut rd, mut wr) = socket.split();
     let (up, down) = if socket_is_client {
         (Direction::FromClient, Direction::ToClient)
     } else {
@@ -197,18 +200,15 @@ pub async fn copy_hbone<S: AsyncRead + AsyncWrite + Unpin>(
     res.map(|_| ())
 }
 
-/// Copies both ways between two sockets (plain TCP paths), `client` first.
-pub async fn copy_tcp<A, B>(
-    client: &mut A,
-    server: &mut B,
+/// Copies both ways between two sockets (plain TCP paths), `client` first;
+/// split without locks, as in [`copy_hbone`].
+pub async fn copy_tcp(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
     counters: &ByteCounters,
-) -> io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut crd, mut cwr) = tokio::io::split(client);
-    let (mut srd, mut swr) = tokio::io::split(server);
+) -> io::Result<()> {
+    let (mut crd, mut cwr) = client.split();
+    let (mut srd, mut swr) = server.split();
     tokio::try_join!(
         read_to_write(&mut crd, &mut swr, counters, Direction::FromClient),
         read_to_write(&mut srd, &mut cwr, counters, Direction::ToClient)

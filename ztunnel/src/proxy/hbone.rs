@@ -11,6 +11,11 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Capacity of the read buffer under each HBONE connection's TLS. rustls
+/// asks its transport for at most 4 KiB at a time, so reading the socket
+/// directly costs four or more `recvmsg` calls per 16 KiB record; through
+/// this buffer one call takes in several records.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
 /// Headers larger than this are refused.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 

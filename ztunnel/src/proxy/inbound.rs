@@ -59,7 +59,9 @@ async fn serve_connection(
     let cert = pi.secrets.fetch(&dst_w.identity()).await?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),
+        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(
+            tokio::io::BufReader::with_capacity(hbone::TLS_READ_BUFFER, stream),
+        ),
     )
     .await
     .map_err(|_| anyhow!("TLS handshake timed out"))?

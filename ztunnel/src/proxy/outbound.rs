@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
@@ -174,7 +173,7 @@ pub async fn connect(
 
 impl Outbound {
     /// Carries bytes between the client and the upstream until both close.
-    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, client: &mut S) {
+    pub async fn serve(self, client: &mut TcpStream) {
         let Outbound { upstream, record } = self;
         let result = match upstream {
             Upstream::Tcp(mut tcp) => copy_tcp(client, &mut tcp, &record.counters).await,

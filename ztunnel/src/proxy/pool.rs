@@ -237,6 +237,7 @@ impl Pool {
             None => socket::connect(key.next_hop, self.mark).await,
         }
         .with_context(|| format!("connecting to {}", key.next_hop))?;
+        let tcp = tokio::io::BufReader::with_capacity(hbone::TLS_READ_BUFFER, tcp);
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(tls::server_name(key.next_hop.ip()), tcp)
             .await
