@@ -257,3 +257,58 @@ pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapsho
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Snapshot::build(workloads, services, policies)?)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn gateway_addresses_become_waypoints() {
+        use wl::gateway_address::Destination;
+        assert_eq!(waypoint(None).unwrap(), None);
+        let by_name = wl::GatewayAddress {
+            destination: Some(Destination::Hostname(wl::NamespacedHostname {
+                namespace: "app".into(),
+                hostname: "wp.app.svc.cluster.local".into(),
+            })),
+            hbone_mtls_port: 0,
+        };
+        assert_eq!(
+            waypoint(Some(&by_name)).unwrap(),
+            Some(Waypoint {
+                destination: WaypointDestination::Service("app/wp.app.svc.cluster.local".into()),
+                hbone_port: WAYPOINT_HBONE_PORT,
+            })
+        );
+        let by_address = wl::GatewayAddress {
+            destination: Some(Destination::Address(wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 20],
+            })),
+            hbone_mtls_port: 15009,
+        };
+        assert_eq!(
+            waypoint(Some(&by_address)).unwrap(),
+            Some(Waypoint {
+                destination: WaypointDestination::Address("10.96.0.20".parse().unwrap()),
+                hbone_port: 15009,
+            })
+        );
+        // Bad input is an error (the response is NACKed), never a panic.
+        let bad_port = wl::GatewayAddress {
+            hbone_mtls_port: 70000,
+            ..by_address.clone()
+        };
+        assert!(waypoint(Some(&bad_port)).is_err());
+        let bad_ip = wl::GatewayAddress {
+            destination: Some(Destination::Address(wl::NetworkAddress {
+                network: String::new(),
+                address: vec![1, 2, 3],
+            })),
+            hbone_mtls_port: 0,
+        };
+        assert!(waypoint(Some(&bad_ip)).is_err());
+    }
+}
