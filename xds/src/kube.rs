@@ -1,6 +1,6 @@
 //! The Kubernetes source (feature `kube`): kube-rs reflectors on
 //! Namespaces, Pods, Services, EndpointSlices, ServiceAccounts and Istio's
-//! AuthorizationPolicies, with in-cluster config or the kubeconfig
+//! AuthorizationPolicies and Gateway API Gateways (waypoints), with in-cluster config or the kubeconfig
 //! (`KUBECONFIG`, `~/.kube/config`). On every change the reflector stores
 //! are turned into the same [`Model`] the manifest directory produces, each
 //! object through the same [`validate`]; an invalid object is reported as
@@ -49,6 +49,37 @@ where
     reader
 }
 
+/// A reflector on a kind given by (group, version, kind).
+fn reflect_dynamic(
+    client: &Client,
+    (group, version, kind): (&str, &str, &str),
+    kick: mpsc::Sender<()>,
+) -> Store<DynamicObject> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let kind = kind.to_string();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                warn!("kubernetes watch ({kind}): {e}");
+            }
+            let _ = kick.try_send(());
+        }
+    });
+    reader
+}
+
 /// Starts the reflectors and publishes a model on every change.
 pub async fn run(
     tx: watch::Sender<Arc<Model>>,
@@ -62,29 +93,18 @@ pub async fn run(
     let svcs = reflect(Api::<Service>::all(client.clone()), kick.clone());
     let slices = reflect(Api::<EndpointSlice>::all(client.clone()), kick.clone());
     let sas = reflect(Api::<ServiceAccount>::all(client.clone()), kick.clone());
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
-    let ar = ApiResource::from_gvk(&gvk);
-    let pwriter = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-    let preader = pwriter.as_reader();
-    let pstream = reflector::reflector(
-        pwriter,
-        watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &ar),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
-    let k2 = kick.clone();
-    tokio::spawn(async move {
-        futures::pin_mut!(pstream);
-        while let Some(ev) = pstream.next().await {
-            if let Err(e) = ev {
-                warn!("kubernetes watch (AuthorizationPolicy): {e}");
-            }
-            let _ = k2.try_send(());
-        }
-    });
+    // Kinds k8s-openapi does not type: watched as dynamic objects, typed
+    // by the manifest parser.
+    let policies = reflect_dynamic(
+        &client,
+        ("security.istio.io", "v1", "AuthorizationPolicy"),
+        kick.clone(),
+    );
+    let gateways = reflect_dynamic(
+        &client,
+        ("gateway.networking.k8s.io", "v1", "Gateway"),
+        kick.clone(),
+    );
     tokio::spawn(async move {
         while kicked.recv().await.is_some() {
             let mut objs: Vec<Object> = Vec::new();
@@ -103,23 +123,25 @@ pub async fn run(
                     .map(|o| Object::ServiceAccount(o.clone())),
             );
             let mut errs = Vec::new();
-            for p in preader.state() {
-                // Through YAML values, exactly as the manifest source types it.
-                match serde_json::to_value(&*p)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| serde_yaml::to_value(v).map_err(|e| e.to_string()))
-                {
-                    Ok(v) => match parse_object(v) {
-                        Ok(Some(o)) => objs.push(o),
-                        Ok(None) => {}
-                        Err(e) => errs.push(format!(
-                            "cluster: AuthorizationPolicy {}: field {}: {}",
-                            p.metadata.name.clone().unwrap_or_default(),
-                            e.field,
-                            e.message
-                        )),
-                    },
-                    Err(e) => errs.push(format!("cluster: AuthorizationPolicy: {e}")),
+            for (kind, store) in [("AuthorizationPolicy", &policies), ("Gateway", &gateways)] {
+                for p in store.state() {
+                    // Through YAML values, exactly as the manifest source types it.
+                    match serde_json::to_value(&*p)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| serde_yaml::to_value(v).map_err(|e| e.to_string()))
+                    {
+                        Ok(v) => match parse_object(v) {
+                            Ok(Some(o)) => objs.push(o),
+                            Ok(None) => {}
+                            Err(e) => errs.push(format!(
+                                "cluster: {kind} {}: field {}: {}",
+                                p.metadata.name.clone().unwrap_or_default(),
+                                e.field,
+                                e.message
+                            )),
+                        },
+                        Err(e) => errs.push(format!("cluster: {kind}: {e}")),
+                    }
                 }
             }
             let mut good = Vec::new();

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::{AuthorizationPolicy, Model, Object, PolicyAction};
+use crate::model::{AuthorizationPolicy, Gateway, Model, Object, PolicyAction};
 
 /// What was wrong with one object (or one file), and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,8 +104,11 @@ pub fn parse_object(v: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
             Object::AuthorizationPolicy(Arc::new(parse_typed::<AuthorizationPolicy>(v)?))
         }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
+            Object::Gateway(Arc::new(parse_typed::<Gateway>(v)?))
+        }
         (_, "Namespace" | "Pod" | "Service" | "ServiceAccount" | "EndpointSlice")
-        | (_, "AuthorizationPolicy") => {
+        | (_, "AuthorizationPolicy" | "Gateway") => {
             return Err(field_err(
                 "apiVersion",
                 format!("{api:?} is not a supported version of {kind}"),
@@ -129,6 +132,7 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
         Object::EndpointSlice(x) => &mut Arc::make_mut(x).metadata,
         Object::ServiceAccount(x) => &mut Arc::make_mut(x).metadata,
         Object::AuthorizationPolicy(x) => &mut Arc::make_mut(x).metadata,
+        Object::Gateway(x) => &mut Arc::make_mut(x).metadata,
     };
     if meta.name.as_deref().unwrap_or_default().is_empty() {
         return Err(field_err("metadata.name", "missing"));
@@ -208,6 +212,20 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
                     }
                 }
             }
+        }
+        // A waypoint must offer what ztunnels will dial: HBONE on 15008.
+        Object::Gateway(g)
+            if g.is_waypoint()
+                && !g
+                    .spec
+                    .listeners
+                    .iter()
+                    .any(|l| l.port == 15008 && l.protocol == "HBONE") =>
+        {
+            return Err(field_err(
+                "spec.listeners",
+                "a waypoint needs a listener on port 15008 with protocol HBONE",
+            ));
         }
         _ => {}
     }

@@ -124,6 +124,51 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
+/// Gateway API's `gateway.networking.k8s.io/v1` Gateway, the parts a
+/// waypoint declaration uses (`gatewayClassName: istio-waypoint`, a `mesh`
+/// listener on 15008 speaking HBONE). Other fields are accepted and
+/// ignored: Gateways of other classes are ingress, not ours.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: GatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+    #[serde(default)]
+    pub listeners: Vec<GatewayListener>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayListener {
+    #[serde(default)]
+    pub name: String,
+    pub port: i32,
+    pub protocol: String,
+}
+
+/// The Gateway class that declares a waypoint.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// Label opting a namespace, service or pod into a waypoint (its value:
+/// the Gateway's name, in the same namespace; `none` opts out).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Label Istio puts on a waypoint's own pods (value: the Gateway's name).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+impl Gateway {
+    pub fn is_waypoint(&self) -> bool {
+        self.spec.gateway_class_name == WAYPOINT_CLASS
+    }
+}
+
 /// Everything the control plane knows, as the sources last reported it.
 /// Objects are shared (`Arc`), so publishing a new model after one change
 /// copies pointers, not objects.
@@ -135,6 +180,7 @@ pub struct Model {
     pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
     pub service_accounts: BTreeMap<String, Arc<ServiceAccount>>,
     pub policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
+    pub gateways: BTreeMap<String, Arc<Gateway>>,
 }
 
 /// One object of any kind the model holds.
@@ -146,6 +192,7 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     ServiceAccount(Arc<ServiceAccount>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    Gateway(Arc<Gateway>),
 }
 
 /// `namespace/name` (or just `name` for cluster-scoped objects).
@@ -166,6 +213,7 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::ServiceAccount(_) => "ServiceAccount",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::Gateway(_) => "Gateway",
         }
     }
 
@@ -177,6 +225,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::ServiceAccount(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
         }
     }
 
@@ -207,6 +256,9 @@ impl Model {
             }
             Object::AuthorizationPolicy(o) => {
                 self.policies.insert(key, o);
+            }
+            Object::Gateway(o) => {
+                self.gateways.insert(key, o);
             }
         }
     }

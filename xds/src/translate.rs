@@ -20,7 +20,9 @@ use mesh_proto::security as sec;
 use mesh_proto::workload as wl;
 use prost::Message;
 
-use crate::model::{AuthorizationPolicy, Model, PolicyAction};
+use crate::model::{
+    key_of, AuthorizationPolicy, Model, PolicyAction, GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL,
+};
 
 pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
 
@@ -225,7 +227,48 @@ fn hostname(opts: &Options, s: &Service) -> String {
     )
 }
 
-fn translate_service(opts: &Options, s: &Service) -> wl::Service {
+/// The waypoint an object in `ns` with `labels` opted into: its own
+/// `istio.io/use-waypoint` label, else its namespace's (`none` opts out).
+/// The value names a Gateway of class `istio-waypoint` in the same
+/// namespace; a name with no such Gateway gives no waypoint rather than
+/// traffic sent nowhere. The waypoint's own pods and service
+/// (`gateway-name` label or selector) never get one: they would loop.
+fn waypoint_for(
+    opts: &Options,
+    model: &Model,
+    ns: &str,
+    labels: Option<&BTreeMap<String, String>>,
+    is_waypoint_itself: bool,
+) -> Option<wl::GatewayAddress> {
+    if is_waypoint_itself {
+        return None;
+    }
+    let name = labels.and_then(|l| l.get(USE_WAYPOINT_LABEL)).or_else(|| {
+        model
+            .namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+    })?;
+    if name == "none" {
+        return None;
+    }
+    model
+        .gateways
+        .get(&format!("{ns}/{name}"))
+        .filter(|g| g.is_waypoint())?;
+    Some(wl::GatewayAddress {
+        destination: Some(wl::gateway_address::Destination::Hostname(
+            wl::NamespacedHostname {
+                namespace: ns.to_string(),
+                hostname: format!("{name}.{ns}.svc.{}", opts.cluster_domain),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    })
+}
+
+fn translate_service(opts: &Options, model: &Model, s: &Service) -> wl::Service {
     let spec = s.spec.clone().unwrap_or_default();
     let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
     if let Some(ip) = &spec.cluster_ip {
@@ -233,7 +276,18 @@ fn translate_service(opts: &Options, s: &Service) -> wl::Service {
             ips.insert(0, ip.clone());
         }
     }
+    let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+    let own = spec
+        .selector
+        .as_ref()
+        .is_some_and(|sel| sel.contains_key(GATEWAY_NAME_LABEL))
+        || model
+            .gateways
+            .get(&key_of(&s.metadata))
+            .is_some_and(|g| g.is_waypoint());
+    let waypoint = waypoint_for(opts, model, ns, s.metadata.labels.as_ref(), own);
     wl::Service {
+        waypoint,
         name: s.metadata.name.clone().unwrap_or_default(),
         namespace: s.metadata.namespace.clone().unwrap_or_default(),
         hostname: hostname(opts, s),
@@ -462,7 +516,9 @@ struct PodMemo {
 pub struct Translator {
     opts: Options,
     pods: HashMap<String, PodMemo>,
-    services: HashMap<String, (usize, Arc<Resource>)>,
+    /// Service -> (pointer, namespace fingerprint, resource): a service's
+    /// waypoint depends on its namespace's labels and Gateways.
+    services: HashMap<String, (usize, u64, Arc<Resource>)>,
     policies: HashMap<String, (usize, Option<Arc<Resource>>)>,
     /// Pods translated afresh by the last [`Translator::translate`].
     pub last_retranslated: usize,
@@ -520,6 +576,14 @@ impl Translator {
                 ptr(a),
             );
         }
+        for g in model.gateways.values() {
+            mix(
+                &mut fp,
+                g.metadata.namespace.as_deref().unwrap_or_default(),
+                5,
+                ptr(g),
+            );
+        }
         fp
     }
 
@@ -534,10 +598,14 @@ impl Translator {
         let mut selecting: HashMap<&str, Vec<&Service>> = HashMap::new();
         let mut services_memo = HashMap::new();
         for (mkey, s) in &model.services {
+            let ns_fp = ns_fps
+                .get(s.metadata.namespace.as_deref().unwrap_or_default())
+                .copied()
+                .unwrap_or(0);
             let r = match self.services.get(mkey) {
-                Some((p, r)) if *p == ptr(s) => r.clone(),
+                Some((p, fp, r)) if *p == ptr(s) && *fp == ns_fp => r.clone(),
                 _ => {
-                    let msg = translate_service(opts, s);
+                    let msg = translate_service(opts, model, s);
                     let key = format!("{}/{}", msg.namespace, msg.hostname);
                     resource(
                         mesh_proto::type_url::ADDRESS,
@@ -548,7 +616,7 @@ impl Translator {
                     )
                 }
             };
-            services_memo.insert(mkey.clone(), (ptr(s), r.clone()));
+            services_memo.insert(mkey.clone(), (ptr(s), ns_fp, r.clone()));
             addrs.insert(r.name.clone(), r);
             let spec = s.spec.as_ref();
             if spec
@@ -760,7 +828,15 @@ impl Translator {
             .is_none_or(|c| c.status == "True");
         let uid = format!("{}//Pod/{ns}/{name}", opts.cluster_id);
         let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let waypoint = waypoint_for(
+            opts,
+            model,
+            &ns,
+            Some(&labels),
+            labels.contains_key(GATEWAY_NAME_LABEL),
+        );
         let w = wl::Workload {
+            waypoint,
             uid: uid.clone(),
             name: name.clone(),
             namespace: ns.clone(),
@@ -1053,5 +1129,135 @@ mod tests {
         let mut p = pod("mesh", "bad", "300.1.1.1", &[]);
         let e = validate(&mut p).unwrap_err();
         assert_eq!(e.field, "status.podIPs[0].ip");
+    }
+
+    const WAYPOINT_MANIFEST: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: app}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp, namespace: app}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {gateway.networking.k8s.io/gateway-name: wp}
+  ports: [{name: mesh, port: 15008}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: app, labels: {istio.io/use-waypoint: wp}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: echo}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: app}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: plain}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: app, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: n, containers: [{name: c}]}
+status: {podIP: 10.0.0.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: app, labels: {app: echo, istio.io/use-waypoint: wp}}
+spec: {nodeName: n, containers: [{name: c}]}
+status: {podIP: 10.0.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-1, namespace: app, labels: {app: plain}}
+spec: {nodeName: n, containers: [{name: c}]}
+status: {podIP: 10.0.0.11}
+"#;
+
+    /// name -> waypoint of every workload and service in the translation.
+    fn waypoints(text: &str) -> BTreeMap<String, Option<wl::GatewayAddress>> {
+        let (objs, errs) = crate::manifest::parse_file(text, "test.yaml").unwrap();
+        assert!(
+            errs.is_empty(),
+            "{:?}",
+            errs.iter().map(|e| &e.1).collect::<Vec<_>>()
+        );
+        let r = translate(&Options::default(), &Model::from_objects(objs));
+        r.get(mesh_proto::type_url::ADDRESS)
+            .unwrap()
+            .keys()
+            .map(|k| match decode(&r, k) {
+                wl::address::Type::Workload(w) => (w.name, w.waypoint),
+                wl::address::Type::Service(s) => (format!("svc/{}", s.name), s.waypoint),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn use_waypoint_labels_set_the_waypoint() {
+        let want = Some(wl::GatewayAddress {
+            destination: Some(wl::gateway_address::Destination::Hostname(
+                wl::NamespacedHostname {
+                    namespace: "app".into(),
+                    hostname: format!("wp.app.svc.{}", Options::default().cluster_domain),
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        let w = waypoints(WAYPOINT_MANIFEST);
+        assert_eq!(w["svc/echo"], want);
+        assert_eq!(w["echo-1"], want);
+        assert_eq!(w["svc/plain"], None);
+        assert_eq!(w["plain-1"], None);
+        // The waypoint's own pod and service never get one.
+        assert_eq!(w["wp-1"], None);
+        assert_eq!(w["svc/wp"], None);
+
+        // Labelling the namespace opts everything in but the waypoint;
+        // `none` opts out.
+        let ns = WAYPOINT_MANIFEST.replace(
+            "labels: {istio.io/dataplane-mode: ambient}",
+            "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}",
+        );
+        let ns = ns.replace(
+            "labels: {app: plain}}",
+            "labels: {app: plain, istio.io/use-waypoint: none}}",
+        );
+        let w = waypoints(&ns);
+        assert_eq!(w["svc/plain"], want);
+        assert_eq!(w["plain-1"], None);
+        assert_eq!(w["wp-1"], None);
+        assert_eq!(w["svc/wp"], None);
+
+        // A name with no waypoint Gateway gives no waypoint.
+        let w = waypoints(&WAYPOINT_MANIFEST.replace(
+            "gatewayClassName: istio-waypoint",
+            "gatewayClassName: istio",
+        ));
+        assert_eq!(w["svc/echo"], None);
+    }
+
+    #[test]
+    fn waypoint_gateway_without_hbone_listener_names_the_field() {
+        let bad = WAYPOINT_MANIFEST.replace("protocol: HBONE", "protocol: HTTP");
+        let (_, errs) = crate::manifest::parse_file(&bad, "test.yaml").unwrap();
+        let e = &errs[0].1;
+        assert_eq!(e.field.as_deref(), Some("spec.listeners"));
+        assert!(
+            e.object.as_deref().unwrap().contains("Gateway app/wp"),
+            "{e:?}"
+        );
     }
 }

@@ -391,3 +391,153 @@ fn certificates_from_the_control_plane_rotate_under_traffic() {
     );
     assert!(m.works(&m.other));
 }
+
+/// The waypoint's configuration: TCP to the echo VIP goes to the echo pod
+/// through node b's ztunnel, accepting only echo's identity.
+fn waypoint_yaml(echo_ip: IpAddr) -> String {
+    format!(
+        r#"listeners:
+  - name: waypoint
+    filter_chains:
+      - name: echo
+        filter_chain_match: {{destination_port: 80, prefix_ranges: ["{VIP}/32"]}}
+        tcp_proxy: {{cluster: echo}}
+clusters:
+  - name: echo
+    load_assignment:
+      endpoints:
+        - lb_endpoints:
+            - endpoint: {{address: {{socket_address: {{address: "{echo_ip}", port_value: {ECHO_PORT}}}}}}}
+              metadata: {{identity: "spiffe://cluster.local/ns/demo/sa/echo", workload: echo, namespace: demo}}
+"#
+    )
+}
+
+/// The waypoint `wp` (Gateway API, class `istio-waypoint`), its service and
+/// its replicas, as Istio would have them in the cluster.
+fn waypoint_manifests(replicas: &[(&Pod, &str)]) -> String {
+    let mut s = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp, namespace: demo}
+spec:
+  selector: {gateway.networking.k8s.io/gateway-name: wp}
+  clusterIP: 10.96.0.20
+  ports: [{name: mesh, port: 15008}]
+"#
+    .to_string();
+    for (p, node) in replicas {
+        s += &pod_yaml(
+            p,
+            node,
+            "waypoint",
+            "gateway.networking.k8s.io/gateway-name: wp",
+        );
+    }
+    s
+}
+
+/// Connections node a's ztunnel reported to `workload`.
+fn opened_to(m: &Mesh, workload: &str) -> u64 {
+    let (_, metrics) =
+        http_get(m.a.netns(), "127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&format!("destination_workload=\"{workload}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn labelling_a_service_sends_its_traffic_through_the_waypoint() {
+    let Some(m) = Mesh::start("24h") else {
+        return;
+    };
+    let Some(wbin) = ztunnel_bin()
+        .map(|z| z.with_file_name("waypoint"))
+        .filter(|p| p.exists())
+    else {
+        eprintln!("skipping: no waypoint binary next to the tests (cargo build --workspace)");
+        return;
+    };
+    // Two waypoint replicas, on nodes of their own.
+    let w1 = m.tb.add_node("w1").unwrap();
+    let w2 = m.tb.add_node("w2").unwrap();
+    let wp1 = m.tb.add_host_pod(&w1, "wp-1").unwrap();
+    let wp2 = m.tb.add_host_pod(&w2, "wp-2").unwrap();
+    let config = m.tb.dir().join("waypoint.yaml");
+    std::fs::write(&config, waypoint_yaml(IpAddr::V4(m.echo.ipv4()))).unwrap();
+    let mut guards = Vec::new();
+    for (node, pod) in [(&w1, &wp1), (&w2, &wp2)] {
+        let mut cmd = Command::new(&wbin);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--identity", "spiffe://cluster.local/ns/demo/sa/waypoint"])
+            .arg("--ca-cert")
+            .arg(m.tb.dir().join("ca.crt"))
+            .arg("--ca-key")
+            .arg(m.tb.dir().join("ca.key"))
+            .arg("--hbone-addr")
+            .arg(format!("{}:15008", pod.ipv4()))
+            .args(["--socket-mark", "0"])
+            .env("RUST_LOG", "info");
+        guards.push(m.tb.spawn(node.netns(), cmd).expect("spawn waypoint"));
+        let ns = node.netns().to_string();
+        wait_until(T, "waypoint readiness", || {
+            http_get(&ns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false)
+        });
+    }
+    let manifests = |svc_labels: &str| {
+        let mut s = BASE.replace(
+            "metadata: {name: echo, namespace: demo}",
+            &format!("metadata: {{name: echo, namespace: demo, labels: {{{svc_labels}}}}}"),
+        );
+        s += &pod_yaml(&m.client, "a", "client", "app: client");
+        s += &pod_yaml(&m.echo, "b", "echo", "app: echo");
+        s += &waypoint_manifests(&[(&wp1, "w1"), (&wp2, "w2")]);
+        s
+    };
+
+    // The waypoint exists, but nothing opted in: straight to echo at L4.
+    write(&m.dir.join("mesh.yaml"), &manifests(""));
+    wait_until(T, "the waypoint's workloads", || {
+        m.config_dump(&m.a)["workloads"]
+            .to_string()
+            .contains("wp-2")
+    });
+    for _ in 0..5 {
+        assert!(m.works(&m.client));
+    }
+    wait_until(T, "direct metrics", || opened_to(&m, "echo") >= 5);
+    assert_eq!(opened_to(&m, "wp-1") + opened_to(&m, "wp-2"), 0);
+
+    // Labelling the service in the manifest: through the waypoint, with no
+    // restart of anything.
+    write(
+        &m.dir.join("mesh.yaml"),
+        &manifests("istio.io/use-waypoint: wp"),
+    );
+    wait_until(T, "traffic through the waypoint", || {
+        m.works(&m.client) && opened_to(&m, "wp-1") + opened_to(&m, "wp-2") > 0
+    });
+    for _ in 0..30 {
+        assert!(m.works(&m.client), "through the waypoint");
+    }
+    wait_until(T, "both replicas take traffic", || {
+        opened_to(&m, "wp-1") > 0 && opened_to(&m, "wp-2") > 0
+    });
+    drop(guards);
+}

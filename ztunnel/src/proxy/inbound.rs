@@ -6,6 +6,12 @@
 //! a non-CONNECT request gets 400, an authority that is not an address of
 //! that workload 400, a policy denial 401, an unreachable upstream 503, and
 //! success 200 followed by the bytes.
+//!
+//! Waypoints: a workload with a waypoint is not made unreachable by other
+//! paths here. Traffic that bypassed the waypoint (a client whose ztunnel
+//! does not know of it, or plain TCP) is allowed or denied by the L4
+//! policies alone, as Istio's ztunnel does; to require the waypoint, allow
+//! only the waypoint's identity in a policy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,6 +6,13 @@
 //! and accepting only the destination workload's identity; a known workload
 //! that does not speak HBONE gets plain TCP; anything else (outside the
 //! mesh) is passed through unchanged.
+//!
+//! Waypoints: when the service dialled (by VIP) or the workload dialled (by
+//! its own IP) has a waypoint, the connection goes over HBONE to one of the
+//! waypoint's replicas instead, accepting only the waypoint's identity; the
+//! CONNECT authority stays the original destination so the waypoint can
+//! route it. A connection from the waypoint itself goes straight on, or it
+//! would loop.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,7 +28,7 @@ use super::pool::{PoolKey, StreamGuard, TunnelError};
 use super::{accept_loop, ProxyInputs};
 use crate::metrics::ServiceRef;
 use crate::socket::canonical;
-use crate::state::{Protocol, Snapshot, Workload};
+use crate::state::{Protocol, Snapshot, Waypoint, Workload};
 
 /// The far side of an outbound connection, once established.
 pub enum Upstream {
@@ -48,9 +55,31 @@ pub enum OutboundError {
 }
 
 struct Route {
+    /// Where the connection goes: the endpoint, or for a waypoint the
+    /// original destination (the CONNECT authority).
     target: SocketAddr,
     dst: Option<Arc<Workload>>,
     service: Option<ServiceRef>,
+    /// A waypoint replica and its HBONE address, when the traffic goes
+    /// through one.
+    waypoint: Option<(Arc<Workload>, SocketAddr)>,
+}
+
+/// The waypoint replica to send `src_w`'s traffic to, if `wp` applies.
+fn via_waypoint(
+    snap: &Snapshot,
+    wp: Option<&Waypoint>,
+    src_w: Option<&Workload>,
+    dst: SocketAddr,
+    what: &str,
+) -> Result<Option<(Arc<Workload>, SocketAddr)>, OutboundError> {
+    let Some(wp) = wp else { return Ok(None) };
+    if src_w.is_some_and(|w| snap.is_waypoint_of(w, wp)) {
+        return Ok(None);
+    }
+    snap.pick_waypoint(wp, dst.ip())
+        .map(Some)
+        .ok_or_else(|| OutboundError::NoRoute(format!("waypoint of {what} has no healthy replica")))
 }
 
 /// Same family as the original destination where the endpoint has one.
@@ -62,8 +91,20 @@ fn address_like(w: &Workload, like: IpAddr) -> Option<IpAddr> {
         .copied()
 }
 
-fn route(snap: &Snapshot, dst: SocketAddr) -> Result<Route, OutboundError> {
+fn route(
+    snap: &Snapshot,
+    src_w: Option<&Workload>,
+    dst: SocketAddr,
+) -> Result<Route, OutboundError> {
     if let Some(svc) = snap.service_by_vip(dst.ip()) {
+        if let Some(wp) = via_waypoint(snap, svc.waypoint.as_ref(), src_w, dst, &svc.hostname)? {
+            return Ok(Route {
+                target: dst,
+                dst: None,
+                service: Some(svc.as_ref().into()),
+                waypoint: Some(wp),
+            });
+        }
         let (w, port) = snap.pick_endpoint(svc, dst.port()).ok_or_else(|| {
             OutboundError::NoRoute(format!(
                 "service {} has no healthy endpoint for port {}",
@@ -77,12 +118,19 @@ fn route(snap: &Snapshot, dst: SocketAddr) -> Result<Route, OutboundError> {
             target: SocketAddr::new(ip, port),
             dst: Some(w),
             service: Some(svc.as_ref().into()),
+            waypoint: None,
         });
     }
+    let dst_w = snap.workload_by_ip(dst.ip()).cloned();
+    let waypoint = match &dst_w {
+        Some(w) => via_waypoint(snap, w.waypoint.as_ref(), src_w, dst, &w.uid)?,
+        None => None,
+    };
     Ok(Route {
         target: dst,
-        dst: snap.workload_by_ip(dst.ip()).cloned(),
+        dst: dst_w,
         service: None,
+        waypoint,
     })
 }
 
@@ -94,9 +142,18 @@ pub async fn connect(
 ) -> Result<Outbound, OutboundError> {
     let snap = pi.store.snapshot();
     let src_w = snap.workload_by_ip(src.ip()).cloned();
-    let route = route(&snap, dst)?;
-    match &route.dst {
-        Some(dst_w) if dst_w.protocol == Protocol::Hbone => {
+    let route = route(&snap, src_w.as_deref(), dst)?;
+    // Over HBONE: to the waypoint if there is one, else to the destination
+    // workload's node; the peer must prove the identity of whichever it is.
+    let hbone_peer = match (&route.waypoint, &route.dst) {
+        (Some((wp, addr)), _) => Some((wp.clone(), *addr)),
+        (None, Some(w)) if w.protocol == Protocol::Hbone => {
+            Some((w.clone(), SocketAddr::new(route.target.ip(), pi.hbone_port)))
+        }
+        _ => None,
+    };
+    match hbone_peer {
+        Some((dst_w, next_hop)) => {
             let src_w = src_w
                 .filter(|w| w.node == pi.node && w.protocol == Protocol::Hbone)
                 .ok_or_else(|| {
@@ -111,7 +168,7 @@ pub async fn connect(
             let key = PoolKey {
                 src: src_id.clone(),
                 dst: vec![dst_id.clone()],
-                next_hop: SocketAddr::new(route.target.ip(), pi.hbone_port),
+                next_hop,
             };
             let (stream, guard) =
                 pi.pool
@@ -132,7 +189,7 @@ pub async fn connect(
                     dst: route.target,
                     src_workload: Some(&src_w),
                     src_identity: Some(&src_id),
-                    dst_workload: Some(dst_w),
+                    dst_workload: Some(&dst_w),
                     dst_identity: Some(&dst_id),
                     service: route.service.as_ref(),
                     mtls: true,
@@ -143,7 +200,7 @@ pub async fn connect(
                 record,
             })
         }
-        _ => {
+        None => {
             let tcp = pi
                 .connect(route.target)
                 .await

@@ -12,11 +12,16 @@
 //!     status: Healthy               # Healthy (default) or Unhealthy
 //!     labels: {app: echo, version: v1}
 //!     services: [default/echo]      # namespace/name (or namespace/hostname)
+//!     waypoint: {service: default/waypoint}   # optional, as on services
 //! services:
 //!   - name: echo
 //!     namespace: default
 //!     addresses: [10.96.0.10]       # the VIPs
 //!     ports: [{port: 80, targetPort: 8080}]
+//!     # Optional: traffic to the VIPs goes through this waypoint over
+//!     # HBONE; `service` (namespace/name or namespace/hostname) or
+//!     # `address` (a VIP or workload IP); hbonePort defaults to 15008.
+//!     waypoint: {service: default/waypoint, hbonePort: 15008}
 //! policies:                         # Istio L4 AuthorizationPolicy semantics
 //!   - name: only-client
 //!     namespace: default
@@ -44,7 +49,10 @@ use anyhow::{anyhow, Context};
 use serde::Deserialize;
 use tracing::{error, info};
 
-use super::model::{HealthStatus, Port, Protocol, Service, Workload};
+use super::model::{
+    HealthStatus, Port, Protocol, Service, Waypoint, WaypointDestination, Workload,
+    WAYPOINT_HBONE_PORT,
+};
 use super::{Snapshot, Store};
 use crate::rbac::{Action, Authorization, Rule, Scope};
 
@@ -78,6 +86,54 @@ pub struct LocalWorkload {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub services: Vec<String>,
+    #[serde(default)]
+    pub waypoint: Option<LocalWaypoint>,
+}
+
+/// A waypoint reference: exactly one of `service` and `address`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalWaypoint {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    WAYPOINT_HBONE_PORT
+}
+
+/// Resolves a waypoint reference against the file's services; `what` names
+/// the referring object for errors.
+fn resolve_waypoint(
+    wp: Option<&LocalWaypoint>,
+    services: &[Service],
+    what: &str,
+) -> anyhow::Result<Option<Waypoint>> {
+    let Some(wp) = wp else { return Ok(None) };
+    let destination = match (&wp.service, wp.address) {
+        (Some(reference), None) => {
+            let svc = services
+                .iter()
+                .find(|s| {
+                    *reference == format!("{}/{}", s.namespace, s.name) || *reference == s.key()
+                })
+                .ok_or_else(|| anyhow!("{what}: waypoint: no service {reference:?}"))?;
+            WaypointDestination::Service(svc.key())
+        }
+        (None, Some(ip)) => WaypointDestination::Address(ip),
+        _ => anyhow::bail!("{what}: waypoint: give exactly one of service and address"),
+    };
+    if wp.hbone_port == 0 {
+        anyhow::bail!("{what}: waypoint: hbonePort must not be 0");
+    }
+    Ok(Some(Waypoint {
+        destination,
+        hbone_port: wp.hbone_port,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +145,8 @@ pub struct LocalService {
     pub hostname: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<Port>,
+    #[serde(default)]
+    pub waypoint: Option<LocalWaypoint>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,10 +170,10 @@ impl LocalConfig {
     /// Resolves references and builds a snapshot. `trust_domain` and
     /// `cluster_domain` fill what the file leaves implicit.
     pub fn into_snapshot(self, trust_domain: &str) -> anyhow::Result<Snapshot> {
-        let services: Vec<Service> = self
-            .services
-            .into_iter()
-            .map(|s| Service {
+        let mut services: Vec<Service> = Vec::with_capacity(self.services.len());
+        let mut service_waypoints = Vec::with_capacity(self.services.len());
+        for s in self.services {
+            services.push(Service {
                 hostname: s
                     .hostname
                     .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", s.name, s.namespace)),
@@ -123,8 +181,15 @@ impl LocalConfig {
                 namespace: s.namespace,
                 addresses: s.addresses,
                 ports: s.ports,
-            })
-            .collect();
+                waypoint: None,
+            });
+            service_waypoints.push(s.waypoint);
+        }
+        // Waypoints refer to services, so resolve them once all are known.
+        for (i, wp) in service_waypoints.iter().enumerate() {
+            let what = format!("services[{i}] ({})", services[i].key());
+            services[i].waypoint = resolve_waypoint(wp.as_ref(), &services, &what)?;
+        }
         let mut workloads = Vec::with_capacity(self.workloads.len());
         for (i, w) in self.workloads.into_iter().enumerate() {
             let mut svc_keys = Vec::new();
@@ -153,7 +218,13 @@ impl LocalConfig {
                 })
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
+            let waypoint = resolve_waypoint(
+                w.waypoint.as_ref(),
+                &services,
+                &format!("workloads[{i}] ({}/{})", w.namespace, w.name),
+            )?;
             workloads.push(Workload {
+                waypoint,
                 uid: w
                     .uid
                     .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name)),
@@ -320,5 +391,88 @@ policies:
         let cfg: LocalConfig = serde_yaml::from_str(&dup).unwrap();
         let err = format!("{:#}", cfg.into_snapshot("td").unwrap_err());
         assert!(err.contains("10.0.0.2"), "{err}");
+    }
+
+    const WAYPOINTS: &str = r#"
+workloads:
+  - {name: wp-1, namespace: default, serviceAccount: wp, node: a, addresses: [10.0.0.11], services: [default/wp]}
+  - {name: wp-2, namespace: default, serviceAccount: wp, node: b, addresses: [10.0.0.12], services: [default/wp]}
+  - {name: echo, namespace: default, node: b, addresses: [10.0.0.2], services: [default/echo], waypoint: {address: 10.96.0.9}}
+services:
+  - {name: wp, namespace: default, addresses: [10.96.0.9], ports: [{port: 15008}]}
+  - {name: echo, namespace: default, addresses: [10.96.0.1], ports: [{port: 80}], waypoint: {service: default/wp}}
+"#;
+
+    #[test]
+    fn waypoints_resolve_and_spread_across_replicas() {
+        let cfg: LocalConfig = serde_yaml::from_str(WAYPOINTS).unwrap();
+        let snap = cfg.into_snapshot("cluster.local").unwrap();
+        let svc = snap.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
+        let wp = svc.waypoint.as_ref().unwrap();
+        assert_eq!(
+            wp.destination,
+            WaypointDestination::Service("default/wp.default.svc.cluster.local".into())
+        );
+        assert_eq!(wp.hbone_port, WAYPOINT_HBONE_PORT);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let (w, addr) = snap
+                .pick_waypoint(wp, "10.96.0.1".parse().unwrap())
+                .unwrap();
+            assert_eq!(addr.port(), 15008);
+            seen.insert(w.name.clone());
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let replica = snap.workload_by_ip("10.0.0.11".parse().unwrap()).unwrap();
+        assert!(snap.is_waypoint_of(replica, wp));
+        let echo = snap.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(!snap.is_waypoint_of(echo, wp));
+        // The workload's waypoint by VIP resolves to the same replicas.
+        assert_eq!(
+            snap.waypoint_workloads(echo.waypoint.as_ref().unwrap())
+                .len(),
+            2
+        );
+
+        // A replica that is gone is no longer picked.
+        let gone = WAYPOINTS.replace(
+            "  - {name: wp-1, namespace: default, serviceAccount: wp, node: a, addresses: [10.0.0.11], services: [default/wp]}\n",
+            "",
+        );
+        let snap = serde_yaml::from_str::<LocalConfig>(&gone)
+            .unwrap()
+            .into_snapshot("cluster.local")
+            .unwrap();
+        for _ in 0..50 {
+            let (w, _) = snap
+                .pick_waypoint(wp, "10.96.0.1".parse().unwrap())
+                .unwrap();
+            assert_eq!(w.name, "wp-2");
+        }
+    }
+
+    #[test]
+    fn bad_waypoint_references_are_errors() {
+        for (from, to, needle) in [
+            (
+                "waypoint: {service: default/wp}",
+                "waypoint: {service: default/nope}",
+                "default/nope",
+            ),
+            (
+                "waypoint: {service: default/wp}",
+                "waypoint: {}",
+                "exactly one",
+            ),
+            (
+                "waypoint: {address: 10.96.0.9}",
+                "waypoint: {address: 10.96.0.9, hbonePort: 0}",
+                "hbonePort",
+            ),
+        ] {
+            let cfg: LocalConfig = serde_yaml::from_str(&WAYPOINTS.replace(from, to)).unwrap();
+            let err = format!("{:#}", cfg.into_snapshot("td").unwrap_err());
+            assert!(err.contains(needle), "{err}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,7 +18,10 @@ use tokio::sync::watch;
 
 pub mod file;
 pub use file::{load_file, watch_file, LocalConfig};
-pub use model::{HealthStatus, Port, Protocol, Service, Workload};
+pub use model::{
+    HealthStatus, Port, Protocol, Service, Waypoint, WaypointDestination, Workload,
+    WAYPOINT_HBONE_PORT,
+};
 
 use crate::identity::Identity;
 use crate::rbac::Authorization;
@@ -155,6 +158,57 @@ impl Snapshot {
             .iter()
             .filter_map(|key| self.services.get(key))
             .find(|s| s.ports.iter().any(|p| s.target_port(p.port) == Some(port)))
+    }
+
+    /// The workloads that make up waypoint `wp`: the endpoints of its
+    /// service, or the one workload at its address.
+    pub fn waypoint_workloads(&self, wp: &Waypoint) -> Vec<Arc<Workload>> {
+        let svc = match &wp.destination {
+            WaypointDestination::Service(key) => self.services.get(key),
+            WaypointDestination::Address(ip) => self.services_by_vip.get(ip),
+        };
+        match (svc, &wp.destination) {
+            (Some(svc), _) => self.endpoints(svc).to_vec(),
+            (None, WaypointDestination::Address(ip)) => {
+                self.workload_by_ip(*ip).cloned().into_iter().collect()
+            }
+            (None, WaypointDestination::Service(_)) => Vec::new(),
+        }
+    }
+
+    /// A healthy replica of waypoint `wp` and where to reach it over HBONE,
+    /// chosen at random so that connections spread across replicas; a
+    /// replica gone from the snapshot is simply no longer a candidate.
+    pub fn pick_waypoint(
+        &self,
+        wp: &Waypoint,
+        like: IpAddr,
+    ) -> Option<(Arc<Workload>, SocketAddr)> {
+        let healthy: Vec<(Arc<Workload>, IpAddr)> = self
+            .waypoint_workloads(wp)
+            .into_iter()
+            .filter(|w| w.status == HealthStatus::Healthy && w.protocol == Protocol::Hbone)
+            .filter_map(|w| {
+                let ip = w
+                    .addresses
+                    .iter()
+                    .find(|a| a.is_ipv4() == like.is_ipv4())
+                    .or(w.addresses.first())
+                    .copied()?;
+                Some((w, ip))
+            })
+            .collect();
+        if healthy.is_empty() {
+            return None;
+        }
+        let (w, ip) = healthy[fastrand::usize(..healthy.len())].clone();
+        Some((w, SocketAddr::new(ip, wp.hbone_port)))
+    }
+
+    /// Whether `w` is one of the replicas of waypoint `wp`; traffic from the
+    /// waypoint itself is not sent back to it.
+    pub fn is_waypoint_of(&self, w: &Workload, wp: &Waypoint) -> bool {
+        self.waypoint_workloads(wp).iter().any(|x| x.uid == w.uid)
     }
 
     pub fn endpoints(&self, svc: &Service) -> &[Arc<Workload>] {

@@ -45,6 +45,9 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     pub canonical_name: String,
     pub canonical_revision: String,
+    /// The waypoint traffic addressed to this workload goes through
+    /// (`istio.workload.Workload.waypoint`).
+    pub waypoint: Option<Waypoint>,
 }
 
 impl Workload {
@@ -69,6 +72,9 @@ pub struct Service {
     pub hostname: String,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<Port>,
+    /// The waypoint traffic to this service's VIPs goes through
+    /// (`istio.workload.Service.waypoint`).
+    pub waypoint: Option<Waypoint>,
 }
 
 impl Service {
@@ -89,3 +95,22 @@ impl Service {
         })
     }
 }
+
+/// Where a waypoint is (`istio.workload.GatewayAddress`): a service named by
+/// `namespace/hostname`, or an address (a service VIP or a workload IP),
+/// reached over HBONE on `hbone_port`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Waypoint {
+    pub destination: WaypointDestination,
+    pub hbone_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub enum WaypointDestination {
+    /// A service key, `namespace/hostname`.
+    Service(String),
+    Address(IpAddr),
+}
+
+/// The port waypoints listen on for HBONE when none is given.
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;

@@ -10,7 +10,10 @@ use mesh_proto::workload as wl;
 
 use super::View;
 use crate::rbac;
-use crate::state::{HealthStatus, Port, Protocol, Service, Snapshot, Workload};
+use crate::state::{
+    HealthStatus, Port, Protocol, Service, Snapshot, Waypoint, WaypointDestination, Workload,
+    WAYPOINT_HBONE_PORT,
+};
 
 fn ip(b: &[u8]) -> anyhow::Result<IpAddr> {
     match b.len() {
@@ -93,6 +96,30 @@ fn policy(a: &sec::Authorization) -> anyhow::Result<rbac::Authorization> {
     })
 }
 
+/// `GatewayAddress` -> waypoint. An empty destination means no waypoint;
+/// a missing port means the standard HBONE port.
+fn waypoint(g: Option<&wl::GatewayAddress>) -> anyhow::Result<Option<Waypoint>> {
+    use wl::gateway_address::Destination;
+    let Some(g) = g else { return Ok(None) };
+    let destination = match &g.destination {
+        Some(Destination::Hostname(h)) => {
+            WaypointDestination::Service(format!("{}/{}", h.namespace, h.hostname))
+        }
+        Some(Destination::Address(a)) => {
+            WaypointDestination::Address(ip(&a.address).context("waypoint address")?)
+        }
+        None => return Ok(None),
+    };
+    let hbone_port = match g.hbone_mtls_port {
+        0 => WAYPOINT_HBONE_PORT,
+        p => u16::try_from(p).map_err(|_| anyhow!("waypoint: bad hbone_mtls_port {p}"))?,
+    };
+    Ok(Some(Waypoint {
+        destination,
+        hbone_port,
+    }))
+}
+
 fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
     let mut labels = std::collections::BTreeMap::new();
     labels.insert("app".to_string(), w.canonical_name.clone());
@@ -134,6 +161,7 @@ fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
         authorization_policies: w.authorization_policies.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
+        waypoint: waypoint(w.waypoint.as_ref())?,
     })
 }
 
@@ -148,6 +176,7 @@ pub(super) fn check_address(name: &str, a: &wl::Address, trust_domain: &str) -> 
             for a in &s.addresses {
                 ip(&a.address).with_context(|| format!("service {name}"))?;
             }
+            waypoint(s.waypoint.as_ref()).with_context(|| format!("service {name}"))?;
         }
         None => bail!("address {name} is neither a workload nor a service"),
     }
@@ -217,6 +246,8 @@ pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapsho
                         })
                     })
                     .collect::<anyhow::Result<_>>()?,
+                waypoint: waypoint(s.waypoint.as_ref())
+                    .with_context(|| format!("service {key}"))?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -225,4 +256,59 @@ pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapsho
         .map(|(name, a)| policy(a).with_context(|| format!("authorization {name}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Snapshot::build(workloads, services, policies)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn gateway_addresses_become_waypoints() {
+        use wl::gateway_address::Destination;
+        assert_eq!(waypoint(None).unwrap(), None);
+        let by_name = wl::GatewayAddress {
+            destination: Some(Destination::Hostname(wl::NamespacedHostname {
+                namespace: "app".into(),
+                hostname: "wp.app.svc.cluster.local".into(),
+            })),
+            hbone_mtls_port: 0,
+        };
+        assert_eq!(
+            waypoint(Some(&by_name)).unwrap(),
+            Some(Waypoint {
+                destination: WaypointDestination::Service("app/wp.app.svc.cluster.local".into()),
+                hbone_port: WAYPOINT_HBONE_PORT,
+            })
+        );
+        let by_address = wl::GatewayAddress {
+            destination: Some(Destination::Address(wl::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 20],
+            })),
+            hbone_mtls_port: 15009,
+        };
+        assert_eq!(
+            waypoint(Some(&by_address)).unwrap(),
+            Some(Waypoint {
+                destination: WaypointDestination::Address("10.96.0.20".parse().unwrap()),
+                hbone_port: 15009,
+            })
+        );
+        // Bad input is an error (the response is NACKed), never a panic.
+        let bad_port = wl::GatewayAddress {
+            hbone_mtls_port: 70000,
+            ..by_address.clone()
+        };
+        assert!(waypoint(Some(&bad_port)).is_err());
+        let bad_ip = wl::GatewayAddress {
+            destination: Some(Destination::Address(wl::NetworkAddress {
+                network: String::new(),
+                address: vec![1, 2, 3],
+            })),
+            hbone_mtls_port: 0,
+        };
+        assert!(waypoint(Some(&bad_ip)).is_err());
+    }
 }
