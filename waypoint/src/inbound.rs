@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,7 +30,6 @@ use crate::h2io::H2Io;
 use crate::serve::{serve_http, Downstream};
 use crate::Proxy;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent CONNECT streams per HBONE connection.
 const MAX_STREAMS: u32 = 1000;
 
@@ -66,54 +64,25 @@ async fn serve_connection(
     peer: SocketAddr,
 ) -> anyhow::Result<()> {
     let cert = proxy.secrets.fetch(&proxy.identity).await?;
-    let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),
+    let stop = proxy.drain.stop.clone();
+    hbone::serve(
+        stream,
+        peer,
+        cert.server_config(),
+        MAX_STREAMS,
+        &stop,
+        |src_id, (req, respond)| {
+            let tracker = proxy.drain.connections.clone();
+            tracker.spawn(serve_stream(
+                proxy.clone(),
+                peer,
+                src_id.clone(),
+                req,
+                respond,
+            ));
+        },
     )
     .await
-    .map_err(|_| anyhow!("TLS handshake timed out"))?
-    .context("TLS handshake failed")?;
-    let src_id = ztunnel::tls::peer_identity(tls.get_ref().1.peer_certificates())?;
-    let mut conn = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        h2::server::Builder::new()
-            .initial_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_frame_size(hbone::MAX_FRAME_SIZE)
-            .max_send_buffer_size(hbone::MAX_SEND_BUFFER)
-            .max_header_list_size(hbone::MAX_HEADER_LIST)
-            .max_concurrent_streams(MAX_STREAMS)
-            .handshake::<_, Bytes>(tls),
-    )
-    .await
-    .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
-    .context("HTTP/2 handshake failed")?;
-    debug!(%peer, identity = %src_id, "HBONE connection accepted");
-    let mut draining = false;
-    loop {
-        let next = tokio::select! {
-            _ = proxy.drain.stop.cancelled(), if !draining => {
-                // GOAWAY: no new tunnels here; open ones finish.
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-            n = conn.accept() => n,
-        };
-        let Some(next) = next else { break };
-        let (req, respond) = match next {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(%peer, error = %e, "HBONE connection error");
-                break;
-            }
-        };
-        let proxy = proxy.clone();
-        let src_id = src_id.clone();
-        let tracker = proxy.drain.connections.clone();
-        tracker.spawn(serve_stream(proxy, peer, src_id, req, respond));
-    }
-    Ok(())
 }
 
 fn status(respond: &mut h2::server::SendResponse<Bytes>, code: StatusCode) {

@@ -5,7 +5,18 @@
 //! window keeps a single flow from stalling on WINDOW_UPDATE round trips,
 //! and the connection window leaves room for several such flows.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
 use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::identity::Identity;
+use crate::tls;
 
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
@@ -26,6 +37,74 @@ pub const FORWARDED: &str = "forwarded";
 pub struct H2Stream {
     pub send: h2::SendStream<Bytes>,
     pub recv: h2::RecvStream,
+}
+
+/// How long a peer may take over the TLS and then the HTTP/2 handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A CONNECT request as the server receives it, and where its answer goes.
+pub type Incoming = (
+    http::Request<h2::RecvStream>,
+    h2::server::SendResponse<Bytes>,
+);
+
+/// Terminates one HBONE connection (ztunnel's 15008, a waypoint's): TLS
+/// with `server_config`, which requires a client certificate, then HTTP/2
+/// with HBONE's windows. Every request is handed to `on_stream` with the
+/// client's SPIFFE identity; once `stop` fires the peer gets GOAWAY and the
+/// streams already open finish.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    server_config: Arc<rustls::ServerConfig>,
+    max_streams: u32,
+    stop: &CancellationToken,
+    mut on_stream: impl FnMut(&Identity, Incoming),
+) -> anyhow::Result<()> {
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(server_config)
+            .accept(tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream)),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake timed out"))?
+    .context("TLS handshake failed")?;
+    let src_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    let mut conn = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_concurrent_streams(max_streams)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
+    .context("HTTP/2 handshake failed")?;
+    debug!(%peer, identity = %src_id, "HBONE connection accepted");
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled(), if !draining => {
+                // GOAWAY: the peer opens no new streams here; open ones finish.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            n = conn.accept() => n,
+        };
+        match next {
+            None => return Ok(()),
+            Some(Ok(incoming)) => on_stream(&src_id, incoming),
+            Some(Err(e)) => {
+                debug!(%peer, error = %e, "HBONE connection error");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The client address in a `Forwarded: for=...` header.

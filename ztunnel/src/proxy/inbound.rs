@@ -15,9 +15,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,9 +31,6 @@ use crate::metrics::ServiceRef;
 use crate::rbac::{self, Decision};
 use crate::socket::canonical;
 use crate::state::{Protocol, Workload};
-use crate::tls;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     let drain = pi.drain.clone();
@@ -63,60 +59,26 @@ async fn serve_connection(
         .cloned()
         .ok_or_else(|| anyhow!("{} is not a mesh workload on node {}", local.ip(), pi.node))?;
     let cert = pi.secrets.fetch(&dst_w.identity()).await?;
-    let tls = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(
-            tokio::io::BufReader::with_capacity(hbone::TLS_READ_BUFFER, stream),
-        ),
+    debug!(%peer, workload = %dst_w.uid, "HBONE connection for a local workload");
+    let stop = pi.drain.stop.clone();
+    hbone::serve(
+        stream,
+        peer,
+        cert.server_config(),
+        pi.max_streams as u32,
+        &stop,
+        |src_id, (req, respond)| {
+            let pi = pi.clone();
+            let ctx = StreamContext {
+                peer,
+                src_id: src_id.clone(),
+                dst_w: dst_w.clone(),
+            };
+            let tracker = pi.drain.connections.clone();
+            tracker.spawn(async move { serve_stream(pi, ctx, req, respond).await });
+        },
     )
     .await
-    .map_err(|_| anyhow!("TLS handshake timed out"))?
-    .context("TLS handshake failed")?;
-    let src_id = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
-    let mut conn = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        h2::server::Builder::new()
-            .initial_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_frame_size(hbone::MAX_FRAME_SIZE)
-            .max_send_buffer_size(hbone::MAX_SEND_BUFFER)
-            .max_header_list_size(hbone::MAX_HEADER_LIST)
-            .max_concurrent_streams(pi.max_streams as u32)
-            .handshake::<_, Bytes>(tls),
-    )
-    .await
-    .map_err(|_| anyhow!("HTTP/2 handshake timed out"))?
-    .context("HTTP/2 handshake failed")?;
-    debug!(%peer, identity = %src_id, workload = %dst_w.uid, "HBONE connection accepted");
-    let mut draining = false;
-    loop {
-        let req = tokio::select! {
-            _ = pi.drain.stop.cancelled(), if !draining => {
-                // GOAWAY: the peer opens no new streams here; open ones finish.
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-            r = conn.accept() => r,
-        };
-        let Some(req) = req else { break };
-        let (req, respond) = match req {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(%peer, error = %e, "HBONE connection error");
-                break;
-            }
-        };
-        let pi = pi.clone();
-        let ctx = StreamContext {
-            peer,
-            src_id: src_id.clone(),
-            dst_w: dst_w.clone(),
-        };
-        let tracker = pi.drain.connections.clone();
-        tracker.spawn(async move { serve_stream(pi, ctx, req, respond).await });
-    }
-    Ok(())
 }
 
 struct StreamContext {
