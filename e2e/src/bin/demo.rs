@@ -16,6 +16,14 @@
 //! iptables), and walks through a scenario, checking each step: capture in
 //! place, a mesh call with both identities, a DENY policy, encryption on the
 //! node link, and live edits of the manifests pushed by the control plane.
+//! Last, namespace `store` opts in to the waypoint `waypoint` (label
+//! `istio.io/use-waypoint`, a Gateway of class `istio-waypoint`, the real
+//! `waypoint` binary in pod store/waypoint on node-2 with a certificate from
+//! the control plane's CA): service `reviews` (10.96.0.40:80) is split 80/20
+//! between pods reviews-v1 (node-1) and reviews-v2 (node-2) by the
+//! waypoint's YAML configuration, and the demo checks the path (client ->
+//! ztunnel -> waypoint -> ztunnel -> v1/v2), the split and the identities
+//! on both legs.
 //!
 //! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
 //! and removes everything it created. With `--once` it exits after the

@@ -96,7 +96,9 @@ pub struct Bins {
     pub ztunnel: PathBuf,
     pub xds: PathBuf,
     pub cni: PathBuf,
-    pub waypoint: PathBuf,
+    /// Only the waypoint step needs it: without it, that step fails and
+    /// says how to build it, and the rest of the demo still runs.
+    pub waypoint: Result<PathBuf, String>,
 }
 
 impl Bins {
@@ -113,7 +115,7 @@ impl Bins {
             let p = dir.join(name);
             if !p.is_file() {
                 bail!(
-                    "no {name} binary at {} (build with `cargo build --release -p ztunnel -p xds -p ztunnel-cni -p waypoint`, or set {env})",
+                    "no {name} binary at {} (build with `cargo build --release -p ztunnel -p xds -p ztunnel-cni -p waypoint --bin ztunnel --bin xds --bin ztunnel-cni --bin waypoint`, or set {env})",
                     p.display()
                 );
             }
@@ -123,7 +125,7 @@ impl Bins {
             ztunnel: find("ztunnel", "ZTUNNEL_BIN")?,
             xds: find("xds", "XDS_BIN")?,
             cni: find("ztunnel-cni", "ZTUNNEL_CNI_BIN")?,
-            waypoint: find("waypoint", "WAYPOINT_BIN")?,
+            waypoint: find("waypoint", "WAYPOINT_BIN").map_err(|e| format!("{e:#}")),
         })
     }
 }
@@ -819,6 +821,7 @@ impl Mesh {
     /// Services, Pods), the waypoint binary in its pod with a certificate
     /// from the control plane's CA, and CNI ADD of the reviews pods.
     pub fn add_store(&mut self, progress: &dyn Fn(&str)) -> Result<()> {
+        let wbin = self.bins.waypoint.clone().map_err(|e| anyhow!(e))?;
         let app = |node: &Node,
                    name: &'static str,
                    sa: &'static str,
@@ -846,7 +849,7 @@ impl Mesh {
         // The waypoint, as its Deployment would run it: identity
         // spiffe://cluster.local/ns/store/sa/waypoint, certificate signed by
         // the control plane's CA.
-        let mut cmd = Command::new(&self.bins.waypoint);
+        let mut cmd = Command::new(&wbin);
         cmd.arg("--config")
             .arg(&config)
             .args(["--identity", &waypoint.spiffe()])
