@@ -981,13 +981,8 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
             "e. identities per leg",
             exp,
             format!(
-                "{} -> {} ({l1} conns); {} -> {} (v1 {}, v2 {} conns)",
-                sa_of(&fe.spiffe()),
-                sa_of(&wp.spiffe()),
-                sa_of(&wp.spiffe()),
-                sa_of(&v1.spiffe()),
-                leg2[0],
-                leg2[1]
+                "{} -> {}: {l1} conns; {} -> reviews: v1 {}, v2 {}",
+                fe.name, wp.name, wp.name, leg2[0], leg2[1]
             ),
             ok,
         );
