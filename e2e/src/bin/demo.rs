@@ -16,6 +16,14 @@
 //! iptables), and walks through a scenario, checking each step: capture in
 //! place, a mesh call with both identities, a DENY policy, encryption on the
 //! node link, and live edits of the manifests pushed by the control plane.
+//! Last, namespace `store` opts in to the waypoint `waypoint` (label
+//! `istio.io/use-waypoint`, a Gateway of class `istio-waypoint`, the real
+//! `waypoint` binary in pod store/waypoint on node-2 with a certificate from
+//! the control plane's CA): service `reviews` (10.96.0.40:80) is split 80/20
+//! between pods reviews-v1 (node-1) and reviews-v2 (node-2) by the
+//! waypoint's YAML configuration, and the demo checks the path (client ->
+//! ztunnel -> waypoint -> ztunnel -> v1/v2), the split and the identities
+//! on both legs.
 //!
 //! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
 //! and removes everything it created. With `--once` it exits after the
@@ -34,7 +42,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 
 use mesh::{
-    counter, interrupted, metric_line, App, Mesh, Outcome, CART_VIP, CATALOG_VIP, SERVICE_PORT,
+    counter, interrupted, metric_line, App, Mesh, Outcome, CART_VIP, CATALOG_VIP, REVIEWS_VIP,
+    REVIEWS_WEIGHTS, SERVICE_PORT,
 };
 
 /// One line of the summary table.
@@ -309,6 +318,9 @@ fn scenario(m: &mut Mesh, r: &mut Report) {
     }
     if !interrupted() {
         step_d(m, r);
+    }
+    if !interrupted() {
+        step_e(m, r);
     }
 }
 
@@ -777,6 +789,207 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
     });
 }
 
+/// Requests the waypoint counted (`istio_requests_total`) with `needles`.
+fn wp_requests(m: &Mesh, needles: &[&str]) -> u64 {
+    m.waypoint_get("/metrics")
+        .map(|t| counter(&t, "istio_requests_total", needles))
+        .unwrap_or(0)
+}
+
+/// e. Namespace store uses a waypoint: L7 split of the reviews service.
+fn step_e(m: &mut Mesh, r: &mut Report) {
+    heading("e. namespace store uses the waypoint `waypoint`: reviews split 80/20 between v1 and v2 at L7");
+    let exp = "store, waypoint and reviews v1/v2 up";
+    let progress = |s: &str| say(s);
+    r.step("e. waypoint set-up", exp, |r| {
+        m.add_store(&progress)?;
+        say("manifests: Namespace store {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}, Gateway waypoint (istio-waypoint, mesh/15008/HBONE), Services reviews and waypoint, 3 Pods");
+        say("the split is in the waypoint's YAML configuration (Envoy's v3 resources); the control plane translating HTTPRoutes into it over xDS is the next step");
+        r.record("e. waypoint set-up", exp, "store/waypoint ready; reviews-v1, reviews-v2 enrolled", true);
+        Ok(())
+    });
+    let Some(st) = m.store.as_ref() else { return };
+    let (wp, v1, v2) = (st.waypoint.clone(), st.v1.clone(), st.v2.clone());
+    let fe = m.frontend.clone();
+    let dst = vip(REVIEWS_VIP);
+    let via = [
+        "reporter=\"waypoint\"",
+        &format!("source_principal=\"{}\"", fe.spiffe()),
+    ];
+
+    // The control plane pushes the waypoint assignment; until node-1's
+    // ztunnel has it, requests go straight to a reviews pod.
+    let exp = "frontend -> ztunnel -> waypoint -> ztunnel -> reviews";
+    r.step("e. reviews VIP via waypoint", exp, |r| {
+        mesh::wait_for(
+            Duration::from_secs(20),
+            "the first request through the waypoint",
+            || {
+                let _ = m.request(&fe, dst, "/warm-up");
+                Ok(wp_requests(m, &via) > 0)
+            },
+        )?;
+        let n1 = m.log_mark(&m.node1);
+        let out = m.request(&fe, dst, "/reviews/1");
+        say(&format!("frontend -> reviews {dst}: {}", out.describe()));
+        let o = m.wait_access(
+            &m.node1,
+            n1,
+            "node-1's outbound access line to the waypoint",
+            |l| l.src_ip() == fe.ip().to_string() && l.get("direction") == "outbound",
+        )?;
+        say(&format!(
+            "node-1 ztunnel (outbound): service {} -> sent to {} ({}), tunnelled as {}",
+            o.get("dst.service"),
+            o.get("dst.addr"),
+            o.get("dst.workload"),
+            o.get("src.identity"),
+        ));
+        let log = m.waypoint_log();
+        let access = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("access") && l.contains("/reviews/1"))
+            .unwrap_or("");
+        say(&format!(
+            "waypoint access log: {}",
+            shorten(access.trim(), 400)
+        ));
+        let ok = out.answered()
+            && out.body().contains("store/reviews-v")
+            && o.get("dst.workload") == wp.key()
+            && !access.is_empty();
+        r.record(
+            "e. reviews VIP via waypoint",
+            exp,
+            format!(
+                "{} via {} ({})",
+                out.short(),
+                o.get("dst.addr"),
+                o.get("dst.workload")
+            ),
+            ok,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
+
+    let (w1, w2) = REVIEWS_WEIGHTS;
+    let n: u64 = 100;
+    // ±4 standard deviations of a binomial(n, w2/(w1+w2)) count.
+    let p2 = f64::from(w2) / f64::from(w1 + w2);
+    let tol = (4.0 * (n as f64 * p2 * (1.0 - p2)).sqrt()).ceil() as u64;
+    let want2 = (n as f64 * p2).round() as u64;
+    let exp = format!("{n} requests ~{w1}/{w2} (v2 {want2}±{tol}), waypoint counted them");
+    r.step("e. weighted split v1/v2", &exp, |r| {
+        let wv = |a: &App| {
+            wp_requests(
+                m,
+                &[
+                    "reporter=\"waypoint\"",
+                    &format!("source_principal=\"{}\"", fe.spiffe()),
+                    &format!("destination_principal=\"{}\"", a.spiffe()),
+                    &format!("destination_workload=\"{}\"", a.name),
+                    "response_code=\"200\"",
+                ],
+            )
+        };
+        let (b1, b2) = (wv(&v1), wv(&v2));
+        let (mut c1, mut c2, mut other) = (0u64, 0u64, 0u64);
+        for i in 0..n {
+            if interrupted() {
+                break;
+            }
+            let out = m.request(&fe, dst, &format!("/reviews/{i}"));
+            match out.body() {
+                b if b.contains("store/reviews-v1") => c1 += 1,
+                b if b.contains("store/reviews-v2") => c2 += 1,
+                _ => other += 1,
+            }
+        }
+        let mut counted = (0, 0);
+        let _ = mesh::wait_for(Duration::from_secs(5), "the waypoint's metrics", || {
+            counted = (wv(&v1) - b1, wv(&v2) - b2);
+            Ok(counted.0 + counted.1 >= c1 + c2)
+        });
+        say(&format!(
+            "answers: reviews-v1 {c1}, reviews-v2 {c2}, other/failed {other} (configured {w1}/{w2})"
+        ));
+        say(&format!(
+            "waypoint istio_requests_total (reporter=waypoint, 200): to v1 +{}, to v2 +{}",
+            counted.0, counted.1
+        ));
+        let ok = other == 0 && c1 + c2 == n && c2.abs_diff(want2) <= tol && counted == (c1, c2);
+        r.record(
+            "e. weighted split v1/v2",
+            &exp,
+            format!(
+                "v1 {c1} / v2 {c2} of {n}; waypoint counted {}/{}",
+                counted.0, counted.1
+            ),
+            ok,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
+
+    let exp = "frontend -> waypoint, waypoint -> v1/v2 (mTLS)";
+    r.step("e. identities per leg", exp, |r| {
+        // Leg 1: node-1's ztunnel tunnelled frontend's traffic to the
+        // waypoint's identity.
+        let z1 = m.metrics(&m.node1)?;
+        let leg1 = [
+            "reporter=\"source\"",
+            &format!("source_principal=\"{}\"", fe.spiffe()),
+            &format!("destination_principal=\"{}\"", wp.spiffe()),
+        ];
+        let l1 = counter(&z1, "istio_tcp_connections_opened_total", &leg1);
+        if let Some(l) = metric_line(&z1, "istio_tcp_connections_opened_total", &leg1) {
+            say(&format!("leg 1, node-1 metrics: {}", shorten(l, 300)));
+        }
+        // The waypoint saw frontend's certificate.
+        let w = wp_requests(m, &via);
+        say(&format!(
+            "waypoint: {w} requests with peer identity {}",
+            fe.spiffe()
+        ));
+        // Leg 2: the reviews pods' ztunnels saw the waypoint's certificate.
+        let mut leg2 = Vec::new();
+        for (node, a) in [(&m.node1, &v1), (&m.node2, &v2)] {
+            let z = m.metrics(node)?;
+            let needles = [
+                "reporter=\"destination\"",
+                &format!("source_principal=\"{}\"", wp.spiffe()),
+                &format!("destination_principal=\"{}\"", a.spiffe()),
+            ];
+            let c = counter(&z, "istio_tcp_connections_opened_total", &needles);
+            if let Some(l) = metric_line(&z, "istio_tcp_connections_opened_total", &needles) {
+                say(&format!(
+                    "leg 2, {} metrics: {}",
+                    node.name(),
+                    shorten(l, 300)
+                ));
+            }
+            leg2.push(c);
+        }
+        let ok = l1 > 0 && w > 0 && leg2.iter().all(|&c| c > 0);
+        r.record(
+            "e. identities per leg",
+            exp,
+            format!(
+                "{} -> {}: {l1} conns; {} -> reviews: v1 {}, v2 {}",
+                fe.name, wp.name, wp.name, leg2[0], leg2[1]
+            ),
+            ok,
+        );
+        Ok(())
+    });
+}
+
 fn print_playground(m: &Mesh) {
     let n1 = m.node1.netns();
     let n2 = m.node2.netns();
@@ -797,6 +1010,7 @@ fn print_playground(m: &Mesh) {
     let pods: Vec<&App> = [&m.frontend, &m.batch, &m.cart, &m.catalog]
         .into_iter()
         .chain(m.cart2.as_ref())
+        .chain(m.store.iter().flat_map(|s| [&s.waypoint, &s.v1, &s.v2]))
         .collect();
     heading("The mesh is up. Poke at it (as root, in another terminal)");
     println!(
@@ -835,6 +1049,7 @@ Full state and metrics of a node's ztunnel:
   ip netns exec {n1} curl -s 127.0.0.1:15000/config_dump
   ip netns exec {n2} curl -s 127.0.0.1:15020/metrics | grep istio_tcp_connections_opened_total
 
+{waypoint_text}
 See ciphertext on the node link while you call catalog (cart-2 is on node-1
 itself, so its answers never cross the link):
   ip netns exec {n1} tcpdump -ni eth0 -A tcp port 15008
@@ -875,5 +1090,41 @@ Press Ctrl-C to stop; everything ({prefix}-* namespaces, cgroups, pins, processe
         cat = m.catalog.ip(),
         manifests = m.manifests.display(),
         prefix = m.tb.prefix(),
+        waypoint_text = waypoint_playground(m),
     );
+}
+
+/// How to look at the waypoint, if the waypoint step set it up.
+fn waypoint_playground(m: &Mesh) -> String {
+    let Some(st) = m.store.as_ref() else {
+        return String::new();
+    };
+    let w = st.waypoint.pod.netns();
+    let fcg = m
+        .frontend
+        .pod
+        .cgroup()
+        .map(|c| c.display().to_string())
+        .unwrap_or_default();
+    let (w1, w2) = REVIEWS_WEIGHTS;
+    format!(
+        r#"The waypoint of namespace store (pod {wkey}, netns {w}; log {log}):
+call reviews ({w1}/{w2} between v1 and v2) and look at what the waypoint did:
+  sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{REVIEWS_VIP}/reviews'
+  ip netns exec {w} curl -s 127.0.0.1:15000/config_dump
+  ip netns exec {w} curl -s 127.0.0.1:15020/metrics | grep istio_requests_total
+Change the split live: edit the weights in {config} (polled; a bad
+file is rejected and shown as lastConfigError in /config_dump). The
+namespace's label and the Gateway are in {manifest}.
+"#,
+        wkey = st.waypoint.key(),
+        log = m
+            .waypoint
+            .as_ref()
+            .map(|c| c.log_path().display().to_string())
+            .unwrap_or_default(),
+        f = m.frontend.pod.netns(),
+        config = st.config.display(),
+        manifest = mesh::Store::manifest_file(m).display(),
+    )
 }

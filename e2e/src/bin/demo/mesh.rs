@@ -31,6 +31,10 @@ use e2e::{ChildGuard, Node, Pod, Testbed};
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CART_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const CATALOG_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+pub const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+pub const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+/// The reviews split the waypoint is configured with (v1, v2).
+pub const REVIEWS_WEIGHTS: (u32, u32) = (80, 20);
 pub const SERVICE_PORT: u16 = 80;
 pub const APP_PORT: u16 = 8080;
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
@@ -92,6 +96,9 @@ pub struct Bins {
     pub ztunnel: PathBuf,
     pub xds: PathBuf,
     pub cni: PathBuf,
+    /// Only the waypoint step needs it: without it, that step fails and
+    /// says how to build it, and the rest of the demo still runs.
+    pub waypoint: Result<PathBuf, String>,
 }
 
 impl Bins {
@@ -108,7 +115,7 @@ impl Bins {
             let p = dir.join(name);
             if !p.is_file() {
                 bail!(
-                    "no {name} binary at {} (build with `cargo build --release -p ztunnel -p xds -p ztunnel-cni`, or set {env})",
+                    "no {name} binary at {} (build with `cargo build --release -p ztunnel -p xds -p ztunnel-cni -p waypoint --bin ztunnel --bin xds --bin ztunnel-cni --bin waypoint`, or set {env})",
                     p.display()
                 );
             }
@@ -118,6 +125,7 @@ impl Bins {
             ztunnel: find("ztunnel", "ZTUNNEL_BIN")?,
             xds: find("xds", "XDS_BIN")?,
             cni: find("ztunnel-cni", "ZTUNNEL_CNI_BIN")?,
+            waypoint: find("waypoint", "WAYPOINT_BIN").map_err(|e| format!("{e:#}")),
         })
     }
 }
@@ -141,6 +149,10 @@ pub struct Mesh {
     pub catalog: App,
     /// Created when the cart service is scaled out.
     pub cart2: Option<App>,
+    /// Namespace store, behind the waypoint (added by the waypoint step).
+    pub store: Option<Store>,
+    /// The waypoint process (in the store/waypoint pod).
+    pub waypoint: Option<ChildGuard>,
     /// The manifest directory the control plane watches.
     pub manifests: PathBuf,
     /// The CNI plugin's stand-in for the API server's labels.
@@ -205,6 +217,8 @@ impl Mesh {
             cart,
             catalog,
             cart2: None,
+            store: None,
+            waypoint: None,
             manifests,
             xds: None,
             ztunnels: Vec::new(),
@@ -757,6 +771,12 @@ impl Mesh {
     /// when a pod goes away), the ztunnels and the control plane stopped,
     /// then any pins left behind removed.
     pub fn shutdown(&mut self) {
+        if let Some(w) = self.waypoint.take() {
+            let _ = w.terminate();
+            if !matches!(w.wait_exit_timeout(Duration::from_secs(5)), Ok(Some(_))) {
+                let _ = w.kill9();
+            }
+        }
         for a in std::mem::take(&mut self.enrolled) {
             if let Err(e) = self.cni("DEL", &a) {
                 eprintln!("   CNI DEL {}: {e:#}", a.key());
@@ -776,6 +796,183 @@ impl Mesh {
             remove_pin_root(&self.dirs(n).bpf);
         }
     }
+}
+
+/// Namespace `store`: service `reviews` (v1 on node-1, v2 on node-2) and
+/// the waypoint `waypoint` (a pod on node-2, not captured: it speaks HBONE
+/// itself) that the namespace's `istio.io/use-waypoint` label names.
+pub struct Store {
+    pub waypoint: App,
+    pub v1: App,
+    pub v2: App,
+    /// The waypoint's YAML configuration (polled; edit it live).
+    pub config: PathBuf,
+}
+
+impl Store {
+    pub fn manifest_file(m: &Mesh) -> PathBuf {
+        m.manifests.join("store.yaml")
+    }
+}
+
+impl Mesh {
+    /// Adds namespace store: its pods, the manifests (Namespace with
+    /// `istio.io/use-waypoint: waypoint`, Gateway of class istio-waypoint,
+    /// Services, Pods), the waypoint binary in its pod with a certificate
+    /// from the control plane's CA, and CNI ADD of the reviews pods.
+    pub fn add_store(&mut self, progress: &dyn Fn(&str)) -> Result<()> {
+        let wbin = self.bins.waypoint.clone().map_err(|e| anyhow!(e))?;
+        let app = |node: &Node,
+                   name: &'static str,
+                   sa: &'static str,
+                   label: &'static str|
+         -> Result<App> {
+            Ok(App {
+                name,
+                namespace: "store",
+                sa: Some(sa),
+                app_label: label,
+                pod: self
+                    .tb
+                    .add_netns_pod(node, &format!("store-{name}"))
+                    .with_context(|| format!("creating pod store/{name}"))?,
+            })
+        };
+        let v1 = app(&self.node1, "reviews-v1", "reviews", "reviews")?;
+        let v2 = app(&self.node2, "reviews-v2", "reviews", "reviews")?;
+        let waypoint = app(&self.node2, "waypoint", "waypoint", "waypoint")?;
+        spawn_server(&v1)?;
+        spawn_server(&v2)?;
+        let config = self.tb.dir().join("waypoint.yaml");
+        write_atomic(&config, &waypoint_yaml(&v1, &v2))?;
+
+        // The waypoint, as its Deployment would run it: identity
+        // spiffe://cluster.local/ns/store/sa/waypoint, certificate signed by
+        // the control plane's CA.
+        let mut cmd = Command::new(&wbin);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--identity", &waypoint.spiffe()])
+            .arg("--ca-cert")
+            .arg(&self.ca_cert)
+            .arg("--ca-key")
+            .arg(self.tb.dir().join("ca.key"))
+            .arg("--hbone-addr")
+            .arg(format!("{}:15008", waypoint.ip()))
+            .arg("--own-ip")
+            .arg(waypoint.ip().to_string())
+            .args(["--socket-mark", "0"])
+            .env("RUST_LOG", "info");
+        let child = self.tb.spawn(waypoint.pod.netns(), cmd)?;
+        let ns = waypoint.pod.netns().to_string();
+        let ready = wait_for(Duration::from_secs(20), "waypoint readiness", || {
+            if !child.is_running() {
+                bail!("waypoint exited during start-up");
+            }
+            Ok(matches!(
+                http_get(&ns, READY, "/healthz/ready"),
+                Ok((200, _))
+            ))
+        });
+        if let Err(e) = ready {
+            bail!(
+                "{e:#}; its log ({}):\n{}",
+                child.log_path().display(),
+                child.log()
+            );
+        }
+        progress(&format!(
+            "waypoint store/waypoint ready on {}:15008 (pid {}), identity {}, config {}",
+            waypoint.ip(),
+            child.pid(),
+            waypoint.spiffe(),
+            config.display()
+        ));
+        self.waypoint = Some(child);
+
+        let pod = |a: &App, labels: &str| {
+            Self::pod_yaml(a).replace(
+                &format!("labels: {{app: {}}}", a.app_label),
+                &format!("labels: {{{labels}}}"),
+            )
+        };
+        let yaml = format!(
+            "# Namespace store is in the mesh and uses the waypoint `waypoint` for L7.\n\
+             apiVersion: v1\nkind: Namespace\nmetadata:\n  name: store\n  labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: store}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: waypoint, namespace: store}}\nspec:\n  selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}\n  clusterIP: {WAYPOINT_VIP}\n  ports: [{{name: mesh, port: 15008}}]\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: store}}\nspec:\n  selector: {{app: reviews}}\n  clusterIP: {REVIEWS_VIP}\n  ports: [{{port: {SERVICE_PORT}, targetPort: {APP_PORT}}}]\n\
+             ---\n{}---\n{}---\n{}",
+            pod(&waypoint, "gateway.networking.k8s.io/gateway-name: waypoint"),
+            pod(&v1, "app: reviews, version: v1"),
+            pod(&v2, "app: reviews, version: v2"),
+        );
+        let labels = serde_json::json!({
+            "namespaces": {
+                "shop": {"istio.io/dataplane-mode": "ambient"},
+                "legacy": {},
+                "store": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
+            },
+            "pods": {}
+        });
+        write_atomic(&self.labels_file, &labels.to_string())?;
+        self.store = Some(Store {
+            waypoint,
+            v1: v1.clone(),
+            v2: v2.clone(),
+            config,
+        });
+        write_atomic(&Store::manifest_file(self), &yaml)?;
+        for a in [v1, v2] {
+            self.cni_add(&a)?;
+        }
+        Ok(())
+    }
+
+    /// GET on the waypoint's admin (`/config_dump`) or metrics port.
+    pub fn waypoint_get(&self, path: &str) -> Result<String> {
+        let s = self.store.as_ref().ok_or_else(|| anyhow!("no waypoint"))?;
+        let port = if path == "/config_dump" {
+            ADMIN
+        } else {
+            METRICS
+        };
+        let (code, body) = http_get(s.waypoint.pod.netns(), port, path)?;
+        if code != 200 {
+            bail!("waypoint {path}: HTTP {code}");
+        }
+        Ok(body)
+    }
+
+    /// The waypoint's log (access lines have target `access`).
+    pub fn waypoint_log(&self) -> String {
+        self.waypoint.as_ref().map(|w| w.log()).unwrap_or_default()
+    }
+}
+
+/// The waypoint's configuration (Envoy's v3 resources, as the control
+/// plane will send them over xDS once it translates HTTPRoutes): HTTP to
+/// the reviews VIP, split 80/20 between the v1 and v2 pods, which are
+/// reached over HBONE through their ztunnels, accepting only their identity.
+fn waypoint_yaml(v1: &App, v2: &App) -> String {
+    let (w1, w2) = REVIEWS_WEIGHTS;
+    let cluster = |a: &App| {
+        format!(
+            "  - name: {name}\n    load_assignment:\n      endpoints:\n        - lb_endpoints:\n            - endpoint: {{address: {{socket_address: {{address: \"{ip}\", port_value: {APP_PORT}}}}}}}\n              metadata: {{identity: \"{id}\", workload: {name}, namespace: store}}\n",
+            name = a.name,
+            ip = a.ip(),
+            id = a.spiffe(),
+        )
+    };
+    format!(
+        "listeners:\n  - name: waypoint\n    filter_chains:\n      - name: reviews-http\n        filter_chain_match: {{destination_port: {SERVICE_PORT}, prefix_ranges: [\"{REVIEWS_VIP}/32\"]}}\n        http_connection_manager: {{route_config_name: reviews}}\n\
+         route_configurations:\n  - name: reviews\n    virtual_hosts:\n      - name: reviews\n        domains: [\"*\"]\n        routes:\n          - name: split\n            match: {{prefix: /}}\n            route:\n              weighted_clusters:\n                clusters: [{{name: {n1}, weight: {w1}}}, {{name: {n2}, weight: {w2}}}]\n\
+         clusters:\n{c1}{c2}",
+        n1 = v1.name,
+        n2 = v2.name,
+        c1 = cluster(v1),
+        c2 = cluster(v2),
+    )
 }
 
 impl Drop for Mesh {
