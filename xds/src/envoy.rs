@@ -11,8 +11,8 @@
 //!   route sending everything to the Service itself.
 //! - Cluster `outbound|port||host` (EDS) for every Service a route sends
 //!   to, and its ClusterLoadAssignment: the selected pods' IPs and target
-//!   ports, with `filter_metadata["istio"]` carrying the identity and, for
-//!   pods in the mesh, `hbone_port`.
+//!   ports, with `filter_metadata["istio"]` carrying the workload and, for
+//!   pods in the mesh (reached over HBONE), `identity` and `hbone_port`.
 //!
 //! Resources of all waypoints are served to every client subscribing to
 //! the Envoy types; names are unique per waypoint and Service.
@@ -610,13 +610,15 @@ impl<'a> Builder<'a> {
                     continue;
                 }
                 let mut fields = BTreeMap::new();
-                fields.insert("identity".into(), string_value(&pod_identity(self.opts, p)));
                 fields.insert(
                     "workload".into(),
                     string_value(p.metadata.name.as_deref().unwrap_or_default()),
                 );
                 fields.insert("namespace".into(), string_value(ns));
+                // An identity means "in the mesh, reach over HBONE" to the
+                // waypoint; pods outside the mesh are plain TCP.
                 if in_mesh(self.model, p) {
+                    fields.insert("identity".into(), string_value(&pod_identity(self.opts, p)));
                     fields.insert(
                         "hbone_port".into(),
                         prost_types::Value {
