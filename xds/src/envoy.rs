@@ -772,3 +772,154 @@ pub fn translate(opts: &Options, model: &Model) -> Vec<(&'static str, Named)> {
         (type_url::CLUSTER_LOAD_ASSIGNMENT, cla),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1500ms"), Some(1_500_000_000));
+        assert_eq!(parse_duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(parse_duration("1h"), Some(3_600_000_000_000));
+        for bad in [
+            "",
+            "s",
+            "10",
+            "1.5s",
+            "10x",
+            "-1s",
+            "99999999999999999999h",
+            "1é",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    fn route(spec: &str) -> HttpRoute {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: r, namespace: demo}}\nspec:\n{spec}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn invalid_routes_name_the_field() {
+        let cases = [
+            ("  parentRefs: []", "spec.parentRefs"),
+            ("  parentRefs: [{name: wp}]", "spec.parentRefs[0].kind"),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{backendRefs: [{name: b}]}]",
+                "spec.rules[0].backendRefs[0].port",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{filters: [{type: ExtensionRef}]}]",
+                "spec.rules[0].filters[0].type",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{timeouts: {request: soon}}]",
+                "spec.rules[0].timeouts.request",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{matches: [{path: {value: x}}]}]",
+                "spec.rules[0].matches[0].path.value",
+            ),
+        ];
+        for (spec, field) in cases {
+            let e = validate_route(&route(spec)).unwrap_err();
+            assert_eq!(e.0, field, "{spec}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn filters_become_route_fields() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}], selector: {app: echo}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shadow, namespace: demo}
+spec: {clusterIP: 10.96.0.13, ports: [{port: 80}], selector: {app: shadow}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo}]
+  rules:
+  - matches: [{path: {type: Exact, value: /old}, method: GET, queryParams: [{name: q, value: "1"}]}]
+    filters:
+    - {type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}
+  - filters:
+    - {type: URLRewrite, urlRewrite: {hostname: h, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: X-A, value: b}], remove: [x-gone]}}
+    backendRefs: [{name: echo, port: 80}, {name: missing, port: 80}]
+"#;
+        let (objs, errs) = crate::manifest::parse_file(text, "t.yaml").unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let model = Model::from_objects(objs);
+        let out = translate(&Options::default(), &model);
+        let rds = &out[1].1["demo/echo:80"];
+        let rc = pr::RouteConfiguration::decode(rds.value.clone()).unwrap();
+        let routes = &rc.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 2);
+        let m0 = routes[0].r#match.as_ref().unwrap();
+        assert_eq!(
+            m0.path_specifier,
+            Some(pr::route_match::PathSpecifier::Path("/old".into()))
+        );
+        assert_eq!(m0.headers[0].name, ":method");
+        assert_eq!(m0.query_parameters[0].name, "q");
+        let Some(pr::route::Action::Redirect(r)) = &routes[0].action else {
+            panic!("{:?}", routes[0].action)
+        };
+        assert_eq!(
+            r.path_rewrite_specifier,
+            Some(pr::redirect_action::PathRewriteSpecifier::PathRedirect(
+                "/new".into()
+            ))
+        );
+        assert_eq!(
+            r.response_code,
+            pr::redirect_action::RedirectResponseCode::MovedPermanently as i32
+        );
+        let Some(pr::route::Action::Route(a)) = &routes[1].action else {
+            panic!()
+        };
+        // The missing backend is dropped; the existing one remains.
+        assert_eq!(
+            a.cluster_specifier,
+            Some(pr::route_action::ClusterSpecifier::Cluster(
+                "outbound|80||echo.demo.svc.cluster.local".into()
+            ))
+        );
+        assert_eq!(a.prefix_rewrite, "/v2");
+        assert_eq!(
+            a.request_mirror_policies[0].cluster,
+            "outbound|80||shadow.demo.svc.cluster.local"
+        );
+        assert_eq!(
+            routes[1].response_headers_to_add[0]
+                .header
+                .as_ref()
+                .unwrap()
+                .key,
+            "x-a"
+        );
+        assert_eq!(routes[1].response_headers_to_remove, vec!["x-gone"]);
+        // Clusters for both the backend and the mirror.
+        assert_eq!(out[2].1.len(), 2);
+    }
+}
