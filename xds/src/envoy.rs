@@ -566,10 +566,23 @@ impl<'a> Builder<'a> {
             if !attached {
                 continue;
             }
+            let created = r
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
             for (i, rule) in r.spec.rules.iter().enumerate() {
-                out.extend(self.rule_routes(r, i, rule, port));
+                out.extend(
+                    self.rule_routes(r, i, rule, port)
+                        .into_iter()
+                        .map(|rt| (precedence(&rt), created.is_none(), created, rt)),
+                );
             }
         }
+        // Gateway API precedence; ties keep the oldest route, then
+        // namespace/name order (the model's), then rule order: a stable sort.
+        out.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+        let mut out: Vec<pr::Route> = out.into_iter().map(|x| x.3).collect();
         if out.is_empty() {
             let c = cluster_name(&hostname(self.opts, svc), port);
             self.clusters.insert(c.clone(), (svc, port));
@@ -651,6 +664,37 @@ impl<'a> Builder<'a> {
             endpoints: vec![pe::LocalityLbEndpoints { lb_endpoints }],
         }
     }
+}
+
+/// Sort key of a route by Gateway API match precedence: exact paths, then
+/// longer prefixes, then regular expressions; then a method match; then
+/// more header matches; then more query parameter matches.
+fn precedence(
+    r: &pr::Route,
+) -> (
+    u8,
+    std::cmp::Reverse<usize>,
+    bool,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+) {
+    use pr::route_match::PathSpecifier;
+    use std::cmp::Reverse;
+    let m = r.r#match.clone().unwrap_or_default();
+    let (kind, len) = match &m.path_specifier {
+        Some(PathSpecifier::Path(_)) => (0, 0),
+        Some(PathSpecifier::Prefix(p)) => (1, p.len()),
+        _ => (2, 0),
+    };
+    let method = m.headers.iter().any(|h| h.name == ":method");
+    let headers = m.headers.iter().filter(|h| h.name != ":method").count();
+    (
+        kind,
+        Reverse(len),
+        !method,
+        Reverse(headers),
+        Reverse(m.query_parameters.len()),
+    )
 }
 
 fn selects(selector: &BTreeMap<String, String>, p: &Pod) -> bool {
@@ -830,6 +874,49 @@ mod tests {
             let e = validate_route(&route(spec)).unwrap_err();
             assert_eq!(e.0, field, "{spec}: {e:?}");
         }
+    }
+
+    #[test]
+    fn routes_follow_match_precedence() {
+        let rt = |path: pr::route_match::PathSpecifier, headers: usize| pr::Route {
+            r#match: Some(pr::RouteMatch {
+                path_specifier: Some(path),
+                headers: (0..headers)
+                    .map(|i| pr::HeaderMatcher {
+                        name: format!("h{i}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use pr::route_match::PathSpecifier::{Path, Prefix, SafeRegex};
+        let mut v = [
+            rt(Prefix("/".into()), 0),
+            rt(SafeRegex(pm::RegexMatcher { regex: ".*".into() }), 0),
+            rt(Prefix("/".into()), 2),
+            rt(Prefix("/api".into()), 0),
+            rt(Path("/x".into()), 0),
+        ];
+        v.sort_by_key(precedence);
+        let order: Vec<_> = v
+            .iter()
+            .map(|r| {
+                let m = r.r#match.as_ref().unwrap();
+                (m.path_specifier.clone().unwrap(), m.headers.len())
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (Path("/x".into()), 0),
+                (Prefix("/api".into()), 0),
+                (Prefix("/".into()), 2),
+                (Prefix("/".into()), 0),
+                (SafeRegex(pm::RegexMatcher { regex: ".*".into() }), 0),
+            ]
+        );
     }
 
     #[test]
