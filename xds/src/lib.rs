@@ -22,6 +22,7 @@
 pub mod ads;
 pub mod auth;
 pub mod ca;
+pub mod envoy;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod manifest;

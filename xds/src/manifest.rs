@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::{AuthorizationPolicy, Gateway, Model, Object, PolicyAction};
+use crate::model::{AuthorizationPolicy, Gateway, HttpRoute, Model, Object, PolicyAction};
 
 /// What was wrong with one object (or one file), and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,8 +107,11 @@ pub fn parse_object(v: serde_yaml::Value) -> Result<Option<Object>, FieldError> 
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "Gateway") => {
             Object::Gateway(Arc::new(parse_typed::<Gateway>(v)?))
         }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            Object::HttpRoute(Arc::new(parse_typed::<HttpRoute>(v)?))
+        }
         (_, "Namespace" | "Pod" | "Service" | "ServiceAccount" | "EndpointSlice")
-        | (_, "AuthorizationPolicy" | "Gateway") => {
+        | (_, "AuthorizationPolicy" | "Gateway" | "HTTPRoute") => {
             return Err(field_err(
                 "apiVersion",
                 format!("{api:?} is not a supported version of {kind}"),
@@ -133,6 +136,7 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
         Object::ServiceAccount(x) => &mut Arc::make_mut(x).metadata,
         Object::AuthorizationPolicy(x) => &mut Arc::make_mut(x).metadata,
         Object::Gateway(x) => &mut Arc::make_mut(x).metadata,
+        Object::HttpRoute(x) => &mut Arc::make_mut(x).metadata,
     };
     if meta.name.as_deref().unwrap_or_default().is_empty() {
         return Err(field_err("metadata.name", "missing"));
@@ -212,6 +216,9 @@ pub fn validate(o: &mut Object) -> Result<(), FieldError> {
                     }
                 }
             }
+        }
+        Object::HttpRoute(r) => {
+            crate::envoy::validate_route(r).map_err(|(f, m)| field_err(f, m))?;
         }
         // A waypoint must offer what ztunnels will dial: HBONE on 15008.
         Object::Gateway(g)

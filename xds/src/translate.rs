@@ -98,7 +98,7 @@ fn version_of(bytes: &[u8]) -> u64 {
 }
 
 /// Encodes a resource once, in the three shapes streams send.
-fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
+pub(crate) fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
     let value = msg.encode_to_vec();
     let hash = version_of(&value);
     let any = prost_types::Any {
@@ -203,7 +203,7 @@ pub fn pod_identity(opts: &Options, p: &Pod) -> String {
     )
 }
 
-fn resolve_target_port(p: &Pod, svc_port: i32, target: Option<&IntOrString>) -> u32 {
+pub(crate) fn resolve_target_port(p: &Pod, svc_port: i32, target: Option<&IntOrString>) -> u32 {
     match target {
         None => svc_port as u32,
         Some(IntOrString::Int(i)) => *i as u32,
@@ -218,7 +218,7 @@ fn resolve_target_port(p: &Pod, svc_port: i32, target: Option<&IntOrString>) -> 
     }
 }
 
-fn hostname(opts: &Options, s: &Service) -> String {
+pub(crate) fn hostname(opts: &Options, s: &Service) -> String {
     format!(
         "{}.{}.svc.{}",
         s.metadata.name.as_deref().unwrap_or_default(),
@@ -750,6 +750,10 @@ impl Translator {
         out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
         out.by_type
             .insert(mesh_proto::type_url::AUTHORIZATION, authz);
+        // Waypoints' Envoy configuration (small: not memoized).
+        for (t, named) in crate::envoy::translate(opts, model) {
+            out.by_type.insert(t, named);
+        }
         out
     }
 
