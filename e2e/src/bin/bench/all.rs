@@ -14,12 +14,12 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::report::{Better, Machine, Report};
+use crate::report::{self, Better, Machine, Report};
 use crate::{capture, load, waypoint, xds, ztunnel, Bench, Cli};
 
 #[derive(clap::Args, Debug)]
@@ -302,10 +302,7 @@ pub fn run(a: &AllArgs) -> Result<String> {
     let mut combined = Combined {
         schema_version: crate::report::SCHEMA_VERSION,
         benchmark: "all",
-        timestamp_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        timestamp_unix: report::unix_now(),
         machine: Machine::detect(),
         runs: Vec::new(),
         rows: Vec::new(),

@@ -22,7 +22,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use e2e::mesh::http_get;
@@ -31,7 +31,7 @@ use serde_json::{json, Map};
 
 use crate::load::{self, stopped};
 use crate::procstat;
-use crate::report::{Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
+use crate::report::{self, Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
 use crate::ztunnel::{
     check_stop, counter_sum, hold_cpu_dma_latency_zero, locate_ztunnel, log_tail, pause, round3,
     scan_log, tune_netns,
@@ -672,10 +672,7 @@ fn run_in(
         benchmark: "capture".into(),
         baseline_label: "iptables".into(),
         mesh_label: "ebpf".into(),
-        timestamp_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        timestamp_unix: report::unix_now(),
         machine: Machine::detect(),
         config,
         results,

@@ -196,6 +196,14 @@ fn signed(v: Option<f64>) -> String {
     }
 }
 
+/// Seconds since the Unix epoch, for [`Report::timestamp_unix`].
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl Report {
     fn results_rows(&self) -> Vec<[String; 6]> {
         self.results

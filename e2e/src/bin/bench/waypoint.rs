@@ -17,7 +17,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use e2e::mesh::http_get;
@@ -27,7 +27,7 @@ use serde_json::{json, Map};
 use crate::httpload::{self, LoadResult, Proto};
 use crate::load::stopped;
 use crate::procstat;
-use crate::report::{Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
+use crate::report::{self, Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
 
 const SERVER_PORT: u16 = 8080;
 const PLAIN_PORT: u16 = 8090;
@@ -399,10 +399,7 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
         benchmark: "waypoint".into(),
         baseline_label: "baseline".into(),
         mesh_label: "waypoint".into(),
-        timestamp_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        timestamp_unix: report::unix_now(),
         machine: Machine::detect(),
         config,
         results: rows,

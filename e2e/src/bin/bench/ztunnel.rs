@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use e2e::mesh::http_get;
@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::load::{self, stopped, Servers};
 use crate::procstat;
-use crate::report::{Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
+use crate::report::{self, Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
 
 /// First of the three server ports (bulk, echo, churn).
 const SERVER_BASE_PORT: u16 = 5001;
@@ -882,10 +882,7 @@ fn measure(
         benchmark: "ztunnel".into(),
         baseline_label: "direct".into(),
         mesh_label: "mesh".into(),
-        timestamp_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        timestamp_unix: report::unix_now(),
         machine: Machine::detect(),
         config,
         results,
