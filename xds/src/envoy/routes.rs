@@ -122,14 +122,9 @@ impl<'a> Builder<'a> {
                 resp_remove.extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
             }
         }
-        if let Some(t) = rule
-            .timeouts
-            .as_ref()
-            .and_then(|t| t.request.as_deref())
-            .and_then(parse_duration)
-        {
-            action.timeout = Some(duration(t));
-        }
+        let (timeout, retry) = timeout_and_retry(rule);
+        action.timeout = timeout;
+        action.retry_policy = retry;
         // Backends that exist, with their weights (default 1; 0 drops one).
         let mut weighted = Vec::new();
         for b in &rule.backend_refs {
@@ -308,6 +303,59 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// `timeouts` and `retry` as the route's timeout and retry policy.
+/// `request` bounds the whole exchange (retries included); `backendRequest`
+/// bounds each try: the retry policy's per-try timeout, or, without
+/// retries, the one try there is (so it also bounds the route). A zero
+/// duration means no timeout, as in Gateway API.
+fn timeout_and_retry(
+    rule: &HttpRouteRule,
+) -> (Option<prost_types::Duration>, Option<pr::RetryPolicy>) {
+    let t = rule.timeouts.as_ref();
+    let positive = |v: Option<&String>| v.and_then(|v| parse_duration(v)).filter(|d| *d > 0);
+    let request = t.and_then(|t| t.request.as_ref());
+    let zero_request = request.and_then(|v| parse_duration(v)) == Some(0);
+    let request = positive(request);
+    let backend = positive(t.and_then(|t| t.backend_request.as_ref()));
+    let Some(r) = &rule.retry else {
+        let bound = match (request, backend) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        return (
+            bound.map(duration).or(zero_request.then(|| duration(0))),
+            None,
+        );
+    };
+    // Istio's defaults: 503 is retried; two attempts.
+    let codes = if r.codes.is_empty() {
+        vec![503]
+    } else {
+        r.codes.iter().map(|c| *c as u32).collect()
+    };
+    let backoff = r
+        .backoff
+        .as_deref()
+        .and_then(parse_duration)
+        .filter(|d| *d > 0)
+        .map(|b| pr::retry_policy::RetryBackOff {
+            base_interval: Some(duration(b)),
+            // Envoy's default cap: ten times the base.
+            max_interval: Some(duration(b.saturating_mul(10))),
+        });
+    let policy = pr::RetryPolicy {
+        retry_on: "connect-failure,reset,retriable-status-codes".into(),
+        num_retries: Some(r.attempts.unwrap_or(2).max(0) as u32),
+        per_try_timeout: backend.map(duration),
+        retriable_status_codes: codes,
+        retry_back_off: backoff,
+    };
+    (
+        request.map(duration).or(zero_request.then(|| duration(0))),
+        Some(policy),
+    )
+}
+
 /// Sort key of a route by Gateway API match precedence: exact paths, then
 /// longer prefixes, then regular expressions; then a method match; then
 /// more header matches; then more query parameter matches.
@@ -343,6 +391,51 @@ fn precedence(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn rule(yaml: &str) -> HttpRouteRule {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn retries_and_timeouts() {
+        let d = |s: i64, n: i32| {
+            Some(prost_types::Duration {
+                seconds: s,
+                nanos: n,
+            })
+        };
+        // With a retry: request bounds the whole, backendRequest each try.
+        let (t, r) = timeout_and_retry(&rule(
+            "{retry: {attempts: 3, codes: [502, 503], backoff: 50ms}, timeouts: {request: 2s, backendRequest: 500ms}}",
+        ));
+        assert_eq!(t, d(2, 0));
+        let r = r.unwrap();
+        assert_eq!(r.retry_on, "connect-failure,reset,retriable-status-codes");
+        assert_eq!(r.num_retries, Some(3));
+        assert_eq!(r.retriable_status_codes, vec![502, 503]);
+        assert_eq!(r.per_try_timeout, d(0, 500_000_000));
+        let b = r.retry_back_off.unwrap();
+        assert_eq!(
+            (b.base_interval, b.max_interval),
+            (d(0, 50_000_000), d(0, 500_000_000))
+        );
+        // Istio's defaults: two attempts on 503.
+        let (_, r) = timeout_and_retry(&rule("{retry: {}}"));
+        let r = r.unwrap();
+        assert_eq!(
+            (r.num_retries, r.retriable_status_codes),
+            (Some(2), vec![503])
+        );
+        // Without: the one backend request bounds the route.
+        let (t, r) = timeout_and_retry(&rule("{timeouts: {request: 2s, backendRequest: 300ms}}"));
+        assert_eq!((t, r), (d(0, 300_000_000), None));
+        let (t, _) = timeout_and_retry(&rule("{timeouts: {backendRequest: 1s}}"));
+        assert_eq!(t, d(1, 0));
+        // 0s: no timeout at all.
+        let (t, _) = timeout_and_retry(&rule("{timeouts: {request: 0s}}"));
+        assert_eq!(t, d(0, 0));
+        assert_eq!(timeout_and_retry(&rule("{}")), (None, None));
+    }
 
     #[test]
     fn routes_follow_match_precedence() {

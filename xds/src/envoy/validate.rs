@@ -201,6 +201,41 @@ pub fn validate_route(r: &HttpRoute) -> Result<(), RouteError> {
                     }
                 }
             }
+            // Gateway API: a backend request cannot outlast the request.
+            let (req, be) = (
+                t.request.as_deref().and_then(parse_duration),
+                t.backend_request.as_deref().and_then(parse_duration),
+            );
+            if let (Some(req), Some(be)) = (req, be) {
+                if req > 0 && (be == 0 || be > req) {
+                    return bad(
+                        format!("{f}.timeouts.backendRequest"),
+                        "must not be longer than timeouts.request",
+                    );
+                }
+            }
+        }
+        if let Some(r) = &rule.retry {
+            let rf = format!("{f}.retry");
+            if r.attempts.is_some_and(|a| a < 0) {
+                return bad(format!("{rf}.attempts"), "must not be negative");
+            }
+            for (j, c) in r.codes.iter().enumerate() {
+                if !(400..=599).contains(c) {
+                    return bad(
+                        format!("{rf}.codes[{j}]"),
+                        format!("{c} is not an HTTP error status (400-599)"),
+                    );
+                }
+            }
+            if let Some(b) = &r.backoff {
+                if parse_duration(b).is_none_or(|d| d == 0) {
+                    return bad(
+                        format!("{rf}.backoff"),
+                        format!("{b:?} is not a positive duration (e.g. 100ms)"),
+                    );
+                }
+            }
         }
     }
     Ok(())
@@ -253,6 +288,22 @@ mod tests {
             (
                 "  parentRefs: [{kind: Service, name: s}]\n  rules: [{timeouts: {request: soon}}]",
                 "spec.rules[0].timeouts.request",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{timeouts: {request: 1s, backendRequest: 2s}}]",
+                "spec.rules[0].timeouts.backendRequest",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{retry: {codes: [200]}}]",
+                "spec.rules[0].retry.codes[0]",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{retry: {attempts: -1}}]",
+                "spec.rules[0].retry.attempts",
+            ),
+            (
+                "  parentRefs: [{kind: Service, name: s}]\n  rules: [{retry: {backoff: 0s}}]",
+                "spec.rules[0].retry.backoff",
             ),
             (
                 "  parentRefs: [{kind: Service, name: s}]\n  rules: [{matches: [{path: {value: x}}]}]",
