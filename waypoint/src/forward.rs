@@ -82,7 +82,7 @@ fn retriable_error(r: &Retry, e: &SendError) -> bool {
     match e {
         SendError::NoEndpoint(_) => false,
         SendError::Connect(..) => r.on_connect_failure || r.on_5xx || r.on_gateway_error,
-        SendError::Reset(..) => r.on_reset || r.on_5xx || r.on_gateway_error,
+        SendError::Reset(..) | SendError::Timeout => r.on_reset || r.on_5xx || r.on_gateway_error,
     }
 }
 
@@ -208,6 +208,11 @@ pub async fn forward(
                 "UR",
                 "upstream reset before response\n",
             ),
+            SendError::Timeout => Outcome::Local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout\n",
+            ),
         },
     }
 }
@@ -275,10 +280,7 @@ async fn attempt_all(
         let res = match retry.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
-                Err(_) => Err(SendError::Reset(
-                    avoid.unwrap_or(([0, 0, 0, 0], 0).into()),
-                    "per-try timeout".into(),
-                )),
+                Err(_) => Err(SendError::Timeout),
             },
             None => sent.await,
         };

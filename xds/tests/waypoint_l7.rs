@@ -148,6 +148,10 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /slow}}]
     timeouts: {backendRequest: 200ms}
     backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /patient}}]
+    retry: {attempts: 1, backoff: 10ms}
+    timeouts: {request: 5s, backendRequest: 200ms}
+    backendRefs: [{name: echo, port: 80}]
   - backendRefs: [{name: echo, port: 80}]
 "#;
 
@@ -177,7 +181,12 @@ async fn backend_request_timeout_answers_504() {
     assert_eq!(c.get("/slow", &[]).await.status, 200);
     let r = c.get("/slow", &[("x-delay-ms", "3000")]).await;
     assert_eq!(r.status, 504, "{}", r.body);
-    // Only that rule has the timeout.
+    // With a retry, each try is bounded: both time out, then 504.
+    let before = m.backend.hits();
+    let r = c.get("/patient", &[("x-delay-ms", "3000")]).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(m.backend.hits() - before, 2);
+    // Only those rules have timeouts.
     assert_eq!(c.get("/other", &[("x-delay-ms", "400")]).await.status, 200);
     m.server.stop().await;
 }

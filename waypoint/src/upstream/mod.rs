@@ -40,6 +40,9 @@ pub enum SendError {
     Connect(SocketAddr, String),
     #[error("{0} reset or failed: {1}")]
     Reset(SocketAddr, String),
+    /// The retry policy's per-try timeout ran out (Envoy's 504, `UT`).
+    #[error("per-try timeout")]
+    Timeout,
 }
 
 /// A response and the endpoint that gave it.

@@ -286,6 +286,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rbac_filters_encode_the_same_every_time() {
+        let mut text = String::from(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}], selector: {app: echo}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#,
+        );
+        for i in 0..8 {
+            text += &format!(
+                "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: demo}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: wp}}]\n  rules: [{{to: [{{operation: {{paths: [/p{i}]}}}}]}}, {{from: [{{source: {{namespaces: [n{i}]}}}}]}}]\n"
+            );
+        }
+        let (objs, errs) = crate::manifest::parse_file(&text, "t.yaml").unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let model = Model::from_objects(objs);
+        let version = || translate(&Options::default(), &model).resources[0].1["demo/wp"].hash;
+        let first = version();
+        for _ in 0..10 {
+            assert_eq!(version(), first);
+        }
+    }
+
+    #[test]
     fn filters_become_route_fields() {
         let text = r#"
 apiVersion: v1
