@@ -82,6 +82,13 @@
 //!   [`tcp_connect_in`], [`tcp_connect_from_in`] and [`tcp_listen_in`] are the
 //!   common cases.
 //!
+//! # The mesh on top
+//!
+//! [`cluster::Cluster`] runs the mesh's real binaries on a test bed (control
+//! plane on a manifest directory, a ztunnel per node, CNI enrollment,
+//! waypoints over xDS), and [`apps`] has the sample servers its tests and
+//! the demo use.
+//!
 //! # Requirements
 //!
 //! Root, iproute2 (`ip`), tcpdump for captures, and cgroup v2 (mounted at
@@ -93,6 +100,8 @@ mod netns;
 mod process;
 mod testbed;
 
+pub mod apps;
+pub mod cluster;
 pub mod mesh;
 mod signals;
 
@@ -102,7 +111,7 @@ pub use netns::{
     tcp_listen_in, try_in_netns,
 };
 pub use process::{Capture, ChildGuard};
-pub use signals::on_stop_signal;
+pub use signals::{on_stop_signal, request_stop, stop_requested};
 pub use testbed::{Node, Pod, PodKind, Testbed};
 
 /// Returns true when running as root. Otherwise prints why the caller should

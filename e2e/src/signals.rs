@@ -5,6 +5,20 @@
 //! started with SIGTERM blocked could not be stopped gracefully.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks long waits ([`crate::cluster::wait_for`]) to give up: a stop
+/// signal arrived and the caller wants to clean up and exit.
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// True once [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
 
 /// Calls `on_signal` with "SIGINT", "SIGTERM" or "SIGHUP" each time one
 /// arrives, on a dedicated thread. The handlers are registered before this
