@@ -210,6 +210,7 @@ pub struct HttpRouteRule {
     pub filters: Vec<HttpRouteFilter>,
     pub backend_refs: Vec<BackendRef>,
     pub timeouts: Option<HttpRouteTimeouts>,
+    pub retry: Option<HttpRouteRetry>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -319,6 +320,16 @@ pub struct BackendRef {
 pub struct HttpRouteTimeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
+}
+
+/// `spec.rules[].retry`: how often a failed backend request is tried
+/// again (`attempts`), on which response codes, after how long.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpRouteRetry {
+    pub codes: Vec<i32>,
+    pub attempts: Option<i32>,
+    pub backoff: Option<String>,
 }
 
 /// Everything the control plane knows, as the sources last reported it.

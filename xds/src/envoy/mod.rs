@@ -1,0 +1,314 @@
+//! Waypoint configuration: each waypoint Gateway's Services and the
+//! HTTPRoutes attached to them, as the Envoy v3 resources the waypoint
+//! consumes (see waypoint/README.md, "Configuration over xDS").
+//!
+//! Per waypoint Gateway `ns/gw`:
+//! - Listener `ns/gw`: one filter chain per port of each Service using the
+//!   waypoint (`istio.io/use-waypoint`), matched by destination port and
+//!   ClusterIP, with an HTTP connection manager naming its routes over RDS.
+//! - RouteConfiguration `ns/svc:port` (the filter chain's name): one route
+//!   per HTTPRoute rule and match, in order; without an HTTPRoute, one
+//!   route sending everything to the Service itself.
+//! - Cluster `outbound|port||host` (EDS) for every Service a route sends
+//!   to, and its ClusterLoadAssignment: the selected pods' IPs and target
+//!   ports, with `filter_metadata["istio"]` carrying the workload and, for
+//!   pods in the mesh (reached over HBONE), `identity` and `hbone_port`.
+//!
+//! Resources of all waypoints are served to every client subscribing to
+//! the Envoy types; names are unique per waypoint and Service.
+
+mod endpoints;
+mod routes;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use mesh_proto::envoy::config::cluster::v3 as pc;
+use mesh_proto::envoy::config::core::v3 as core;
+use mesh_proto::envoy::config::listener::v3 as pl;
+use mesh_proto::envoy::config::route::v3 as pr;
+use mesh_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use mesh_proto::type_url;
+use prost::Message;
+
+pub use validate::{parse_duration, validate_route, RouteError};
+
+use crate::model::{BackendRef, Model, USE_WAYPOINT_LABEL};
+use crate::translate::{hostname, resource, Options, Resource};
+
+type Named = BTreeMap<Arc<str>, Arc<Resource>>;
+
+/// Istio's cluster name for a Service port.
+pub fn cluster_name(host: &str, port: i32) -> String {
+    format!("outbound|{port}||{host}")
+}
+
+fn any<M: Message>(t: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: t.to_string(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn duration(nanos: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (nanos / 1_000_000_000) as i64,
+        nanos: (nanos % 1_000_000_000) as i32,
+    }
+}
+
+fn string_value(s: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.to_string())),
+    }
+}
+
+/// The waypoint a Service uses: its own label, else its namespace's.
+fn service_waypoint<'a>(model: &'a Model, s: &'a Service) -> Option<&'a str> {
+    let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+    s.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+        .or_else(|| {
+            model
+                .namespaces
+                .get(ns)
+                .and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+        })
+        .map(String::as_str)
+        .filter(|v| *v != "none")
+}
+
+/// Builds the waypoint's resources; `clusters` collects the Services
+/// (namespace, name, port) routes send to.
+struct Builder<'a> {
+    opts: &'a Options,
+    model: &'a Model,
+    clusters: BTreeMap<String, (&'a Service, i32)>,
+}
+
+impl<'a> Builder<'a> {
+    /// The cluster for a backend in `ns`, if that Service exists.
+    fn backend(&mut self, ns: &str, b: &BackendRef, default_port: i32) -> Option<String> {
+        let bns = b.namespace.as_deref().unwrap_or(ns);
+        let s = self.model.services.get(&format!("{bns}/{}", b.name))?;
+        let port = b.port.unwrap_or(default_port);
+        let name = cluster_name(&hostname(self.opts, s), port);
+        self.clusters.insert(name.clone(), (s, port));
+        Some(name)
+    }
+}
+
+/// Listeners, route configurations, clusters and endpoints of every
+/// waypoint in the model, by type URL.
+pub fn translate(opts: &Options, model: &Model) -> Vec<(&'static str, Named)> {
+    let mut b = Builder {
+        opts,
+        model,
+        clusters: BTreeMap::new(),
+    };
+    let mut listeners = Named::new();
+    let mut routes = Named::new();
+    for g in model.gateways.values().filter(|g| g.is_waypoint()) {
+        let gns = g.metadata.namespace.as_deref().unwrap_or("default");
+        let gname = g.metadata.name.as_deref().unwrap_or_default();
+        let mut chains = Vec::new();
+        for s in model.services.values() {
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            if ns != gns || service_waypoint(model, s) != Some(gname) {
+                continue;
+            }
+            let Some(spec) = &s.spec else { continue };
+            let Some(ip) = spec
+                .cluster_ip
+                .as_deref()
+                .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+            else {
+                continue;
+            };
+            let host = hostname(opts, s);
+            for p in spec.ports.iter().flatten() {
+                let chain = format!(
+                    "{ns}/{}:{}",
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                    p.port
+                );
+                let rc = pr::RouteConfiguration {
+                    name: chain.clone(),
+                    virtual_hosts: vec![pr::VirtualHost {
+                        name: format!("{host}:{}", p.port),
+                        domains: vec!["*".into()],
+                        routes: b.routes(s, p.port),
+                    }],
+                };
+                routes.insert(
+                    chain.as_str().into(),
+                    resource(type_url::ROUTE_CONFIGURATION, chain.clone(), &rc),
+                );
+                let h = hcm::HttpConnectionManager {
+                    stat_prefix: chain.clone(),
+                    route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                        hcm::Rds {
+                            route_config_name: chain.clone(),
+                        },
+                    )),
+                    ..Default::default()
+                };
+                let prefix_len = if ip.contains(':') { 128 } else { 32 };
+                chains.push(pl::FilterChain {
+                    name: chain,
+                    filter_chain_match: Some(pl::FilterChainMatch {
+                        destination_port: Some(p.port as u32),
+                        prefix_ranges: vec![core::CidrRange {
+                            address_prefix: ip.to_string(),
+                            prefix_len: Some(prefix_len),
+                        }],
+                        ..Default::default()
+                    }),
+                    filters: vec![pl::Filter {
+                        name: "envoy.filters.network.http_connection_manager".into(),
+                        config_type: Some(pl::filter::ConfigType::TypedConfig(any(
+                            type_url::HTTP_CONNECTION_MANAGER,
+                            &h,
+                        ))),
+                    }],
+                });
+            }
+        }
+        let name = format!("{gns}/{gname}");
+        let l = pl::Listener {
+            name: name.clone(),
+            filter_chains: chains,
+            ..Default::default()
+        };
+        listeners.insert(name.as_str().into(), resource(type_url::LISTENER, name, &l));
+    }
+    let mut clusters = Named::new();
+    let mut cla = Named::new();
+    for (name, (svc, port)) in &b.clusters {
+        let c = pc::Cluster {
+            name: name.clone(),
+            cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
+                pc::cluster::DiscoveryType::Eds as i32,
+            )),
+            connect_timeout: Some(duration(10_000_000_000)),
+            ..Default::default()
+        };
+        clusters.insert(
+            name.as_str().into(),
+            resource(type_url::CLUSTER, name.clone(), &c),
+        );
+        let e = b.endpoints(name, svc, *port);
+        cla.insert(
+            name.as_str().into(),
+            resource(type_url::CLUSTER_LOAD_ASSIGNMENT, name.clone(), &e),
+        );
+    }
+    vec![
+        (type_url::LISTENER, listeners),
+        (type_url::ROUTE_CONFIGURATION, routes),
+        (type_url::CLUSTER, clusters),
+        (type_url::CLUSTER_LOAD_ASSIGNMENT, cla),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn filters_become_route_fields() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}], selector: {app: echo}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shadow, namespace: demo}
+spec: {clusterIP: 10.96.0.13, ports: [{port: 80}], selector: {app: shadow}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo}]
+  rules:
+  - matches: [{path: {type: Exact, value: /old}, method: GET, queryParams: [{name: q, value: "1"}]}]
+    filters:
+    - {type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}
+  - filters:
+    - {type: URLRewrite, urlRewrite: {hostname: h, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: X-A, value: b}], remove: [x-gone]}}
+    backendRefs: [{name: echo, port: 80}, {name: missing, port: 80}]
+"#;
+        let (objs, errs) = crate::manifest::parse_file(text, "t.yaml").unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let model = Model::from_objects(objs);
+        let out = translate(&Options::default(), &model);
+        let rds = &out[1].1["demo/echo:80"];
+        let rc = pr::RouteConfiguration::decode(rds.value.clone()).unwrap();
+        let routes = &rc.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 2);
+        let m0 = routes[0].r#match.as_ref().unwrap();
+        assert_eq!(
+            m0.path_specifier,
+            Some(pr::route_match::PathSpecifier::Path("/old".into()))
+        );
+        assert_eq!(m0.headers[0].name, ":method");
+        assert_eq!(m0.query_parameters[0].name, "q");
+        let Some(pr::route::Action::Redirect(r)) = &routes[0].action else {
+            panic!("{:?}", routes[0].action)
+        };
+        assert_eq!(
+            r.path_rewrite_specifier,
+            Some(pr::redirect_action::PathRewriteSpecifier::PathRedirect(
+                "/new".into()
+            ))
+        );
+        assert_eq!(
+            r.response_code,
+            pr::redirect_action::RedirectResponseCode::MovedPermanently as i32
+        );
+        let Some(pr::route::Action::Route(a)) = &routes[1].action else {
+            panic!()
+        };
+        // The missing backend is dropped; the existing one remains.
+        assert_eq!(
+            a.cluster_specifier,
+            Some(pr::route_action::ClusterSpecifier::Cluster(
+                "outbound|80||echo.demo.svc.cluster.local".into()
+            ))
+        );
+        assert_eq!(a.prefix_rewrite, "/v2");
+        assert_eq!(
+            a.request_mirror_policies[0].cluster,
+            "outbound|80||shadow.demo.svc.cluster.local"
+        );
+        assert_eq!(
+            routes[1].response_headers_to_add[0]
+                .header
+                .as_ref()
+                .unwrap()
+                .key,
+            "x-a"
+        );
+        assert_eq!(routes[1].response_headers_to_remove, vec!["x-gone"]);
+        // Clusters for both the backend and the mirror.
+        assert_eq!(out[2].1.len(), 2);
+    }
+}

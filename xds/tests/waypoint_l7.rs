@@ -1,0 +1,182 @@
+//! HTTPRoute resilience and L7 AuthorizationPolicies, end to end: the real
+//! control plane translates them, the real waypoint (in-process,
+//! `waypoint::xds`, delta ADS over TLS with a node token) enforces them on
+//! HBONE traffic from loopback clients to a loopback backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "../../waypoint/tests/common/mod.rs"]
+mod wcommon;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use waypoint::app::{build, start, Parts, Running as Waypoint};
+use waypoint::config::Store;
+use waypoint::xds::{spawn, XdsConfig};
+use ztunnel::identity::CaClient;
+
+/// The echo Service (ClusterIP 10.96.0.10, as the client dials), its one
+/// pod outside the mesh (plain TCP to the loopback backend), the waypoint
+/// Gateway `wp` and its pod `wp-1` on node-a.
+fn manifests(backend_port: u16, extra: &str) -> String {
+    format!(
+        r#"{ns}---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-1
+  namespace: demo
+  labels: {{app: echo, istio.io/dataplane-mode: none}}
+spec:
+  nodeName: node-b
+  serviceAccountName: echo
+  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {backend_port}}}]}}]
+status:
+  podIP: 127.0.0.1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: wp-1
+  namespace: demo
+  labels: {{gateway.networking.k8s.io/gateway-name: wp}}
+spec:
+  nodeName: node-a
+  serviceAccountName: wp
+  containers: [{{name: waypoint, image: waypoint}}]
+status:
+  podIP: 10.244.1.99
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: demo, labels: {{istio.io/use-waypoint: wp}}}}
+spec:
+  selector: {{app: echo}}
+  clusterIP: 10.96.0.10
+  ports: [{{port: 80, targetPort: http}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: wp, namespace: demo}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+{extra}"#,
+        ns = common::NS
+    )
+}
+
+struct Mesh {
+    server: xds::Running,
+    wp: Waypoint,
+    ca: Arc<dyn CaClient>,
+    backend: wcommon::Backend,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// The control plane serving `manifests(.., extra)`, and a waypoint
+/// configured by it (as pod `wp-1` on node-a), ready.
+async fn mesh(extra: &str) -> Mesh {
+    let backend = wcommon::backend("echo").await;
+    let dir = tempfile::tempdir().unwrap();
+    common::write(
+        dir.path(),
+        "mesh.yaml",
+        &manifests(backend.addr.port(), extra),
+    );
+    let server = common::start(dir.path()).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let root = secrets.path().join("root.pem");
+    std::fs::write(&root, &server.root_pem).unwrap();
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "tok-a").unwrap();
+    let ca = wcommon::ca();
+    let store = Store::empty();
+    let proxy = build(Parts {
+        identity: wcommon::id("waypoint"),
+        ca: ca.clone(),
+        cert_ttl: Duration::from_secs(3600),
+        own_ip: "127.0.0.1".parse().unwrap(),
+        mark: 0,
+        pool_max_streams: 100,
+        store: store.clone(),
+    });
+    spawn(
+        XdsConfig {
+            address: format!("https://{}", server.addr),
+            root_cert: Some(root),
+            server_name: Some("localhost".into()),
+            token_file: Some(token),
+            node_id: "node-a".into(),
+            node_cluster: "waypoint".into(),
+            warming_timeout: Duration::from_secs(15),
+        },
+        store.clone(),
+    );
+    let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wp = start(proxy, hbone, vec![admin]).await.unwrap();
+    common::wait_for("the waypoint's first full config", || store.synced()).await;
+    Mesh {
+        server,
+        wp,
+        ca,
+        backend,
+        _dirs: (dir, secrets),
+    }
+}
+
+impl Mesh {
+    fn client(&self, sa: &str) -> wcommon::Client {
+        wcommon::client(self.ca.clone(), sa, &self.wp)
+    }
+}
+
+const RESILIENCE: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /retry}}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+    backendRefs: [{name: echo, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {backendRequest: 200ms}
+    backendRefs: [{name: echo, port: 80}]
+  - backendRefs: [{name: echo, port: 80}]
+"#;
+
+#[tokio::test]
+async fn retry_turns_a_flaky_503_into_200() {
+    let m = mesh(RESILIENCE).await;
+    let c = m.client("client");
+    // Without a retry policy the backend's 503 reaches the client.
+    m.backend.script(&[503]);
+    let before = m.backend.hits();
+    assert_eq!(c.get("/plain", &[]).await.status, 503);
+    assert_eq!(m.backend.hits() - before, 1);
+    // With one, the waypoint tries again and the client sees the 200.
+    m.backend.script(&[503]);
+    let before = m.backend.hits();
+    let r = c.get("/retry/x", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "echo /retry/x");
+    assert_eq!(m.backend.hits() - before, 2);
+    m.server.stop().await;
+}
+
+#[tokio::test]
+async fn backend_request_timeout_answers_504() {
+    let m = mesh(RESILIENCE).await;
+    let c = m.client("client");
+    assert_eq!(c.get("/slow", &[]).await.status, 200);
+    let r = c.get("/slow", &[("x-delay-ms", "3000")]).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    // Only that rule has the timeout.
+    assert_eq!(c.get("/other", &[("x-delay-ms", "400")]).await.status, 200);
+    m.server.stop().await;
+}
