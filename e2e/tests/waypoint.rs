@@ -9,7 +9,9 @@
 //! - labelling it `istio.io/use-waypoint` sends its traffic through the
 //!   waypoint, with no restart of anything;
 //! - an HTTPRoute splitting 80/20 between two versions gives about 80/20;
-//! - header-based routing, a path rewrite and a request timeout;
+//! - header-based routing, a path rewrite, a request timeout, a backend
+//!   request timeout, and a retry that turns a flaky backend's 503 into a
+//!   200;
 //! - gRPC calls routed by method;
 //! - both waypoint replicas take traffic, and killing one loses no new
 //!   requests (the ztunnels try the other replica).
@@ -212,6 +214,27 @@ spec:
     )
 }
 
+/// A route with a retry on 503 (for `/flaky/...`, which fails each key's
+/// first request), and one with a backend request timeout (for `/slow/`),
+/// in a file of their own.
+fn retry_route() -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo-retry, namespace: {NS}}}
+spec:
+  parentRefs: [{{kind: Service, group: "", name: echo, port: {HTTP_PORT}}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /flaky}}}}]
+    retry: {{attempts: 2, codes: [503], backoff: 10ms}}
+    backendRefs: [{{name: echo-v1, port: {HTTP_PORT}}}]
+  - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]
+    timeouts: {{backendRequest: {TIMEOUT_MS}ms}}
+    backendRefs: [{{name: echo-v1, port: {HTTP_PORT}}}]
+"#
+    )
+}
+
 /// Waits until every replica has the route `name` (as the control plane
 /// names translated routes: `<ns>/<route>.<rule>.<match>`).
 fn wait_route(m: &Mesh, name: &str) -> Result<()> {
@@ -360,6 +383,33 @@ fn waypoint_routes_and_survives_losing_a_replica() {
             );
         }
         Ok("5 Hello to echo-v1, 5 Echo to echo-v2".into())
+    });
+
+    checks.run("retry turns a flaky backend's 503 into a 200", || {
+        // Before the retry route: the first try's 503 reaches the client.
+        let r = m.get("/flaky/before", &[]);
+        ensure!(r.code == 503, "without a retry: {}", r.describe());
+        m.c.apply("routes-echo-retry.yaml", &retry_route())?;
+        wait_route(&m, "app/echo-retry.0.0")?;
+        let r = m.get("/flaky/after", &[]);
+        ensure!(r.ok(), "with a retry: {}", r.describe());
+        let hits = m.server(&m.v1).hits("/flaky/after");
+        ensure!(hits == 2, "the backend saw /flaky/after {hits} times");
+        Ok(format!(
+            "503 then 200 on the backend, 200 to the client ({})",
+            r.served_by
+        ))
+    });
+
+    checks.run("backendRequest timeout", || {
+        let slow = m.get("/slow/delay/3000", &[]);
+        ensure!(slow.code == 504, "slow backend: {}", slow.describe());
+        let fast = m.get("/slow/delay/10", &[]);
+        ensure!(fast.ok(), "fast backend: {}", fast.describe());
+        Ok(format!(
+            "per-try timeout {TIMEOUT_MS} ms: 3 s backend {}, 10 ms backend {}",
+            slow.code, fast.code
+        ))
     });
 
     checks.run("both waypoint replicas take traffic", || {

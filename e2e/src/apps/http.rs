@@ -3,7 +3,8 @@
 //! echoes the request: path, method and headers, one per line, so a test
 //! can see what a waypoint added, removed or rewrote. Special paths:
 //!
-//! - `/delay/<ms>`: answers after `<ms>` milliseconds (at most 60 s);
+//! - `.../delay/<ms>` (e.g. `/delay/500`, `/slow/delay/500`): answers
+//!   after `<ms>` milliseconds (at most 60 s);
 //! - `/flaky/<key>`: 503 the first time a `<key>` is asked for, 200 after,
 //!   so a retry turns it into a 200.
 //!
@@ -118,7 +119,7 @@ async fn answer(
     lock(&seen.paths).push(path.clone());
     let bare = req.uri().path();
     let mut status = 200;
-    if let Some(ms) = bare.strip_prefix("/delay/") {
+    if let Some((_, ms)) = bare.rsplit_once("/delay/") {
         let ms = ms.parse::<u64>().unwrap_or(0).min(60_000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     } else if let Some(key) = bare.strip_prefix("/flaky/") {
