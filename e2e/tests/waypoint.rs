@@ -29,6 +29,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use e2e::apps::grpc::{GrpcServer, ECHO_PATH, HELLO_PATH};
 use e2e::apps::http::{echoed_path, HttpServer};
+use e2e::apps::tcp_echo::TcpEcho;
 use e2e::cluster::yaml::ServicePort;
 use e2e::cluster::{
     counter, wait_for, App, Cluster, ClusterOptions, Reply, WaypointReplica, AMBIENT_LABEL,
@@ -39,6 +40,7 @@ const NS: &str = "app";
 const HTTP_PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
+const TCP_PORT: u16 = 9000;
 const TIMEOUT_MS: u64 = 500;
 
 /// Runs named checks in order, printing each result; the test fails at
@@ -69,6 +71,7 @@ struct Mesh {
     replicas: Vec<WaypointReplica>,
     http: Vec<HttpServer>,
     _grpc: Vec<GrpcServer>,
+    _tcp: Vec<TcpEcho>,
 }
 
 impl Mesh {
@@ -152,11 +155,12 @@ fn start() -> Result<Mesh> {
             &ports,
         )?;
     }
-    let mut http = Vec::new();
-    let mut grpc = Vec::new();
+    // Raw TCP, by pod IP: no Service, so no waypoint ever applies to it.
+    let (mut http, mut grpc, mut tcp) = (Vec::new(), Vec::new(), Vec::new());
     for a in [&v1, &v2] {
         http.push(HttpServer::start_for(a, APP_PORT)?);
         grpc.push(GrpcServer::start_for(a, GRPC_PORT)?);
+        tcp.push(TcpEcho::start_for(a, TCP_PORT)?);
     }
     for a in [&client, &v1, &v2] {
         ensure!(c.enroll(a)?, "{} was not enrolled", a.key());
@@ -176,6 +180,7 @@ fn start() -> Result<Mesh> {
         replicas,
         http,
         _grpc: grpc,
+        _tcp: tcp,
     })
 }
 
@@ -291,8 +296,12 @@ fn waypoint_routes_and_survives_losing_a_replica() {
         // The header route would send everything to v2; direct L4 ignores it.
         let r = m.get("/direct/header", &[("x-version", "v2")]);
         ensure!(r.ok(), "{}", r.describe());
+        // Raw TCP to a pod, through both ztunnels.
+        let echo =
+            m.c.tcp_echo(&m.client, &m.v1.addr(TCP_PORT).to_string(), "ping 1")?;
+        ensure!(echo == "ping 1", "TCP echo answered {echo:?}");
         Ok(format!(
-            "10 requests answered by v1 {a} / v2 {b}; waypoint requests {after:?}"
+            "10 requests answered by v1 {a} / v2 {b}; waypoint requests {after:?}; TCP echo ok"
         ))
     });
 
