@@ -34,6 +34,9 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // RBAC policies encode in name order, so a resource's bytes (and the
+        // control plane's content-hash versions) are the same in every process.
+        .btree_map(".envoy.config.rbac.v3.RBAC.policies")
         .compile_fds(fds)?;
 
     // The server-side ADS with pre-encoded resources: its own output

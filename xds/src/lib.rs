@@ -147,6 +147,11 @@ async fn translator(
         tr = back;
         let t1 = t0.elapsed();
         let prev = tx.borrow().clone();
+        if res.errors != prev.resources.errors {
+            for e in &res.errors {
+                tracing::warn!("{e}");
+            }
+        }
         let next = Snapshot::next(&prev, res);
         info!(
             generation = next.generation,
@@ -192,6 +197,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         resources: Arc::new(tr.translate(&first)),
         changed: None,
     };
+    for e in &snap.resources.errors {
+        tracing::warn!("{e}");
+    }
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
     tokio::spawn(translator(model_rx, snap_tx, tr, cfg.debounce));
 
@@ -249,11 +257,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         let l = ztunnel::admin::bind(maddr, "metrics").await?;
         let m = metrics.clone();
         let errs = errors.clone();
+        let snaps = snap_rx.clone();
         ztunnel::admin::serve(
             l,
             Arc::new(move |req: &http::Request<hyper::body::Incoming>| {
                 let body = if req.uri().path() == "/debug/errors" {
-                    errs.lock().map(|e| e.join("\n")).unwrap_or_default()
+                    // The sources' (invalid objects) and translation's.
+                    let mut all = errs.lock().map(|e| e.clone()).unwrap_or_default();
+                    all.extend(snaps.borrow().resources.errors.iter().cloned());
+                    all.join("\n")
                 } else {
                     m.encode()
                 };

@@ -79,6 +79,10 @@ pub fn parse_version(v: &str) -> u64 {
 pub struct Resources {
     pub by_type: BTreeMap<&'static str, BTreeMap<Arc<str>, Arc<Resource>>>,
     pub node_identities: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// What translation could not do as asked (objects were valid, but
+    /// e.g. a policy field the waypoint cannot enforce), naming the object
+    /// and field.
+    pub errors: Vec<String>,
 }
 
 impl Resources {
@@ -751,9 +755,11 @@ impl Translator {
         out.by_type
             .insert(mesh_proto::type_url::AUTHORIZATION, authz);
         // Waypoints' Envoy configuration (small: not memoized).
-        for (t, named) in crate::envoy::translate(opts, model) {
+        let envoy = crate::envoy::translate(opts, model);
+        for (t, named) in envoy.resources {
             out.by_type.insert(t, named);
         }
+        out.errors = envoy.errors;
         out
     }
 

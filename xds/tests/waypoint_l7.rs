@@ -180,3 +180,71 @@ async fn backend_request_timeout_answers_504() {
     assert_eq!(c.get("/other", &[("x-delay-ms", "400")]).await.status, 200);
     m.server.stop().await;
 }
+
+const POLICIES: &str = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: demo}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: who, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/good"]}}]
+  - from: [{source: {namespaces: [default]}}]
+    to: [{operation: {methods: [GET], paths: ["/public/*"]}}]
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/bad"]}}]
+    to: [{operation: {hosts: ["echo.example.com"]}}]
+  - from: [{source: {notNamespaces: [default]}}]
+    when: [{key: "request.headers[x-pass]", values: ["yes"]}]
+"#;
+
+#[tokio::test]
+async fn l7_policies_deny_allow_and_report_what_they_skip() {
+    let m = mesh(POLICIES).await;
+    // The unsupported `hosts` is reported, naming object and field; its
+    // ALLOW rule is skipped, the others apply.
+    let errors = m.server.snapshots.borrow().resources.errors.clone();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("AuthorizationPolicy demo/who")
+            && errors[0].contains("spec.rules[2].to[0].operation.hosts")
+            && errors[0].contains("skipped"),
+        "{}",
+        errors[0]
+    );
+    let good = m.client("good");
+    let bad = m.client("bad");
+    // ALLOW by principal.
+    assert_eq!(good.get("/x", &[]).await.status, 200);
+    // Not allowed: the skipped rule would have let `bad` in.
+    let before = m.backend.hits();
+    assert_eq!(bad.get("/x", &[]).await.status, 403);
+    // ALLOW by namespace, for GETs under /public/ only.
+    assert_eq!(bad.get("/public/a", &[]).await.status, 200);
+    assert_eq!(bad.request("POST", "/public/a", &[], "").await.status, 403);
+    // The notNamespaces rule does not match a client of `default`.
+    assert_eq!(bad.get("/x", &[("x-pass", "yes")]).await.status, 403);
+    assert_eq!(m.backend.hits() - before, 1);
+    // DENY comes first: even the allowed principal is refused /admin, and
+    // the backend never sees the request.
+    let before = m.backend.hits();
+    let r = good.get("/admin/users", &[]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(m.backend.hits(), before);
+    // The waypoint took every filter as sent.
+    let l = xds::metrics::TypeLabel {
+        type_url: mesh_proto::type_url::LISTENER.to_string(),
+    };
+    assert!(m.server.metrics.acks.get_or_create(&l).get() > 0);
+    assert_eq!(m.server.metrics.nacks.get_or_create(&l).get(), 0);
+    m.server.stop().await;
+}

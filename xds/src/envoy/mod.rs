@@ -14,9 +14,16 @@
 //!   ports, with `filter_metadata["istio"]` carrying the workload and, for
 //!   pods in the mesh (reached over HBONE), `identity` and `hbone_port`.
 //!
+//! - AuthorizationPolicies targeting the Gateway or a Service become RBAC
+//!   HTTP filters of the chains they apply to ([`authz`]).
+//!
+//! Files: `routes` (HTTPRoute rules as routes), `authz` (policies as RBAC
+//! filters), `endpoints` (load assignments), `validate` (HTTPRoute checks).
+//!
 //! Resources of all waypoints are served to every client subscribing to
 //! the Envoy types; names are unique per waypoint and Service.
 
+mod authz;
 mod endpoints;
 mod routes;
 mod validate;
@@ -103,14 +110,25 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// The waypoints' resources, and what could not be translated.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub resources: Vec<(&'static str, Named)>,
+    /// Each names the object and field (e.g. an L7 policy field the
+    /// waypoint cannot enforce) and what was done instead.
+    pub errors: Vec<String>,
+}
+
 /// Listeners, route configurations, clusters and endpoints of every
 /// waypoint in the model, by type URL.
-pub fn translate(opts: &Options, model: &Model) -> Vec<(&'static str, Named)> {
+pub fn translate(opts: &Options, model: &Model) -> Output {
     let mut b = Builder {
         opts,
         model,
         clusters: BTreeMap::new(),
     };
+    let mut errors = Vec::new();
+    let policies = authz::bound_policies(opts, model.policies.values(), &mut errors);
     let mut listeners = Named::new();
     let mut routes = Named::new();
     for g in model.gateways.values().filter(|g| g.is_waypoint()) {
@@ -156,6 +174,11 @@ pub fn translate(opts: &Options, model: &Model) -> Vec<(&'static str, Named)> {
                             route_config_name: chain.clone(),
                         },
                     )),
+                    http_filters: authz::http_filters(
+                        &policies,
+                        &format!("{gns}/{gname}"),
+                        &format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default()),
+                    ),
                     ..Default::default()
                 };
                 let prefix_len = if ip.contains(':') { 128 } else { 32 };
@@ -208,12 +231,15 @@ pub fn translate(opts: &Options, model: &Model) -> Vec<(&'static str, Named)> {
             resource(type_url::CLUSTER_LOAD_ASSIGNMENT, name.clone(), &e),
         );
     }
-    vec![
-        (type_url::LISTENER, listeners),
-        (type_url::ROUTE_CONFIGURATION, routes),
-        (type_url::CLUSTER, clusters),
-        (type_url::CLUSTER_LOAD_ASSIGNMENT, cla),
-    ]
+    Output {
+        resources: vec![
+            (type_url::LISTENER, listeners),
+            (type_url::ROUTE_CONFIGURATION, routes),
+            (type_url::CLUSTER, clusters),
+            (type_url::CLUSTER_LOAD_ASSIGNMENT, cla),
+        ],
+        errors,
+    }
 }
 
 #[cfg(test)]
@@ -259,7 +285,7 @@ spec:
         let (objs, errs) = crate::manifest::parse_file(text, "t.yaml").unwrap();
         assert!(errs.is_empty(), "{errs:?}");
         let model = Model::from_objects(objs);
-        let out = translate(&Options::default(), &model);
+        let out = translate(&Options::default(), &model).resources;
         let rds = &out[1].1["demo/echo:80"];
         let rc = pr::RouteConfiguration::decode(rds.value.clone()).unwrap();
         let routes = &rc.virtual_hosts[0].routes;
