@@ -11,7 +11,7 @@
 //! - an HTTPRoute splitting 80/20 between two versions gives about 80/20;
 //! - header-based routing, a path rewrite, a request timeout, a backend
 //!   request timeout, and a retry that turns a flaky backend's 503 into a
-//!   200;
+//!   200, and an L7 DENY on a path (403, never reaching a backend);
 //! - gRPC calls routed by method;
 //! - both waypoint replicas take traffic, and killing one loses no new
 //!   requests (the ztunnels try the other replica).
@@ -240,6 +240,22 @@ spec:
     )
 }
 
+/// An L7 policy on the waypoint (Istio's `targetRefs` to the Gateway):
+/// nobody gets `/admin...`.
+fn deny_policy() -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: {NS}}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}}]
+  action: DENY
+  rules:
+  - to: [{{operation: {{paths: ["/admin*"]}}}}]
+"#
+    )
+}
+
 /// Waits until every replica has the route `name` (as the control plane
 /// names translated routes: `<ns>/<route>.<rule>.<match>`).
 fn wait_route(m: &Mesh, name: &str) -> Result<()> {
@@ -419,6 +435,33 @@ fn waypoint_routes_and_survives_losing_a_replica() {
             "per-try timeout {TIMEOUT_MS} ms: 3 s backend {}, 10 ms backend {}",
             slow.code, fast.code
         ))
+    });
+
+    checks.run("L7 DENY on a path", || {
+        m.c.apply("policy-deny-admin.yaml", &deny_policy())?;
+        for r in &m.replicas {
+            r.wait_config(
+                Duration::from_secs(20),
+                &format!("{} to have the policy", r.app.key()),
+                |d| d.to_string().contains("deny-admin"),
+            )?;
+        }
+        let urls: Vec<String> = (0..10).map(|i| m.url(&format!("/admin/{i}"))).collect();
+        let denied = m.c.http_many(&m.client, &urls, &[], true);
+        let codes: Vec<u16> = denied.iter().map(|r| r.code).collect();
+        ensure!(codes.iter().all(|&c| c == 403), "/admin/*: {codes:?}");
+        let reached: Vec<String> = [&m.v1, &m.v2]
+            .iter()
+            .flat_map(|a| m.server(a).paths())
+            .filter(|p| p.starts_with("/admin"))
+            .collect();
+        ensure!(
+            reached.is_empty(),
+            "denied requests reached a backend: {reached:?}"
+        );
+        let ok = m.get("/public/1", &[]);
+        ensure!(ok.ok(), "/public/1: {}", ok.describe());
+        Ok("10 x /admin/*: 403, none reached a backend; /public/1: 200".into())
     });
 
     checks.run("both waypoint replicas take traffic", || {

@@ -23,10 +23,12 @@
 //! routes come from HTTPRoutes the demo writes into the manifest
 //! directory: service `reviews` (10.96.0.40:80) split 80/20 between
 //! Services reviews-v1 (pod on node-1) and reviews-v2 (node-2), and gRPC to
-//! reviews (port 50051) routed by method (Hello to v1, Echo to v2). The
-//! demo checks that the waypoint takes the routes, the path (client ->
-//! ztunnel -> waypoint -> ztunnel -> v1/v2), the split over 200 requests,
-//! the gRPC routing, and the identities on both legs.
+//! reviews (port 50051) routed by method (Hello to v1, Echo to v2); then
+//! an AuthorizationPolicy on the waypoint denying `/admin*`. The demo
+//! checks that the waypoint takes the routes, the path (client -> ztunnel
+//! -> waypoint -> ztunnel -> v1/v2), the split over 200 requests, the gRPC
+//! routing, the L7 DENY (403, never reaching reviews), and the identities
+//! on both legs.
 //!
 //! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
 //! and removes everything it created. With `--once` it exits after the
@@ -1014,6 +1016,49 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
             exp,
             format!("Hello -> {}, Echo -> {}", by(&hello), by(&echo)),
             ok,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
+
+    let exp = "403 from the waypoint, reviews never asked";
+    r.step("e. L7 DENY /admin", exp, |r| {
+        say(&format!(
+            "edit: new file {} (AuthorizationPolicy store/reviews-no-admin, targetRefs Gateway waypoint: DENY paths [/admin*])",
+            m.manifests().join(mesh::Store::DENY).display()
+        ));
+        m.write_store_deny()?;
+        m.waypoint()?.wait_config(
+            Duration::from_secs(20),
+            "the waypoint to take the policy",
+            |d| d.to_string().contains("reviews-no-admin"),
+        )?;
+        let denied = m.c.http(&fe, &format!("{dst}/admin/stats"), &[]);
+        let allowed = m.c.http(&fe, &format!("{dst}/reviews/after-policy"), &[]);
+        let reached: Vec<String> = [&v1, &v2]
+            .iter()
+            .flat_map(|a| m.server_paths(a))
+            .filter(|p| p.starts_with("/admin"))
+            .collect();
+        say(&format!(
+            "frontend -> reviews /admin/stats: {} (\"{}\"); /reviews/after-policy: {}; /admin requests that reached a reviews pod: {}",
+            denied.code,
+            denied.body.trim(),
+            allowed.describe(),
+            reached.len()
+        ));
+        r.record(
+            "e. L7 DENY /admin",
+            exp,
+            format!(
+                "/admin/stats {}, reached reviews {} times; /reviews {}",
+                denied.code,
+                reached.len(),
+                allowed.code
+            ),
+            denied.code == 403 && reached.is_empty() && allowed.ok(),
         );
         Ok(())
     });

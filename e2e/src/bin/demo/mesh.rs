@@ -69,6 +69,8 @@ pub struct Store {
 impl Store {
     /// The manifest holding the store's HTTPRoutes.
     pub const ROUTES: &'static str = "store-routes.yaml";
+    /// The manifest holding the store's L7 DENY policy.
+    pub const DENY: &'static str = "policy-reviews-no-admin.yaml";
 }
 
 impl Mesh {
@@ -454,6 +456,25 @@ impl Mesh {
                  ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews-grpc, namespace: store}}\nspec:\n  parentRefs: [{{kind: Service, group: \"\", name: reviews, port: {GRPC_PORT}}}]\n  rules:\n  - matches: [{{path: {{type: Exact, value: {HELLO_PATH}}}}}]\n    backendRefs: [{{name: reviews-v1, port: {GRPC_PORT}}}]\n  - matches: [{{path: {{type: Exact, value: {ECHO_PATH}}}}}]\n    backendRefs: [{{name: reviews-v2, port: {GRPC_PORT}}}]\n"
             ),
         )
+    }
+
+    /// An L7 policy on the waypoint (Istio's `targetRefs` to its
+    /// Gateway): nobody may GET reviews' `/admin...` paths.
+    pub fn write_store_deny(&self) -> Result<()> {
+        self.c.apply(
+            Store::DENY,
+            "# L7: nobody gets reviews' /admin pages (enforced by the waypoint).\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: reviews-no-admin, namespace: store}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n",
+        )
+    }
+
+    /// The paths `a`'s HTTP server was asked for.
+    pub fn server_paths(&self, a: &App) -> Vec<String> {
+        self.http
+            .iter()
+            .filter(|s| s.served_by() == a.key())
+            .flat_map(|s| s.paths())
+            .collect()
     }
 
     /// The store's waypoint replica.
