@@ -1,6 +1,6 @@
 //! The Kubernetes source (feature `kube`): kube-rs reflectors on
 //! Namespaces, Pods, Services, EndpointSlices, ServiceAccounts and Istio's
-//! AuthorizationPolicies and Gateway API Gateways (waypoints), with in-cluster config or the kubeconfig
+//! AuthorizationPolicies and Gateway API Gateways (waypoints) and HTTPRoutes, with in-cluster config or the kubeconfig
 //! (`KUBECONFIG`, `~/.kube/config`). On every change the reflector stores
 //! are turned into the same [`Model`] the manifest directory produces, each
 //! object through the same [`validate`]; an invalid object is reported as
@@ -105,6 +105,11 @@ pub async fn run(
         ("gateway.networking.k8s.io", "v1", "Gateway"),
         kick.clone(),
     );
+    let routes = reflect_dynamic(
+        &client,
+        ("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        kick.clone(),
+    );
     tokio::spawn(async move {
         while kicked.recv().await.is_some() {
             let mut objs: Vec<Object> = Vec::new();
@@ -123,7 +128,11 @@ pub async fn run(
                     .map(|o| Object::ServiceAccount(o.clone())),
             );
             let mut errs = Vec::new();
-            for (kind, store) in [("AuthorizationPolicy", &policies), ("Gateway", &gateways)] {
+            for (kind, store) in [
+                ("AuthorizationPolicy", &policies),
+                ("Gateway", &gateways),
+                ("HTTPRoute", &routes),
+            ] {
                 for p in store.state() {
                     // Through YAML values, exactly as the manifest source types it.
                     match serde_json::to_value(&*p)

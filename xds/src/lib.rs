@@ -11,6 +11,8 @@
 //!   of typed `k8s-openapi` objects; invalid objects are reported and skipped.
 //! - [`translate`]: the model as `istio.workload.Address` and
 //!   `istio.security.Authorization` resources, versioned by content.
+//! - [`envoy`]: each waypoint's Envoy v3 resources (HTTPRoutes, L7
+//!   AuthorizationPolicies), served only to that waypoint.
 //! - [`ads`]: the ADS server (per-resource versions, nonces, ACK/NACK,
 //!   subscriptions, resume, removals).
 //! - [`ca`]: `IstioCertificateService` with node checks.
