@@ -68,9 +68,15 @@ pub struct Args {
     /// connect).
     #[arg(long)]
     pub xds_token_file: Option<PathBuf>,
-    /// xDS `Node.id` (default: Istio's `router~<ip>~<sa>.<ns>~<ns>.svc.cluster.local`).
+    /// xDS `Node.id` (default: Istio's `router~<ip>~<sa>.<ns>~<ns>.svc.cluster.local`;
+    /// our control plane finds the waypoint's pod by the name there, else by
+    /// the IP, so give the pod name, or `--own-ip` the pod's IP).
     #[arg(long)]
     pub xds_node_id: Option<String>,
+    /// The node the waypoint runs on (`Node.metadata.NODE_NAME`, what a
+    /// node token names).
+    #[arg(long, env = "NODE_NAME")]
+    pub xds_node_name: Option<String>,
     /// A referenced route configuration or load assignment missing this
     /// long is taken as empty (Envoy's `initial_fetch_timeout`).
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
@@ -244,6 +250,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 server_name: args.xds_server_name.clone(),
                 token_file: args.xds_token_file.clone(),
                 node_id,
+                node_name: args.xds_node_name.clone(),
                 node_cluster: id.service_account.clone(),
                 warming_timeout: args.xds_warming_timeout,
             },

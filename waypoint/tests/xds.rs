@@ -412,6 +412,7 @@ async fn xds_waypoint_with(
             server_name: None,
             token_file: None,
             node_id: "router~127.0.0.1~waypoint.default~default.svc.cluster.local".into(),
+            node_name: None,
             node_cluster: "waypoint".into(),
             warming_timeout,
         },

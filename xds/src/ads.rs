@@ -16,6 +16,7 @@
 //! config). The first request must carry a `Node`; its node name
 //! (`metadata.NODE_NAME`, else `id`) must match the authenticated token.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::Auth;
+use crate::envoy::Scope;
 use crate::metrics::{Metrics, TypeLabel};
 use crate::translate::{parse_version, Resource, Resources};
 
@@ -71,6 +73,30 @@ impl Snapshot {
             changed: Some(changed),
         }
     }
+}
+
+/// The resources of `type_url` a client may see: everything, but for the
+/// waypoints' Envoy types only its own waypoint's (see [`Scope`]).
+fn visible<'a>(
+    snap: &'a Snapshot,
+    type_url: &str,
+    gateway: Option<&str>,
+) -> Cow<'a, BTreeMap<Arc<str>, Arc<Resource>>> {
+    static EMPTY: BTreeMap<Arc<str>, Arc<Resource>> = BTreeMap::new();
+    let all = snap.resources.get(type_url).unwrap_or(&EMPTY);
+    if Scope::is_scoped(type_url) {
+        Cow::Owned(snap.resources.waypoints.view(type_url, all, gateway))
+    } else {
+        Cow::Borrowed(all)
+    }
+}
+
+/// The waypoint Gateway a client is in `snap` (`None`: not a waypoint).
+fn gateway_in(snap: &Snapshot, node_id: &str, node: &str) -> Option<String> {
+    snap.resources
+        .waypoints
+        .gateway_of(node_id, node)
+        .map(str::to_string)
 }
 
 #[derive(Clone)]
@@ -214,8 +240,9 @@ impl AdsServer {
         let mut cur = snaps.borrow_and_update().clone();
         let mut watches: BTreeMap<String, Watch> = BTreeMap::new();
         let mut node: Option<String> = None;
+        let mut node_id = String::new();
+        let mut gateway: Option<String> = None;
         let mut nonce = 0u64;
-        let empty = BTreeMap::new();
         loop {
             tokio::select! {
                 msg = inbound.message() => {
@@ -223,6 +250,8 @@ impl AdsServer {
                     if node.is_none() {
                         let n = check_node(&authed, req.node.as_ref())?;
                         info!(node = %n, "delta ADS stream opened");
+                        node_id = req.node.as_ref().map(|x| x.id.clone()).unwrap_or_default();
+                        gateway = gateway_in(&cur, &node_id, &n);
                         node = Some(n);
                     }
                     if req.type_url.is_empty() {
@@ -276,11 +305,11 @@ impl AdsServer {
                         w.known.retain(|k, _| keep.contains(k));
                     }
                     if first || !force.is_empty() {
-                        let res = cur.resources.get(&t).unwrap_or(&empty);
+                        let res = visible(&cur, &t, gateway.as_deref());
                         let (send, removed) = if first {
-                            w.diff(res, None, &force)
+                            w.diff(&res, None, &force)
                         } else {
-                            w.diff(res, Some(&mut std::iter::empty()), &force)
+                            w.diff(&res, Some(&mut std::iter::empty()), &force)
                         };
                         self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
                     }
@@ -288,15 +317,22 @@ impl AdsServer {
                 r = snaps.changed() => {
                     if r.is_err() { break }
                     let next = snaps.borrow_and_update().clone();
-                    let contiguous = next.generation == cur.generation + 1;
+                    // A waypoint whose pod changed Gateway (or appeared)
+                    // sees other resources: compare everything.
+                    let next_gateway = node
+                        .as_deref()
+                        .and_then(|n| gateway_in(&next, &node_id, n));
+                    let contiguous =
+                        next.generation == cur.generation + 1 && next_gateway == gateway;
+                    gateway = next_gateway;
                     for (t, w) in watches.iter_mut() {
-                        let res = next.resources.get(t).unwrap_or(&empty);
+                        let res = visible(&next, t, gateway.as_deref());
                         let (send, removed) = match (&next.changed, contiguous) {
                             (Some(ch), true) => {
                                 let mut it = ch.iter().filter(|(ct, _)| ct == t).map(|(_, n)| n);
-                                w.diff(res, Some(&mut it), &HashSet::new())
+                                w.diff(&res, Some(&mut it), &HashSet::new())
                             }
-                            _ => w.diff(res, None, &HashSet::new()),
+                            _ => w.diff(&res, None, &HashSet::new()),
                         };
                         if send.is_empty() && removed.is_empty() {
                             continue;
@@ -372,6 +408,7 @@ impl AdsServer {
         // type -> requested names (empty: all).
         let mut watches: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut node: Option<String> = None;
+        let mut node_id = String::new();
         let mut nonce = 0u64;
         loop {
             tokio::select! {
@@ -379,7 +416,9 @@ impl AdsServer {
                     let Some(req) = msg? else { break };
                     if node.is_none() {
                         node = Some(check_node(&authed, req.node.as_ref())?);
+                        node_id = req.node.as_ref().map(|x| x.id.clone()).unwrap_or_default();
                     }
+                    let gateway = node.as_deref().and_then(|n| gateway_in(&cur, &node_id, n));
                     let t = req.type_url.clone();
                     if !req.response_nonce.is_empty() {
                         if let Some(err) = &req.error_detail {
@@ -394,21 +433,22 @@ impl AdsServer {
                     if watches.get(&t) != Some(&names) {
                         watches.insert(t.clone(), names.clone());
                         nonce += 1;
-                        self.send_sotw(&tx, &cur, &t, &names, nonce).await?;
+                        self.send_sotw(&tx, &cur, &t, &names, gateway.as_deref(), nonce).await?;
                     }
                 }
                 r = snaps.changed() => {
                     if r.is_err() { break }
                     cur = snaps.borrow_and_update().clone();
+                    let gateway = node.as_deref().and_then(|n| gateway_in(&cur, &node_id, n));
                     for (t, names) in &watches {
                         let touched = match &cur.changed {
                             Some(ch) => ch.iter().any(|(ct, n)| ct == t
                                 && (names.is_empty() || names.iter().any(|x| **x == **n))),
                             None => true,
-                        };
+                        } || Scope::is_scoped(t);
                         if touched {
                             nonce += 1;
-                            self.send_sotw(&tx, &cur, t, names, nonce).await?;
+                            self.send_sotw(&tx, &cur, t, names, gateway.as_deref(), nonce).await?;
                         }
                     }
                 }
@@ -423,19 +463,15 @@ impl AdsServer {
         snap: &Snapshot,
         type_url: &str,
         names: &[String],
+        gateway: Option<&str>,
         nonce: u64,
     ) -> Result<(), Status> {
         self.metrics.pushes.get_or_create(&label(type_url)).inc();
-        let resources = snap
-            .resources
-            .get(type_url)
-            .map(|m| {
-                m.values()
-                    .filter(|r| names.is_empty() || names.iter().any(|n| **n == *r.name))
-                    .map(|r| r.any.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let resources = visible(snap, type_url, gateway)
+            .values()
+            .filter(|r| names.is_empty() || names.iter().any(|n| **n == *r.name))
+            .map(|r| r.any.clone())
+            .collect();
         tx.send(Ok(DiscoveryResponse {
             version_info: snap.generation.to_string(),
             resources,

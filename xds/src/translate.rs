@@ -83,6 +83,8 @@ pub struct Resources {
     /// e.g. a policy field the waypoint cannot enforce), naming the object
     /// and field.
     pub errors: Vec<String>,
+    /// Which waypoint may see which Envoy resources.
+    pub waypoints: crate::envoy::Scope,
 }
 
 impl Resources {
@@ -103,8 +105,23 @@ fn version_of(bytes: &[u8]) -> u64 {
 
 /// Encodes a resource once, in the three shapes streams send.
 pub(crate) fn resource(type_url: &'static str, name: String, msg: &impl Message) -> Arc<Resource> {
+    salted_resource(type_url, name, msg, b"")
+}
+
+/// [`resource`] whose version also covers `salt`: what else decides who
+/// is sent it (a waypoint resource's owners), so a change there is a new
+/// version the ADS streams notice.
+pub(crate) fn salted_resource(
+    type_url: &'static str,
+    name: String,
+    msg: &impl Message,
+    salt: &[u8],
+) -> Arc<Resource> {
     let value = msg.encode_to_vec();
-    let hash = version_of(&value);
+    let hash = match salt {
+        [] => version_of(&value),
+        _ => version_of(&value) ^ version_of(salt).rotate_left(1),
+    };
     let any = prost_types::Any {
         type_url: type_url.to_string(),
         value,
@@ -760,6 +777,7 @@ impl Translator {
             out.by_type.insert(t, named);
         }
         out.errors = envoy.errors;
+        out.waypoints = envoy.scope;
         out
     }
 

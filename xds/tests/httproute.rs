@@ -89,6 +89,7 @@ fn manifests(routes: &str) -> String {
         "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}",
     );
     s += WAYPOINT;
+    s += &waypoint_pod("wp-1", "node-a", "10.244.1.99", "wp");
     s += routes;
     s
 }
@@ -137,7 +138,7 @@ async fn httproute_served_as_envoy_resources_the_waypoint_accepts() {
     );
 
     let mut first = sub(LISTENER, &[]);
-    first.node = node("node-a");
+    first.node = waypoint_node("wp-1", "10.244.1.99", "node-a");
     let mut d = Delta::open(channel(&server).await, "tok-a", first)
         .await
         .unwrap();
@@ -242,5 +243,124 @@ async fn httproute_served_as_envoy_resources_the_waypoint_accepts() {
         routes[0].route.as_ref().unwrap().cluster.as_deref(),
         Some("outbound|80||echo.demo.svc.cluster.local")
     );
+    server.stop().await;
+}
+
+/// Two waypoints, each with its Service: each waypoint pod is sent only its
+/// own Gateway's listener, routes and clusters; a client that is no
+/// waypoint, or whose pod runs on another node than its token names, none.
+#[tokio::test]
+async fn each_waypoint_gets_only_its_own_resources() {
+    let mut text = NS.to_string();
+    text += &pod("echo-1", "node-b", "10.244.2.10", "echo", "app: echo");
+    text += &SERVICE.replace(
+        "metadata: {name: echo, namespace: demo}",
+        "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp-a}}",
+    );
+    text += &SERVICE
+        .replace(
+            "metadata: {name: echo, namespace: demo}",
+            "metadata: {name: other, namespace: demo, labels: {istio.io/use-waypoint: wp-b}}",
+        )
+        .replace("10.96.0.10", "10.96.0.20");
+    for gw in ["wp-a", "wp-b"] {
+        text += &WAYPOINT
+            .split("---")
+            .nth(1)
+            .unwrap()
+            .replace("name: wp,", &format!("name: {gw},"))
+            .replace("apiVersion", "---\napiVersion");
+    }
+    text += &waypoint_pod("wp-a-1", "node-a", "10.244.1.10", "wp-a");
+    text += &waypoint_pod("wp-b-1", "node-b", "10.244.2.20", "wp-b");
+    text += r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b-only, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: other}]
+  rules: [{matches: [{path: {type: Exact, value: /b}}], backendRefs: [{name: other, port: 80}]}]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "mesh.yaml", &text);
+    let server = start(dir.path()).await;
+    assert!(server.errors.lock().unwrap().is_empty());
+
+    // (token, node) -> listener and cluster names received.
+    async fn seen(
+        server: &xds::Running,
+        token: &str,
+        node: Option<mesh_proto::core::Node>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut first = sub(LISTENER, &[]);
+        first.node = node;
+        let mut d = Delta::open(channel(server).await, token, first)
+            .await
+            .unwrap();
+        let lds = next(&mut d, LISTENER).await;
+        d.send(sub(CLUSTER, &[])).await;
+        let cds = next(&mut d, CLUSTER).await;
+        let names = |r: &DeltaDiscoveryResponse| {
+            let mut v: Vec<String> = r.resources.iter().map(|x| x.name.clone()).collect();
+            v.sort();
+            v
+        };
+        (names(&lds), names(&cds))
+    }
+    let a = seen(
+        &server,
+        "tok-a",
+        waypoint_node("wp-a-1", "10.244.1.10", "node-a"),
+    )
+    .await;
+    assert_eq!(
+        a,
+        (
+            vec!["demo/wp-a".to_string()],
+            vec!["outbound|80||echo.demo.svc.cluster.local".to_string()]
+        )
+    );
+    let b = seen(
+        &server,
+        "tok-b",
+        waypoint_node("wp-b-1", "10.244.2.20", "node-b"),
+    )
+    .await;
+    assert_eq!(
+        b,
+        (
+            vec!["demo/wp-b".to_string()],
+            vec!["outbound|80||other.demo.svc.cluster.local".to_string()]
+        )
+    );
+    // Waypoint A cannot read B's routes by name either.
+    let mut first = sub(ROUTE_CONFIGURATION, &["demo/other:80".to_string()]);
+    first.node = waypoint_node("wp-a-1", "10.244.1.10", "node-a");
+    let mut d = Delta::open(channel(&server).await, "tok-a", first)
+        .await
+        .unwrap();
+    let rds = next(&mut d, ROUTE_CONFIGURATION).await;
+    assert!(rds.resources.is_empty(), "{:?}", rds.resources);
+    // By IP when the id's pod name is not a pod (the waypoint's default id
+    // names its service account).
+    let a_by_ip = seen(
+        &server,
+        "tok-a",
+        waypoint_node("waypoint", "10.244.1.10", "node-a"),
+    )
+    .await;
+    assert_eq!(a_by_ip, a);
+    // Node-a's token claiming node-b's waypoint pod, and a ztunnel: nothing.
+    let none = (Vec::new(), Vec::new());
+    assert_eq!(
+        seen(
+            &server,
+            "tok-a",
+            waypoint_node("wp-b-1", "10.244.2.20", "node-a")
+        )
+        .await,
+        none
+    );
+    assert_eq!(seen(&server, "tok-a", node("node-a")).await, none);
     server.stop().await;
 }

@@ -91,6 +91,7 @@ async fn real_waypoint_routes_by_httproute_from_the_control_plane() {
     text += &pod_at("echo-1", "v1", v1.addr.port());
     text += &pod_at("echo-2", "v2", v2.addr.port());
     text += CONFIG;
+    text += &common::waypoint_pod("wp-1", "node-a", "10.244.1.99", "wp");
     common::write(dir.path(), "mesh.yaml", &text);
     let server = common::start(dir.path()).await;
     assert!(server.errors.lock().unwrap().is_empty());
@@ -118,7 +119,8 @@ async fn real_waypoint_routes_by_httproute_from_the_control_plane() {
             root_cert: Some(root),
             server_name: Some("localhost".into()),
             token_file: Some(token),
-            node_id: "node-a".into(),
+            node_id: "router~10.244.1.99~wp-1.demo~demo.svc.cluster.local".into(),
+            node_name: Some("node-a".into()),
             node_cluster: "waypoint".into(),
             warming_timeout: Duration::from_secs(15),
         },

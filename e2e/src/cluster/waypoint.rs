@@ -60,8 +60,11 @@ impl Cluster {
             .args(["--xds-server-name", "istiod.istio-system.svc"])
             .arg("--xds-token-file")
             .arg(self.token_file(node.name()))
-            // The node's token names the node; the stream must name it too.
-            .args(["--xds-node-id", node.name()])
+            // The node's token names the node; the stream must name it too
+            // (Node.metadata.NODE_NAME). Node.id stays Istio's default
+            // `router~<own ip>~...`, by which the control plane finds this
+            // pod and so its Gateway.
+            .args(["--xds-node-name", node.name()])
             .args(["--identity", &app.spiffe()])
             .arg("--ca-cert")
             .arg(self.ca_cert())

@@ -68,6 +68,11 @@ pub struct XdsConfig {
     pub token_file: Option<PathBuf>,
     /// `Node.id` (Istio's form: `router~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
     pub node_id: String,
+    /// The Kubernetes node the waypoint runs on, sent as
+    /// `Node.metadata.NODE_NAME` (as Istio's proxies do): a control plane
+    /// authenticating nodes checks the token against it, and serves the
+    /// waypoint pod `node_id` names only if it runs there.
+    pub node_name: Option<String>,
     pub node_cluster: String,
     /// How long a referenced route configuration or load assignment may
     /// stay missing before it is taken as empty (Envoy's
@@ -341,7 +346,16 @@ impl Client {
         Node {
             id: self.cfg.node_id.clone(),
             cluster: self.cfg.node_cluster.clone(),
-            metadata: None,
+            metadata: self.cfg.node_name.as_ref().map(|n| prost_types::Struct {
+                fields: [(
+                    "NODE_NAME".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue(n.clone())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
             user_agent_name: "waypoint".into(),
         }
     }

@@ -20,15 +20,17 @@
 //! Files: `routes` (HTTPRoute rules as routes), `authz` (policies as RBAC
 //! filters), `endpoints` (load assignments), `validate` (HTTPRoute checks).
 //!
-//! Resources of all waypoints are served to every client subscribing to
-//! the Envoy types; names are unique per waypoint and Service.
+//! Each waypoint is served only its own Gateway's resources ([`scope`]);
+//! names are unique per waypoint and Service, clusters shared by two
+//! waypoints are served to both.
 
 mod authz;
 mod endpoints;
 mod routes;
+mod scope;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -40,10 +42,11 @@ use mesh_proto::envoy::extensions::filters::network::http_connection_manager::v3
 use mesh_proto::type_url;
 use prost::Message;
 
+pub use scope::Scope;
 pub use validate::{parse_duration, validate_route, RouteError};
 
 use crate::model::{BackendRef, Model, USE_WAYPOINT_LABEL};
-use crate::translate::{hostname, resource, Options, Resource};
+use crate::translate::{hostname, salted_resource, Options, Resource};
 
 type Named = BTreeMap<Arc<str>, Arc<Resource>>;
 
@@ -96,6 +99,10 @@ struct Builder<'a> {
     opts: &'a Options,
     model: &'a Model,
     clusters: BTreeMap<String, (&'a Service, i32)>,
+    /// The waypoint being built (`ns/name`), and the waypoints using each
+    /// cluster.
+    gateway: String,
+    owners: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl<'a> Builder<'a> {
@@ -105,8 +112,17 @@ impl<'a> Builder<'a> {
         let s = self.model.services.get(&format!("{bns}/{}", b.name))?;
         let port = b.port.unwrap_or(default_port);
         let name = cluster_name(&hostname(self.opts, s), port);
-        self.clusters.insert(name.clone(), (s, port));
+        self.use_cluster(name.clone(), s, port);
         Some(name)
+    }
+
+    /// Records that the waypoint being built sends to `name`.
+    fn use_cluster(&mut self, name: String, s: &'a Service, port: i32) {
+        self.owners
+            .entry(name.clone())
+            .or_default()
+            .insert(self.gateway.clone());
+        self.clusters.insert(name, (s, port));
     }
 }
 
@@ -117,6 +133,7 @@ pub struct Output {
     /// Each names the object and field (e.g. an L7 policy field the
     /// waypoint cannot enforce) and what was done instead.
     pub errors: Vec<String>,
+    pub scope: Scope,
 }
 
 /// Listeners, route configurations, clusters and endpoints of every
@@ -126,7 +143,10 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
         opts,
         model,
         clusters: BTreeMap::new(),
+        gateway: String::new(),
+        owners: BTreeMap::new(),
     };
+    let mut scope = Scope::with_pods(model);
     let mut errors = Vec::new();
     let policies = authz::bound_policies(opts, model.policies.values(), &mut errors);
     let mut listeners = Named::new();
@@ -134,6 +154,10 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
     for g in model.gateways.values().filter(|g| g.is_waypoint()) {
         let gns = g.metadata.namespace.as_deref().unwrap_or("default");
         let gname = g.metadata.name.as_deref().unwrap_or_default();
+        let gw = format!("{gns}/{gname}");
+        b.gateway = gw.clone();
+        let only = BTreeSet::from([gw.clone()]);
+        let salt = gw.as_bytes();
         let mut chains = Vec::new();
         for s in model.services.values() {
             let ns = s.metadata.namespace.as_deref().unwrap_or("default");
@@ -165,8 +189,9 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                 };
                 routes.insert(
                     chain.as_str().into(),
-                    resource(type_url::ROUTE_CONFIGURATION, chain.clone(), &rc),
+                    salted_resource(type_url::ROUTE_CONFIGURATION, chain.clone(), &rc, salt),
                 );
+                scope.own(type_url::ROUTE_CONFIGURATION, &chain, only.clone());
                 let h = hcm::HttpConnectionManager {
                     stat_prefix: chain.clone(),
                     route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
@@ -176,7 +201,7 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                     )),
                     http_filters: authz::http_filters(
                         &policies,
-                        &format!("{gns}/{gname}"),
+                        &gw,
                         &format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default()),
                     ),
                     ..Default::default()
@@ -202,17 +227,24 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                 });
             }
         }
-        let name = format!("{gns}/{gname}");
         let l = pl::Listener {
-            name: name.clone(),
+            name: gw.clone(),
             filter_chains: chains,
             ..Default::default()
         };
-        listeners.insert(name.as_str().into(), resource(type_url::LISTENER, name, &l));
+        scope.own(type_url::LISTENER, &gw, only);
+        listeners.insert(
+            gw.as_str().into(),
+            salted_resource(type_url::LISTENER, gw.clone(), &l, salt),
+        );
     }
     let mut clusters = Named::new();
     let mut cla = Named::new();
     for (name, (svc, port)) in &b.clusters {
+        let owners = b.owners.get(name).cloned().unwrap_or_default();
+        let salt = owners.iter().cloned().collect::<Vec<_>>().join(",");
+        scope.own(type_url::CLUSTER, name, owners.clone());
+        scope.own(type_url::CLUSTER_LOAD_ASSIGNMENT, name, owners);
         let c = pc::Cluster {
             name: name.clone(),
             cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
@@ -223,12 +255,17 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
         };
         clusters.insert(
             name.as_str().into(),
-            resource(type_url::CLUSTER, name.clone(), &c),
+            salted_resource(type_url::CLUSTER, name.clone(), &c, salt.as_bytes()),
         );
         let e = b.endpoints(name, svc, *port);
         cla.insert(
             name.as_str().into(),
-            resource(type_url::CLUSTER_LOAD_ASSIGNMENT, name.clone(), &e),
+            salted_resource(
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+                name.clone(),
+                &e,
+                salt.as_bytes(),
+            ),
         );
     }
     Output {
@@ -239,6 +276,7 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
             (type_url::CLUSTER_LOAD_ASSIGNMENT, cla),
         ],
         errors,
+        scope,
     }
 }
 

@@ -288,7 +288,7 @@ impl<'a> Builder<'a> {
         let mut out: Vec<pr::Route> = out.into_iter().map(|x| x.3).collect();
         if out.is_empty() {
             let c = cluster_name(&hostname(self.opts, svc), port);
-            self.clusters.insert(c.clone(), (svc, port));
+            self.use_cluster(c.clone(), svc, port);
             out.push(pr::Route {
                 name: "default".into(),
                 r#match: Some(route_match(&HttpRouteMatch::default())),

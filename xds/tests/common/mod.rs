@@ -89,6 +89,37 @@ pub fn node(name: &str) -> Option<Node> {
     })
 }
 
+/// A waypoint's node: Istio's `router~<ip>~<pod>.demo~demo.svc.cluster.local`
+/// id, and the node it runs on as `metadata.NODE_NAME` (what its token
+/// names).
+pub fn waypoint_node(pod: &str, ip: &str, node: &str) -> Option<Node> {
+    Some(Node {
+        id: format!("router~{ip}~{pod}.demo~demo.svc.cluster.local"),
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "NODE_NAME".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(node.to_string())),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }),
+        ..Default::default()
+    })
+}
+
+/// A waypoint pod of Gateway `gateway` (namespace demo).
+pub fn waypoint_pod(name: &str, node: &str, ip: &str, gateway: &str) -> String {
+    pod(
+        name,
+        node,
+        ip,
+        "waypoint",
+        &format!("gateway.networking.k8s.io/gateway-name: {gateway}"),
+    )
+}
+
 pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
