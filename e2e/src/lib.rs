@@ -66,7 +66,8 @@
 //!
 //! Dropping a `Testbed` (also during a panic's unwinding) kills its processes,
 //! deletes its namespaces and cgroups and removes its temp dir (unless
-//! `E2E_KEEP=1`). If a test process dies without unwinding (SIGKILL, abort),
+//! `E2E_KEEP=1`). A test that calls [`cleanup_on_stop_signal`] also cleans
+//! up on Ctrl-C. If a test process dies without unwinding (SIGKILL, abort),
 //! the next `Testbed::new()` anywhere on the machine removes its leftovers: a
 //! prefix whose pid is no longer alive is stale ([`Testbed::cleanup_stale`]).
 //!
@@ -111,7 +112,7 @@ pub use netns::{
     tcp_listen_in, try_in_netns,
 };
 pub use process::{Capture, ChildGuard};
-pub use signals::{on_stop_signal, request_stop, stop_requested};
+pub use signals::{cleanup_on_stop_signal, on_stop_signal, request_stop, stop_requested};
 pub use testbed::{Node, Pod, PodKind, Testbed};
 
 /// Returns true when running as root. Otherwise prints why the caller should

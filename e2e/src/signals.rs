@@ -51,3 +51,25 @@ pub fn on_stop_signal(mut on_signal: impl FnMut(&'static str) + Send + 'static) 
         })?;
     Ok(())
 }
+
+/// For test processes, which have no stop-signal handling of their own: on
+/// SIGINT, SIGTERM or SIGHUP, removes every test bed of this process (kills
+/// the processes in its namespaces and cgroups, deletes namespaces,
+/// cgroups, bpffs pins and temp dirs) and exits with status 130. Without
+/// it a Ctrl-C leaves the mesh's processes running in their namespaces
+/// until the next test bed's stale cleanup. Binaries that shut down
+/// gracefully (the demo) use [`on_stop_signal`] instead.
+pub fn cleanup_on_stop_signal() -> io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = on_stop_signal(|sig| {
+            eprintln!("e2e: {sig}: removing this process's test beds");
+            if let Err(e) = crate::cleanup::remove_own() {
+                eprintln!("e2e: {e:#}");
+            }
+            std::process::exit(130);
+        });
+    });
+    result
+}

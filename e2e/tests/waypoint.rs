@@ -287,6 +287,7 @@ fn waypoint_routes_and_survives_losing_a_replica() {
     if !e2e::require_root() {
         return;
     }
+    e2e::cleanup_on_stop_signal().unwrap();
     let m = start().context("starting the mesh").unwrap();
     let mut checks = Checks::default();
     let pids = m.pids();
