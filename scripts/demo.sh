@@ -30,8 +30,8 @@ bash scripts/setup.sh
 
 # Only the binaries the demo runs: a half-edited benchmark in e2e must not
 # keep the demo from starting.
-echo "demo: building (cargo build --release: ztunnel, xds, ztunnel-cni, waypoint, demo)"
+echo "demo: building (cargo build --release: ztunnel, xds, ztunnel-cni, waypoint, demo, sample-grpc)"
 cargo build --release -p ztunnel -p xds -p ztunnel-cni -p waypoint -p e2e \
-  --bin ztunnel --bin xds --bin ztunnel-cni --bin waypoint --bin demo
+  --bin ztunnel --bin xds --bin ztunnel-cni --bin waypoint --bin demo --bin sample-grpc
 
 exec target/release/demo "$@"

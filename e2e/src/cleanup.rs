@@ -216,6 +216,13 @@ pub(crate) fn remove_prefix(prefix: &str) -> Result<Vec<String>> {
     remove_matching(|name| parse_prefix(name).is_some_and(|(_, p)| p == prefix))
 }
 
+/// Removes every test bed of this process: what a stop signal handler
+/// does before exiting, when no destructor will run.
+pub(crate) fn remove_own() -> Result<Vec<String>> {
+    let me = std::process::id();
+    remove_matching(|name| parse_prefix(name).is_some_and(|(pid, _)| pid == me))
+}
+
 fn remove_matching(is_stale: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let mut errors = Vec::new();

@@ -66,7 +66,8 @@
 //!
 //! Dropping a `Testbed` (also during a panic's unwinding) kills its processes,
 //! deletes its namespaces and cgroups and removes its temp dir (unless
-//! `E2E_KEEP=1`). If a test process dies without unwinding (SIGKILL, abort),
+//! `E2E_KEEP=1`). A test that calls [`cleanup_on_stop_signal`] also cleans
+//! up on Ctrl-C. If a test process dies without unwinding (SIGKILL, abort),
 //! the next `Testbed::new()` anywhere on the machine removes its leftovers: a
 //! prefix whose pid is no longer alive is stale ([`Testbed::cleanup_stale`]).
 //!
@@ -82,6 +83,13 @@
 //!   [`tcp_connect_in`], [`tcp_connect_from_in`] and [`tcp_listen_in`] are the
 //!   common cases.
 //!
+//! # The mesh on top
+//!
+//! [`cluster::Cluster`] runs the mesh's real binaries on a test bed (control
+//! plane on a manifest directory, a ztunnel per node, CNI enrollment,
+//! waypoints over xDS), and [`apps`] has the sample servers its tests and
+//! the demo use.
+//!
 //! # Requirements
 //!
 //! Root, iproute2 (`ip`), tcpdump for captures, and cgroup v2 (mounted at
@@ -93,6 +101,8 @@ mod netns;
 mod process;
 mod testbed;
 
+pub mod apps;
+pub mod cluster;
 pub mod mesh;
 mod signals;
 
@@ -102,7 +112,7 @@ pub use netns::{
     tcp_listen_in, try_in_netns,
 };
 pub use process::{Capture, ChildGuard};
-pub use signals::on_stop_signal;
+pub use signals::{cleanup_on_stop_signal, on_stop_signal, request_stop, stop_requested};
 pub use testbed::{Node, Pod, PodKind, Testbed};
 
 /// Returns true when running as root. Otherwise prints why the caller should

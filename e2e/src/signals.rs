@@ -5,6 +5,20 @@
 //! started with SIGTERM blocked could not be stopped gracefully.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks long waits ([`crate::cluster::wait_for`]) to give up: a stop
+/// signal arrived and the caller wants to clean up and exit.
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// True once [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
 
 /// Calls `on_signal` with "SIGINT", "SIGTERM" or "SIGHUP" each time one
 /// arrives, on a dedicated thread. The handlers are registered before this
@@ -36,4 +50,26 @@ pub fn on_stop_signal(mut on_signal: impl FnMut(&'static str) + Send + 'static) 
             })
         })?;
     Ok(())
+}
+
+/// For test processes, which have no stop-signal handling of their own: on
+/// SIGINT, SIGTERM or SIGHUP, removes every test bed of this process (kills
+/// the processes in its namespaces and cgroups, deletes namespaces,
+/// cgroups, bpffs pins and temp dirs) and exits with status 130. Without
+/// it a Ctrl-C leaves the mesh's processes running in their namespaces
+/// until the next test bed's stale cleanup. Binaries that shut down
+/// gracefully (the demo) use [`on_stop_signal`] instead.
+pub fn cleanup_on_stop_signal() -> io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = on_stop_signal(|sig| {
+            eprintln!("e2e: {sig}: removing this process's test beds");
+            if let Err(e) = crate::cleanup::remove_own() {
+                eprintln!("e2e: {e:#}");
+            }
+            std::process::exit(130);
+        });
+    });
+    result
 }

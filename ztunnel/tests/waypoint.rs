@@ -4,7 +4,8 @@
 //! service names the waypoint, node a's ztunnel reaches it directly; after
 //! the state file gains `waypoint:` (no restart), connections go to the
 //! waypoint replicas, both of which take traffic, and the echo pod sees
-//! the waypoint's identity.
+//! the waypoint's identity. When one replica dies, new connections still
+//! all succeed (ztunnel tries the other replica).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -141,7 +142,7 @@ fn opted_in_service_goes_through_waypoint_replicas_without_restart() {
     let config = c.tb.dir().join("waypoint.yaml");
     std::fs::write(&config, waypoint_yaml(IpAddr::V4(c.echo.ipv4()))).unwrap();
     let _g1 = start_waypoint(&c, &bin, &w1, &wp1, &config);
-    let _g2 = start_waypoint(&c, &bin, &w2, &wp2, &config);
+    let g2 = start_waypoint(&c, &bin, &w2, &wp2, &config);
 
     // Not opted in: straight to the echo pod at L4.
     write_both(&c, &state_with_waypoint(&c, &[&wp1, &wp2], false));
@@ -182,6 +183,22 @@ fn opted_in_service_goes_through_waypoint_replicas_without_restart() {
         ) > 0,
         "{b}"
     );
+
+    // A replica that dies while the state still lists it (nothing has told
+    // the control plane yet) costs no new connection: ztunnel finds it
+    // unreachable and tries the other replica before failing the client.
+    g2.kill9().unwrap();
+    let before1 = opened_to(&c, "wp-1");
+    let m = 20;
+    for i in 0..m {
+        let mut s = c
+            .socks(&c.client, c.vip())
+            .unwrap_or_else(|e| panic!("connection {i} with replica 2 dead: {e}"));
+        echo_roundtrip(&mut s, format!("one dead {i}").as_bytes()).unwrap();
+    }
+    wait_until(Duration::from_secs(5), "failover metrics", || {
+        opened_to(&c, "wp-1") >= before1 + m
+    });
 
     // A replica gone from the state is no longer used.
     write_both(&c, &state_with_waypoint(&c, &[&wp1], true));

@@ -17,12 +17,17 @@
 //! place, a mesh call with both identities, a DENY policy, encryption on the
 //! node link, and live edits of the manifests pushed by the control plane.
 //! Last, namespace `store` opts in to the waypoint `waypoint` (label
-//! `istio.io/use-waypoint`, a Gateway of class `istio-waypoint`, the real
-//! `waypoint` binary in pod store/waypoint on node-2 with a certificate from
-//! the control plane's CA): service `reviews` (10.96.0.40:80) is split 80/20
-//! between pods reviews-v1 (node-1) and reviews-v2 (node-2) by the
-//! waypoint's YAML configuration, and the demo checks the path (client ->
-//! ztunnel -> waypoint -> ztunnel -> v1/v2), the split and the identities
+//! `istio.io/use-waypoint`, a Gateway of class `istio-waypoint`, a replica
+//! of the real `waypoint` binary in pod store/waypoint-1 on node-2,
+//! configured over xDS by the control plane, certificate from its CA). Its
+//! routes come from HTTPRoutes the demo writes into the manifest
+//! directory: service `reviews` (10.96.0.40:80) split 80/20 between
+//! Services reviews-v1 (pod on node-1) and reviews-v2 (node-2), and gRPC to
+//! reviews (port 50051) routed by method (Hello to v1, Echo to v2); then
+//! an AuthorizationPolicy on the waypoint denying `/admin*`. The demo
+//! checks that the waypoint takes the routes, the path (client -> ztunnel
+//! -> waypoint -> ztunnel -> v1/v2), the split over 200 requests, the gRPC
+//! routing, the L7 DENY (403, never reaching reviews), and the identities
 //! on both legs.
 //!
 //! Then it stays up and prints how to poke at it, until Ctrl-C (or SIGTERM),
@@ -35,15 +40,16 @@
 mod mesh;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 
+use e2e::apps::grpc::{ECHO_PATH, HELLO_PATH};
+use e2e::cluster::App;
 use mesh::{
-    counter, interrupted, metric_line, App, Mesh, Outcome, CART_VIP, CATALOG_VIP, REVIEWS_VIP,
-    REVIEWS_WEIGHTS, SERVICE_PORT,
+    counter, interrupted, metric_line, Mesh, Outcome, APP_PORT, CART_VIP, CATALOG_VIP, GRPC_PORT,
+    REVIEWS_VIP, REVIEWS_WEIGHTS, SERVICE_PORT,
 };
 
 /// One line of the summary table.
@@ -192,7 +198,7 @@ fn main() {
 fn catch_stop_signals() -> Result<mpsc::Receiver<&'static str>> {
     let (tx, rx) = mpsc::channel();
     e2e::on_stop_signal(move |sig| {
-        mesh::INTERRUPTED.store(true, Ordering::SeqCst);
+        e2e::request_stop();
         let _ = tx.send(sig);
     })
     .context("registering signal handlers")?;
@@ -264,9 +270,9 @@ fn run(once: bool, signals: &mpsc::Receiver<&'static str>) -> i32 {
     }
     println!(
         "Cleaning up (CNI DEL of every pod, ztunnels, control plane, pins, namespaces, {}) ...",
-        mesh.tb.dir().display()
+        mesh.c.tb.dir().display()
     );
-    let prefix = mesh.tb.prefix().to_string();
+    let prefix = mesh.c.tb.prefix().to_string();
     let t2 = Instant::now();
     mesh.shutdown();
     drop(mesh);
@@ -290,7 +296,11 @@ fn print_topology(m: &Mesh) {
             a.key(),
             a.node(),
             a.ip(),
-            short_id(&a.spiffe()),
+            if m.c.in_mesh(&a.namespace) {
+                short_id(&a.spiffe()).to_string()
+            } else {
+                "-".to_string()
+            },
             if m.is_pinned(a) {
                 "yes (enrolled)"
             } else {
@@ -302,7 +312,7 @@ fn print_topology(m: &Mesh) {
         "services: cart {CART_VIP}:{SERVICE_PORT} -> shop/cart:8080, catalog {CATALOG_VIP}:{SERVICE_PORT} -> shop/catalog:8080"
     ));
     say("policy shop/catalog-shop-only: DENY connections to catalog from outside namespace shop");
-    say(&format!("manifests: {}", m.manifests.display()));
+    say(&format!("manifests: {}", m.manifests().display()));
 }
 
 fn scenario(m: &mut Mesh, r: &mut Report) {
@@ -344,7 +354,7 @@ fn step_0(m: &Mesh, r: &mut Report) {
                     progs.join(", ")
                 }
             ));
-            let want = a.sa.is_some();
+            let want = m.c.in_mesh(&a.namespace);
             ok &= pinned == want && progs.iter().any(|p| p.contains("connect")) == want;
             seen.push(format!("{} {}", a.name, if pinned { "yes" } else { "no" }));
         }
@@ -416,7 +426,7 @@ fn step_a(m: &Mesh, r: &mut Report) {
             say(&format!("node-2 metrics: {}", shorten(l, 400)));
         }
         let ok = body.contains("shop/cart")
-            && o.get("dst.addr") == m.cart.addr().to_string()
+            && o.get("dst.addr") == m.cart.addr(APP_PORT).to_string()
             && i.get("src.identity") == m.frontend.spiffe()
             && i.get("dst.identity") == m.cart.spiffe()
             && opened >= 1;
@@ -443,7 +453,7 @@ fn step_b(m: &Mesh, r: &mut Report) {
     r.step("b. legacy/batch -> catalog", exp, |r| {
         say("legacy/batch is outside the mesh: no identity, no service VIPs; it dials catalog's pod IP directly");
         let m2 = m.log_mark(&m.node2);
-        let out = m.request(&m.batch, m.catalog.addr(), "/items");
+        let out = m.request(&m.batch, m.catalog.addr(APP_PORT), "/items");
         say(&format!("batch's client: {}", out.describe()));
         let l = m.wait_access(&m.node2, m2, "node-2's refusal", |l| {
             l.refused && l.src_ip() == m.batch.ip().to_string()
@@ -492,10 +502,15 @@ fn step_c(m: &Mesh, r: &mut Report) {
     let exp_ctl = "marker on the wire";
     let res = (|| -> Result<(Outcome, Outcome, Vec<u8>)> {
         let cap =
-            m.tb.capture(m.node1.netns(), "eth0")
+            m.c.tb
+                .capture(m.node1.netns(), "eth0")
                 .context("starting tcpdump")?;
         let o1 = m.request(&m.frontend, vip(CART_VIP), &format!("/pay?card={secret}"));
-        let o2 = m.request(&m.batch, m.cart.addr(), &format!("/legacy?note={plain}"));
+        let o2 = m.request(
+            &m.batch,
+            m.cart.addr(APP_PORT),
+            &format!("/legacy?note={plain}"),
+        );
         std::thread::sleep(Duration::from_millis(300));
         let bytes = cap.stop().context("stopping tcpdump")?;
         Ok((o1, o2, bytes))
@@ -565,14 +580,14 @@ fn step_c(m: &Mesh, r: &mut Report) {
 fn step_d(m: &mut Mesh, r: &mut Report) {
     heading(&format!(
         "d. live edits of the manifests in {} (xds -> both ztunnels, no restarts)",
-        m.manifests.display()
+        m.manifests().display()
     ));
-    let pids: Vec<u32> = m
-        .ztunnels
-        .iter()
-        .map(|(_, z)| z.pid())
-        .chain(m.xds.as_ref().map(|x| x.pid()))
-        .collect();
+    let pids: Vec<u32> =
+        m.c.ztunnels()
+            .iter()
+            .map(|(_, z)| z.pid())
+            .chain(m.c.xds().map(|x| x.pid()))
+            .collect();
 
     let exp = "denied after the push";
     r.step("d1. add DENY frontend->catalog", exp, |r| {
@@ -725,7 +740,7 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
 
     let exp = "reported, skipped, rest kept";
     r.step("d5. a bad manifest", exp, |r| {
-        let bad = m.manifests.join("broken.yaml");
+        let bad = m.manifests().join("broken.yaml");
         say(&format!(
             "edit: {} with a Service whose port is \"eighty\"",
             bad.display()
@@ -771,14 +786,14 @@ fn step_d(m: &mut Mesh, r: &mut Report) {
 
     let exp = "same xds and ztunnel pids";
     r.step("d6. no restarts", exp, |r| {
-        let now: Vec<u32> = m
-            .ztunnels
-            .iter()
-            .map(|(_, z)| z.pid())
-            .chain(m.xds.as_ref().map(|x| x.pid()))
-            .collect();
-        let running = m.ztunnels.iter().all(|(_, z)| z.is_running())
-            && m.xds.as_ref().is_some_and(|x| x.is_running());
+        let now: Vec<u32> =
+            m.c.ztunnels()
+                .iter()
+                .map(|(_, z)| z.pid())
+                .chain(m.c.xds().map(|x| x.pid()))
+                .collect();
+        let running = m.c.ztunnels().iter().all(|(_, z)| z.is_running())
+            && m.c.xds().is_some_and(|x| x.is_running());
         r.record(
             "d6. no restarts",
             exp,
@@ -796,26 +811,66 @@ fn wp_requests(m: &Mesh, needles: &[&str]) -> u64 {
         .unwrap_or(0)
 }
 
-/// e. Namespace store uses a waypoint: L7 split of the reviews service.
+/// e. Namespace store uses a waypoint: L7 routing from HTTPRoutes that the
+/// control plane translates and sends to the waypoint over xDS.
 fn step_e(m: &mut Mesh, r: &mut Report) {
-    heading("e. namespace store uses the waypoint `waypoint`: reviews split 80/20 between v1 and v2 at L7");
+    heading("e. namespace store uses the waypoint `waypoint`: HTTPRoutes -> control plane -> xDS -> waypoint");
     let exp = "store, waypoint and reviews v1/v2 up";
     let progress = |s: &str| say(s);
     r.step("e. waypoint set-up", exp, |r| {
         m.add_store(&progress)?;
-        say("manifests: Namespace store {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}, Gateway waypoint (istio-waypoint, mesh/15008/HBONE), Services reviews and waypoint, 3 Pods");
-        say("the split is in the waypoint's YAML configuration (Envoy's v3 resources); the control plane translating HTTPRoutes into it over xDS is the next step");
-        r.record("e. waypoint set-up", exp, "store/waypoint ready; reviews-v1, reviews-v2 enrolled", true);
+        say(&format!(
+            "manifests: Namespace store {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}, Gateway waypoint (istio-waypoint, mesh/15008/HBONE), Services waypoint, reviews, reviews-v1, reviews-v2 (ports {SERVICE_PORT} and {GRPC_PORT}/grpc), Pods"
+        ));
+        r.record(
+            "e. waypoint set-up",
+            exp,
+            "store/waypoint-1 ready (xDS); reviews-v1, reviews-v2 enrolled",
+            true,
+        );
         Ok(())
     });
     let Some(st) = m.store.as_ref() else { return };
-    let (wp, v1, v2) = (st.waypoint.clone(), st.v1.clone(), st.v2.clone());
+    let (wp, v1, v2) = (st.waypoint.app.clone(), st.v1.clone(), st.v2.clone());
     let fe = m.frontend.clone();
     let dst = vip(REVIEWS_VIP);
     let via = [
         "reporter=\"waypoint\"",
         &format!("source_principal=\"{}\"", fe.spiffe()),
     ];
+
+    let (w1, w2) = REVIEWS_WEIGHTS;
+    let exp = "waypoint config has the routes";
+    r.step("e. HTTPRoutes over xDS", exp, |r| {
+        say(&format!(
+            "edit: new file {} (HTTPRoute store/reviews: {w1}/{w2} to reviews-v1/v2; HTTPRoute store/reviews-grpc: {HELLO_PATH} to v1, {ECHO_PATH} to v2)",
+            m.manifests().join(mesh::Store::ROUTES).display()
+        ));
+        let t = Instant::now();
+        m.write_store_routes()?;
+        m.waypoint()?.wait_config(
+            Duration::from_secs(20),
+            "the waypoint to take the HTTPRoutes",
+            |d| {
+                let s = d.to_string();
+                s.contains("store/reviews.0.0") && s.contains("store/reviews-grpc.1.0")
+            },
+        )?;
+        let ms = t.elapsed().as_millis();
+        say(&format!(
+            "the control plane translated them into Envoy routes and clusters; the waypoint has them {ms} ms after the write"
+        ));
+        r.record(
+            "e. HTTPRoutes over xDS",
+            exp,
+            format!("routes store/reviews, store/reviews-grpc in force after {ms} ms"),
+            true,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
 
     // The control plane pushes the waypoint assignment; until node-1's
     // ztunnel has it, requests go straight to a reviews pod.
@@ -876,8 +931,7 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
         return;
     }
 
-    let (w1, w2) = REVIEWS_WEIGHTS;
-    let n: u64 = 100;
+    let n: u64 = 200;
     // ±4 standard deviations of a binomial(n, w2/(w1+w2)) count.
     let p2 = f64::from(w2) / f64::from(w1 + w2);
     let tol = (4.0 * (n as f64 * p2 * (1.0 - p2)).sqrt()).ceil() as u64;
@@ -897,15 +951,13 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
             )
         };
         let (b1, b2) = (wv(&v1), wv(&v2));
+        let urls: Vec<String> = (0..n).map(|i| format!("{dst}/reviews/{i}")).collect();
+        let replies = m.c.http_many(&fe, &urls, &[], false);
         let (mut c1, mut c2, mut other) = (0u64, 0u64, 0u64);
-        for i in 0..n {
-            if interrupted() {
-                break;
-            }
-            let out = m.request(&fe, dst, &format!("/reviews/{i}"));
-            match out.body() {
-                b if b.contains("store/reviews-v1") => c1 += 1,
-                b if b.contains("store/reviews-v2") => c2 += 1,
+        for rep in &replies {
+            match (rep.code, rep.served_by.as_str()) {
+                (200, "store/reviews-v1") => c1 += 1,
+                (200, "store/reviews-v2") => c2 += 1,
                 _ => other += 1,
             }
         }
@@ -915,7 +967,7 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
             Ok(counted.0 + counted.1 >= c1 + c2)
         });
         say(&format!(
-            "answers: reviews-v1 {c1}, reviews-v2 {c2}, other/failed {other} (configured {w1}/{w2})"
+            "one curl, {n} requests on one connection: reviews-v1 {c1}, reviews-v2 {c2}, other/failed {other} (HTTPRoute weights {w1}/{w2}; the waypoint picks per request)"
         ));
         say(&format!(
             "waypoint istio_requests_total (reporter=waypoint, 200): to v1 +{}, to v2 +{}",
@@ -930,6 +982,83 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
                 counted.0, counted.1
             ),
             ok,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
+
+    let exp = "Hello -> reviews-v1, Echo -> reviews-v2";
+    r.step("e. gRPC routed by method", exp, |r| {
+        let addr = format!("{REVIEWS_VIP}:{GRPC_PORT}");
+        let (mut hello, mut echo) = (Vec::new(), Vec::new());
+        for i in 0..5 {
+            hello.push(m.c.grpc_call(&fe, &addr, "hello", &format!("demo {i}"))?);
+            echo.push(m.c.grpc_call(&fe, &addr, "echo", &format!("demo {i}"))?);
+        }
+        let by = |v: &[(String, String)]| {
+            let mut s: Vec<&str> = v.iter().map(|x| x.0.as_str()).collect();
+            s.dedup();
+            s.join(",")
+        };
+        say(&format!(
+            "sample-grpc call {addr} from frontend, 5 x Hello: answered by {} (\"{}\"); 5 x Echo: answered by {} (\"{}\")",
+            by(&hello),
+            hello.first().map(|x| x.1.as_str()).unwrap_or(""),
+            by(&echo),
+            echo.first().map(|x| x.1.as_str()).unwrap_or(""),
+        ));
+        let ok = hello.iter().all(|x| x.0 == v1.key() && x.1.starts_with("hello demo"))
+            && echo.iter().all(|x| x.0 == v2.key() && x.1.starts_with("demo"));
+        r.record(
+            "e. gRPC routed by method",
+            exp,
+            format!("Hello -> {}, Echo -> {}", by(&hello), by(&echo)),
+            ok,
+        );
+        Ok(())
+    });
+    if interrupted() {
+        return;
+    }
+
+    let exp = "403 from the waypoint, reviews never asked";
+    r.step("e. L7 DENY /admin", exp, |r| {
+        say(&format!(
+            "edit: new file {} (AuthorizationPolicy store/reviews-no-admin, targetRefs Gateway waypoint: DENY paths [/admin*])",
+            m.manifests().join(mesh::Store::DENY).display()
+        ));
+        m.write_store_deny()?;
+        m.waypoint()?.wait_config(
+            Duration::from_secs(20),
+            "the waypoint to take the policy",
+            |d| d.to_string().contains("reviews-no-admin"),
+        )?;
+        let denied = m.c.http(&fe, &format!("{dst}/admin/stats"), &[]);
+        let allowed = m.c.http(&fe, &format!("{dst}/reviews/after-policy"), &[]);
+        let reached: Vec<String> = [&v1, &v2]
+            .iter()
+            .flat_map(|a| m.server_paths(a))
+            .filter(|p| p.starts_with("/admin"))
+            .collect();
+        say(&format!(
+            "frontend -> reviews /admin/stats: {} (\"{}\"); /reviews/after-policy: {}; /admin requests that reached a reviews pod: {}",
+            denied.code,
+            denied.body.trim(),
+            allowed.describe(),
+            reached.len()
+        ));
+        r.record(
+            "e. L7 DENY /admin",
+            exp,
+            format!(
+                "/admin/stats {}, reached reviews {} times; /reviews {}",
+                denied.code,
+                reached.len(),
+                allowed.code
+            ),
+            denied.code == 403 && reached.is_empty() && allowed.ok(),
         );
         Ok(())
     });
@@ -993,24 +1122,23 @@ fn step_e(m: &mut Mesh, r: &mut Report) {
 fn print_playground(m: &Mesh) {
     let n1 = m.node1.netns();
     let n2 = m.node2.netns();
-    let cp = m.cp.netns();
-    let dir = m.tb.dir().display().to_string();
-    let logs: Vec<String> = m
-        .ztunnels
-        .iter()
-        .map(|(_, z)| z.log_path().display().to_string())
-        .collect();
-    let xlog = m
-        .xds
-        .as_ref()
-        .map(|x| x.log_path().display().to_string())
-        .unwrap_or_default();
+    let cp = m.c.control().netns();
+    let dir = m.c.tb.dir().display().to_string();
+    let logs: Vec<String> =
+        m.c.ztunnels()
+            .iter()
+            .map(|(_, z)| z.log_path().display().to_string())
+            .collect();
+    let xlog =
+        m.c.xds()
+            .map(|x| x.log_path().display().to_string())
+            .unwrap_or_default();
     let f = m.frontend.pod.netns();
     let b = m.batch.pod.netns();
     let pods: Vec<&App> = [&m.frontend, &m.batch, &m.cart, &m.catalog]
         .into_iter()
         .chain(m.cart2.as_ref())
-        .chain(m.store.iter().flat_map(|s| [&s.waypoint, &s.v1, &s.v2]))
+        .chain(m.store.iter().flat_map(|s| [&s.waypoint.app, &s.v1, &s.v2]))
         .collect();
     heading("The mesh is up. Poke at it (as root, in another terminal)");
     println!(
@@ -1063,7 +1191,7 @@ Press Ctrl-C to stop; everything ({prefix}-* namespaces, cgroups, pins, processe
                 a.key(),
                 a.node(),
                 a.pod.netns(),
-                if a.sa.is_none() {
+                if !m.c.in_mesh(&a.namespace) {
                     "  (not in the mesh)"
                 } else {
                     ""
@@ -1088,8 +1216,8 @@ Press Ctrl-C to stop; everything ({prefix}-* namespaces, cgroups, pins, processe
             .map(|c| m.pod_file(c).display().to_string())
             .unwrap_or_else(|| "pod-shop-cart-2.yaml".into()),
         cat = m.catalog.ip(),
-        manifests = m.manifests.display(),
-        prefix = m.tb.prefix(),
+        manifests = m.manifests().display(),
+        prefix = m.c.tb.prefix(),
         waypoint_text = waypoint_playground(m),
     );
 }
@@ -1099,7 +1227,7 @@ fn waypoint_playground(m: &Mesh) -> String {
     let Some(st) = m.store.as_ref() else {
         return String::new();
     };
-    let w = st.waypoint.pod.netns();
+    let w = st.waypoint.app.pod.netns();
     let fcg = m
         .frontend
         .pod
@@ -1113,18 +1241,15 @@ call reviews ({w1}/{w2} between v1 and v2) and look at what the waypoint did:
   sh -c 'echo $$ > {fcg}/cgroup.procs; exec ip netns exec {f} curl -s http://{REVIEWS_VIP}/reviews'
   ip netns exec {w} curl -s 127.0.0.1:15000/config_dump
   ip netns exec {w} curl -s 127.0.0.1:15020/metrics | grep istio_requests_total
-Change the split live: edit the weights in {config} (polled; a bad
-file is rejected and shown as lastConfigError in /config_dump). The
-namespace's label and the Gateway are in {manifest}.
+Its routes come from the HTTPRoutes in {routes}: change the weights (or
+add a rule) and the control plane pushes the new routes to the waypoint
+over xDS within a second. The namespace's label, the Gateway and the
+Services are in {manifests}.
 "#,
-        wkey = st.waypoint.key(),
-        log = m
-            .waypoint
-            .as_ref()
-            .map(|c| c.log_path().display().to_string())
-            .unwrap_or_default(),
+        wkey = st.waypoint.app.key(),
+        log = st.waypoint.child.log_path().display(),
         f = m.frontend.pod.netns(),
-        config = st.config.display(),
-        manifest = mesh::Store::manifest_file(m).display(),
+        routes = m.manifests().join(mesh::Store::ROUTES).display(),
+        manifests = m.manifests().display(),
     )
 }

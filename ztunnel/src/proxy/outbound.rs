@@ -12,7 +12,12 @@
 //! waypoint's replicas instead, accepting only the waypoint's identity; the
 //! CONNECT authority stays the original destination so the waypoint can
 //! route it. A connection from the waypoint itself goes straight on, or it
-//! would loop.
+//! would loop. Each connection picks a healthy replica at random (so
+//! connections spread across them); when the tunnel to that replica cannot
+//! be opened (the replica is gone, restarting, or not answering), the next
+//! healthy replica is tried before the client's connection fails, so losing
+//! a replica loses no new connections. A replica refusing by policy is an
+//! answer, not a failure: no other replica is asked.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -60,26 +65,33 @@ struct Route {
     target: SocketAddr,
     dst: Option<Arc<Workload>>,
     service: Option<ServiceRef>,
-    /// A waypoint replica and its HBONE address, when the traffic goes
-    /// through one.
-    waypoint: Option<(Arc<Workload>, SocketAddr)>,
+    /// When the traffic goes through a waypoint: its healthy replicas and
+    /// their HBONE addresses, in the order to try them. Empty otherwise.
+    waypoint: Vec<(Arc<Workload>, SocketAddr)>,
 }
 
-/// The waypoint replica to send `src_w`'s traffic to, if `wp` applies.
+/// The waypoint replicas to send `src_w`'s traffic to, in the order to try
+/// them, if `wp` applies; empty if it does not.
 fn via_waypoint(
     snap: &Snapshot,
     wp: Option<&Waypoint>,
     src_w: Option<&Workload>,
     dst: SocketAddr,
     what: &str,
-) -> Result<Option<(Arc<Workload>, SocketAddr)>, OutboundError> {
-    let Some(wp) = wp else { return Ok(None) };
+) -> Result<Vec<(Arc<Workload>, SocketAddr)>, OutboundError> {
+    let Some(wp) = wp else {
+        return Ok(Vec::new());
+    };
     if src_w.is_some_and(|w| snap.is_waypoint_of(w, wp)) {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    snap.pick_waypoint(wp, dst.ip())
-        .map(Some)
-        .ok_or_else(|| OutboundError::NoRoute(format!("waypoint of {what} has no healthy replica")))
+    let replicas = snap.waypoint_replicas(wp, dst.ip());
+    if replicas.is_empty() {
+        return Err(OutboundError::NoRoute(format!(
+            "waypoint of {what} has no healthy replica"
+        )));
+    }
+    Ok(replicas)
 }
 
 /// Same family as the original destination where the endpoint has one.
@@ -97,12 +109,13 @@ fn route(
     dst: SocketAddr,
 ) -> Result<Route, OutboundError> {
     if let Some(svc) = snap.service_by_vip(dst.ip()) {
-        if let Some(wp) = via_waypoint(snap, svc.waypoint.as_ref(), src_w, dst, &svc.hostname)? {
+        let wp = via_waypoint(snap, svc.waypoint.as_ref(), src_w, dst, &svc.hostname)?;
+        if !wp.is_empty() {
             return Ok(Route {
                 target: dst,
                 dst: None,
                 service: Some(svc.as_ref().into()),
-                waypoint: Some(wp),
+                waypoint: wp,
             });
         }
         let (w, port) = snap.pick_endpoint(svc, dst.port()).ok_or_else(|| {
@@ -118,13 +131,13 @@ fn route(
             target: SocketAddr::new(ip, port),
             dst: Some(w),
             service: Some(svc.as_ref().into()),
-            waypoint: None,
+            waypoint: Vec::new(),
         });
     }
     let dst_w = snap.workload_by_ip(dst.ip()).cloned();
     let waypoint = match &dst_w {
         Some(w) => via_waypoint(snap, w.waypoint.as_ref(), src_w, dst, &w.uid)?,
-        None => None,
+        None => Vec::new(),
     };
     Ok(Route {
         target: dst,
@@ -143,17 +156,18 @@ pub async fn connect(
     let snap = pi.store.snapshot();
     let src_w = snap.workload_by_ip(src.ip()).cloned();
     let route = route(&snap, src_w.as_deref(), dst)?;
-    // Over HBONE: to the waypoint if there is one, else to the destination
-    // workload's node; the peer must prove the identity of whichever it is.
-    let hbone_peer = match (&route.waypoint, &route.dst) {
-        (Some((wp, addr)), _) => Some((wp.clone(), *addr)),
-        (None, Some(w)) if w.protocol == Protocol::Hbone => {
-            Some((w.clone(), SocketAddr::new(route.target.ip(), pi.hbone_port)))
+    // Over HBONE: to a waypoint replica if there is a waypoint, else to the
+    // destination workload's node; the peer must prove the identity of
+    // whichever it is.
+    let hbone_peers: Vec<(Arc<Workload>, SocketAddr)> = match &route.dst {
+        _ if !route.waypoint.is_empty() => route.waypoint.clone(),
+        Some(w) if w.protocol == Protocol::Hbone => {
+            vec![(w.clone(), SocketAddr::new(route.target.ip(), pi.hbone_port))]
         }
-        _ => None,
+        _ => Vec::new(),
     };
-    match hbone_peer {
-        Some((dst_w, next_hop)) => {
+    match hbone_peers.first() {
+        Some(_) => {
             let src_w = src_w
                 .filter(|w| w.node == pi.node && w.protocol == Protocol::Hbone)
                 .ok_or_else(|| {
@@ -164,23 +178,8 @@ pub async fn connect(
                     ))
                 })?;
             let src_id = src_w.identity();
-            let dst_id = dst_w.identity();
-            let key = PoolKey {
-                src: src_id.clone(),
-                dst: vec![dst_id.clone()],
-                next_hop,
-            };
-            let (stream, guard) =
-                pi.pool
-                    .connect(key, route.target, src.ip())
-                    .await
-                    .map_err(|e| match e.downcast_ref::<TunnelError>() {
-                        Some(TunnelError::Denied) => OutboundError::Denied(format!(
-                            "{} refused {src_id} to {}",
-                            dst_id, route.target
-                        )),
-                        _ => OutboundError::Failed(e),
-                    })?;
+            let (dst_w, dst_id, stream, guard) =
+                open_tunnel(pi, &src_id, &hbone_peers, route.target, src.ip()).await?;
             let record = ConnectionRecord::open(
                 &pi.metrics,
                 "source",
@@ -226,6 +225,58 @@ pub async fn connect(
             })
         }
     }
+}
+
+/// Opens an HBONE tunnel to `target` through the first of `peers` that
+/// takes it: each peer is a workload and its HBONE address, and must prove
+/// that workload's identity. A peer that cannot be reached (connect, TLS or
+/// HTTP/2 failure, or a CONNECT it could not serve) is skipped for the
+/// next; a policy refusal ends the attempt. Returns the peer used.
+async fn open_tunnel(
+    pi: &ProxyInputs,
+    src_id: &crate::identity::Identity,
+    peers: &[(Arc<Workload>, SocketAddr)],
+    target: SocketAddr,
+    forwarded_for: IpAddr,
+) -> Result<
+    (
+        Arc<Workload>,
+        crate::identity::Identity,
+        H2Stream,
+        StreamGuard,
+    ),
+    OutboundError,
+> {
+    let mut last = None;
+    for (i, (dst_w, next_hop)) in peers.iter().enumerate() {
+        let dst_id = dst_w.identity();
+        let key = PoolKey {
+            src: src_id.clone(),
+            dst: vec![dst_id.clone()],
+            next_hop: *next_hop,
+        };
+        match pi.pool.connect(key, target, forwarded_for).await {
+            Ok((stream, guard)) => return Ok((dst_w.clone(), dst_id, stream, guard)),
+            Err(e) => {
+                if let Some(TunnelError::Denied) = e.downcast_ref::<TunnelError>() {
+                    return Err(OutboundError::Denied(format!(
+                        "{dst_id} refused {src_id} to {target}"
+                    )));
+                }
+                if i + 1 < peers.len() {
+                    debug!(peer = %next_hop, workload = %dst_w.uid, error = %format!("{e:#}"),
+                        "HBONE peer failed; trying the next replica");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| anyhow::anyhow!("no HBONE peer to {target}"));
+    Err(OutboundError::Failed(if peers.len() > 1 {
+        e.context(format!("all {} waypoint replicas failed", peers.len()))
+    } else {
+        e
+    }))
 }
 
 impl Outbound {

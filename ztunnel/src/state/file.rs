@@ -423,6 +423,16 @@ services:
             seen.insert(w.name.clone());
         }
         assert_eq!(seen.len(), 2, "{seen:?}");
+        // Every healthy replica is a candidate, each once, in random order.
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let all = snap.waypoint_replicas(wp, "10.96.0.1".parse().unwrap());
+            let mut names: Vec<&str> = all.iter().map(|(w, _)| w.name.as_str()).collect();
+            firsts.insert(names[0].to_string());
+            names.sort();
+            assert_eq!(names, ["wp-1", "wp-2"]);
+        }
+        assert_eq!(firsts.len(), 2, "{firsts:?}");
         let replica = snap.workload_by_ip("10.0.0.11".parse().unwrap()).unwrap();
         assert!(snap.is_waypoint_of(replica, wp));
         let echo = snap.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();

@@ -184,7 +184,20 @@ impl Snapshot {
         wp: &Waypoint,
         like: IpAddr,
     ) -> Option<(Arc<Workload>, SocketAddr)> {
-        let healthy: Vec<(Arc<Workload>, IpAddr)> = self
+        self.waypoint_replicas(wp, like).into_iter().next()
+    }
+
+    /// Every healthy replica of waypoint `wp` with where to reach it over
+    /// HBONE (the address of `like`'s family where it has one), in a fresh
+    /// random order: the first is where a connection goes, so connections
+    /// spread evenly; the rest are where it goes next if connecting to the
+    /// first fails.
+    pub fn waypoint_replicas(
+        &self,
+        wp: &Waypoint,
+        like: IpAddr,
+    ) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let mut healthy: Vec<(Arc<Workload>, SocketAddr)> = self
             .waypoint_workloads(wp)
             .into_iter()
             .filter(|w| w.status == HealthStatus::Healthy && w.protocol == Protocol::Hbone)
@@ -195,14 +208,11 @@ impl Snapshot {
                     .find(|a| a.is_ipv4() == like.is_ipv4())
                     .or(w.addresses.first())
                     .copied()?;
-                Some((w, ip))
+                Some((w, SocketAddr::new(ip, wp.hbone_port)))
             })
             .collect();
-        if healthy.is_empty() {
-            return None;
-        }
-        let (w, ip) = healthy[fastrand::usize(..healthy.len())].clone();
-        Some((w, SocketAddr::new(ip, wp.hbone_port)))
+        fastrand::shuffle(&mut healthy);
+        healthy
     }
 
     /// Whether `w` is one of the replicas of waypoint `wp`; traffic from the

@@ -73,6 +73,48 @@ impl Proto {
     }
 }
 
+/// What one or more measurements of a target produced.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    /// Latencies (µs) of the requests that ended after the warm-up.
+    pub lat: Vec<u32>,
+    pub errors: u64,
+    /// Time measured (warm-up excluded).
+    pub measured: Duration,
+    /// Requests answered, warm-up included: what the proxy's CPU time over
+    /// the whole measurement is divided by.
+    pub completed: u64,
+}
+
+impl Samples {
+    /// Adds another round's samples of the same target.
+    pub fn merge(&mut self, other: Samples) {
+        self.lat.extend(other.lat);
+        self.errors += other.errors;
+        self.measured += other.measured;
+        self.completed += other.completed;
+    }
+
+    pub fn summary(&self) -> LoadResult {
+        let mut lat = self.lat.clone();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                0.0
+            } else {
+                f64::from(lat[((lat.len() - 1) as f64 * p).round() as usize])
+            }
+        };
+        LoadResult {
+            requests: lat.len() as u64,
+            errors: self.errors,
+            rps: lat.len() as f64 / self.measured.as_secs_f64().max(1e-9),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct LoadResult {
     pub requests: u64,
@@ -115,11 +157,11 @@ async fn h1_loop(
     host: String,
     record_from: Instant,
     until: Instant,
-) -> Result<(Vec<u32>, u64)> {
+) -> Result<Samples> {
     let s = connect(src, dst).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
     tokio::spawn(conn);
-    let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0);
+    let (mut lat, mut errors, mut completed) = (Vec::with_capacity(100_000), 0, 0);
     while Instant::now() < until && !crate::load::stopped() {
         let t = Instant::now();
         let ok = match send.send_request(request(&host, false)).await {
@@ -135,11 +177,17 @@ async fn h1_loop(
             send = s2;
             continue;
         }
+        completed += 1;
         if t >= record_from {
             lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
         }
     }
-    Ok((lat, errors))
+    Ok(Samples {
+        lat,
+        errors,
+        measured: Duration::ZERO,
+        completed,
+    })
 }
 
 async fn h2_stream_loop(
@@ -147,8 +195,8 @@ async fn h2_stream_loop(
     host: String,
     record_from: Instant,
     until: Instant,
-) -> (Vec<u32>, u64) {
-    let (mut lat, mut errors) = (Vec::with_capacity(100_000), 0);
+) -> Samples {
+    let (mut lat, mut errors, mut completed) = (Vec::with_capacity(100_000), 0, 0);
     while Instant::now() < until && !crate::load::stopped() {
         let t = Instant::now();
         let ok = match send.send_request(request(&host, true)).await {
@@ -163,11 +211,17 @@ async fn h2_stream_loop(
             }
             continue;
         }
+        completed += 1;
         if t >= record_from {
             lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
         }
     }
-    (lat, errors)
+    Samples {
+        lat,
+        errors,
+        measured: Duration::ZERO,
+        completed,
+    }
 }
 
 /// One HTTP/2 connection carrying `streams` request loops; reopened if the
@@ -179,8 +233,8 @@ async fn h2_connection(
     streams: usize,
     record_from: Instant,
     until: Instant,
-) -> Result<(Vec<u32>, u64)> {
-    let (mut lat, mut errors) = (Vec::new(), 0);
+) -> Result<Samples> {
+    let mut all = Samples::default();
     while Instant::now() < until && !crate::load::stopped() {
         let s = connect(src, dst).await?;
         let (send, conn) =
@@ -197,12 +251,10 @@ async fn h2_connection(
             })
             .collect();
         for l in loops {
-            let (l, e) = l.await.context("stream task panicked")?;
-            lat.extend(l);
-            errors += e;
+            all.merge(l.await.context("stream task panicked")?);
         }
     }
-    Ok((lat, errors))
+    Ok(all)
 }
 
 /// One measurement: `concurrency` request loops from `src` to `dst`.
@@ -219,7 +271,7 @@ pub struct Load {
 }
 
 /// Runs `load` on `rt` for its warm-up plus its duration.
-pub fn run(rt: &Runtime, load: &Load) -> Result<LoadResult> {
+pub fn run(rt: &Runtime, load: &Load) -> Result<Samples> {
     let Load {
         proto,
         src,
@@ -262,32 +314,16 @@ pub fn run(rt: &Runtime, load: &Load) -> Result<LoadResult> {
                 }
             }
         }
-        let mut all = Vec::new();
-        let mut errors = 0;
+        let mut all = Samples::default();
         for t in tasks {
-            let (lat, e) = t.await.context("load task panicked")??;
-            all.extend(lat);
-            errors += e;
+            all.merge(t.await.context("load task panicked")??);
         }
-        Ok::<_, anyhow::Error>((all, errors))
+        Ok::<_, anyhow::Error>(all)
     };
-    let (mut lat, errors) = rt.block_on(rt.spawn(fut)).context("load task")??;
+    let mut samples = rt.block_on(rt.spawn(fut)).context("load task")??;
     if crate::load::stopped() {
         return Err(crate::load::interrupted_error());
     }
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            0.0
-        } else {
-            f64::from(lat[((lat.len() - 1) as f64 * p).round() as usize])
-        }
-    };
-    Ok(LoadResult {
-        requests: lat.len() as u64,
-        errors,
-        rps: lat.len() as f64 / duration.as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    })
+    samples.measured = duration;
+    Ok(samples)
 }

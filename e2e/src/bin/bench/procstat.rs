@@ -49,6 +49,25 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((tick(11)? + tick(12)?) as f64 / clk_tck())
 }
 
+/// utime + stime so far of `pid` and its descendants (nginx's workers are
+/// children of its master), in seconds.
+pub fn tree_cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = cpu_seconds(pid)?;
+    let tasks = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let children = task?.path().join("children");
+        // A thread that ended meanwhile has no children file any more.
+        let Ok(list) = std::fs::read_to_string(&children) else {
+            continue;
+        };
+        for child in list.split_whitespace().filter_map(|c| c.parse().ok()) {
+            // A child that exited meanwhile counts no more.
+            total += tree_cpu_seconds(child).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
 /// CPU time all processes spent in user and system mode so far (the `cpu`
 /// line of `/proc/stat`: user + nice + system), in seconds.
 pub fn system_busy_seconds() -> Result<f64> {

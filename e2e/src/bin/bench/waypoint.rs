@@ -13,6 +13,12 @@
 //! (`--workers`) and the same upstream keep-alive, so "nginx vs waypoint"
 //! compares the two L7 engines on the same footing; the mesh rows show
 //! what the whole waypoint path costs over L4 only and over direct.
+//!
+//! Every process shares the machine's cores with whatever else runs there,
+//! so each target is measured in `--rounds` rounds taken in turn with the
+//! others (a burst of load from elsewhere falls on all targets alike), and
+//! the CPU time nginx and the waypoint spend per request is reported too:
+//! unlike requests per second, it hardly depends on what else is running.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,7 +30,7 @@ use e2e::mesh::http_get;
 use e2e::{ChildGuard, Testbed};
 use serde_json::{json, Map};
 
-use crate::httpload::{self, LoadResult, Proto};
+use crate::httpload::{self, LoadResult, Proto, Samples};
 use crate::load::stopped;
 use crate::procstat;
 use crate::report::{self, Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
@@ -39,9 +45,13 @@ const READY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct WaypointArgs {
-    /// Seconds measured per target and protocol (after a 1 s warm-up).
-    #[arg(long, default_value_t = 5)]
+    /// Seconds measured per target and protocol, split over the rounds
+    /// (each after a 1 s warm-up).
+    #[arg(long, default_value_t = 6)]
     pub duration_secs: u64,
+    /// Rounds per protocol; each measures every target in turn.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// Requests in flight at any time.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -278,7 +288,8 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let duration = Duration::from_secs(args.duration_secs.max(1));
+    let rounds = args.rounds.max(1);
+    let duration = Duration::from_secs(args.duration_secs.max(1)) / rounds;
     let warmup = Duration::from_secs(1);
     let targets = [
         (
@@ -312,42 +323,93 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
             SocketAddr::new(IpAddr::V4(VIP_L7), 80),
         ),
     ];
-    let mut results: Vec<(Proto, &str, LoadResult)> = Vec::new();
+    let load_start = procstat::loadavg_1m();
+    // (protocol, target) -> samples of every round, and the CPU seconds the
+    // L7 engine serving the target (nginx or the waypoint) spent on them.
+    let mut measured: Vec<(Proto, &str, Samples, f64)> = Vec::new();
     let mut wp_cpu = 0.0;
     for proto in [Proto::Http1, Proto::Http2] {
-        for (name, src, h1, h2) in targets {
-            let dst = if proto == Proto::Http1 { h1 } else { h2 };
-            let cpu0 = procstat::cpu_seconds(wp.pid())?;
-            let load = httpload::Load {
-                proto,
-                src,
-                dst,
-                host: "server.default.svc.cluster.local".into(),
-                concurrency: args.concurrency,
-                h2_connections: args.h2_connections,
-                warmup,
-                duration,
-            };
-            let r = httpload::run(&client_rt, &load)
-                .with_context(|| format!("{} load via {name}", proto.name()))?;
-            if name.starts_with("waypoint") {
-                wp_cpu += procstat::cpu_seconds(wp.pid())? - cpu0;
+        for round in 0..rounds {
+            for (name, src, h1, h2) in targets {
+                let dst = if proto == Proto::Http1 { h1 } else { h2 };
+                let engine = match name {
+                    "nginx" => Some(ng.pid()),
+                    "waypoint" | "waypoint mesh" => Some(wp.pid()),
+                    _ => None,
+                };
+                let cpu = |pid: Option<u32>| pid.map(procstat::tree_cpu_seconds).transpose();
+                let cpu0 = cpu(engine)?;
+                let load = httpload::Load {
+                    proto,
+                    src,
+                    dst,
+                    host: "server.default.svc.cluster.local".into(),
+                    concurrency: args.concurrency,
+                    h2_connections: args.h2_connections,
+                    warmup,
+                    duration,
+                };
+                let s = httpload::run(&client_rt, &load)
+                    .with_context(|| format!("{} load via {name}", proto.name()))?;
+                let spent = match (cpu(engine)?, cpu0) {
+                    (Some(c1), Some(c0)) => c1 - c0,
+                    _ => 0.0,
+                };
+                if name.starts_with("waypoint") {
+                    wp_cpu += spent;
+                }
+                let r = s.summary();
+                eprintln!(
+                    "bench: {:8} {:14} round {}/{rounds} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  errors {}  load {:.1}",
+                    proto.name(),
+                    name,
+                    round + 1,
+                    r.rps,
+                    r.p50_us,
+                    r.p99_us,
+                    r.errors,
+                    procstat::loadavg_1m(),
+                );
+                if r.requests == 0 {
+                    bail!("{} via {name}: no request succeeded", proto.name());
+                }
+                match measured
+                    .iter_mut()
+                    .find(|(p, n, _, _)| *p == proto && *n == name)
+                {
+                    Some((_, _, all, c)) => {
+                        all.merge(s);
+                        *c += spent;
+                    }
+                    None => measured.push((proto, name, s, spent)),
+                }
             }
-            eprintln!(
-                "bench: {:8} {:14} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  errors {}",
-                proto.name(),
-                name,
-                r.rps,
-                r.p50_us,
-                r.p99_us,
-                r.errors
-            );
-            if r.requests == 0 {
-                bail!("{} via {name}: no request succeeded", proto.name());
-            }
-            results.push((proto, name, r));
         }
     }
+    let load_end = procstat::loadavg_1m();
+    let results: Vec<(Proto, &str, LoadResult)> = measured
+        .iter()
+        .map(|(p, n, s, _)| (*p, *n, s.summary()))
+        .collect();
+    for (p, n, r) in &results {
+        eprintln!(
+            "bench: {:8} {:14} all rounds {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  errors {}",
+            p.name(),
+            n,
+            r.rps,
+            r.p50_us,
+            r.p99_us,
+            r.errors
+        );
+    }
+    // CPU time of the L7 engine per request answered, in µs.
+    let cpu_per_request = |p: Proto, n: &str| {
+        measured
+            .iter()
+            .find(|(rp, rn, _, _)| *rp == p && *rn == n)
+            .map(|(_, _, s, c)| c / s.completed.max(1) as f64 * 1e6)
+            .expect("measured")
+    };
 
     let get = |p: Proto, n: &str| {
         results
@@ -369,6 +431,16 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
             rows.push(Row::new(&sc, "rps", "req/s", b.rps, m.rps, Better::Higher));
             rows.push(Row::new(&sc, "p50", "us", b.p50_us, m.p50_us, Better::Lower).with_delta());
             rows.push(Row::new(&sc, "p99", "us", b.p99_us, m.p99_us, Better::Lower).with_delta());
+            if base == "nginx" {
+                rows.push(Row::new(
+                    &sc,
+                    "cpu_per_request",
+                    "us",
+                    cpu_per_request(proto, base),
+                    cpu_per_request(proto, mesh),
+                    Better::Lower,
+                ));
+            }
         }
         let (n, wpr) = (get(proto, "nginx"), get(proto, "waypoint"));
         targets_met.push(Target::new(
@@ -389,6 +461,7 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     let log = wp.log();
     let mut config = Map::new();
     config.insert("duration_secs".into(), json!(args.duration_secs));
+    config.insert("rounds".into(), json!(rounds));
     config.insert("concurrency".into(), json!(args.concurrency));
     config.insert("h2_connections".into(), json!(args.h2_connections));
     config.insert("workers".into(), json!(args.workers));
@@ -418,7 +491,10 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
                 "{} requests in flight; HTTP/2 over {} connections; nginx {} worker processes, waypoint {} worker threads; upstream keep-alive for both.",
                 args.concurrency, args.h2_connections, args.workers, args.workers
             ),
-            "Client, server, ztunnels, waypoint and nginx share the machine's cores; compare rows of one run.".into(),
+            format!(
+                "Client, server, ztunnels, waypoint and nginx share the machine's cores; compare rows of one run. Each target was measured in {rounds} rounds taken in turn; 1-minute load average {load_start:.1} at the start, {load_end:.1} at the end."
+            ),
+            "cpu_per_request: CPU time (user + system) of nginx's processes or the waypoint's over the measurement, per request answered.".into(),
         ],
     };
     drop(ng);
