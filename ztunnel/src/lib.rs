@@ -22,6 +22,7 @@ pub mod config;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;
+pub mod pow;
 pub mod process;
 pub mod proxy;
 pub mod rbac;
