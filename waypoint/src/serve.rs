@@ -20,6 +20,7 @@
 //! proxy without being handed to another task.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ use crate::forward::{self, Outcome};
 use crate::metrics::PeerLabels;
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::record::{self, RequestInfo};
-use crate::upstream::affinity::Affinity;
+use crate::upstream::affinity::{self, Affinity};
 use crate::upstream::Body;
 use crate::Proxy;
 use ztunnel::identity::Identity;
@@ -101,7 +102,7 @@ where
         CodecType::Http2 => builder.http2_only(),
     };
     let stop = proxy.drain.stop.clone();
-    let (driver, mut new_upstreams) = tokio::sync::mpsc::unbounded_channel();
+    let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
     let affinity = Arc::new(Affinity::new(driver));
     let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
@@ -111,22 +112,20 @@ where
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // This connection's own upstream connections, driven by this task.
-    let mut upstreams = futures::stream::FuturesUnordered::new();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     let mut draining = false;
-    let res = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r,
-            Some(f) = new_upstreams.recv() => upstreams.push(f),
-            Some(()) = futures::StreamExt::next(&mut upstreams), if !upstreams.is_empty() => {}
-            _ = stop.cancelled(), if !draining => {
-                // Finish the request in progress (HTTP/1.1) or the open
-                // streams (HTTP/2, after a GOAWAY), then close.
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
+    // This connection's own upstream connections are driven by this task.
+    let res = affinity::drive(new_upstreams, |cx| {
+        if !draining && stopped.as_mut().poll(cx).is_ready() {
+            // Finish the request in progress (HTTP/1.1) or the open
+            // streams (HTTP/2, after a GOAWAY), then close.
+            draining = true;
+            conn.as_mut().graceful_shutdown();
         }
-    };
+        conn.as_mut().poll(cx)
+    })
+    .await;
     if let Err(e) = res {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
     }
