@@ -34,6 +34,10 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Encoded in key order, not a HashMap's random one: the control
+        // plane versions each resource by a hash of its bytes, and a
+        // workload backing two services must hash the same every time.
+        .btree_map(".istio.workload.Workload.services")
         .compile_fds(fds)?;
 
     // The server-side ADS with pre-encoded resources: its own output

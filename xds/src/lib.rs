@@ -68,6 +68,8 @@ pub struct Config {
     /// DNS names / IPs in the server certificate.
     pub server_names: Vec<String>,
     pub translate: translate::Options,
+    /// The manifest source's full rescan, behind its change notifications
+    /// (for filesystems that send none).
     pub poll_interval: Duration,
     pub debounce: Duration,
     pub default_cert_ttl: Duration,
@@ -85,7 +87,7 @@ impl Config {
             auth: Auth::insecure(),
             server_names: vec!["istiod.istio-system.svc".into(), "localhost".into()],
             translate: translate::Options::default(),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: Duration::from_secs(1),
             debounce: Duration::from_millis(10),
             default_cert_ttl: Duration::from_secs(24 * 3600),
             max_cert_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -135,7 +137,7 @@ async fn translator(
         let model = models.borrow_and_update().clone();
         let t0 = std::time::Instant::now();
         let Ok((back, res)) = tokio::task::spawn_blocking(move || {
-            let res = tr.translate(&model);
+            let res = tr.translate(model);
             (tr, res)
         })
         .await
@@ -147,7 +149,7 @@ async fn translator(
         tr = back;
         let t1 = t0.elapsed();
         let prev = tx.borrow().clone();
-        let next = Snapshot::next(&prev, res);
+        let next = Snapshot::next(&prev, res, std::mem::take(&mut tr.last_changed));
         info!(
             generation = next.generation,
             changed = next.changed.as_ref().map_or(0, |c| c.len()),
@@ -189,7 +191,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let mut tr = translate::Translator::new(cfg.translate.clone());
     let snap = Snapshot {
         generation: 1,
-        resources: Arc::new(tr.translate(&first)),
+        resources: Arc::new(tr.translate(first)),
         changed: None,
     };
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
