@@ -314,7 +314,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Parsed, ObjectError> {
 
 #[derive(Default)]
 struct FileState {
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<Stamp>,
     /// Object id (`Kind/ns/name`) -> object.
     objects: BTreeMap<String, Object>,
 }
@@ -375,9 +375,26 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+/// What a full rescan compares to tell that a file changed without
+/// reading it. File timestamps move in clock ticks, so a same-size
+/// rewrite within one tick keeps the mtime: the inode still tells a file
+/// renamed over it (how editors and tools write), and a change notified
+/// by the watch is re-read whatever its stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(p: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(p).ok().filter(|m| m.is_file())?;
-    Some((md.modified().unwrap_or(SystemTime::UNIX_EPOCH), md.len()))
+    Some(Stamp {
+        modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        len: md.len(),
+        inode: md.ino(),
+    })
 }
 
 impl ManifestDir {
@@ -406,12 +423,17 @@ impl ManifestDir {
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
-        Ok(self.rescan_paths(gone.into_iter().chain(paths)))
+        let stale: Vec<PathBuf> = paths
+            .into_iter()
+            .filter(|p| self.files.get(p).and_then(|f| f.stamp) != stamp(p))
+            .collect();
+        Ok(self.rescan_paths(gone.into_iter().chain(stale)))
     }
 
     /// Re-reads just these paths (the rescan set a change notification
-    /// names): a manifest whose size or mtime changed is parsed again, one
-    /// that is gone is dropped; other paths are ignored.
+    /// names): a manifest is parsed again, one that is gone is dropped;
+    /// other paths are ignored. Objects that come out the same keep their
+    /// `Arc` and change nothing.
     pub fn rescan_paths(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Rescan {
         let mut out = Rescan::default();
         for p in paths {
@@ -426,9 +448,6 @@ impl ManifestDir {
                 }
                 continue;
             };
-            if self.files.get(&p).and_then(|f| f.stamp) == Some(now) {
-                continue;
-            }
             out.files_changed = true;
             let errs = self.read(&p, now, &mut out.model_changed);
             out.errors.extend(errs.iter().cloned());
@@ -438,7 +457,7 @@ impl ManifestDir {
     }
 
     /// Parses one file and patches the model; returns its errors.
-    fn read(&mut self, p: &Path, now: (SystemTime, u64), changed: &mut bool) -> Vec<ObjectError> {
+    fn read(&mut self, p: &Path, now: Stamp, changed: &mut bool) -> Vec<ObjectError> {
         let origin = p.display().to_string();
         let st = self.files.entry(p.to_path_buf()).or_default();
         st.stamp = Some(now);
