@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route};
 use crate::record::RequestInfo;
+use crate::upstream::affinity::Affinity;
 use crate::upstream::{Attempt, Body, SendError, Upstream};
 
 pub const MAX_BUFFERED_BODY: usize = 4 * 1024 * 1024;
@@ -102,35 +104,46 @@ pub async fn forward(
     mut parts: Parts,
     body: Incoming,
     info: &mut RequestInfo,
+    affinity: Option<&Affinity>,
 ) -> Outcome {
     let cluster = pick_cluster(f);
-    info.cluster = cluster.name.clone();
-    let path = rewrite_path(route, f, parts.uri.path());
-    let pq = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+    info.cluster = Some(cluster.clone());
+    // Upstream requests carry the origin form (path and query; the
+    // upstream module adds what HTTP/2 or a pooled client needs) and the
+    // host in `Host`: the rewritten one, else the request's.
+    let rewritten = (f.prefix_rewrite.is_some() || f.regex_rewrite.is_some())
+        .then(|| rewrite_path(route, f, parts.uri.path()));
+    let pq = match (rewritten, parts.uri.query()) {
+        (Some(p), Some(q)) => PathAndQuery::try_from(format!("{p}?{q}")),
+        (Some(p), None) => PathAndQuery::try_from(p),
+        (None, _) => Ok(parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))),
     };
-    let mut uri = http::uri::Builder::new().path_and_query(pq.as_str());
-    let authority = f
-        .host_rewrite
-        .clone()
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
-    if let Some(a) = &authority {
-        uri = uri.scheme("http").authority(a.as_str());
-        if let Ok(v) = HeaderValue::from_str(a) {
+    let host = match &f.host_rewrite {
+        Some(h) => Some(HeaderValue::from_str(h).map_err(|_| ())),
+        None => parts
+            .uri
+            .authority()
+            .map(|a| HeaderValue::from_str(a.as_str()).map_err(|_| ())),
+    };
+    let host_ok = match host {
+        Some(Ok(v)) => {
             parts.headers.insert(http::header::HOST, v);
+            true
         }
-    }
-    match uri.build() {
-        Ok(u) => parts.uri = u,
-        Err(_) => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
+        Some(Err(())) => false,
+        // The client's own `Host`, if it makes an authority.
+        None => parts
+            .headers
+            .get(http::header::HOST)
+            .is_none_or(|h| Authority::try_from(h.as_bytes()).is_ok()),
+    };
+    match pq {
+        Ok(pq) if host_ok => parts.uri = Uri::from(pq),
+        _ => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
     }
     route.request_headers.apply(&mut parts.headers);
     let downstream_h2 = parts.version == http::Version::HTTP_2;
@@ -168,7 +181,16 @@ pub async fn forward(
         }
     }
 
-    let attempts = attempt_all(upstream, &cluster, f, parts, body, downstream_h2, info);
+    let attempts = attempt_all(
+        upstream,
+        &cluster,
+        f,
+        parts,
+        body,
+        downstream_h2,
+        info,
+        affinity,
+    );
     let result = match f.timeout {
         Some(t) => match tokio::time::timeout(t, attempts).await {
             Ok(r) => r,
@@ -185,11 +207,6 @@ pub async fn forward(
     match result {
         Ok(a) => {
             info.endpoint = Some(a.endpoint);
-            if let Some(ep) = cluster.endpoints.iter().find(|e| e.address == a.endpoint) {
-                info.destination_workload = ep.workload.clone();
-                info.destination_namespace = ep.namespace.clone();
-                info.destination_principal = ep.identity.clone();
-            }
             Outcome::Upstream(a.response)
         }
         Err(e) => match e {
@@ -217,14 +234,9 @@ pub async fn forward(
     }
 }
 
+/// The request for one attempt (the client's extensions stay here).
 fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     let mut r = Request::new(body);
-    if let Some(a) = parts
-        .extensions
-        .get::<Arc<crate::upstream::affinity::Affinity>>()
-    {
-        r.extensions_mut().insert(a.clone());
-    }
     *r.method_mut() = parts.method.clone();
     *r.uri_mut() = parts.uri.clone();
     *r.version_mut() = parts.version;
@@ -232,14 +244,16 @@ fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt_all(
     upstream: &Upstream,
     cluster: &ClusterConfig,
     f: &Forward,
-    parts: Parts,
+    mut parts: Parts,
     body: ReqBody,
     downstream_h2: bool,
     info: &mut RequestInfo,
+    affinity: Option<&Affinity>,
 ) -> Result<Attempt, SendError> {
     let body = match body {
         ReqBody::Streaming(b) => {
@@ -254,8 +268,11 @@ async fn attempt_all(
                 .map_err(Into::into)
                 .boxed_unsync();
             info.attempts = 1;
+            // Sent once: the request itself goes, not a copy.
+            parts.extensions = http::Extensions::new();
+            let req = Request::from_parts(parts, counted);
             return upstream
-                .send(cluster, copy_request(&parts, counted), downstream_h2, None)
+                .send(cluster, req, downstream_h2, None, affinity)
                 .await;
         }
         ReqBody::Buffered(b) => b,
@@ -268,6 +285,7 @@ async fn attempt_all(
                 copy_request(&parts, full(body)),
                 downstream_h2,
                 None,
+                affinity,
             )
             .await;
     };
@@ -276,7 +294,7 @@ async fn attempt_all(
     loop {
         info.attempts = n + 1;
         let req = copy_request(&parts, full(body.clone()));
-        let sent = upstream.send(cluster, req, downstream_h2, avoid);
+        let sent = upstream.send(cluster, req, downstream_h2, avoid, affinity);
         let res = match retry.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -295,7 +313,7 @@ async fn attempt_all(
             return res;
         }
         avoid = match &res {
-            Ok(a) => Some(a.endpoint),
+            Ok(a) => Some(a.endpoint.config.address),
             Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
             Err(_) => None,
         };
@@ -314,10 +332,9 @@ fn mirror(
     body: Bytes,
     downstream_h2: bool,
 ) {
+    // Not on the client connection's own upstream (no affinity): it runs
+    // alongside.
     let mut req = copy_request(parts, full(body));
-    // Not on the client connection's own upstream: it runs alongside.
-    req.extensions_mut()
-        .remove::<Arc<crate::upstream::affinity::Affinity>>();
     if let Some(host) = req
         .headers()
         .get(http::header::HOST)
@@ -333,7 +350,10 @@ fn mirror(
     }
     let upstream = upstream.clone();
     tokio::spawn(async move {
-        if let Err(e) = upstream.send(&cluster, req, downstream_h2, None).await {
+        if let Err(e) = upstream
+            .send(&cluster, req, downstream_h2, None, None)
+            .await
+        {
             tracing::debug!(cluster = %cluster.name, error = %e, "mirror request failed");
         }
     });

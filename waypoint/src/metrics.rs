@@ -2,6 +2,14 @@
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`), reported as
 //! `reporter="waypoint"`, so existing Istio dashboards work unchanged.
+//!
+//! Recording a request is on every request's path, so it costs one hash
+//! lookup: the four metrics' handles are cached per label set, and the
+//! labels that describe a peer (workload, namespace, principal) are built
+//! once per downstream connection or endpoint and shared ([`PeerLabels`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,17 +17,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use ztunnel::identity::Identity;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
+    pub source_workload: Arc<String>,
+    pub source_workload_namespace: Arc<String>,
+    pub source_principal: Arc<String>,
+    pub destination_workload: Arc<String>,
+    pub destination_workload_namespace: Arc<String>,
+    pub destination_principal: Arc<String>,
     pub destination_service: String,
-    pub destination_cluster: String,
+    pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: String,
@@ -27,11 +37,65 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// One side of a request as its labels name it; `unknown` where not known.
+#[derive(Clone, Debug)]
+pub struct PeerLabels {
+    pub workload: Arc<String>,
+    pub namespace: Arc<String>,
+    pub principal: Arc<String>,
+}
+
+fn or_unknown(s: Option<&str>) -> Arc<String> {
+    Arc::new(s.filter(|s| !s.is_empty()).unwrap_or("unknown").to_string())
+}
+
+impl PeerLabels {
+    /// A client known by its certificate: its service account stands for
+    /// the workload, as Istio reports when it has no workload metadata.
+    pub fn source(id: Option<&Identity>) -> Self {
+        PeerLabels {
+            workload: or_unknown(id.map(|s| s.service_account.as_str())),
+            namespace: or_unknown(id.map(|s| s.namespace.as_str())),
+            principal: or_unknown(id.map(ToString::to_string).as_deref()),
+        }
+    }
+
+    /// An endpoint known by its metadata.
+    pub fn destination(
+        workload: Option<&str>,
+        namespace: Option<&str>,
+        id: Option<&Identity>,
+    ) -> Self {
+        PeerLabels {
+            workload: or_unknown(workload),
+            namespace: or_unknown(namespace),
+            principal: or_unknown(id.map(ToString::to_string).as_deref()),
+        }
+    }
+
+    /// Nothing known (no endpoint was reached).
+    pub fn unknown() -> Self {
+        Self::destination(None, None, None)
+    }
+}
+
+/// The handles of one label set's metrics (clones share the values).
+#[derive(Clone)]
+struct Handles {
+    requests: Counter,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration_ms: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram>,
     pub response_bytes: Family<RequestLabels, Histogram>,
+    handles: RwLock<HashMap<RequestLabels, Handles>>,
+    /// Shared by requests whose endpoint is not known.
+    pub unknown_destination: PeerLabels,
     registry: Registry,
 }
 
@@ -85,8 +149,34 @@ impl Metrics {
             duration_ms,
             request_bytes,
             response_bytes,
+            handles: RwLock::default(),
+            unknown_destination: PeerLabels::unknown(),
             registry,
         }
+    }
+
+    /// Counts one request and observes its duration and sizes.
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+        let observe = |h: &Handles| {
+            h.requests.inc();
+            h.duration_ms.observe(duration_ms);
+            h.request_bytes.observe(req_bytes as f64);
+            h.response_bytes.observe(resp_bytes as f64);
+        };
+        if let Some(h) = self.handles.read().expect("metrics lock").get(&labels) {
+            return observe(h);
+        }
+        let h = Handles {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration_ms: self.duration_ms.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+        };
+        observe(&h);
+        self.handles
+            .write()
+            .expect("metrics lock")
+            .insert(labels, h);
     }
 
     pub fn encode(&self) -> String {

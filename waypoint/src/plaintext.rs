@@ -39,12 +39,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
             Some(ChainKind::Http(h)) => h.clone(),
             _ => continue,
         };
-        let ds = Arc::new(Downstream {
-            identity: None,
-            src_ip: canonical(peer).ip(),
-            dst: local,
-            protocol: None,
-        });
+        let ds = Arc::new(Downstream::new(None, canonical(peer).ip(), local, None));
         drain
             .connections
             .spawn(serve_http(proxy.clone(), stream, ds, chain));

@@ -6,36 +6,37 @@
 //! bytes (and picks up `grpc-status` from trailers) as frames pass, and
 //! its `Drop` writes everything out.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Frame;
 
+use crate::config::runtime::{ClusterConfig, Route};
 use crate::metrics::{Metrics, RequestLabels};
+use crate::serve::Downstream;
+use crate::upstream::balancer::EndpointState;
 use crate::upstream::Body;
-use ztunnel::identity::Identity;
 
-/// What is known of a request by the time its response starts.
+/// What is known of a request by the time its response starts. Shared
+/// things (the connection, route, cluster, endpoint) are held, not copied:
+/// names are only spelled out if the access log is on.
 pub struct RequestInfo {
     pub start: Instant,
     pub method: Method,
-    pub path: String,
+    /// As received (the access log's path).
+    pub uri: Uri,
+    /// The request's host, lower-cased, without the port.
     pub authority: String,
     pub protocol: &'static str,
-    pub source: Option<Identity>,
-    pub source_ip: std::net::IpAddr,
-    pub destination: SocketAddr,
-    pub route: String,
-    pub cluster: String,
-    pub endpoint: Option<SocketAddr>,
-    pub destination_workload: Option<String>,
-    pub destination_namespace: Option<String>,
-    pub destination_principal: Option<Identity>,
+    pub downstream: Arc<Downstream>,
+    pub route: Option<Arc<Route>>,
+    pub cluster: Option<Arc<ClusterConfig>>,
+    /// The endpoint that gave the response.
+    pub endpoint: Option<Arc<EndpointState>>,
     pub flags: &'static str,
     pub attempts: u32,
     pub request_bytes: Arc<AtomicU64>,
@@ -49,70 +50,61 @@ struct Record {
     metrics: Arc<Metrics>,
 }
 
-fn or_unknown(s: Option<&str>) -> String {
-    s.filter(|s| !s.is_empty()).unwrap_or("unknown").to_string()
-}
-
 impl Drop for Record {
     fn drop(&mut self) {
-        let i = &self.info;
+        let i = &mut self.info;
         let duration = i.start.elapsed();
-        let src = i.source.as_ref();
-        let labels = RequestLabels {
-            reporter: "waypoint",
-            source_workload: or_unknown(src.map(|s| s.service_account.as_str())),
-            source_workload_namespace: or_unknown(src.map(|s| s.namespace.as_str())),
-            source_principal: or_unknown(src.map(ToString::to_string).as_deref()),
-            destination_workload: or_unknown(i.destination_workload.as_deref()),
-            destination_workload_namespace: or_unknown(i.destination_namespace.as_deref()),
-            destination_principal: or_unknown(
-                i.destination_principal
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .as_deref(),
-            ),
-            destination_service: or_unknown(Some(i.authority.as_str())),
-            destination_cluster: "unknown".into(),
-            request_protocol: i.protocol,
-            response_code: self.status.as_u16(),
-            grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
-            response_flags: i.flags,
-            connection_security_policy: "mutual_tls",
-        };
         let req_bytes = i.request_bytes.load(Ordering::Relaxed);
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .duration_ms
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(req_bytes as f64);
-        self.metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(self.response_bytes as f64);
+        let src = &i.downstream.source_labels;
         tracing::info!(
             target: "access",
-            src_addr = %i.source_ip,
-            src_principal = %labels.source_principal,
-            dst_addr = %i.destination,
+            src_addr = %i.downstream.src_ip,
+            src_principal = %src.principal,
+            dst_addr = %i.downstream.dst,
             method = %i.method,
             authority = %i.authority,
-            path = %i.path,
+            path = %i.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
             protocol = i.protocol,
             status = self.status.as_u16(),
             grpc_status = self.grpc_status.as_deref().unwrap_or("-"),
-            route = %i.route,
-            cluster = %i.cluster,
-            upstream = %i.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            route = %i.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-"),
+            cluster = %i.cluster.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
+            upstream = %i.endpoint.as_ref().map(|e| e.config.address.to_string()).unwrap_or_else(|| "-".into()),
             attempts = i.attempts,
             flags = i.flags,
             bytes_received = req_bytes,
             bytes_sent = self.response_bytes,
             duration_ms = duration.as_secs_f64() * 1000.0,
             "request"
+        );
+        let dst = match &i.endpoint {
+            Some(e) => &e.labels,
+            None => &self.metrics.unknown_destination,
+        };
+        let labels = RequestLabels {
+            reporter: "waypoint",
+            source_workload: src.workload.clone(),
+            source_workload_namespace: src.namespace.clone(),
+            source_principal: src.principal.clone(),
+            destination_workload: dst.workload.clone(),
+            destination_workload_namespace: dst.namespace.clone(),
+            destination_principal: dst.principal.clone(),
+            destination_service: match i.authority.as_str() {
+                "" => "unknown".into(),
+                _ => std::mem::take(&mut i.authority),
+            },
+            destination_cluster: "unknown",
+            request_protocol: i.protocol,
+            response_code: self.status.as_u16(),
+            grpc_response_status: self.grpc_status.take().unwrap_or_default(),
+            response_flags: i.flags,
+            connection_security_policy: "mutual_tls",
+        };
+        self.metrics.record(
+            labels,
+            duration.as_secs_f64() * 1000.0,
+            req_bytes,
+            self.response_bytes,
         );
     }
 }

@@ -71,8 +71,9 @@ pub fn virtual_host<'a>(table: &'a RouteTable, host: &str) -> Option<&'a Virtual
         .map(|(_, vh)| vh)
 }
 
-pub fn select(table: &RouteTable, parts: &Parts) -> Option<Arc<Route>> {
-    let vh = virtual_host(table, &request_host(parts))?;
+/// The route for a request to `host` (as [`request_host`] gives it).
+pub fn select(table: &RouteTable, host: &str, parts: &Parts) -> Option<Arc<Route>> {
+    let vh = virtual_host(table, host)?;
     let path = parts.uri.path();
     let query = parts.uri.query();
     vh.routes

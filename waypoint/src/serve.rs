@@ -20,13 +20,16 @@
 //! proxy without being handed to another task.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, CONNECTION, LOCATION};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, LOCATION, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -38,9 +41,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::model::CodecType;
 use crate::config::runtime::{Action, ChainKind, HttpChain, Redirect, Route};
 use crate::forward::{self, Outcome};
+use crate::metrics::PeerLabels;
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::record::{self, RequestInfo};
-use crate::upstream::affinity::Affinity;
+use crate::upstream::affinity::{self, Affinity};
 use crate::upstream::Body;
 use crate::Proxy;
 use ztunnel::identity::Identity;
@@ -52,6 +56,28 @@ pub struct Downstream {
     pub dst: SocketAddr,
     /// What the first bytes were sniffed as, if they were.
     pub protocol: Option<&'static str>,
+    /// How metrics name the client.
+    pub source_labels: PeerLabels,
+    /// `src_ip` as an `x-forwarded-for` value.
+    xff: Option<HeaderValue>,
+}
+
+impl Downstream {
+    pub fn new(
+        identity: Option<Identity>,
+        src_ip: IpAddr,
+        dst: SocketAddr,
+        protocol: Option<&'static str>,
+    ) -> Self {
+        Downstream {
+            source_labels: PeerLabels::source(identity.as_ref()),
+            xff: HeaderValue::from_str(&src_ip.to_string()).ok(),
+            identity,
+            src_ip,
+            dst,
+            protocol,
+        }
+    }
 }
 
 /// Serves HTTP on `io` until the client is done.
@@ -76,34 +102,30 @@ where
         CodecType::Http2 => builder.http2_only(),
     };
     let stop = proxy.drain.stop.clone();
-    let (driver, mut new_upstreams) = tokio::sync::mpsc::unbounded_channel();
+    let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
     let affinity = Arc::new(Affinity::new(driver));
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let ds = ds.clone();
-        if req.version() < http::Version::HTTP_2 {
-            req.extensions_mut().insert(affinity.clone());
-        }
-        async move { Ok::<_, Infallible>(handle(proxy, ds, req).await) }
+        let affinity = (req.version() < http::Version::HTTP_2).then(|| affinity.clone());
+        async move { Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // This connection's own upstream connections, driven by this task.
-    let mut upstreams = futures::stream::FuturesUnordered::new();
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     let mut draining = false;
-    let res = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r,
-            Some(f) = new_upstreams.recv() => upstreams.push(f),
-            Some(()) = futures::StreamExt::next(&mut upstreams), if !upstreams.is_empty() => {}
-            _ = stop.cancelled(), if !draining => {
-                // Finish the request in progress (HTTP/1.1) or the open
-                // streams (HTTP/2, after a GOAWAY), then close.
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
+    // This connection's own upstream connections are driven by this task.
+    let res = affinity::drive(new_upstreams, |cx| {
+        if !draining && stopped.as_mut().poll(cx).is_ready() {
+            // Finish the request in progress (HTTP/1.1) or the open
+            // streams (HTTP/2, after a GOAWAY), then close.
+            draining = true;
+            conn.as_mut().graceful_shutdown();
         }
-    };
+        conn.as_mut().poll(cx)
+    })
+    .await;
     if let Err(e) = res {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
     }
@@ -148,51 +170,63 @@ fn grpc_local(status: StatusCode, message: &'static str) -> Response<Body> {
     r
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
+    if h.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(CONNECTION);
+    }
+    for n in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         h.remove(n);
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(n);
-    }
-    if h.get("te").is_some_and(|v| v != "trailers") {
-        h.remove("te");
+    if h.get(TE).is_some_and(|v| v != "trailers") {
+        h.remove(TE);
     }
 }
 
 /// What Envoy adds on the way upstream: the client's address appended to
 /// `x-forwarded-for`, `x-forwarded-proto`, and an `x-request-id` when the
 /// client sent none (for correlating logs across hops).
-fn add_forwarding_headers(h: &mut HeaderMap, client: IpAddr) {
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client}"),
-        None => client.to_string(),
+fn add_forwarding_headers(h: &mut HeaderMap, ds: &Downstream) {
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ds.src_ip)).ok(),
+        None => ds.xff.clone(),
     };
-    if let Ok(v) = http::HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        h.insert(X_FORWARDED_FOR, v);
     }
-    h.entry("x-forwarded-proto")
-        .or_insert(http::HeaderValue::from_static("http"));
-    if !h.contains_key("x-request-id") {
-        let id = format!("{:032x}", fastrand::u128(..));
-        if let Ok(v) = http::HeaderValue::from_str(&id) {
-            h.insert("x-request-id", v);
-        }
+    h.entry(X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
+    if !h.contains_key(X_REQUEST_ID) {
+        h.insert(X_REQUEST_ID, request_id());
     }
+}
+
+/// 128 random bits in hex.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for c in id.iter_mut().rev() {
+        *c = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 fn protocol(req: &Request<Incoming>) -> &'static str {
@@ -212,33 +246,25 @@ pub async fn handle(
     proxy: Arc<Proxy>,
     ds: Arc<Downstream>,
     req: Request<Incoming>,
+    affinity: Option<&Affinity>,
 ) -> Response<Body> {
+    let protocol = protocol(&req);
+    let (parts, body) = req.into_parts();
     let mut info = RequestInfo {
         start: Instant::now(),
-        method: req.method().clone(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default(),
-        authority: String::new(),
-        protocol: protocol(&req),
-        source: ds.identity.clone(),
-        source_ip: ds.src_ip,
-        destination: ds.dst,
-        route: "-".into(),
-        cluster: "-".into(),
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        authority: crate::route::request_host(&parts),
+        protocol,
+        downstream: ds.clone(),
+        route: None,
+        cluster: None,
         endpoint: None,
-        destination_workload: None,
-        destination_namespace: None,
-        destination_principal: None,
         flags: "-",
         attempts: 0,
         request_bytes: Arc::new(AtomicU64::new(0)),
     };
-    let (mut parts, body) = req.into_parts();
-    info.authority = crate::route::request_host(&parts);
-    let (route, resp) = route_and_run(&proxy, &ds, &mut parts, body, &mut info).await;
+    let (route, resp) = route_and_run(&proxy, &ds, parts, body, &mut info, affinity).await;
     let mut resp = match resp {
         Outcome::Upstream(r) => {
             let (mut rp, b) = r.into_parts();
@@ -260,6 +286,7 @@ pub async fn handle(
     if let Some(r) = &route {
         r.response_headers.apply(resp.headers_mut());
     }
+    info.route = route;
     let status = resp.status();
     let grpc = resp
         .headers()
@@ -274,9 +301,10 @@ pub async fn handle(
 async fn route_and_run(
     proxy: &Arc<Proxy>,
     ds: &Downstream,
-    parts: &mut http::request::Parts,
+    mut parts: http::request::Parts,
     body: Incoming,
     info: &mut RequestInfo,
+    affinity: Option<&Affinity>,
 ) -> (Option<Arc<Route>>, Outcome) {
     let cfg = proxy.store.get();
     let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
@@ -304,15 +332,14 @@ async fn route_and_run(
             Outcome::Local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied\n"),
         );
     }
-    let Some(route) = crate::route::select(&chain.routes, parts) else {
+    let Some(route) = crate::route::select(&chain.routes, &info.authority, &parts) else {
         return (
             None,
             Outcome::Local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
         );
     };
-    info.route = route.name.clone();
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarding_headers(&mut parts.headers, ds.src_ip);
+    add_forwarding_headers(&mut parts.headers, ds);
     if let Some(fault) = &route.fault {
         if let Some((d, p)) = fault.delay {
             if fastrand::f64() < p {
@@ -334,9 +361,9 @@ async fn route_and_run(
                 .boxed_unsync();
             return (Some(route.clone()), Outcome::Ready(r));
         }
-        Action::Redirect(r) => return (Some(route.clone()), redirect(r, &route, parts)),
+        Action::Redirect(r) => return (Some(route.clone()), redirect(r, &route, &parts)),
         Action::Forward(f) => {
-            forward::forward(&proxy.upstream, &route, f, parts.clone(), body, info).await
+            forward::forward(&proxy.upstream, &route, f, parts, body, info, affinity).await
         }
     };
     (Some(route), outcome)

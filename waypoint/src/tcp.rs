@@ -38,15 +38,12 @@ async fn prepare(
         .pick(cluster, None)
         .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
     let ep = picked.endpoint.config.clone();
-    proxy.upstream.dialer.set_target(
-        ep.address,
-        Target {
-            identity: ep.identity.clone(),
-            hbone_port: ep.hbone_port,
-            connect_timeout: cluster.connect_timeout,
-        },
-    );
-    match proxy.upstream.dialer.dial(ep.address).await {
+    let target = Target {
+        identity: ep.identity.clone(),
+        hbone_port: ep.hbone_port,
+        connect_timeout: cluster.connect_timeout,
+    };
+    match proxy.upstream.dialer.dial_to(ep.address, &target).await {
         Ok(u) => {
             proxy
                 .upstream

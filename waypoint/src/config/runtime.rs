@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -13,6 +13,7 @@ use regex::Regex;
 use super::matcher::{HeaderMatch, QueryMatch};
 use super::model::{AppendAction, Bootstrap, CodecType, UpstreamProtocol};
 use crate::rbac::RbacFilter;
+use crate::upstream::balancer::EndpointState;
 use ztunnel::identity::Identity;
 
 pub struct Config {
@@ -200,6 +201,9 @@ pub struct Fault {
 
 pub struct ClusterConfig {
     pub name: String,
+    /// The balancer's state of `endpoints` (kept across reloads by the
+    /// balancer), looked up on this configuration's first pick.
+    pub balancer_state: OnceLock<Vec<Arc<EndpointState>>>,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
     pub consecutive_failures: u32,

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -269,6 +269,7 @@ fn cluster(path: &str, c: &m::Cluster) -> Result<ClusterConfig, ConfigError> {
     }
     Ok(ClusterConfig {
         name: c.name.clone(),
+        balancer_state: OnceLock::new(),
         connect_timeout: c
             .connect_timeout
             .as_deref()

@@ -17,7 +17,9 @@
 //! at once. If every endpoint is out, all are used (Envoy's panic mode).
 //!
 //! State is keyed by (cluster, address) and survives configuration
-//! reloads, so a reload does not reset what was learned.
+//! reloads, so a reload does not reset what was learned. Each cluster of a
+//! configuration looks its endpoints' state up once, on first use
+//! (`ClusterConfig::balancer_state`), so a pick takes no shared lock.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::runtime::{ClusterConfig, EndpointConfig};
+use crate::metrics::PeerLabels;
 
 /// How much a new latency sample moves the average.
 const EWMA_WEIGHT: f64 = 0.3;
@@ -37,8 +40,25 @@ const MAX_EJECTION_MULTIPLIER: u32 = 10;
 
 pub struct EndpointState {
     pub config: EndpointConfig,
+    /// How metrics name this endpoint.
+    pub labels: PeerLabels,
     in_flight: AtomicUsize,
     stats: Mutex<Stats>,
+}
+
+impl EndpointState {
+    fn new(config: &EndpointConfig) -> Arc<Self> {
+        Arc::new(EndpointState {
+            labels: PeerLabels::destination(
+                config.workload.as_deref(),
+                config.namespace.as_deref(),
+                config.identity.as_ref(),
+            ),
+            config: config.clone(),
+            in_flight: AtomicUsize::new(0),
+            stats: Mutex::default(),
+        })
+    }
 }
 
 #[derive(Default)]
@@ -120,20 +140,10 @@ impl Balancer {
             .iter()
             .map(|e| {
                 let key = (cluster.name.clone(), e.address);
-                let st = map.entry(key).or_insert_with(|| {
-                    Arc::new(EndpointState {
-                        config: e.clone(),
-                        in_flight: AtomicUsize::new(0),
-                        stats: Mutex::default(),
-                    })
-                });
+                let st = map.entry(key).or_insert_with(|| EndpointState::new(e));
                 if st.config != *e {
                     // Same address, new metadata (identity...): start over.
-                    *st = Arc::new(EndpointState {
-                        config: e.clone(),
-                        in_flight: AtomicUsize::new(0),
-                        stats: Mutex::default(),
-                    });
+                    *st = EndpointState::new(e);
                 }
                 st.clone()
             })
@@ -154,11 +164,19 @@ impl Balancer {
     /// Picks an endpoint of `cluster`, avoiding `avoid` (the one a retry
     /// just failed on) when there is a choice.
     pub fn pick(&self, cluster: &ClusterConfig, avoid: Option<SocketAddr>) -> Option<Picked> {
-        let all = self.states(cluster);
+        let all = cluster.balancer_state.get_or_init(|| self.states(cluster));
+        if let [only] = all.as_slice() {
+            // No choice to make (ejected or not: it is all there is).
+            only.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Some(Picked {
+                endpoint: only.clone(),
+                started: Instant::now(),
+            });
+        }
         let now = Instant::now();
         let mut live: Vec<_> = all.iter().filter(|e| !e.ejected(now)).cloned().collect();
         if live.is_empty() {
-            live = all;
+            live = all.clone();
         }
         if live.len() > 1 {
             if let Some(a) = avoid {
@@ -229,7 +247,7 @@ impl Balancer {
     }
 
     fn may_eject(&self, cluster: &ClusterConfig) -> bool {
-        let all = self.states(cluster);
+        let all = cluster.balancer_state.get_or_init(|| self.states(cluster));
         let now = Instant::now();
         let out = all.iter().filter(|e| e.ejected(now)).count();
         let limit = (all.len() * cluster.max_ejection_percent as usize / 100).max(1);

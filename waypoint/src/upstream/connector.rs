@@ -74,7 +74,7 @@ impl Dialer {
             .retain(|a, _| live.contains(a));
     }
 
-    /// Opens a byte stream to `addr`: an HBONE tunnel or a TCP connection.
+    /// Opens a byte stream to `addr` as the table of targets says.
     pub async fn dial(&self, addr: SocketAddr) -> Result<UpstreamIo, BoxError> {
         let target = self
             .targets
@@ -87,6 +87,11 @@ impl Dialer {
                 hbone_port: 15008,
                 connect_timeout: Duration::from_secs(5),
             });
+        self.dial_to(addr, &target).await
+    }
+
+    /// Opens a byte stream to `addr`: an HBONE tunnel or a TCP connection.
+    pub async fn dial_to(&self, addr: SocketAddr, target: &Target) -> Result<UpstreamIo, BoxError> {
         let connect = async {
             match &target.identity {
                 Some(id) => {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::connector::Dialer;
+use super::connector::{Dialer, Target};
 use super::Body;
 
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
@@ -33,7 +33,11 @@ impl H2Pool {
 
     /// A sender on the endpoint's connection; a burst of first requests
     /// waits for one handshake.
-    pub async fn get(&self, addr: SocketAddr) -> Result<SendRequest<Body>, String> {
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        target: &Target,
+    ) -> Result<SendRequest<Body>, String> {
         let slot = self
             .slots
             .lock()
@@ -45,7 +49,11 @@ impl H2Pool {
         if let Some(s) = current.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        let io = self.dialer.dial(addr).await.map_err(|e| e.to_string())?;
+        let io = self
+            .dialer
+            .dial_to(addr, target)
+            .await
+            .map_err(|e| e.to_string())?;
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))

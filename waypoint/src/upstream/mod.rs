@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -48,7 +49,7 @@ pub enum SendError {
 /// A response and the endpoint that gave it.
 pub struct Attempt {
     pub response: Response<Incoming>,
-    pub endpoint: SocketAddr,
+    pub endpoint: Arc<balancer::EndpointState>,
 }
 
 impl Upstream {
@@ -67,70 +68,77 @@ impl Upstream {
     }
 
     /// One attempt: an endpoint of `cluster` (not `avoid` if there is a
-    /// choice) gets `req`, whose URI is rewritten to that endpoint.
+    /// choice) gets `req` (origin-form URI, the host in `Host`). HTTP/1.1
+    /// goes on `affinity`'s connections when there is one (the downstream
+    /// HTTP/1.1 connection's own), else through the shared pool.
     pub async fn send(
         &self,
         cluster: &ClusterConfig,
         mut req: Request<Body>,
         downstream_h2: bool,
         avoid: Option<SocketAddr>,
+        affinity: Option<&affinity::Affinity>,
     ) -> Result<Attempt, SendError> {
         let picked = self
             .balancer
             .pick(cluster, avoid)
             .ok_or_else(|| SendError::NoEndpoint(cluster.name.clone()))?;
         let ep = &picked.endpoint.config;
-        self.dialer.set_target(
-            ep.address,
-            Target {
-                identity: ep.identity.clone(),
-                hbone_port: ep.hbone_port,
-                connect_timeout: cluster.connect_timeout,
-            },
-        );
+        let target = || Target {
+            identity: ep.identity.clone(),
+            hbone_port: ep.hbone_port,
+            connect_timeout: cluster.connect_timeout,
+        };
         let pq = req
             .uri()
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let h2 = match cluster.protocol {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::UseDownstream => downstream_h2,
         };
         let address = ep.address;
+        let absolute = |authority: Authority| {
+            Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(pq.clone())
+                .build()
+                .map_err(|e| SendError::Connect(address, e.to_string()))
+        };
+        let by_address = || {
+            Authority::try_from(address.to_string())
+                .map_err(|e| SendError::Connect(address, e.to_string()))
+        };
         let sent = if h2 {
             // `:authority` carries the host; no `Host` header in HTTP/2.
-            let host = req.headers_mut().remove(http::header::HOST);
-            let uri = host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| format!("http://{h}{pq}").parse::<Uri>().ok());
-            *req.uri_mut() = match uri {
-                Some(u) => u,
-                None => format!("http://{address}{pq}")
-                    .parse::<Uri>()
-                    .map_err(|e| SendError::Connect(address, e.to_string()))?,
-            };
+            let host = req
+                .headers_mut()
+                .remove(http::header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            *req.uri_mut() = absolute(match host {
+                Some(h) => h,
+                None => by_address()?,
+            })?;
             *req.version_mut() = http::Version::HTTP_2;
-            match self.http2.get(address).await {
+            match self.http2.get(address, &target()).await {
                 Err(e) => Err(SendError::Connect(address, e)),
                 Ok(mut s) => s
                     .send_request(req)
                     .await
                     .map_err(|e| SendError::Reset(address, error_chain(&e))),
             }
-        } else if let Some(aff) = req.extensions_mut().remove::<Arc<affinity::Affinity>>() {
-            *req.uri_mut() = pq
-                .parse::<Uri>()
-                .map_err(|e| SendError::Connect(address, e.to_string()))?;
+        } else if let Some(aff) = affinity {
+            *req.uri_mut() = Uri::from(pq.clone());
             *req.version_mut() = http::Version::HTTP_11;
-            self.send_affine(&aff, address, req).await
+            self.send_affine(aff, address, &target(), req).await
         } else {
-            *req.uri_mut() = format!("http://{address}{pq}")
-                .parse::<Uri>()
-                .map_err(|e| SendError::Connect(address, e.to_string()))?;
+            // hyper's pool dials by URI: tell the connector what the
+            // endpoint's address needs.
+            self.dialer.set_target(address, target());
+            *req.uri_mut() = absolute(by_address()?)?;
             *req.version_mut() = http::Version::HTTP_11;
             self.http1.request(req).await.map_err(|e| {
                 let why = error_chain(&e);
@@ -151,7 +159,7 @@ impl Upstream {
                 self.balancer.record(cluster, &picked, outcome);
                 Ok(Attempt {
                     response,
-                    endpoint: address,
+                    endpoint: picked.endpoint.clone(),
                 })
             }
             Err(e) => {
@@ -169,6 +177,7 @@ impl Upstream {
         &self,
         aff: &affinity::Affinity,
         address: SocketAddr,
+        target: &Target,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let mut sender = match aff.take(address) {
@@ -176,7 +185,7 @@ impl Upstream {
             None => {
                 let io = self
                     .dialer
-                    .dial(address)
+                    .dial_to(address, target)
                     .await
                     .map_err(|e| SendError::Connect(address, e.to_string()))?;
                 let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
