@@ -117,7 +117,7 @@ impl Mesh {
 
     /// The replicas' access-log lines for opaque TCP connections to the
     /// echo Service's TCP port.
-    fn waypoint_tcp_connections(&self) -> usize {
+    fn waypoint_tcp_log_lines(&self) -> usize {
         let cluster = format!("outbound|{TCP_PORT}||echo.{NS}.");
         self.replicas
             .iter()
@@ -126,6 +126,19 @@ impl Mesh {
                     .lines()
                     .filter(|l| l.contains("tcp connection") && l.contains(&cluster))
                     .count()
+            })
+            .sum()
+    }
+
+    /// An `istio_tcp_*` counter for the echo Service, summed over replicas.
+    fn waypoint_tcp(&self, name: &str) -> u64 {
+        let service = format!("destination_service=\"echo.{NS}.svc.cluster.local\"");
+        self.replicas
+            .iter()
+            .map(|r| {
+                r.metrics()
+                    .map(|m| counter(&m, name, &["reporter=\"waypoint\"", &service]))
+                    .unwrap_or(0)
             })
             .sum()
     }
@@ -373,22 +386,33 @@ fn waypoint_routes_and_survives_losing_a_replica() {
     );
 
     checks.run("opaque TCP (appProtocol: tcp) through the waypoint", || {
-        let before = m.waypoint_tcp_connections();
+        let lines = m.waypoint_tcp_log_lines();
+        let closed = m.waypoint_tcp("istio_tcp_connections_closed_total");
+        let received = m.waypoint_tcp("istio_tcp_received_bytes_total");
         let addr = format!("{}:{TCP_PORT}", m.vip);
+        let mut sent = 0;
         for i in 0..3 {
             let msg = format!("tcp via waypoint {i}");
             let echo = m.c.tcp_echo(&m.client, &addr, &msg)?;
             ensure!(echo == msg, "TCP echo answered {echo:?} to {msg:?}");
+            sent += msg.len() as u64 + 1;
         }
-        // The access line is written when the connection closes.
+        // The access line and the closed count come when the connection
+        // closes.
         wait_for(
             Duration::from_secs(5),
-            "the waypoints' tcp access lines",
-            || Ok(m.waypoint_tcp_connections() >= before + 3),
+            "the waypoints' tcp access lines and metrics",
+            || {
+                Ok(m.waypoint_tcp_log_lines() >= lines + 3
+                    && m.waypoint_tcp("istio_tcp_connections_closed_total") >= closed + 3)
+            },
         )?;
+        let got = m.waypoint_tcp("istio_tcp_received_bytes_total") - received;
+        ensure!(got == sent, "istio_tcp_received_bytes_total grew by {got}, sent {sent}");
         Ok(format!(
-            "3 echoes ok; waypoint tcp connections {before} -> {}",
-            m.waypoint_tcp_connections()
+            "3 echoes ok; waypoint tcp access lines +{}, connections closed {closed} -> {}, received bytes +{got}",
+            m.waypoint_tcp_log_lines() - lines,
+            m.waypoint_tcp("istio_tcp_connections_closed_total")
         ))
     });
 
