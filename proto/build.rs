@@ -34,9 +34,12 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        // RBAC policies encode in name order, so a resource's bytes (and the
-        // control plane's content-hash versions) are the same in every process.
+        // Encoded in key order, not a HashMap's random one: the control
+        // plane versions each resource by a hash of its bytes, which must be
+        // the same in every process (a workload backing two services, RBAC
+        // policies by name).
         .btree_map(".envoy.config.rbac.v3.RBAC.policies")
+        .btree_map(".istio.workload.Workload.services")
         .compile_fds(fds)?;
 
     // The server-side ADS with pre-encoded resources: its own output

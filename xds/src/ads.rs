@@ -50,23 +50,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The next snapshot after `prev`, with the names that differ.
-    pub fn next(prev: &Snapshot, resources: Resources) -> Snapshot {
-        let mut changed = HashSet::new();
-        let empty = BTreeMap::new();
-        for (t, new) in &resources.by_type {
-            let old = prev.resources.get(t).unwrap_or(&empty);
-            for (name, r) in new {
-                if old.get(name).map(|o| o.hash) != Some(r.hash) {
-                    changed.insert((*t, name.clone()));
-                }
-            }
-            for name in old.keys() {
-                if !new.contains_key(name) {
-                    changed.insert((*t, name.clone()));
-                }
-            }
-        }
+    /// The next snapshot after `prev`: `changed` names what differs (the
+    /// translator knows, having retranslated only that).
+    pub fn next(
+        prev: &Snapshot,
+        resources: Resources,
+        changed: HashSet<(&'static str, Arc<str>)>,
+    ) -> Snapshot {
         Snapshot {
             generation: prev.generation + 1,
             resources: Arc::new(resources),

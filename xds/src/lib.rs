@@ -70,6 +70,8 @@ pub struct Config {
     /// DNS names / IPs in the server certificate.
     pub server_names: Vec<String>,
     pub translate: translate::Options,
+    /// The manifest source's full rescan, behind its change notifications
+    /// (for filesystems that send none).
     pub poll_interval: Duration,
     pub debounce: Duration,
     pub default_cert_ttl: Duration,
@@ -87,7 +89,7 @@ impl Config {
             auth: Auth::insecure(),
             server_names: vec!["istiod.istio-system.svc".into(), "localhost".into()],
             translate: translate::Options::default(),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: Duration::from_secs(1),
             debounce: Duration::from_millis(10),
             default_cert_ttl: Duration::from_secs(24 * 3600),
             max_cert_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -137,7 +139,7 @@ async fn translator(
         let model = models.borrow_and_update().clone();
         let t0 = std::time::Instant::now();
         let Ok((back, res)) = tokio::task::spawn_blocking(move || {
-            let res = tr.translate(&model);
+            let res = tr.translate(model);
             (tr, res)
         })
         .await
@@ -154,7 +156,7 @@ async fn translator(
                 tracing::warn!("{e}");
             }
         }
-        let next = Snapshot::next(&prev, res);
+        let next = Snapshot::next(&prev, res, std::mem::take(&mut tr.last_changed));
         info!(
             generation = next.generation,
             changed = next.changed.as_ref().map_or(0, |c| c.len()),
@@ -196,7 +198,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let mut tr = translate::Translator::new(cfg.translate.clone());
     let snap = Snapshot {
         generation: 1,
-        resources: Arc::new(tr.translate(&first)),
+        resources: Arc::new(tr.translate(first)),
         changed: None,
     };
     for e in &snap.resources.errors {

@@ -65,7 +65,9 @@ struct Args {
     cluster_domain: String,
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    #[arg(long, value_parser = duration, default_value = "100ms")]
+    /// The manifest directory is watched (inotify); it is also rescanned
+    /// this often, for filesystems that send no change events (NFS, FUSE).
+    #[arg(long, value_parser = duration, default_value = "1s")]
     poll_interval: Duration,
     #[arg(long, value_parser = duration, default_value = "10ms")]
     debounce: Duration,

@@ -8,10 +8,19 @@
 //! document is reported with its file, object and field and skipped; the
 //! rest of the file still applies; an object that was good before keeps its
 //! last good version; a file that is not YAML at all keeps everything it
-//! held before. Polling (one `stat` per file per interval) also sees
-//! editors' rename-over writes and ConfigMap symlink swaps.
+//! held before.
+//!
+//! Changes arrive as filesystem notifications (`notify`: inotify on
+//! Linux): a burst of them makes one rescan set, the manifests named, and
+//! only those are re-read; the model is patched with their objects, and an
+//! object whose contents did not change keeps its `Arc`. Notifications
+//! that name no manifest but may hide several (a directory moved, a
+//! ConfigMap volume's `..data` symlink swapped, an event queue overflow)
+//! make a full rescan, which only re-reads files whose size or mtime
+//! changed. A slow poll does the same full rescan for filesystems that
+//! send no events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +31,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -310,12 +319,44 @@ struct FileState {
     objects: BTreeMap<String, Object>,
 }
 
-/// A directory of manifests and what was last read from each file.
+/// A directory of manifests, what was last read from each file, and the
+/// model they make. The model is patched file by file: re-reading one file
+/// touches only that file's objects, and an object whose contents did not
+/// change keeps its `Arc`, so translation sees exactly what changed.
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     /// Errors of the last read of each file.
     errors: BTreeMap<PathBuf, Vec<ObjectError>>,
+    model: Model,
+    /// Object id -> how many files define it. Above one, the last file in
+    /// path order wins (as if the files were applied in order).
+    holders: HashMap<String, usize>,
+}
+
+/// What one rescan did.
+#[derive(Debug, Default)]
+pub struct Rescan {
+    /// The model changed.
+    pub model_changed: bool,
+    /// Some file was re-read or dropped (its errors may have changed).
+    pub files_changed: bool,
+    /// The errors met this time.
+    pub errors: Vec<ObjectError>,
+}
+
+/// A file the source reads: `.yaml`/`.yml`, no hidden component (editors'
+/// temporary files, Kubernetes' `..data` directories) below `dir`.
+fn is_manifest(dir: &Path, p: &Path) -> bool {
+    let Ok(rel) = p.strip_prefix(dir) else {
+        return false;
+    };
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    (name.ends_with(".yaml") || name.ends_with(".yml"))
+        && rel.components().all(|c| match c {
+            std::path::Component::Normal(n) => !n.to_string_lossy().starts_with('.'),
+            _ => false,
+        })
 }
 
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -334,80 +375,152 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+    let md = std::fs::metadata(p).ok().filter(|m| m.is_file())?;
+    Some((md.modified().unwrap_or(SystemTime::UNIX_EPOCH), md.len()))
+}
+
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         ManifestDir {
             dir: dir.into(),
             files: BTreeMap::new(),
             errors: BTreeMap::new(),
+            model: Model::default(),
+            holders: HashMap::new(),
         }
     }
 
-    /// Re-reads files whose size or mtime changed. Returns whether anything
-    /// changed, and the errors met this time.
-    pub fn rescan(&mut self) -> anyhow::Result<(bool, Vec<ObjectError>)> {
+    /// Lists the whole directory and re-reads files whose size or mtime
+    /// changed; files gone are dropped. The start, and the slow fallback
+    /// poll for filesystems that send no change events.
+    pub fn rescan(&mut self) -> anyhow::Result<Rescan> {
         let mut paths = Vec::new();
         list_files(&self.dir, &mut paths).map_err(|e| {
             anyhow::anyhow!("reading manifest directory {}: {e}", self.dir.display())
         })?;
-        let mut changed = false;
-        let mut new_errors = Vec::new();
-        let before = self.files.len();
-        self.files.retain(|p, _| paths.contains(p));
-        self.errors.retain(|p, _| paths.contains(p));
-        changed |= before != self.files.len();
+        let present: HashSet<&PathBuf> = paths.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        Ok(self.rescan_paths(gone.into_iter().chain(paths)))
+    }
+
+    /// Re-reads just these paths (the rescan set a change notification
+    /// names): a manifest whose size or mtime changed is parsed again, one
+    /// that is gone is dropped; other paths are ignored.
+    pub fn rescan_paths(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> Rescan {
+        let mut out = Rescan::default();
         for p in paths {
-            let Ok(md) = std::fs::metadata(&p) else {
+            let now = stamp(&p).filter(|_| is_manifest(&self.dir, &p));
+            let Some(now) = now else {
+                if let Some(st) = self.files.remove(&p) {
+                    self.errors.remove(&p);
+                    out.files_changed = true;
+                    for (id, o) in st.objects {
+                        out.model_changed |= self.settle(&id, Some(&o), None);
+                    }
+                }
                 continue;
             };
-            let stamp = Some((md.modified().unwrap_or(SystemTime::UNIX_EPOCH), md.len()));
-            let st = self.files.entry(p.clone()).or_default();
-            if st.stamp == stamp {
+            if self.files.get(&p).and_then(|f| f.stamp) == Some(now) {
                 continue;
             }
-            st.stamp = stamp;
-            changed = true;
-            let origin = p.display().to_string();
-            let text = match std::fs::read_to_string(&p) {
-                Ok(t) => t,
-                Err(e) => {
-                    let err = ObjectError {
-                        origin,
-                        object: None,
-                        field: None,
-                        message: format!("cannot read: {e}"),
-                    };
-                    new_errors.push(err.clone());
-                    self.errors.insert(p, vec![err]);
-                    continue;
-                }
+            out.files_changed = true;
+            let errs = self.read(&p, now, &mut out.model_changed);
+            out.errors.extend(errs.iter().cloned());
+            self.errors.insert(p, errs);
+        }
+        out
+    }
+
+    /// Parses one file and patches the model; returns its errors.
+    fn read(&mut self, p: &Path, now: (SystemTime, u64), changed: &mut bool) -> Vec<ObjectError> {
+        let origin = p.display().to_string();
+        let st = self.files.entry(p.to_path_buf()).or_default();
+        st.stamp = Some(now);
+        let text = match std::fs::read_to_string(p) {
+            Ok(t) => t,
+            Err(e) => {
+                return vec![ObjectError {
+                    origin,
+                    object: None,
+                    field: None,
+                    message: format!("cannot read: {e}"),
+                }]
+            }
+        };
+        // Not YAML at all: keep everything this file held.
+        let (objects, errors) = match parse_file(&text, &origin) {
+            Ok(parsed) => parsed,
+            Err(e) => return vec![e],
+        };
+        let mut next = BTreeMap::new();
+        for o in objects {
+            // Unchanged contents keep the object that is already shared.
+            let o = match st.objects.get(&o.id()) {
+                Some(old) if old.same_as(&o) => old.clone(),
+                _ => o,
             };
-            match parse_file(&text, &origin) {
-                Err(e) => {
-                    // Not YAML: keep everything this file held.
-                    new_errors.push(e.clone());
-                    self.errors.insert(p, vec![e]);
-                }
-                Ok((objects, errors)) => {
-                    let mut next = BTreeMap::new();
-                    for o in objects {
-                        next.insert(o.id(), o);
-                    }
-                    let mut errs = Vec::new();
-                    for (id, e) in errors {
-                        // An object that was good keeps its last good version.
-                        if let Some(old) = id.as_ref().and_then(|id| st.objects.get(id)) {
-                            next.entry(old.id()).or_insert_with(|| old.clone());
-                        }
-                        errs.push(e);
-                    }
-                    st.objects = next;
-                    new_errors.extend(errs.iter().cloned());
-                    self.errors.insert(p, errs);
+            next.insert(o.id(), o);
+        }
+        let mut errs = Vec::new();
+        for (id, e) in errors {
+            // An object that was good keeps its last good version.
+            if let Some(old) = id.as_ref().and_then(|id| st.objects.get(id)) {
+                next.entry(old.id()).or_insert_with(|| old.clone());
+            }
+            errs.push(e);
+        }
+        let old = std::mem::replace(&mut st.objects, next.clone());
+        for (id, o) in &old {
+            if !next.contains_key(id) {
+                *changed |= self.settle(id, Some(o), None);
+            }
+        }
+        for (id, o) in &next {
+            match old.get(id) {
+                Some(prev) if Object::same_as(prev, o) => {}
+                Some(_) => *changed |= self.settle(id, None, Some(o)),
+                None => {
+                    *self.holders.entry(id.clone()).or_default() += 1;
+                    *changed |= self.settle(id, None, Some(o));
                 }
             }
         }
-        Ok((changed, new_errors))
+        errs
+    }
+
+    /// Puts the right version of object `id` in the model after a file
+    /// dropped it (`dropped`) or set it (`set`). Returns whether the model
+    /// changed.
+    fn settle(&mut self, id: &str, dropped: Option<&Object>, set: Option<&Object>) -> bool {
+        let count = self.holders.get(id).copied().unwrap_or(0);
+        let count = if dropped.is_some() {
+            count.saturating_sub(1)
+        } else {
+            count
+        };
+        if count == 0 {
+            self.holders.remove(id);
+            if let Some(o) = dropped {
+                self.model.remove(o);
+            }
+            return true;
+        }
+        self.holders.insert(id.to_string(), count);
+        let winner = match set {
+            Some(o) if count == 1 => o.clone(),
+            _ => match self.files.values().rev().find_map(|f| f.objects.get(id)) {
+                Some(o) => o.clone(),
+                None => return false,
+            },
+        };
+        self.model.insert(winner);
+        true
     }
 
     /// All current errors (of the last read of each file).
@@ -416,61 +529,385 @@ impl ManifestDir {
     }
 
     /// The model: every file's objects (a later file wins a duplicate).
-    pub fn model(&self) -> Model {
-        Model::from_objects(
-            self.files
-                .values()
-                .flat_map(|f| f.objects.values().cloned()),
-        )
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 }
 
 /// Current source errors, for logs, `/debug` and tests.
 pub type ErrorList = Arc<Mutex<Vec<String>>>;
 
+/// What the watcher tells the loop.
+enum Change {
+    /// These paths changed (created, written, renamed, removed).
+    Paths(Vec<PathBuf>),
+    /// Something only a full rescan sorts out: a directory moved or
+    /// removed, a `..data` symlink swapped, events lost.
+    Everything,
+}
+
+/// Sorts one notification into manifests to re-read, or a full rescan.
+/// `notify` names paths under the absolute form of the directory (`abs`);
+/// they are put back under `dir` as given, the form the files are kept in.
+fn classify(dir: &Path, abs: &Path, ev: notify::Result<notify::Event>) -> Option<Change> {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let ev = match ev {
+        Ok(ev) => ev,
+        Err(e) => {
+            warn!("manifest watch: {e}; rescanning");
+            return Some(Change::Everything);
+        }
+    };
+    if ev.need_rescan() {
+        return Some(Change::Everything);
+    }
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) => return None,
+        _ => {}
+    }
+    let mut paths = Vec::new();
+    for p in ev.paths {
+        let p = match p.strip_prefix(abs) {
+            Ok(rel) => dir.join(rel),
+            Err(_) => p,
+        };
+        if is_manifest(dir, &p) {
+            paths.push(p);
+            continue;
+        }
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        match std::fs::metadata(&p) {
+            // Editors' temporary files, other kinds of files: not ours.
+            Ok(m) if m.is_file() => {}
+            // A hidden directory that appears: Kubernetes' atomic swap of
+            // a ConfigMap volume's `..data` symlink.
+            Ok(_) if hidden => return Some(Change::Everything),
+            Err(_) if hidden => {}
+            // A directory created, moved or removed: whatever it held.
+            _ => return Some(Change::Everything),
+        }
+    }
+    (!paths.is_empty()).then_some(Change::Paths(paths))
+}
+
 /// Reads `dir` now (an unreadable directory is a start-up error), publishes
-/// the model on `tx`, and keeps polling every `interval`.
+/// the model on `tx`, then watches the directory (inotify, through
+/// `notify`) and re-reads only the files that changed. A full rescan by
+/// `stat` also runs every `fallback_poll`, for filesystems that send no
+/// events (NFS, some FUSE mounts) and in case the watch cannot be set up.
 pub async fn run(
     dir: PathBuf,
-    interval: Duration,
+    fallback_poll: Duration,
     tx: watch::Sender<Arc<Model>>,
     errors: ErrorList,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut md = ManifestDir::new(&dir);
-    let publish = move |md: &mut ManifestDir, first: bool| -> anyhow::Result<()> {
-        let t0 = std::time::Instant::now();
-        let (changed, errs) = md.rescan()?;
-        for e in &errs {
+    let publish = move |md: &ManifestDir, r: &Rescan, first: bool, t0: std::time::Instant| {
+        for e in &r.errors {
             warn!("manifest error: {e}");
             metrics.source_errors.inc();
         }
-        if changed || first {
+        if r.files_changed || first {
+            if let Ok(mut g) = errors.lock() {
+                *g = md.errors().iter().map(|e| e.to_string()).collect();
+            }
+        }
+        if r.model_changed || first {
             let model = md.model();
             info!(
                 pods = model.pods.len(),
                 services = model.services.len(),
                 policies = model.policies.len(),
-                errors = errs.len(),
+                errors = r.errors.len(),
                 took = ?t0.elapsed(),
                 "manifests loaded"
             );
-            if let Ok(mut g) = errors.lock() {
-                *g = md.errors().iter().map(|e| e.to_string()).collect();
-            }
-            tx.send_replace(Arc::new(model));
+            tx.send_replace(Arc::new(model.clone()));
         }
-        Ok(())
     };
-    publish(&mut md, true)?;
+    let t0 = std::time::Instant::now();
+    let r = md.rescan()?;
+    publish(&md, &r, true, t0);
+
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let wdir = dir.clone();
+    let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    let watcher = notify::recommended_watcher(move |ev| {
+        if let Some(c) = classify(&wdir, &abs, ev) {
+            let _ = ev_tx.send(c);
+        }
+    })
+    .and_then(|mut w| {
+        use notify::Watcher;
+        w.watch(&dir, notify::RecursiveMode::Recursive).map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch {} ({e}); polling it every {fallback_poll:?}",
+                dir.display()
+            );
+            None
+        }
+    };
     tokio::spawn(async move {
+        // Dropping the watcher stops it: it lives as long as this loop.
+        let _watcher = watcher;
+        let mut poll = tokio::time::interval(fallback_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
         loop {
-            tokio::time::sleep(interval).await;
-            if let Err(e) = publish(&mut md, false) {
-                // The directory itself went away: keep the last model.
-                warn!("{e:#}");
+            let mut everything = false;
+            let mut notified = false;
+            let mut set: HashSet<PathBuf> = HashSet::new();
+            tokio::select! {
+                c = ev_rx.recv() => {
+                    let mut next = c;
+                    // Take everything already queued: one re-read per burst.
+                    while let Some(c) = next {
+                        match c {
+                            Change::Paths(p) => set.extend(p),
+                            Change::Everything => everything = true,
+                        }
+                        next = ev_rx.try_recv().ok();
+                    }
+                    notified = true;
+                }
+                _ = poll.tick() => everything = true,
             }
+            if everything && notified {
+                // `notify` watches a new directory only after reporting
+                // it: a file written there meanwhile sends no event. One
+                // more rescan shortly after catches it.
+                poll.reset_after(Duration::from_millis(100));
+            }
+            let t0 = std::time::Instant::now();
+            let r = if everything {
+                match md.rescan() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The directory itself went away: keep the last model.
+                        warn!("{e:#}");
+                        continue;
+                    }
+                }
+            } else {
+                md.rescan_paths(set)
+            };
+            publish(&md, &r, false, t0);
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The watcher, with a fallback poll too slow to matter: every change
+    //! here must arrive as a notification.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn pod(name: &str, app: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ns, labels: {{app: {app}}}}}\nspec: {{nodeName: n, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+        )
+    }
+
+    /// Replaces `file` the way editors and `kubectl` tools do: a
+    /// temporary file renamed over it.
+    fn write_atomic(dir: &Path, file: &str, text: &str) {
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(file)).unwrap();
+    }
+
+    fn app(m: &Model, pod: &str) -> Option<String> {
+        m.pods
+            .get(&format!("ns/{pod}"))
+            .and_then(|p| p.metadata.labels.as_ref()?.get("app").cloned())
+    }
+
+    async fn until(rx: &mut watch::Receiver<Arc<Model>>, what: &str, f: impl Fn(&Model) -> bool) {
+        let wait = async {
+            loop {
+                if f(&rx.borrow_and_update()) {
+                    return;
+                }
+                rx.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("not picked up: {what}"));
+    }
+
+    async fn start(dir: &Path) -> (watch::Receiver<Arc<Model>>, ErrorList) {
+        let (tx, rx) = watch::channel(Arc::new(Model::default()));
+        let errors = ErrorList::default();
+        run(
+            dir.to_path_buf(),
+            Duration::from_secs(3600),
+            tx,
+            errors.clone(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap();
+        (rx, errors)
+    }
+
+    #[tokio::test]
+    async fn edits_additions_deletions_and_renames_are_picked_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("a.yaml"), pod("p1", "v1", "10.0.0.1")).unwrap();
+        let (mut rx, _) = start(dir).await;
+        until(&mut rx, "initial read", |m| {
+            app(m, "p1").as_deref() == Some("v1")
+        })
+        .await;
+
+        // In place, and renamed over.
+        std::fs::write(dir.join("a.yaml"), pod("p1", "v2", "10.0.0.1")).unwrap();
+        until(&mut rx, "edit in place", |m| {
+            app(m, "p1").as_deref() == Some("v2")
+        })
+        .await;
+        write_atomic(dir, "a.yaml", &pod("p1", "v3", "10.0.0.1"));
+        until(&mut rx, "rename-over edit", |m| {
+            app(m, "p1").as_deref() == Some("v3")
+        })
+        .await;
+
+        std::fs::write(dir.join("b.yml"), pod("p2", "x", "10.0.0.2")).unwrap();
+        until(&mut rx, "new file", |m| app(m, "p2").is_some()).await;
+
+        // Renamed to a name that is not a manifest, then back to one.
+        std::fs::rename(dir.join("b.yml"), dir.join("b.yml.bak")).unwrap();
+        until(&mut rx, "renamed away", |m| app(m, "p2").is_none()).await;
+        std::fs::rename(dir.join("b.yml.bak"), dir.join("c.yaml")).unwrap();
+        until(&mut rx, "renamed back", |m| app(m, "p2").is_some()).await;
+
+        // A new directory, and a file in it.
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/d.yaml"), pod("p3", "x", "10.0.0.3")).unwrap();
+        until(&mut rx, "file in a new directory", |m| {
+            app(m, "p3").is_some()
+        })
+        .await;
+
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        until(&mut rx, "deleted file", |m| app(m, "p1").is_none()).await;
+        std::fs::remove_dir_all(dir.join("sub")).unwrap();
+        until(&mut rx, "deleted directory", |m| app(m, "p3").is_none()).await;
+        assert!(app(&rx.borrow(), "p2").is_some());
+    }
+
+    async fn errors_until(errors: &ErrorList, what: &str, f: impl Fn(&[String]) -> bool) {
+        for _ in 0..1000 {
+            if f(&errors.lock().unwrap()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("errors never showed {what}: {:?}", errors.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_file_is_reported_and_its_last_good_objects_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let good = format!(
+            "{}---\n{}",
+            pod("p1", "v1", "10.0.0.1"),
+            pod("p2", "v1", "10.0.0.2")
+        );
+        std::fs::write(dir.join("a.yaml"), &good).unwrap();
+        let (mut rx, errors) = start(dir).await;
+        until(&mut rx, "initial read", |m| m.pods.len() == 2).await;
+
+        // Not YAML at all: everything the file held stays.
+        write_atomic(dir, "a.yaml", "kind: Pod\nmetadata: [unclosed\n");
+        errors_until(&errors, "the YAML error", |e| {
+            e.len() == 1 && e[0].contains("a.yaml") && e[0].contains("not valid YAML")
+        })
+        .await;
+        assert_eq!(rx.borrow().pods.len(), 2);
+
+        // One bad object: it keeps its last good version, the rest apply.
+        let one_bad = format!(
+            "{}---\n{}",
+            pod("p1", "v2", "300.0.0.1"),
+            pod("p2", "v2", "10.0.0.2")
+        );
+        write_atomic(dir, "a.yaml", &one_bad);
+        until(&mut rx, "the good object", |m| {
+            app(m, "p2").as_deref() == Some("v2")
+        })
+        .await;
+        assert_eq!(app(&rx.borrow(), "p1").as_deref(), Some("v1"));
+        errors_until(&errors, "the bad field", |e| {
+            e.len() == 1 && e[0].contains("Pod ns/p1") && e[0].contains("status.podIP")
+        })
+        .await;
+
+        // Fixed: applied, and the error is gone.
+        write_atomic(dir, "a.yaml", &pod("p1", "v3", "10.0.0.1"));
+        until(&mut rx, "the fix", |m| {
+            app(m, "p1").as_deref() == Some("v3") && app(m, "p2").is_none()
+        })
+        .await;
+        errors_until(&errors, "no error", |e| e.is_empty()).await;
+    }
+
+    #[test]
+    fn unchanged_objects_keep_their_arc_and_later_files_win() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let two = |v: &str| {
+            format!(
+                "{}---\n{}",
+                pod("p1", v, "10.0.0.1"),
+                pod("p2", "x", "10.0.0.2")
+            )
+        };
+        std::fs::write(dir.join("a.yaml"), two("v1")).unwrap();
+        let mut md = ManifestDir::new(dir);
+        let r = md.rescan().unwrap();
+        assert!(r.model_changed && r.errors.is_empty());
+        let p2 = md.model().pods["ns/p2"].clone();
+        let p1 = md.model().pods["ns/p1"].clone();
+
+        // The same text again: nothing changes.
+        std::fs::write(dir.join("a.yaml"), two("v1") + "\n").unwrap();
+        let r = md.rescan_paths([dir.join("a.yaml")]);
+        assert!(r.files_changed && !r.model_changed);
+        assert!(Arc::ptr_eq(&md.model().pods["ns/p1"], &p1));
+
+        std::fs::write(dir.join("a.yaml"), two("v2")).unwrap();
+        let r = md.rescan_paths([dir.join("a.yaml")]);
+        assert!(r.model_changed);
+        assert!(Arc::ptr_eq(&md.model().pods["ns/p2"], &p2));
+        assert!(!Arc::ptr_eq(&md.model().pods["ns/p1"], &p1));
+
+        // The same pod in a later file wins; when that file goes, the
+        // earlier file's version is back; when both go, the pod is gone.
+        std::fs::write(dir.join("b.yaml"), pod("p1", "from-b", "10.0.0.1")).unwrap();
+        md.rescan().unwrap();
+        assert_eq!(app(md.model(), "p1").as_deref(), Some("from-b"));
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        md.rescan_paths([dir.join("b.yaml")]);
+        assert_eq!(app(md.model(), "p1").as_deref(), Some("v2"));
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let r = md.rescan().unwrap();
+        assert!(r.model_changed);
+        assert!(md.model().pods.is_empty());
+    }
 }

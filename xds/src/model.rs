@@ -396,6 +396,26 @@ impl Object {
         }
     }
 
+    /// The same object: one `Arc`, or equal contents. Sources keep an
+    /// unchanged object's `Arc` across re-reads, so translation can tell
+    /// what changed by pointer.
+    pub fn same_as(&self, other: &Object) -> bool {
+        fn eq<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+            Arc::ptr_eq(a, b) || **a == **b
+        }
+        match (self, other) {
+            (Object::Namespace(a), Object::Namespace(b)) => eq(a, b),
+            (Object::Pod(a), Object::Pod(b)) => eq(a, b),
+            (Object::Service(a), Object::Service(b)) => eq(a, b),
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) => eq(a, b),
+            (Object::ServiceAccount(a), Object::ServiceAccount(b)) => eq(a, b),
+            (Object::AuthorizationPolicy(a), Object::AuthorizationPolicy(b)) => eq(a, b),
+            (Object::Gateway(a), Object::Gateway(b)) => eq(a, b),
+            (Object::HttpRoute(a), Object::HttpRoute(b)) => eq(a, b),
+            _ => false,
+        }
+    }
+
     /// `Kind/namespace/name`: unique across kinds.
     pub fn id(&self) -> String {
         format!("{}/{}", self.kind(), key_of(self.meta()))
@@ -430,6 +450,21 @@ impl Model {
             Object::HttpRoute(o) => {
                 self.http_routes.insert(key, o);
             }
+        }
+    }
+
+    /// Removes the object of `o`'s kind and key, if there is one.
+    pub fn remove(&mut self, o: &Object) {
+        let key = key_of(o.meta());
+        match o {
+            Object::Namespace(_) => drop(self.namespaces.remove(&key)),
+            Object::Pod(_) => drop(self.pods.remove(&key)),
+            Object::Service(_) => drop(self.services.remove(&key)),
+            Object::EndpointSlice(_) => drop(self.endpoint_slices.remove(&key)),
+            Object::ServiceAccount(_) => drop(self.service_accounts.remove(&key)),
+            Object::AuthorizationPolicy(_) => drop(self.policies.remove(&key)),
+            Object::Gateway(_) => drop(self.gateways.remove(&key)),
+            Object::HttpRoute(_) => drop(self.http_routes.remove(&key)),
         }
     }
 

@@ -8,7 +8,7 @@
 //! resuming with `initial_resource_versions` is sent only what really
 //! changed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -511,149 +511,433 @@ pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec:
 
 type ServicePorts = (String, Vec<wl::Port>);
 type Labels = BTreeMap<String, String>;
+type Named = BTreeMap<Arc<str>, Arc<Resource>>;
+/// `(type_url, name)` of a resource.
+pub type ResourceId = (&'static str, Arc<str>);
 
 /// The whole model, translated.
 pub fn translate(opts: &Options, model: &Model) -> Resources {
-    Translator::new(opts.clone()).translate(model)
+    Translator::new(opts.clone()).translate(Arc::new(model.clone()))
 }
 
 /// A pod's Workload and, when in the mesh, its (node, identity).
 type PodOut = (Arc<Resource>, Option<(Arc<str>, Arc<str>)>);
 
-/// A pod's last translation: the resource (none if the pod is not served)
-/// and the node identity it contributes.
-struct PodMemo {
-    ptr: usize,
-    ns_fp: u64,
-    out: Option<PodOut>,
+/// What the pods of one namespace depend on besides themselves (all of a
+/// pod's inputs are in its namespace), rebuilt when one of them changes.
+#[derive(Default)]
+struct NsIndex {
+    /// Services with a selector.
+    selecting: Vec<Arc<Service>>,
+    /// Selector-less services' ports, by the endpoint IPs of their
+    /// EndpointSlices.
+    slice_services: HashMap<IpAddr, Vec<ServicePorts>>,
+    /// Workload-selector policies that apply at L4: (key, selector).
+    policies: Vec<(String, Labels)>,
 }
 
-/// Translates a model, reusing the previous translation of what did not
-/// change. Sources keep unchanged objects as the same `Arc` across updates,
-/// so "unchanged" is pointer equality; a pod also depends on its
-/// namespace (labels), that namespace's services, EndpointSlices and
-/// policies, summarised as a fingerprint of their pointers. A change to one
-/// pod then costs one pod's translation, not ten thousand.
+/// The keys of `map` in namespace `ns` (keys are `namespace/name`).
+fn in_ns<'a, T>(
+    map: &'a BTreeMap<String, Arc<T>>,
+    ns: &str,
+) -> impl Iterator<Item = (&'a String, &'a Arc<T>)> {
+    // '0' follows '/': every "ns/..." key sorts between the two.
+    map.range(format!("{ns}/")..format!("{ns}0"))
+}
+
+fn ns_of(key: &str) -> &str {
+    key.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// A key with its old and new object (`None`: absent on that side).
+type Change<'a, T> = (&'a String, Option<&'a Arc<T>>, Option<&'a Arc<T>>);
+
+/// Keys whose object differs between two versions of a map (added,
+/// removed, or another `Arc`), in one merge pass over both.
+fn changed_keys<'a, T>(
+    old: &'a BTreeMap<String, Arc<T>>,
+    new: &'a BTreeMap<String, Arc<T>>,
+) -> Vec<Change<'a, T>> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, o)), None) => {
+                out.push((*k, Some(*o), None));
+                a.next();
+            }
+            (None, Some((k, n))) => {
+                out.push((*k, None, Some(*n)));
+                b.next();
+            }
+            (Some((ka, o)), Some((kb, n))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*ka, Some(*o), None));
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*kb, None, Some(*n)));
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(o, n) {
+                        out.push((*ka, Some(*o), Some(*n)));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+fn selector(s: &Service) -> Option<&Labels> {
+    s.spec
+        .as_ref()
+        .and_then(|sp| sp.selector.as_ref())
+        .filter(|sel| !sel.is_empty())
+}
+
+fn policy_selector(ap: &AuthorizationPolicy) -> Option<&Labels> {
+    ap.spec
+        .selector
+        .as_ref()
+        .map(|s| &s.match_labels)
+        .filter(|l| !l.is_empty())
+}
+
+/// Translates a model incrementally. Sources keep unchanged objects as the
+/// same `Arc` across updates, so the translator finds what changed by
+/// comparing pointers with the model it translated last, and retranslates
+/// only the resources that depend on it: a pod change costs one pod; a
+/// service or policy change, the pods of its namespace its selector (old or
+/// new) matches; a namespace or waypoint Gateway change, its namespace.
+/// Its outputs (resources by name, node identities) are kept and patched,
+/// and it reports which resources changed, so nothing downstream compares
+/// the whole state either. The first translation is the same pass with
+/// every namespace dirty.
 pub struct Translator {
     opts: Options,
-    pods: HashMap<String, PodMemo>,
-    /// Service -> (pointer, namespace fingerprint, resource): a service's
-    /// waypoint depends on its namespace's labels and Gateways.
-    services: HashMap<String, (usize, u64, Arc<Resource>)>,
-    policies: HashMap<String, (usize, Option<Arc<Resource>>)>,
+    prev: Arc<Model>,
+    /// Whether `prev` was translated (the first translation is one pass).
+    translated: bool,
+    ns: HashMap<String, NsIndex>,
+    /// Pod key -> its last translation (`None`: not served).
+    pods: HashMap<String, Option<PodOut>>,
+    services: HashMap<String, Arc<Resource>>,
+    policies: HashMap<String, Option<Arc<Resource>>>,
+    addrs: Named,
+    authz: Named,
+    /// Waypoints' Envoy resources, by type (small: rebuilt every time).
+    envoy: BTreeMap<&'static str, Named>,
+    /// node -> identity -> how many served pods have it.
+    node_ids: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
     /// Pods translated afresh by the last [`Translator::translate`].
     pub last_retranslated: usize,
+    /// Resources changed (added, modified, removed) by the last
+    /// [`Translator::translate`].
+    pub last_changed: HashSet<ResourceId>,
 }
 
-fn ptr<T>(a: &Arc<T>) -> usize {
-    Arc::as_ptr(a) as usize
+/// Puts `r` in `map`, noting it as changed unless the same version was there.
+fn put(map: &mut Named, changed: &mut HashSet<ResourceId>, r: Arc<Resource>) {
+    let (t, name) = (r.type_url, r.name.clone());
+    if map.insert(name.clone(), r.clone()).map(|o| o.hash) != Some(r.hash) {
+        changed.insert((t, name));
+    }
+}
+
+fn take(map: &mut Named, changed: &mut HashSet<ResourceId>, t: &'static str, name: &Arc<str>) {
+    if map.remove(name).is_some() {
+        changed.insert((t, name.clone()));
+    }
 }
 
 impl Translator {
     pub fn new(opts: Options) -> Self {
         Translator {
             opts,
+            prev: Arc::new(Model::default()),
+            translated: false,
+            ns: HashMap::new(),
             pods: HashMap::new(),
             services: HashMap::new(),
             policies: HashMap::new(),
+            addrs: Named::new(),
+            authz: Named::new(),
+            envoy: BTreeMap::new(),
+            node_ids: HashMap::new(),
             last_retranslated: 0,
+            last_changed: HashSet::new(),
         }
     }
 
-    /// Fingerprints of what pods of each namespace depend on.
-    fn namespace_fingerprints(model: &Model) -> HashMap<&str, u64> {
-        let mut fp: HashMap<&str, u64> = HashMap::new();
-        fn mix<'a>(fp: &mut HashMap<&'a str, u64>, ns: &'a str, kind: u64, p: usize) {
-            let h = fp.entry(ns).or_insert(0xcbf2_9ce4_8422_2325);
-            for x in [kind, p as u64] {
-                *h ^= x;
-                *h = h.wrapping_mul(0x0100_0000_01b3);
+    pub fn translate(&mut self, model: Arc<Model>) -> Resources {
+        let old = std::mem::replace(&mut self.prev, model.clone());
+        let model = &*model;
+        let mut changed = HashSet::new();
+        // Namespaces whose pods and services all retranslate, whose pod
+        // inputs are re-indexed, and single pods / services / policies.
+        let mut all_ns: BTreeSet<String> = BTreeSet::new();
+        let mut index_ns: BTreeSet<String> = BTreeSet::new();
+        let mut pods: BTreeSet<String> = BTreeSet::new();
+        let mut services: BTreeSet<String> = BTreeSet::new();
+        let mut policies: BTreeSet<String> = BTreeSet::new();
+
+        if !std::mem::replace(&mut self.translated, true) {
+            // First translation: one pass over everything.
+            let keys = model
+                .pods
+                .keys()
+                .chain(model.services.keys())
+                .chain(model.endpoint_slices.keys())
+                .chain(model.policies.keys())
+                .chain(model.gateways.keys());
+            for k in keys {
+                if !all_ns.contains(ns_of(k)) {
+                    all_ns.insert(ns_of(k).to_string());
+                }
+            }
+            all_ns.extend(model.namespaces.keys().cloned());
+        }
+        for (k, _, _) in changed_keys(&old.namespaces, &model.namespaces) {
+            all_ns.insert(k.clone());
+        }
+        for (k, _, _) in changed_keys(&old.gateways, &model.gateways) {
+            all_ns.insert(ns_of(k).to_string());
+        }
+        // Pods of `ns` whose labels `sel` matches, unless `ns` is redone whole.
+        let matching = |ns: &str, sel: Option<&Labels>, pods: &mut BTreeSet<String>| {
+            let Some(sel) = sel else { return };
+            for (k, p) in in_ns(&model.pods, ns) {
+                let labels = p.metadata.labels.as_ref();
+                if sel
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                {
+                    pods.insert(k.clone());
+                }
+            }
+        };
+        for (k, o, n) in changed_keys(&old.services, &model.services) {
+            let ns = ns_of(k);
+            services.insert(k.clone());
+            index_ns.insert(ns.to_string());
+            if all_ns.contains(ns) {
+                continue;
+            }
+            let (os, ns_) = (o.and_then(|s| selector(s)), n.and_then(|s| selector(s)));
+            if (o.is_some() && os.is_none()) || (n.is_some() && ns_.is_none()) {
+                // A selector-less service: its EndpointSlices' pods.
+                all_ns.insert(ns.to_string());
+                continue;
+            }
+            matching(ns, os, &mut pods);
+            matching(ns, ns_, &mut pods);
+        }
+        for (k, o, n) in changed_keys(&old.endpoint_slices, &model.endpoint_slices) {
+            let ns = ns_of(k);
+            index_ns.insert(ns.to_string());
+            if all_ns.contains(ns) {
+                continue;
+            }
+            let ips: HashSet<IpAddr> = o
+                .into_iter()
+                .chain(n)
+                .flat_map(|es| es.endpoints.iter())
+                .flat_map(|ep| ep.addresses.iter())
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            for (pk, p) in in_ns(&model.pods, ns) {
+                if pod_ips(p).iter().any(|ip| ips.contains(ip)) {
+                    pods.insert(pk.clone());
+                }
             }
         }
-        for (k, n) in &model.namespaces {
-            mix(&mut fp, k, 1, ptr(n));
-        }
-        for s in model.services.values() {
-            mix(
-                &mut fp,
-                s.metadata.namespace.as_deref().unwrap_or_default(),
-                2,
-                ptr(s),
+        for (k, o, n) in changed_keys(&old.policies, &model.policies) {
+            let ns = ns_of(k);
+            policies.insert(k.clone());
+            let (os, ns_) = (
+                o.and_then(|p| policy_selector(p)),
+                n.and_then(|p| policy_selector(p)),
             );
+            if os.is_none() && ns_.is_none() {
+                continue;
+            }
+            index_ns.insert(ns.to_string());
+            if !all_ns.contains(ns) {
+                matching(ns, os, &mut pods);
+                matching(ns, ns_, &mut pods);
+            }
         }
-        for e in model.endpoint_slices.values() {
-            mix(
-                &mut fp,
-                e.metadata.namespace.as_deref().unwrap_or_default(),
-                3,
-                ptr(e),
+        for (k, _, _) in changed_keys(&old.pods, &model.pods) {
+            if !all_ns.contains(ns_of(k)) {
+                pods.insert(k.clone());
+            }
+        }
+        for ns in &all_ns {
+            services.extend(in_ns(&model.services, ns).map(|(k, _)| k.clone()));
+            pods.extend(in_ns(&model.pods, ns).map(|(k, _)| k.clone()));
+        }
+        index_ns.extend(all_ns.iter().cloned());
+
+        // Policies first: the index lists only those that apply at L4.
+        for key in &policies {
+            let new = model.policies.get(key).and_then(|ap| {
+                translate_policy(&self.opts, ap)
+                    .map(|a| resource(mesh_proto::type_url::AUTHORIZATION, key.clone(), &a))
+            });
+            match &new {
+                Some(r) => put(&mut self.authz, &mut changed, r.clone()),
+                None => take(
+                    &mut self.authz,
+                    &mut changed,
+                    mesh_proto::type_url::AUTHORIZATION,
+                    &Arc::from(key.as_str()),
+                ),
+            }
+            match model.policies.get(key) {
+                Some(_) => self.policies.insert(key.clone(), new),
+                None => self.policies.remove(key),
+            };
+        }
+        for key in &services {
+            let old = self.services.remove(key).map(|r| r.name.clone());
+            let new = model.services.get(key).map(|s| {
+                let msg = translate_service(&self.opts, model, s);
+                let name = format!("{}/{}", msg.namespace, msg.hostname);
+                resource(
+                    mesh_proto::type_url::ADDRESS,
+                    name,
+                    &wl::Address {
+                        r#type: Some(wl::address::Type::Service(msg)),
+                    },
+                )
+            });
+            if let Some(r) = &new {
+                put(&mut self.addrs, &mut changed, r.clone());
+                self.services.insert(key.clone(), r.clone());
+            }
+            if let Some(name) = old.filter(|n| new.as_ref().map(|r| &r.name) != Some(n)) {
+                take(
+                    &mut self.addrs,
+                    &mut changed,
+                    mesh_proto::type_url::ADDRESS,
+                    &name,
+                );
+            }
+        }
+        for ns in &index_ns {
+            let idx = self.index(model, ns);
+            self.ns.insert(ns.clone(), idx);
+        }
+
+        self.last_retranslated = 0;
+        let empty = NsIndex::default();
+        for key in &pods {
+            let old = self.pods.remove(key).flatten().map(|(r, id)| {
+                if let Some((node, identity)) = id {
+                    self.forget_identity(&node, &identity);
+                }
+                r.name.clone()
+            });
+            let new = model.pods.get(key).and_then(|p| {
+                self.last_retranslated += 1;
+                let idx = self.ns.get(ns_of(key)).unwrap_or(&empty);
+                self.translate_pod(model, p, idx)
+            });
+            if let Some((r, id)) = &new {
+                if let Some((node, identity)) = id {
+                    *self
+                        .node_ids
+                        .entry(node.clone())
+                        .or_default()
+                        .entry(identity.clone())
+                        .or_default() += 1;
+                }
+                put(&mut self.addrs, &mut changed, r.clone());
+            }
+            // Gone, or no longer served (finished, lost its IP).
+            if let Some(name) = old.filter(|n| new.as_ref().map(|(r, _)| &r.name) != Some(n)) {
+                take(
+                    &mut self.addrs,
+                    &mut changed,
+                    mesh_proto::type_url::ADDRESS,
+                    &name,
+                );
+            }
+            if model.pods.contains_key(key) {
+                self.pods.insert(key.clone(), new);
+            }
+        }
+
+        // Waypoints' Envoy configuration.
+        let envoy_out = crate::envoy::translate(&self.opts, model);
+        let envoy: BTreeMap<&'static str, Named> = envoy_out.resources.into_iter().collect();
+        let empty_named = Named::new();
+        for t in envoy.keys().chain(self.envoy.keys()) {
+            let (o, n) = (
+                self.envoy.get(t).unwrap_or(&empty_named),
+                envoy.get(t).unwrap_or(&empty_named),
             );
+            for (name, r) in n {
+                if o.get(name).map(|x| x.hash) != Some(r.hash) {
+                    changed.insert((*t, name.clone()));
+                }
+            }
+            for name in o.keys().filter(|k| !n.contains_key(*k)) {
+                changed.insert((*t, name.clone()));
+            }
         }
-        for a in model.policies.values() {
-            mix(
-                &mut fp,
-                a.metadata.namespace.as_deref().unwrap_or_default(),
-                4,
-                ptr(a),
-            );
+        self.envoy = envoy;
+
+        let mut out = Resources::default();
+        out.by_type
+            .insert(mesh_proto::type_url::ADDRESS, self.addrs.clone());
+        out.by_type
+            .insert(mesh_proto::type_url::AUTHORIZATION, self.authz.clone());
+        for (t, named) in &self.envoy {
+            out.by_type.insert(t, named.clone());
         }
-        for g in model.gateways.values() {
-            mix(
-                &mut fp,
-                g.metadata.namespace.as_deref().unwrap_or_default(),
-                5,
-                ptr(g),
-            );
-        }
-        fp
+        out.node_identities = self
+            .node_ids
+            .iter()
+            .map(|(n, ids)| (n.clone(), ids.keys().cloned().collect()))
+            .collect();
+        out.errors = envoy_out.errors;
+        out.waypoints = envoy_out.scope;
+        self.last_changed = changed;
+        out
     }
 
-    pub fn translate(&mut self, model: &Model) -> Resources {
-        let opts = &self.opts.clone();
-        let ns_fps = Self::namespace_fingerprints(model);
-        let mut out = Resources::default();
-        let mut addrs = BTreeMap::new();
-        let mut authz = BTreeMap::new();
+    fn forget_identity(&mut self, node: &Arc<str>, identity: &Arc<str>) {
+        let Some(ids) = self.node_ids.get_mut(node) else {
+            return;
+        };
+        if let Some(n) = ids.get_mut(identity) {
+            *n -= 1;
+            if *n == 0 {
+                ids.remove(identity);
+            }
+        }
+        if ids.is_empty() {
+            self.node_ids.remove(node);
+        }
+    }
 
-        // Services, and which ones select pods by namespace.
-        let mut selecting: HashMap<&str, Vec<&Service>> = HashMap::new();
-        let mut services_memo = HashMap::new();
-        for (mkey, s) in &model.services {
-            let ns_fp = ns_fps
-                .get(s.metadata.namespace.as_deref().unwrap_or_default())
-                .copied()
-                .unwrap_or(0);
-            let r = match self.services.get(mkey) {
-                Some((p, fp, r)) if *p == ptr(s) && *fp == ns_fp => r.clone(),
-                _ => {
-                    let msg = translate_service(opts, model, s);
-                    let key = format!("{}/{}", msg.namespace, msg.hostname);
-                    resource(
-                        mesh_proto::type_url::ADDRESS,
-                        key,
-                        &wl::Address {
-                            r#type: Some(wl::address::Type::Service(msg)),
-                        },
-                    )
-                }
-            };
-            services_memo.insert(mkey.clone(), (ptr(s), ns_fp, r.clone()));
-            addrs.insert(r.name.clone(), r);
-            let spec = s.spec.as_ref();
-            if spec
-                .and_then(|sp| sp.selector.as_ref())
-                .is_some_and(|sel| !sel.is_empty())
-            {
-                selecting
-                    .entry(s.metadata.namespace.as_deref().unwrap_or_default())
-                    .or_default()
-                    .push(s);
+    /// What the pods of `ns` depend on, from the model.
+    fn index(&self, model: &Model, ns: &str) -> NsIndex {
+        let opts = &self.opts;
+        let mut idx = NsIndex::default();
+        for (_, s) in in_ns(&model.services, ns) {
+            if selector(s).is_some() {
+                idx.selecting.push(s.clone());
             }
         }
         // Selector-less services: endpoints from EndpointSlices, by pod IP.
-        let mut slice_services: HashMap<(String, IpAddr), Vec<ServicePorts>> = HashMap::new();
-        for es in model.endpoint_slices.values() {
-            let ns = es.metadata.namespace.clone().unwrap_or_default();
+        for (_, es) in in_ns(&model.endpoint_slices, ns) {
             let Some(svc_name) = es
                 .metadata
                 .labels
@@ -665,10 +949,7 @@ impl Translator {
             let Some(svc) = model.services.get(&format!("{ns}/{svc_name}")) else {
                 continue;
             };
-            if selecting
-                .get(ns.as_str())
-                .is_some_and(|v| v.iter().any(|s| std::ptr::eq(*s, svc.as_ref())))
-            {
+            if selector(svc).is_some() {
                 continue;
             }
             let spec = svc.spec.clone().unwrap_or_default();
@@ -694,103 +975,26 @@ impl Translator {
             for ep in &es.endpoints {
                 for a in &ep.addresses {
                     if let Ok(ip) = a.parse::<IpAddr>() {
-                        slice_services
-                            .entry((ns.clone(), ip))
+                        idx.slice_services
+                            .entry(ip)
                             .or_default()
                             .push((key.clone(), ports.clone()));
                     }
                 }
             }
         }
-        // Workload-selector policies, by namespace.
-        let mut policies_by_ns: HashMap<&str, Vec<(String, &Labels)>> = HashMap::new();
-        let mut policies_memo = HashMap::new();
-        for (key, ap) in &model.policies {
-            let r = match self.policies.get(key) {
-                Some((p, r)) if *p == ptr(ap) => r.clone(),
-                _ => translate_policy(opts, ap)
-                    .map(|a| resource(mesh_proto::type_url::AUTHORIZATION, key.clone(), &a)),
-            };
-            policies_memo.insert(key.clone(), (ptr(ap), r.clone()));
-            let Some(r) = r else {
-                continue;
-            };
-            if let Some(sel) = ap
-                .spec
-                .selector
-                .as_ref()
-                .filter(|s| !s.match_labels.is_empty())
-            {
-                policies_by_ns
-                    .entry(ap.metadata.namespace.as_deref().unwrap_or_default())
-                    .or_default()
-                    .push((key.clone(), &sel.match_labels));
-            }
-            authz.insert(r.name.clone(), r);
-        }
-
-        self.last_retranslated = 0;
-        self.pods.retain(|k, _| model.pods.contains_key(k));
-        for (pkey, p) in &model.pods {
-            let ns_fp = ns_fps
-                .get(p.metadata.namespace.as_deref().unwrap_or_default())
-                .copied()
-                .unwrap_or(0);
-            let fresh = self
-                .pods
-                .get(pkey)
-                .is_some_and(|m| m.ptr == ptr(p) && m.ns_fp == ns_fp);
-            if !fresh {
-                self.last_retranslated += 1;
-                let out =
-                    self.translate_pod(model, p, &selecting, &slice_services, &policies_by_ns);
-                self.pods.insert(
-                    pkey.clone(),
-                    PodMemo {
-                        ptr: ptr(p),
-                        ns_fp,
-                        out,
-                    },
-                );
-            }
-            let Some(memo) = self.pods.get(pkey) else {
-                continue;
-            };
-            if let Some((r, id)) = &memo.out {
-                if let Some((node, identity)) = id {
-                    out.node_identities
-                        .entry(node.clone())
-                        .or_default()
-                        .insert(identity.clone());
-                }
-                addrs.insert(r.name.clone(), r.clone());
+        for (key, ap) in in_ns(&model.policies, ns) {
+            let applies = self.policies.get(key).is_some_and(Option::is_some);
+            if let Some(sel) = policy_selector(ap).filter(|_| applies) {
+                idx.policies.push((key.clone(), sel.clone()));
             }
         }
-        self.services = services_memo;
-        self.policies = policies_memo;
-        out.by_type.insert(mesh_proto::type_url::ADDRESS, addrs);
-        out.by_type
-            .insert(mesh_proto::type_url::AUTHORIZATION, authz);
-        // Waypoints' Envoy configuration (small: not memoized).
-        let envoy = crate::envoy::translate(opts, model);
-        for (t, named) in envoy.resources {
-            out.by_type.insert(t, named);
-        }
-        out.errors = envoy.errors;
-        out.waypoints = envoy.scope;
-        out
+        idx
     }
 
     /// One pod as a Workload; `None` when it is not served (no IP, host
     /// network, finished).
-    fn translate_pod(
-        &self,
-        model: &Model,
-        p: &Pod,
-        selecting: &HashMap<&str, Vec<&Service>>,
-        slice_services: &HashMap<(String, IpAddr), Vec<ServicePorts>>,
-        policies_by_ns: &HashMap<&str, Vec<(String, &Labels)>>,
-    ) -> Option<PodOut> {
+    fn translate_pod(&self, model: &Model, p: &Pod, idx: &NsIndex) -> Option<PodOut> {
         let opts = &self.opts;
         let ips = pod_ips(p);
         let spec = p.spec.as_ref();
@@ -805,8 +1009,8 @@ impl Translator {
         let name = p.metadata.name.clone().unwrap_or_default();
         let labels = pod_labels(p);
         let mesh = in_mesh(model, p);
-        let mut services = HashMap::new();
-        for s in selecting.get(ns.as_str()).into_iter().flatten() {
+        let mut services = BTreeMap::new();
+        for s in &idx.selecting {
             let Some(sspec) = s.spec.as_ref() else {
                 continue;
             };
@@ -831,7 +1035,7 @@ impl Translator {
             );
         }
         for ip in &ips {
-            for (key, ports) in slice_services.get(&(ns.clone(), *ip)).into_iter().flatten() {
+            for (key, ports) in idx.slice_services.get(ip).into_iter().flatten() {
                 services.insert(
                     key.clone(),
                     wl::PortList {
@@ -840,10 +1044,9 @@ impl Translator {
                 );
             }
         }
-        let mut authorization_policies: Vec<String> = policies_by_ns
-            .get(ns.as_str())
-            .into_iter()
-            .flatten()
+        let mut authorization_policies: Vec<String> = idx
+            .policies
+            .iter()
             .filter(|(_, sel)| labels_match(sel, &labels))
             .map(|(k, _)| k.clone())
             .collect();
@@ -1120,9 +1323,13 @@ mod tests {
         let opts = Options::default();
         let mut tr = Translator::new(opts.clone());
         let mut m = model();
-        assert_eq!(hashes(&tr.translate(&m)), hashes(&translate(&opts, &m)));
-        tr.translate(&m.clone());
+        assert_eq!(
+            hashes(&tr.translate(Arc::new(m.clone()))),
+            hashes(&translate(&opts, &m))
+        );
+        tr.translate(Arc::new(m.clone()));
         assert_eq!(tr.last_retranslated, 0, "nothing changed");
+        assert!(tr.last_changed.is_empty());
         // One pod changes; the namespace of others changes its label; a
         // policy goes away.
         let Object::Pod(p) = pod("mesh", "a", "10.0.0.9", &[("app", "a")]) else {
@@ -1137,10 +1344,22 @@ mod tests {
             }),
         );
         m.policies.remove("mesh/allow");
-        let inc = tr.translate(&m);
+        let inc = tr.translate(Arc::new(m.clone()));
         assert_eq!(hashes(&inc), hashes(&translate(&opts, &m)));
-        // Namespaces mesh (a policy went) and plain (its label): all four.
-        assert_eq!(tr.last_retranslated, 4);
+        // Pod a (changed, and the policy that went selected it), and all
+        // of namespace plain (its label): not mesh/out.
+        assert_eq!(tr.last_retranslated, 3);
+        let mut changed: Vec<_> = tr.last_changed.iter().map(|(_, n)| n.to_string()).collect();
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                "Kubernetes//Pod/mesh/a",
+                "Kubernetes//Pod/plain/p",
+                "mesh/allow"
+            ],
+            "plain/in was in the mesh already: retranslated, but the same"
+        );
         let wl::address::Type::Workload(p) = decode(&inc, "Kubernetes//Pod/plain/p") else {
             panic!()
         };
@@ -1150,6 +1369,97 @@ mod tests {
         };
         assert!(a.authorization_policies.is_empty());
         assert_eq!(a.addresses, vec![vec![10, 0, 0, 9]]);
+    }
+
+    /// (type, name) -> hash of every resource.
+    fn versions(r: &Resources) -> BTreeMap<(String, String), u64> {
+        r.by_type
+            .iter()
+            .flat_map(|(t, m)| {
+                m.values()
+                    .map(|x| ((t.to_string(), x.name.to_string()), x.hash))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_of_change_translates_like_a_fresh_translation() {
+        let opts = Options::default();
+        let (objs, errs) = crate::manifest::parse_file(WAYPOINT_MANIFEST, "t.yaml").unwrap();
+        assert!(errs.is_empty());
+        let mut m = model();
+        for o in objs {
+            m.insert(o);
+        }
+        let mut tr = Translator::new(opts.clone());
+        let mut before = translate(&opts, &m);
+        assert_eq!(
+            versions(&tr.translate(Arc::new(m.clone()))),
+            versions(&before)
+        );
+        let parse = |text: &str| {
+            let (mut o, e) = crate::manifest::parse_file(text, "t.yaml").unwrap();
+            assert!(
+                e.is_empty(),
+                "{:?}",
+                e.iter().map(|e| &e.1).collect::<Vec<_>>()
+            );
+            o.remove(0)
+        };
+        type Step<'a> = Box<dyn Fn(&mut Model) + 'a>;
+        let steps: Vec<Step> = vec![
+            // A selecting service changes its selector: pods move.
+            Box::new(|m| {
+                m.insert(parse("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: app}\nspec: {clusterIP: 10.96.0.10, selector: {app: plain}, ports: [{port: 81}]}"));
+            }),
+            // A pod goes; another loses its IP.
+            Box::new(|m| {
+                m.pods.remove("app/plain-1");
+                m.insert(parse("apiVersion: v1\nkind: Pod\nmetadata: {name: echo-1, namespace: app, labels: {app: echo}}\nspec: {nodeName: n, containers: [{name: c}]}"));
+            }),
+            // The selector-less service's EndpointSlice moves to another pod.
+            Box::new(|m| {
+                m.insert(parse("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, namespace: mesh, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.2]}]\nports: [{name: http, port: 7070}]"));
+            }),
+            // A waypoint Gateway goes: its namespace loses the waypoint.
+            Box::new(|m| {
+                m.gateways.remove("app/wp");
+            }),
+            // A policy with a selector appears; a service goes.
+            Box::new(|m| {
+                m.insert(parse("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: app}\nspec: {selector: {matchLabels: {app: echo}}, action: DENY, rules: [{}]}"));
+                m.services.remove("mesh/ext");
+            }),
+            // A new namespace with a pod.
+            Box::new(|m| {
+                m.insert(parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: new, labels: {istio.io/dataplane-mode: ambient}}"));
+                m.insert(parse("apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: new}\nspec: {nodeName: n2, serviceAccountName: x, containers: [{name: c}]}\nstatus: {podIP: 10.0.9.9}"));
+            }),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            step(&mut m);
+            let fresh = translate(&opts, &m);
+            let inc = tr.translate(Arc::new(m.clone()));
+            assert_eq!(versions(&inc), versions(&fresh), "step {i}");
+            assert_eq!(inc.node_identities, fresh.node_identities, "step {i}");
+            let (a, b) = (versions(&before), versions(&fresh));
+            let mut want: Vec<_> = a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, _)| k.1.clone())
+                .chain(
+                    b.keys()
+                        .filter(|k| !a.contains_key(*k))
+                        .map(|k| k.1.clone()),
+                )
+                .collect();
+            want.sort();
+            let mut got: Vec<_> = tr.last_changed.iter().map(|(_, n)| n.to_string()).collect();
+            got.sort();
+            assert_eq!(got, want, "step {i}");
+            assert!(!got.is_empty(), "step {i} changed nothing: a useless step");
+            before = fresh;
+        }
     }
 
     #[test]

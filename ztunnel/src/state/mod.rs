@@ -61,9 +61,24 @@ impl Snapshot {
         services: Vec<Service>,
         policies: Vec<Authorization>,
     ) -> Result<Snapshot, SnapshotError> {
+        Snapshot::build_shared(
+            workloads.into_iter().map(Arc::new),
+            services.into_iter().map(Arc::new),
+            policies.into_iter().map(Arc::new),
+        )
+    }
+
+    /// [`Snapshot::build`] from objects that are already shared: a source
+    /// that keeps its objects (the xDS client) rebuilds the indexes after a
+    /// change without copying a single workload, so the previous and the
+    /// new snapshot hold the same objects, once.
+    pub fn build_shared(
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+        services: impl IntoIterator<Item = Arc<Service>>,
+        policies: impl IntoIterator<Item = Arc<Authorization>>,
+    ) -> Result<Snapshot, SnapshotError> {
         let mut snap = Snapshot::default();
         for s in services {
-            let s = Arc::new(s);
             for ip in &s.addresses {
                 if let Some(prev) = snap.services_by_vip.insert(*ip, s.clone()) {
                     return Err(SnapshotError::DuplicateAddress {
@@ -81,7 +96,6 @@ impl Snapshot {
             }
         }
         for w in workloads {
-            let w = Arc::new(w);
             for ip in &w.addresses {
                 if let Some(prev) = snap.workloads_by_ip.insert(*ip, w.clone()) {
                     return Err(SnapshotError::DuplicateAddress {
@@ -113,7 +127,7 @@ impl Snapshot {
         }
         for p in policies {
             let key = p.key();
-            if snap.policies.insert(key.clone(), Arc::new(p)).is_some() {
+            if snap.policies.insert(key.clone(), p).is_some() {
                 return Err(SnapshotError::Duplicate {
                     kind: "policy",
                     key,

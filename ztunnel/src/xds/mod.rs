@@ -2,8 +2,10 @@
 //! the [`Store`], and the CSR client for the control plane's CA.
 //!
 //! One stream subscribes (wildcard) to `istio.workload.Address` and
-//! `istio.security.Authorization`. Every response is applied to a copy of
-//! the cache, translated into ztunnel's model and indexed; only if all of
+//! `istio.security.Authorization`. Every resource of a response is
+//! translated into ztunnel's model as it arrives (the cache keeps only that
+//! model, not the protos); the snapshot is then indexed from the cache with
+//! the response overlaid, sharing every unchanged object. Only if all of
 //! that succeeds is it committed, swapped into the store and ACKed.
 //! Anything wrong NACKs it with the reason, and the last good state stays
 //! in force. When the stream breaks, the client reconnects with
@@ -37,9 +39,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, warn};
 
 use crate::identity::{CaClient, CertificateRequest, IssuedCertificate};
-use crate::state::Store;
+use crate::rbac::Authorization;
+use crate::state::{Snapshot, Store};
 
-pub use translate::to_snapshot;
+pub use translate::Address;
 
 /// How to reach and authenticate to the control plane.
 #[derive(Clone, Debug)]
@@ -84,11 +87,14 @@ impl ControlPlane {
     }
 }
 
-/// What the client holds: resource name -> (version, resource).
-#[derive(Clone, Default)]
+/// What the client holds: resource name -> (version, translation). Only
+/// ztunnel's model of each resource is kept, not the proto it came in
+/// (which would double the memory of a node holding a large mesh); the
+/// snapshot built from the cache shares the same objects.
+#[derive(Default)]
 pub struct Cache {
-    pub addresses: HashMap<String, (String, workload::Address)>,
-    pub authorizations: HashMap<String, (String, security::Authorization)>,
+    addresses: HashMap<String, (String, Address)>,
+    authorizations: HashMap<String, (String, Arc<Authorization>)>,
 }
 
 impl Cache {
@@ -107,8 +113,9 @@ impl Cache {
         }
     }
 
-    /// Decodes one response without touching the cache.
-    fn stage(resp: &DeltaDiscoveryResponse) -> anyhow::Result<Staged> {
+    /// Decodes and translates one response without touching the cache:
+    /// every resource is checked on its own here.
+    fn stage(resp: &DeltaDiscoveryResponse, trust_domain: &str) -> anyhow::Result<Staged> {
         fn body(r: &mesh_proto::discovery::Resource) -> anyhow::Result<&[u8]> {
             r.resource
                 .as_ref()
@@ -124,6 +131,7 @@ impl Cache {
                 for r in &resp.resources {
                     let a = workload::Address::decode(body(r)?)
                         .with_context(|| format!("decoding Address {}", r.name))?;
+                    let a = translate::address(&r.name, &a, trust_domain)?;
                     st.addresses.insert(r.name.clone(), (r.version.clone(), a));
                 }
             }
@@ -131,6 +139,7 @@ impl Cache {
                 for r in &resp.resources {
                     let a = security::Authorization::decode(body(r)?)
                         .with_context(|| format!("decoding Authorization {}", r.name))?;
+                    let a = translate::authorization(&r.name, &a)?;
                     st.authorizations
                         .insert(r.name.clone(), (r.version.clone(), a));
                 }
@@ -141,29 +150,27 @@ impl Cache {
         Ok(st)
     }
 
-    /// The cache as it would be with `st` applied, without copying it.
-    fn overlay<'a>(&'a self, st: &'a Staged) -> View<'a> {
+    /// The snapshot of the cache with `st` applied, without copying the
+    /// cache: cross-resource checks (addresses claimed twice) happen here.
+    fn snapshot(&self, st: &Staged) -> anyhow::Result<Snapshot> {
         let is_addr = st.type_url == type_url::ADDRESS;
         let addresses = self
             .addresses
             .iter()
-            .filter(move |(k, _)| {
+            .filter(|(k, _)| {
                 !is_addr || !(st.addresses.contains_key(*k) || st.removed.contains(*k))
             })
             .chain(st.addresses.iter())
-            .map(|(k, (_, v))| (k, v));
+            .map(|(_, (_, a))| a);
         let authorizations = self
             .authorizations
             .iter()
-            .filter(move |(k, _)| {
+            .filter(|(k, _)| {
                 is_addr || !(st.authorizations.contains_key(*k) || st.removed.contains(*k))
             })
             .chain(st.authorizations.iter())
-            .map(|(k, (_, v))| (k, v));
-        View {
-            addresses: Box::new(addresses),
-            authorizations: Box::new(authorizations),
-        }
+            .map(|(_, (_, a))| a);
+        translate::snapshot(addresses, authorizations)
     }
 
     fn commit(&mut self, st: Staged) {
@@ -181,19 +188,13 @@ impl Cache {
     }
 }
 
-/// One decoded response, not yet applied.
+/// One translated response, not yet applied.
 #[derive(Default)]
 struct Staged {
     type_url: String,
-    addresses: HashMap<String, (String, workload::Address)>,
-    authorizations: HashMap<String, (String, security::Authorization)>,
+    addresses: HashMap<String, (String, Address)>,
+    authorizations: HashMap<String, (String, Arc<Authorization>)>,
     removed: HashSet<String>,
-}
-
-/// Iterators over a cache with a response applied.
-pub struct View<'a> {
-    pub addresses: Box<dyn Iterator<Item = (&'a String, &'a workload::Address)> + 'a>,
-    pub authorizations: Box<dyn Iterator<Item = (&'a String, &'a security::Authorization)> + 'a>,
 }
 
 const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
@@ -293,20 +294,14 @@ async fn stream_once(
     info!(address = %cp.address, "xDS stream open");
     while let Some(resp) = inbound.message().await? {
         // A chunk of a larger response (see the server's `send_delta`) is
-        // checked resource by resource and kept; the state is rebuilt once,
-        // at the last chunk.
+        // translated resource by resource and kept; the snapshot is built
+        // once, at the last chunk.
         let partial = resp.system_version_info.ends_with("/partial");
-        let result = Cache::stage(&resp).and_then(|st| {
+        let result = Cache::stage(&resp, trust_domain).and_then(|st| {
             if partial {
-                for (n, (_, a)) in &st.addresses {
-                    translate::check_address(n, a, trust_domain)?;
-                }
-                for (n, (_, a)) in &st.authorizations {
-                    translate::check_authorization(n, a)?;
-                }
                 return Ok((st, None));
             }
-            let snap = to_snapshot(cache.overlay(&st), trust_domain)?;
+            let snap = cache.snapshot(&st)?;
             Ok((st, Some(snap)))
         });
         let error_detail = match result {
@@ -413,7 +408,6 @@ mod tests {
     use mesh_proto::discovery::Resource;
 
     use super::*;
-    use crate::state::Snapshot;
 
     fn workload_resource(uid: &str, ip: Vec<u8>) -> Resource {
         let a = workload::Address {
@@ -450,8 +444,8 @@ mod tests {
     /// What the stream does with a response: the new snapshot, or the
     /// error it NACKs with (leaving the cache untouched).
     fn apply(cache: &mut Cache, resp: &DeltaDiscoveryResponse) -> anyhow::Result<Snapshot> {
-        let st = Cache::stage(resp)?;
-        let snap = to_snapshot(cache.overlay(&st), "cluster.local")?;
+        let st = Cache::stage(resp, "cluster.local")?;
+        let snap = cache.snapshot(&st)?;
         cache.commit(st);
         Ok(snap)
     }

@@ -2,13 +2,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use ipnet::IpNet;
 use mesh_proto::security as sec;
 use mesh_proto::workload as wl;
 
-use super::View;
 use crate::rbac;
 use crate::state::{
     HealthStatus, Port, Protocol, Service, Snapshot, Waypoint, WaypointDestination, Workload,
@@ -165,59 +165,43 @@ fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
     })
 }
 
-/// Checks one resource on its own (everything but cross-resource
-/// conflicts), for responses applied without building a snapshot.
-pub(super) fn check_address(name: &str, a: &wl::Address, trust_domain: &str) -> anyhow::Result<()> {
+/// One `istio.workload.Address` in ztunnel's model. This is all the client
+/// keeps of a resource (plus its version): no copy of the proto.
+#[derive(Clone, Debug)]
+pub enum Address {
+    Workload {
+        workload: Arc<Workload>,
+        /// Named target ports this workload resolves for its services:
+        /// (index into `workload.services`, service port, target port).
+        targets: Box<[(u32, u32, u32)]>,
+    },
+    /// A service; a port with `target_port` 0 is a named target port,
+    /// resolved from the workloads when the snapshot is built.
+    Service(Arc<Service>),
+}
+
+/// Translates one Address resource, checking everything that does not
+/// depend on other resources.
+pub fn address(name: &str, a: &wl::Address, trust_domain: &str) -> anyhow::Result<Address> {
     match &a.r#type {
         Some(wl::address::Type::Workload(w)) => {
-            workload(w, trust_domain).with_context(|| format!("workload {name}"))?;
-        }
-        Some(wl::address::Type::Service(s)) => {
-            for a in &s.addresses {
-                ip(&a.address).with_context(|| format!("service {name}"))?;
-            }
-            waypoint(s.waypoint.as_ref()).with_context(|| format!("service {name}"))?;
-        }
-        None => bail!("address {name} is neither a workload nor a service"),
-    }
-    Ok(())
-}
-
-pub(super) fn check_authorization(name: &str, a: &sec::Authorization) -> anyhow::Result<()> {
-    policy(a)
-        .map(|_| ())
-        .with_context(|| format!("authorization {name}"))
-}
-
-/// The whole cache as a ztunnel snapshot. Fails (so the response is
-/// NACKed) on anything ztunnel cannot represent.
-pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapshot> {
-    let mut workloads = Vec::new();
-    let mut services = Vec::new();
-    // Named target ports are resolved per workload; remember them.
-    let mut targets: HashMap<(String, u32), u32> = HashMap::new();
-    for (name, a) in view.addresses {
-        match &a.r#type {
-            Some(wl::address::Type::Workload(w)) => {
-                for (svc, pl) in &w.services {
-                    for p in &pl.ports {
-                        if p.target_port != 0 {
-                            targets.insert((svc.clone(), p.service_port), p.target_port);
-                        }
+            let workload = workload(w, trust_domain).with_context(|| format!("workload {name}"))?;
+            let mut targets = Vec::new();
+            for (i, svc) in workload.services.iter().enumerate() {
+                for p in w.services.get(svc).iter().flat_map(|pl| pl.ports.iter()) {
+                    if p.target_port != 0 {
+                        targets.push((i as u32, p.service_port, p.target_port));
                     }
                 }
-                workloads
-                    .push(workload(w, trust_domain).with_context(|| format!("workload {name}"))?);
             }
-            Some(wl::address::Type::Service(s)) => services.push(s.clone()),
-            None => bail!("address {name} is neither a workload nor a service"),
+            Ok(Address::Workload {
+                workload: Arc::new(workload),
+                targets: targets.into(),
+            })
         }
-    }
-    let services = services
-        .into_iter()
-        .map(|s| {
+        Some(wl::address::Type::Service(s)) => {
             let key = format!("{}/{}", s.namespace, s.hostname);
-            Ok(Service {
+            let svc = Service {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
                 hostname: s.hostname.clone(),
@@ -231,31 +215,86 @@ pub fn to_snapshot(view: View<'_>, trust_domain: &str) -> anyhow::Result<Snapsho
                     .ports
                     .iter()
                     .map(|p| {
-                        let target = match p.target_port {
-                            0 => targets
-                                .get(&(key.clone(), p.service_port))
-                                .copied()
-                                .unwrap_or(p.service_port),
-                            t => t,
-                        };
                         Ok(Port {
                             port: u16::try_from(p.service_port)
                                 .map_err(|_| anyhow!("service {key}: bad port"))?,
-                            target_port: u16::try_from(target)
+                            target_port: u16::try_from(p.target_port)
                                 .map_err(|_| anyhow!("service {key}: bad target port"))?,
                         })
                     })
                     .collect::<anyhow::Result<_>>()?,
                 waypoint: waypoint(s.waypoint.as_ref())
                     .with_context(|| format!("service {key}"))?,
-            })
+            };
+            Ok(Address::Service(Arc::new(svc)))
+        }
+        None => bail!("address {name} is neither a workload nor a service"),
+    }
+}
+
+/// Translates one Authorization resource.
+pub fn authorization(
+    name: &str,
+    a: &sec::Authorization,
+) -> anyhow::Result<Arc<rbac::Authorization>> {
+    policy(a)
+        .map(Arc::new)
+        .with_context(|| format!("authorization {name}"))
+}
+
+/// Everything the client holds as a ztunnel snapshot: the objects are
+/// shared, only the indexes are built. Fails (so the response is NACKed)
+/// on conflicts between resources, e.g. two claiming one address.
+pub fn snapshot<'a>(
+    addresses: impl Iterator<Item = &'a Address>,
+    authorizations: impl Iterator<Item = &'a Arc<rbac::Authorization>>,
+) -> anyhow::Result<Snapshot> {
+    let mut workloads = Vec::new();
+    let mut services = Vec::new();
+    // Named target ports are resolved per workload; remember them.
+    let mut targets: HashMap<(&str, u32), u32> = HashMap::new();
+    for a in addresses {
+        match a {
+            Address::Workload {
+                workload,
+                targets: t,
+            } => {
+                for (i, port, target) in t.iter() {
+                    if let Some(svc) = workload.services.get(*i as usize) {
+                        targets.insert((svc.as_str(), *port), *target);
+                    }
+                }
+                workloads.push(workload.clone());
+            }
+            Address::Service(s) => services.push(s),
+        }
+    }
+    let services = services
+        .into_iter()
+        .map(|s| {
+            if s.ports.iter().all(|p| p.target_port != 0) {
+                return Ok(s.clone());
+            }
+            let key = s.key();
+            let mut resolved = Service::clone(s);
+            for p in &mut resolved.ports {
+                if p.target_port == 0 {
+                    let t = targets
+                        .get(&(key.as_str(), u32::from(p.port)))
+                        .copied()
+                        .unwrap_or(u32::from(p.port));
+                    p.target_port =
+                        u16::try_from(t).map_err(|_| anyhow!("service {key}: bad target port"))?;
+                }
+            }
+            Ok(Arc::new(resolved))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let policies = view
-        .authorizations
-        .map(|(name, a)| policy(a).with_context(|| format!("authorization {name}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Snapshot::build(workloads, services, policies)?)
+    Ok(Snapshot::build_shared(
+        workloads,
+        services,
+        authorizations.cloned(),
+    )?)
 }
 
 #[cfg(test)]

@@ -5,10 +5,12 @@
 //! binary on it, connects N delta ADS clients (wildcard on both types,
 //! ACKing every response) and measures:
 //! - first full sync: from N streams opening at once until every client
-//!   has both types (and a single client on its own);
+//!   has both types; baseline: the same sync to a single client on its own
+//!   (the ratio is the cost of the fan-out, N times the data);
 //! - change -> all acknowledged: a pod added in a small file, from the
 //!   write until the last client has received and ACKed it (p50/p99 over
-//!   `--changes` changes);
+//!   `--changes` changes); baseline: the same changes while only the
+//!   single client is connected (the ratio is the cost of N streams);
 //! - the server's RSS and peak RSS, and the RSS of a ztunnel (node-0)
 //!   holding the whole state from the same server.
 
@@ -134,6 +136,37 @@ fn ready_ok(port: u16) -> bool {
         && e2e::mesh::parse_response(&raw).is_some_and(|(c, _)| c == 200)
 }
 
+/// Adds pods `range` one at a time (200 ms apart) and returns, for each,
+/// the time from the write until `total` clients had received it.
+async fn changes(
+    dir: &Path,
+    range: std::ops::Range<usize>,
+    total: usize,
+    seen_rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+) -> Result<Vec<f64>> {
+    let mut lat = Vec::new();
+    for k in range {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while seen_rx.try_recv().is_ok() {}
+        let name = format!("Kubernetes//Pod/ns-0/change-{k}");
+        let t = Instant::now();
+        change_pod(dir, k)?;
+        let mut got = 0;
+        let mut last = t;
+        while got < total {
+            let (n, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await?
+                .ok_or_else(|| anyhow!("clients gone"))?;
+            if n == name {
+                got += 1;
+                last = at;
+            }
+        }
+        lat.push((last - t).as_secs_f64() * 1000.0);
+    }
+    Ok(lat)
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -228,13 +261,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             .arg(tmp.join("ca.crt"))
             .arg("--ca-key")
             .arg(tmp.join("ca.key"))
-            .args([
-                "--insecure-no-auth",
-                "--poll-interval",
-                "10ms",
-                "--debounce",
-                "5ms",
-            ])
+            .args(["--insecure-no-auth", "--debounce", "5ms"])
             .env(
                 "RUST_LOG",
                 std::env::var("XDS_LOG").unwrap_or_else(|_| "warn".into()),
@@ -281,6 +308,8 @@ pub fn run(a: &XdsArgs) -> Result<String> {
                 "client synced {synced_resources} resources, expected {expected}"
             ));
         }
+        // Changes with that one client only: the baseline.
+        let mut lat1 = changes(&dir, 0..a.changes, 1, &mut seen_rx).await?;
         // Then N at once, each with its own connection.
         let mut chans = Vec::new();
         for _ in 0..a.clients {
@@ -301,28 +330,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         }
         let all = t0.elapsed();
         let rss = procstat::rss_mib(server.0.id())?;
-        // Changes.
-        let mut lat = Vec::new();
-        let total = a.clients + 1;
-        for k in 0..a.changes {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            while seen_rx.try_recv().is_ok() {}
-            let name = format!("Kubernetes//Pod/ns-0/change-{k}");
-            let t = Instant::now();
-            change_pod(&dir, k)?;
-            let mut got = 0;
-            let mut last = t;
-            while got < total {
-                let (n, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
-                    .await?
-                    .ok_or_else(|| anyhow!("clients gone"))?;
-                if n == name {
-                    got += 1;
-                    last = at;
-                }
-            }
-            lat.push((last - t).as_secs_f64() * 1000.0);
-        }
+        let mut lat = changes(&dir, a.changes..2 * a.changes, a.clients + 1, &mut seen_rx).await?;
         let hwm = procstat::hwm_mib(server.0.id())?;
         let _ = stop_tx.send(true);
         // A ztunnel holding the whole state.
@@ -373,33 +381,46 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let zrss = procstat::rss_mib(z.0.id())?;
         let (p50, p99) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99));
+        let (p50_1, p99_1) = (pct(&mut lat1.clone(), 0.5), pct(&mut lat1, 0.99));
+        let (single_ms, all_ms) = (single.as_secs_f64() * 1000.0, all.as_secs_f64() * 1000.0);
         let json = serde_json::json!({
             "benchmark": "xds",
             "pods": a.pods, "services": a.services, "policies": a.policies, "clients": a.clients,
             "server_start_ms": startup.as_secs_f64() * 1000.0,
-            "first_full_sync_single_client_ms": single.as_secs_f64() * 1000.0,
-            "first_full_sync_all_clients_ms": all.as_secs_f64() * 1000.0,
+            "first_full_sync_single_client_ms": single_ms,
+            "first_full_sync_all_clients_ms": all_ms,
+            "first_full_sync_ratio": all_ms / single_ms,
+            "change_to_one_acked_p50_ms": p50_1,
+            "change_to_one_acked_p99_ms": p99_1,
             "change_to_all_acked_p50_ms": p50,
             "change_to_all_acked_p99_ms": p99,
+            "change_p99_ratio": p99 / p99_1,
             "changes": a.changes,
             "server_rss_mib": rss, "server_peak_rss_mib": hwm,
             "ztunnel_first_sync_ms": zt_sync.as_secs_f64() * 1000.0,
             "ztunnel_rss_mib": zrss,
         });
-        writeln!(out, "| metric | value | target |\n| --- | ---: | ---: |")?;
+        let n = a.clients;
         writeln!(
             out,
-            "| first full sync, 1 client | {:.0} ms | < 1000 ms |",
-            single.as_secs_f64() * 1000.0
+            "| metric | 1 client (baseline) | {n} clients | ratio | target |\n| --- | ---: | ---: | ---: | ---: |"
         )?;
         writeln!(
             out,
-            "| first full sync, {} clients at once | {:.0} ms | < 1000 ms |",
-            a.clients,
-            all.as_secs_f64() * 1000.0
+            "| first full sync | {single_ms:.0} ms | {all_ms:.0} ms | {:.1}x ({n}x the data) | < 1000 ms |",
+            all_ms / single_ms
         )?;
-        writeln!(out, "| change -> all acked p50 | {p50:.1} ms | |")?;
-        writeln!(out, "| change -> all acked p99 | {p99:.1} ms | < 100 ms |")?;
+        writeln!(
+            out,
+            "| change -> all acked p50 | {p50_1:.1} ms | {p50:.1} ms | {:.2}x | |",
+            p50 / p50_1
+        )?;
+        writeln!(
+            out,
+            "| change -> all acked p99 | {p99_1:.1} ms | {p99:.1} ms | {:.2}x | < 100 ms |",
+            p99 / p99_1
+        )?;
+        writeln!(out, "\n| metric | value | target |\n| --- | ---: | ---: |")?;
         writeln!(
             out,
             "| server RSS (synced) / peak | {rss:.1} / {hwm:.1} MiB | < 300 MB |"
