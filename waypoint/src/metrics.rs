@@ -1,7 +1,10 @@
 //! Request metrics with Istio's standard names and labels
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`,
-//! `istio_request_bytes`, `istio_response_bytes`), reported as
-//! `reporter="waypoint"`, so existing Istio dashboards work unchanged.
+//! `istio_request_bytes`, `istio_response_bytes`), and for opaque TCP
+//! connections Istio's TCP metrics (`istio_tcp_connections_opened_total`,
+//! `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total`,
+//! `istio_tcp_sent_bytes_total`), reported as `reporter="waypoint"`, so
+//! existing Istio dashboards work unchanged.
 //!
 //! Recording a request is on every request's path, so it costs one hash
 //! lookup: the four metrics' handles are cached per label set, and the
@@ -35,6 +38,35 @@ pub struct RequestLabels {
     pub grpc_response_status: String,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+}
+
+/// Istio's labels of the TCP metrics: a connection's peers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: Arc<String>,
+    pub source_workload_namespace: Arc<String>,
+    pub source_principal: Arc<String>,
+    pub destination_workload: Arc<String>,
+    pub destination_workload_namespace: Arc<String>,
+    pub destination_principal: Arc<String>,
+    pub destination_service: String,
+    pub destination_cluster: &'static str,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// The TCP metrics; a connection is counted opened when its upstream is
+/// connected, closed with its byte counts when either side ends it.
+#[derive(Default)]
+pub struct TcpMetrics {
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    /// From the client (Istio: "received during request").
+    pub received_bytes: Family<TcpLabels, Counter>,
+    /// To the client (Istio: "sent during response").
+    pub sent_bytes: Family<TcpLabels, Counter>,
 }
 
 /// One side of a request as its labels name it; `unknown` where not known.
@@ -93,6 +125,7 @@ pub struct Metrics {
     pub duration_ms: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram>,
     pub response_bytes: Family<RequestLabels, Histogram>,
+    pub tcp: TcpMetrics,
     handles: RwLock<HashMap<RequestLabels, Handles>>,
     /// Shared by requests whose endpoint is not known.
     pub unknown_destination: PeerLabels,
@@ -144,7 +177,33 @@ impl Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
+        let tcp = TcpMetrics::default();
+        for (name, help, family) in [
+            (
+                "tcp_connections_opened",
+                "TCP connections opened",
+                &tcp.opened,
+            ),
+            (
+                "tcp_connections_closed",
+                "TCP connections closed",
+                &tcp.closed,
+            ),
+            (
+                "tcp_received_bytes",
+                "Bytes received from TCP clients",
+                &tcp.received_bytes,
+            ),
+            (
+                "tcp_sent_bytes",
+                "Bytes sent to TCP clients",
+                &tcp.sent_bytes,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         Metrics {
+            tcp,
             requests,
             duration_ms,
             request_bytes,

@@ -1,6 +1,7 @@
 //! Opaque TCP through the waypoint: the chain's network RBAC (principals,
 //! namespaces, ports; L7 conditions never match) decides, then the bytes
 //! go to an endpoint of the chain's cluster, picked like any request's.
+//! Each connection writes an access-log line and Istio's TCP metrics.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use crate::config::runtime::{EndpointConfig, TcpChain};
+use crate::metrics::{PeerLabels, TcpLabels};
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::serve::Downstream;
 use crate::upstream::balancer::Outcome;
@@ -21,7 +23,7 @@ async fn prepare(
     proxy: &Proxy,
     ds: &Downstream,
     chain: &TcpChain,
-) -> Result<(UpstreamIo, EndpointConfig), StatusCode> {
+) -> Result<(UpstreamIo, EndpointConfig, PeerLabels), StatusCode> {
     let authz = AuthzRequest {
         source: ds.identity.as_ref(),
         destination_port: ds.dst.port(),
@@ -49,7 +51,7 @@ async fn prepare(
                 .upstream
                 .balancer
                 .record(cluster, &picked, Outcome::Success);
-            Ok((u, ep))
+            Ok((u, ep, picked.endpoint.labels.clone()))
         }
         Err(e) => {
             proxy
@@ -62,19 +64,41 @@ async fn prepare(
     }
 }
 
-/// Copies both ways and writes the access-log line.
+/// Copies both ways and writes the access-log line and metrics.
 async fn pipe<D>(
+    proxy: &Proxy,
     ds: &Downstream,
     chain: &TcpChain,
     mut down: D,
-    mut up: UpstreamIo,
-    ep: EndpointConfig,
+    (mut up, ep, dst): (UpstreamIo, EndpointConfig, PeerLabels),
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
+    let src = &ds.source_labels;
+    let name = &chain.cluster.name;
+    let labels = TcpLabels {
+        reporter: "waypoint",
+        source_workload: src.workload.clone(),
+        source_workload_namespace: src.namespace.clone(),
+        source_principal: src.principal.clone(),
+        destination_workload: dst.workload,
+        destination_workload_namespace: dst.namespace,
+        destination_principal: dst.principal,
+        // `outbound|port|subset|host`: the Service's host.
+        destination_service: name.rsplit('|').next().unwrap_or(name).to_string(),
+        destination_cluster: "unknown",
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
+    };
+    let m = &proxy.metrics.tcp;
+    m.opened.get_or_create(&labels).inc();
     let start = std::time::Instant::now();
     let res = tokio::io::copy_bidirectional(&mut down, &mut up).await;
     let (sent_up, sent_down) = res.as_ref().map(|r| *r).unwrap_or((0, 0));
+    m.closed.get_or_create(&labels).inc();
+    m.received_bytes.get_or_create(&labels).inc_by(sent_up);
+    m.sent_bytes.get_or_create(&labels).inc_by(sent_down);
     info!(
         target: "access",
         src_addr = %ds.src_ip,
@@ -105,9 +129,9 @@ pub async fn serve(
                 let _ = respond.send_response(r, true);
             }
         }
-        Ok((up, ep)) => {
+        Ok(up) => {
             if let Some(down) = crate::inbound::accept(&mut respond, req) {
-                pipe(&ds, &chain, down, up, ep).await;
+                pipe(&proxy, &ds, &chain, down, up).await;
             }
         }
     }
@@ -122,7 +146,7 @@ pub async fn serve_accepted<D>(
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Ok((up, ep)) = prepare(&proxy, &ds, &chain).await {
-        pipe(&ds, &chain, down, up, ep).await;
+    if let Ok(up) = prepare(&proxy, &ds, &chain).await {
+        pipe(&proxy, &ds, &chain, down, up).await;
     }
 }

@@ -147,8 +147,20 @@ async fn httproute_served_as_envoy_resources_the_waypoint_accepts() {
     assert_eq!(listeners.len(), 1);
     let l = wt::listener(&listeners[0]).unwrap().listener;
     assert_eq!(l.name, "demo/wp");
-    assert_eq!(l.filter_chains.len(), 1);
+    // The port declares no protocol: HTTP when sniffed as HTTP, else
+    // opaque TCP to the Service.
+    assert_eq!(l.filter_chains.len(), 2);
     let fc = &l.filter_chains[0];
+    assert_eq!(
+        fc.filter_chain_match.application_protocols,
+        vec!["http/1.1", "h2c"]
+    );
+    let tcp = &l.filter_chains[1];
+    assert_eq!(tcp.name, "demo/echo:80/tcp");
+    assert!(tcp.filter_chain_match.application_protocols.is_empty());
+    assert_eq!(tcp.filter_chain_match.destination_port, Some(80));
+    let echo = "outbound|80||echo.demo.svc.cluster.local";
+    assert_eq!(tcp.tcp_proxy.as_ref().unwrap().cluster, echo);
     assert_eq!(fc.filter_chain_match.destination_port, Some(80));
     assert_eq!(fc.filter_chain_match.prefix_ranges, vec!["10.96.0.10/32"]);
     let rds_name = fc
@@ -207,16 +219,24 @@ async fn httproute_served_as_envoy_resources_the_waypoint_accepts() {
     let clusters: Vec<pc::Cluster> = decode(&cds);
     let mut names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
     names.sort();
-    assert_eq!(names, vec![v1.to_string(), v2.to_string()]);
+    assert_eq!(
+        names,
+        vec![v1.to_string(), v2.to_string(), echo.to_string()]
+    );
     let eds_names: Vec<String> = clusters.iter().filter_map(wt::eds_name).collect();
     d.send(sub(CLUSTER_LOAD_ASSIGNMENT, &eds_names)).await;
     let eds = next(&mut d, CLUSTER_LOAD_ASSIGNMENT).await;
     let clas: Vec<pe::ClusterLoadAssignment> = decode(&eds);
-    assert_eq!(clas.len(), 2);
+    assert_eq!(clas.len(), 3);
     for c in &clusters {
         let a = clas.iter().find(|a| a.cluster_name == c.name).unwrap();
         let mc = wt::cluster(c, Some(a)).unwrap();
         let eps = &mc.load_assignment.endpoints[0].lb_endpoints;
+        if c.name == echo {
+            // Both versions, for the TCP chain.
+            assert_eq!(eps.len(), 2, "{}", c.name);
+            continue;
+        }
         assert_eq!(eps.len(), 1, "{}", c.name);
         let e = &eps[0];
         let want_ip = if c.name == v1 {

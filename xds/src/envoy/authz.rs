@@ -1,6 +1,7 @@
 //! Istio `security.istio.io/v1` AuthorizationPolicies bound to a waypoint
 //! (`targetRefs`: a waypoint Gateway, or a Service using one) as Envoy RBAC
-//! HTTP filters, the way Istio builds them: one filter for the DENY
+//! HTTP filters (network RBAC filters on opaque TCP chains, from the L4
+//! fields only), the way Istio builds them: one filter for the DENY
 //! policies, then one for the ALLOW policies, each rule an RBAC policy
 //! named `ns[<ns>]-policy[<name>]-rule[<i>]`. A rule's `from` entries are
 //! any-of, a source's fields all-of (and each field's values any-of); the
@@ -15,10 +16,12 @@
 //! negations of methods, paths and single identities only): nothing here
 //! may be NACKed.
 
+use mesh_proto::envoy::config::listener::v3 as pl;
 use mesh_proto::envoy::config::rbac::v3 as prbac;
 use mesh_proto::envoy::config::route::v3 as pr;
 use mesh_proto::envoy::extensions::filters::http::rbac::v3 as phrbac;
 use mesh_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use mesh_proto::envoy::extensions::filters::network::rbac::v3 as pnrbac;
 use mesh_proto::envoy::r#type::matcher::v3 as pm;
 use mesh_proto::type_url;
 
@@ -26,10 +29,15 @@ use super::any;
 use crate::model::{AuthorizationPolicy, Condition, Operation, PolicyAction, PolicyRule, Source};
 use crate::translate::Options;
 
-/// A policy bound to waypoints, translated once.
+/// A policy bound to waypoints, translated once for HTTP chains and once
+/// for opaque TCP chains (L4 fields only).
 pub(super) struct Bound {
     deny: bool,
     policies: Vec<(String, prbac::Policy)>,
+    tcp_policies: Vec<(String, prbac::Policy)>,
+    /// What only the TCP translation leaves out (HTTP fields), reported
+    /// when the policy applies to a TCP chain.
+    tcp_errors: Vec<String>,
     /// `ns/name` of the Gateways and Services it targets.
     gateways: Vec<String>,
     services: Vec<String>,
@@ -90,10 +98,12 @@ pub(super) fn bound_policies(
             // Rejected when the object was read.
             Some(PolicyAction::Audit | PolicyAction::Custom) => continue,
         };
-        let mut policies = Vec::new();
+        let (mut policies, mut tcp_policies, mut tcp_errors) = (Vec::new(), Vec::new(), Vec::new());
         for (i, r) in spec.rules.iter().flatten().enumerate() {
+            let field = format!("spec.rules[{i}]");
+            let policy_name = format!("ns[{ns}]-policy[{name}]-rule[{i}]");
             let mut unsupported = Vec::new();
-            let p = rule(opts, &format!("spec.rules[{i}]"), r, &mut unsupported);
+            let p = rule(opts, &field, r, Layer::Http, &mut unsupported);
             for (field, why) in &unsupported {
                 errors.push(if deny {
                     format!("AuthorizationPolicy {id}: {field}: {why}; the DENY rule applies without it")
@@ -102,12 +112,26 @@ pub(super) fn bound_policies(
                 });
             }
             if deny || unsupported.is_empty() {
-                policies.push((format!("ns[{ns}]-policy[{name}]-rule[{i}]"), p));
+                policies.push((policy_name.clone(), p));
+            }
+            let mut tcp_unsupported = Vec::new();
+            let p = rule(opts, &field, r, Layer::Tcp, &mut tcp_unsupported);
+            for (field, why) in tcp_unsupported.iter().filter(|u| !unsupported.contains(u)) {
+                tcp_errors.push(if deny {
+                    format!("AuthorizationPolicy {id}: {field}: {why}; on TCP ports the DENY rule applies without it")
+                } else {
+                    format!("AuthorizationPolicy {id}: {field}: {why}; on TCP ports the ALLOW rule is skipped")
+                });
+            }
+            if deny || tcp_unsupported.is_empty() {
+                tcp_policies.push((policy_name, p));
             }
         }
         out.push(Bound {
             deny,
             policies,
+            tcp_policies,
+            tcp_errors,
             gateways,
             services,
         });
@@ -115,51 +139,104 @@ pub(super) fn bound_policies(
     out
 }
 
-/// The RBAC filters for a filter chain of Service `service` (`ns/name`)
-/// on waypoint `gateway` (`ns/name`): DENY, then ALLOW, each only when
-/// some policy of that action applies. An ALLOW policy whose rules were
-/// all skipped still makes the ALLOW filter (which then denies), as an
-/// ALLOW policy without rules does.
+/// The RBAC HTTP filters for a filter chain of Service `service`
+/// (`ns/name`) on waypoint `gateway` (`ns/name`): see [`rules`].
 pub(super) fn http_filters(bound: &[Bound], gateway: &str, service: &str) -> Vec<hcm::HttpFilter> {
+    rules(bound, gateway, service, |b| &b.policies)
+        .into_iter()
+        .map(|rules| hcm::HttpFilter {
+            name: "envoy.filters.http.rbac".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                type_url::HTTP_RBAC,
+                &phrbac::Rbac { rules: Some(rules) },
+            ))),
+        })
+        .collect()
+}
+
+/// The network RBAC filters for an opaque TCP chain, as
+/// [`http_filters`] but from the rules' L4 fields; what that leaves out
+/// goes to `errors` (once).
+pub(super) fn network_filters(
+    bound: &[Bound],
+    gateway: &str,
+    service: &str,
+    errors: &mut Vec<String>,
+) -> Vec<pl::Filter> {
+    for b in bound.iter().filter(|b| b.applies(gateway, service)) {
+        for e in &b.tcp_errors {
+            if !errors.contains(e) {
+                errors.push(e.clone());
+            }
+        }
+    }
+    rules(bound, gateway, service, |b| &b.tcp_policies)
+        .into_iter()
+        .map(|rules| pl::Filter {
+            name: "envoy.filters.network.rbac".into(),
+            config_type: Some(pl::filter::ConfigType::TypedConfig(any(
+                type_url::NETWORK_RBAC,
+                &pnrbac::Rbac {
+                    rules: Some(rules),
+                    stat_prefix: String::new(),
+                },
+            ))),
+        })
+        .collect()
+}
+
+impl Bound {
+    fn applies(&self, gateway: &str, service: &str) -> bool {
+        self.gateways.iter().any(|g| g == gateway) || self.services.iter().any(|s| s == service)
+    }
+}
+
+/// The DENY, then the ALLOW rule set of the policies that apply, each
+/// only when some policy of that action applies. An ALLOW policy whose
+/// rules were all skipped still makes the ALLOW set (which then denies),
+/// as an ALLOW policy without rules does.
+fn rules(
+    bound: &[Bound],
+    gateway: &str,
+    service: &str,
+    policies: impl Fn(&Bound) -> &Vec<(String, prbac::Policy)>,
+) -> Vec<prbac::Rbac> {
     let mut out = Vec::new();
     for deny in [true, false] {
         let applying: Vec<&Bound> = bound
             .iter()
-            .filter(|b| b.deny == deny)
-            .filter(|b| {
-                b.gateways.iter().any(|g| g == gateway) || b.services.iter().any(|s| s == service)
-            })
+            .filter(|b| b.deny == deny && b.applies(gateway, service))
             .collect();
         if applying.is_empty() {
             continue;
         }
-        let policies = applying
-            .iter()
-            .flat_map(|b| b.policies.iter().cloned())
-            .collect();
         let action = if deny {
             prbac::rbac::Action::Deny
         } else {
             prbac::rbac::Action::Allow
         };
-        let f = phrbac::Rbac {
-            rules: Some(prbac::Rbac {
-                action: action as i32,
-                policies,
-            }),
-        };
-        out.push(hcm::HttpFilter {
-            name: "envoy.filters.http.rbac".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                type_url::HTTP_RBAC,
-                &f,
-            ))),
+        out.push(prbac::Rbac {
+            action: action as i32,
+            policies: applying
+                .iter()
+                .flat_map(|b| policies(b).iter().cloned())
+                .collect(),
         });
     }
     out
 }
 
 type Unsupported = Vec<(String, String)>;
+
+/// Which chain a rule is translated for: on opaque TCP only L4 fields
+/// (sources, ports) can be checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Http,
+    Tcp,
+}
+
+const HTTP_ONLY: &str = "an HTTP field, not seen on an opaque TCP port";
 
 fn perm(rule: prbac::permission::Rule) -> prbac::Permission {
     prbac::Permission { rule: Some(rule) }
@@ -392,7 +469,12 @@ fn port(p: &str) -> Option<prbac::Permission> {
     Some(perm(prbac::permission::Rule::DestinationPort(u32::from(p))))
 }
 
-fn operation(field: &str, o: &Operation, unsupported: &mut Unsupported) -> prbac::Permission {
+fn operation(
+    field: &str,
+    o: &Operation,
+    layer: Layer,
+    unsupported: &mut Unsupported,
+) -> prbac::Permission {
     use prbac::permission::Rule;
     for (name, v) in [
         ("hosts", &o.hosts),
@@ -400,6 +482,22 @@ fn operation(field: &str, o: &Operation, unsupported: &mut Unsupported) -> prbac
         ("notPorts", &o.not_ports),
     ] {
         unsupported_if(format!("{field}.{name}"), !v.is_empty(), unsupported);
+    }
+    if layer == Layer::Tcp {
+        for (name, v) in [
+            ("methods", &o.methods),
+            ("paths", &o.paths),
+            ("notMethods", &o.not_methods),
+            ("notPaths", &o.not_paths),
+        ] {
+            if !v.is_empty() {
+                unsupported.push((format!("{field}.{name}"), HTTP_ONLY.into()));
+            }
+        }
+        return match any_of(&format!("{field}.ports"), &o.ports, port, unsupported) {
+            Some(v) if !v.is_empty() => perm_or(v),
+            _ => perm_and(Vec::new()),
+        };
     }
     let mut all = Vec::new();
     for (name, values, f) in [
@@ -494,6 +592,7 @@ fn rule(
     opts: &Options,
     field: &str,
     r: &PolicyRule,
+    layer: Layer,
     unsupported: &mut Unsupported,
 ) -> prbac::Policy {
     let mut permissions = Vec::new();
@@ -505,6 +604,7 @@ fn rule(
                     operation(
                         &format!("{field}.to[{i}].operation"),
                         &t.operation,
+                        layer,
                         unsupported,
                     )
                 })
@@ -537,6 +637,9 @@ fn rule(
             .and_then(|k| k.strip_suffix(']'))
             .filter(|k| !k.is_empty());
         match header {
+            Some(_) if layer == Layer::Tcp => {
+                unsupported.push((format!("{cf}.key"), HTTP_ONLY.into()))
+            }
             Some(name) if headers == 0 => {
                 headers += 1;
                 if let Some(p) = header_condition(&cf, name, c, unsupported) {

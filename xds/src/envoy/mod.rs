@@ -3,9 +3,14 @@
 //! consumes (see waypoint/README.md, "Configuration over xDS").
 //!
 //! Per waypoint Gateway `ns/gw`:
-//! - Listener `ns/gw`: one filter chain per port of each Service using the
-//!   waypoint (`istio.io/use-waypoint`), matched by destination port and
-//!   ClusterIP, with an HTTP connection manager naming its routes over RDS.
+//! - Listener `ns/gw`: filter chains for each TCP port of each Service
+//!   using the waypoint (`istio.io/use-waypoint`), matched by destination
+//!   port and ClusterIP ([`protocol`] decides which): an HTTP port gets an
+//!   HTTP connection manager naming its routes over RDS (chain `ns/svc:port`);
+//!   an opaque TCP port a `tcp_proxy` to the Service's cluster behind
+//!   network RBAC filters (chain `ns/svc:port/tcp`); a port declaring no
+//!   protocol gets both, the HTTP one matching only what the waypoint
+//!   sniffs as HTTP (`application_protocols`), the TCP one the rest.
 //! - RouteConfiguration `ns/svc:port` (the filter chain's name): one route
 //!   per HTTPRoute rule and match, in order; without an HTTPRoute, one
 //!   route sending everything to the Service itself.
@@ -15,10 +20,12 @@
 //!   pods in the mesh (reached over HBONE), `identity` and `hbone_port`.
 //!
 //! - AuthorizationPolicies targeting the Gateway or a Service become RBAC
-//!   HTTP filters of the chains they apply to ([`authz`]).
+//!   HTTP filters of the HTTP chains and network RBAC filters (L4 fields
+//!   only) of the TCP chains they apply to ([`authz`]).
 //!
 //! Files: `routes` (HTTPRoute rules as routes), `authz` (policies as RBAC
-//! filters), `endpoints` (load assignments), `validate` (HTTPRoute checks).
+//! filters), `endpoints` (load assignments), `validate` (HTTPRoute checks),
+//! `protocol` (what a Service port carries).
 //!
 //! Each waypoint is served only its own Gateway's resources ([`scope`]);
 //! names are unique per waypoint and Service, clusters shared by two
@@ -26,6 +33,7 @@
 
 mod authz;
 mod endpoints;
+mod protocol;
 mod routes;
 mod scope;
 mod validate;
@@ -39,9 +47,11 @@ use mesh_proto::envoy::config::core::v3 as core;
 use mesh_proto::envoy::config::listener::v3 as pl;
 use mesh_proto::envoy::config::route::v3 as pr;
 use mesh_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use mesh_proto::envoy::extensions::filters::network::tcp_proxy::v3 as ptcp;
 use mesh_proto::type_url;
 use prost::Message;
 
+use protocol::{PortProtocol, SNIFFED_HTTP};
 pub use scope::Scope;
 pub use validate::{parse_duration, validate_route, RouteError};
 
@@ -173,58 +183,97 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                 continue;
             };
             let host = hostname(opts, s);
+            let svc = format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default());
+            let prefix_len = if ip.contains(':') { 128 } else { 32 };
             for p in spec.ports.iter().flatten() {
-                let chain = format!(
-                    "{ns}/{}:{}",
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                    p.port
-                );
-                let rc = pr::RouteConfiguration {
-                    name: chain.clone(),
-                    virtual_hosts: vec![pr::VirtualHost {
-                        name: format!("{host}:{}", p.port),
-                        domains: vec!["*".into()],
-                        routes: b.routes(s, p.port),
+                let protocol = protocol::port_protocol(p);
+                let chain_match = |application_protocols: Vec<String>| pl::FilterChainMatch {
+                    destination_port: Some(p.port as u32),
+                    prefix_ranges: vec![core::CidrRange {
+                        address_prefix: ip.to_string(),
+                        prefix_len: Some(prefix_len),
                     }],
-                };
-                routes.insert(
-                    chain.as_str().into(),
-                    salted_resource(type_url::ROUTE_CONFIGURATION, chain.clone(), &rc, salt),
-                );
-                scope.own(type_url::ROUTE_CONFIGURATION, &chain, only.clone());
-                let h = hcm::HttpConnectionManager {
-                    stat_prefix: chain.clone(),
-                    route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
-                        hcm::Rds {
-                            route_config_name: chain.clone(),
-                        },
-                    )),
-                    http_filters: authz::http_filters(
-                        &policies,
-                        &gw,
-                        &format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or_default()),
-                    ),
+                    application_protocols,
                     ..Default::default()
                 };
-                let prefix_len = if ip.contains(':') { 128 } else { 32 };
-                chains.push(pl::FilterChain {
-                    name: chain,
-                    filter_chain_match: Some(pl::FilterChainMatch {
-                        destination_port: Some(p.port as u32),
-                        prefix_ranges: vec![core::CidrRange {
-                            address_prefix: ip.to_string(),
-                            prefix_len: Some(prefix_len),
+                let chain = format!("{svc}:{}", p.port);
+                if matches!(protocol, PortProtocol::Http | PortProtocol::Detect) {
+                    let rc = pr::RouteConfiguration {
+                        name: chain.clone(),
+                        virtual_hosts: vec![pr::VirtualHost {
+                            name: format!("{host}:{}", p.port),
+                            domains: vec!["*".into()],
+                            routes: b.routes(s, p.port),
                         }],
+                    };
+                    routes.insert(
+                        chain.as_str().into(),
+                        salted_resource(type_url::ROUTE_CONFIGURATION, chain.clone(), &rc, salt),
+                    );
+                    scope.own(type_url::ROUTE_CONFIGURATION, &chain, only.clone());
+                    let h = hcm::HttpConnectionManager {
+                        stat_prefix: chain.clone(),
+                        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                            hcm::Rds {
+                                route_config_name: chain.clone(),
+                            },
+                        )),
+                        http_filters: authz::http_filters(&policies, &gw, &svc),
                         ..Default::default()
-                    }),
-                    filters: vec![pl::Filter {
-                        name: "envoy.filters.network.http_connection_manager".into(),
+                    };
+                    // Undeclared: HTTP only when sniffed as HTTP.
+                    let sniffed = match protocol {
+                        PortProtocol::Detect => SNIFFED_HTTP.map(String::from).to_vec(),
+                        _ => Vec::new(),
+                    };
+                    chains.push(pl::FilterChain {
+                        name: chain.clone(),
+                        filter_chain_match: Some(chain_match(sniffed)),
+                        filters: vec![pl::Filter {
+                            name: "envoy.filters.network.http_connection_manager".into(),
+                            config_type: Some(pl::filter::ConfigType::TypedConfig(any(
+                                type_url::HTTP_CONNECTION_MANAGER,
+                                &h,
+                            ))),
+                        }],
+                    });
+                }
+                if matches!(protocol, PortProtocol::Tcp | PortProtocol::Detect) {
+                    // Opaque bytes to the Service itself; HTTPRoutes do not
+                    // apply, L4 policy does (before the proxy, as Istio
+                    // orders network filters).
+                    let cluster = cluster_name(&host, p.port);
+                    b.use_cluster(cluster.clone(), s, p.port);
+                    let name = format!("{chain}/tcp");
+                    let t = ptcp::TcpProxy {
+                        stat_prefix: name.clone(),
+                        cluster_specifier: Some(ptcp::tcp_proxy::ClusterSpecifier::Cluster(
+                            cluster,
+                        )),
+                    };
+                    // What the TCP chain cannot check is reported for
+                    // declared TCP ports; on a sniffed port's fallback it
+                    // concerns only non-HTTP bytes (documented), and would
+                    // report every L7 policy.
+                    let mut unreported = Vec::new();
+                    let report = match protocol {
+                        PortProtocol::Tcp => &mut errors,
+                        _ => &mut unreported,
+                    };
+                    let mut filters = authz::network_filters(&policies, &gw, &svc, report);
+                    filters.push(pl::Filter {
+                        name: "envoy.filters.network.tcp_proxy".into(),
                         config_type: Some(pl::filter::ConfigType::TypedConfig(any(
-                            type_url::HTTP_CONNECTION_MANAGER,
-                            &h,
+                            type_url::TCP_PROXY,
+                            &t,
                         ))),
-                    }],
-                });
+                    });
+                    chains.push(pl::FilterChain {
+                        name,
+                        filter_chain_match: Some(chain_match(Vec::new())),
+                        filters,
+                    });
+                }
             }
         }
         let l = pl::Listener {
@@ -406,5 +455,156 @@ spec:
         assert_eq!(routes[1].response_headers_to_remove, vec!["x-gone"]);
         // Clusters for both the backend and the mirror.
         assert_eq!(out[2].1.len(), 2);
+    }
+
+    /// The filter chains of listener `demo/wp`, by name: (application
+    /// protocols, network filter type URLs).
+    fn chains(model: &Model) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+        let out = translate(&Options::default(), model).resources;
+        let l = pl::Listener::decode(out[0].1["demo/wp"].value.clone()).unwrap();
+        l.filter_chains
+            .into_iter()
+            .map(|c| {
+                let m = c.filter_chain_match.unwrap();
+                assert_eq!(m.prefix_ranges[0].address_prefix, "10.96.0.10");
+                let types = c
+                    .filters
+                    .iter()
+                    .map(|f| match &f.config_type {
+                        Some(pl::filter::ConfigType::TypedConfig(t)) => t.type_url.clone(),
+                        None => panic!("{f:?}"),
+                    })
+                    .collect();
+                (c.name, (m.application_protocols, types))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tcp_ports_get_tcp_proxy_chains_behind_l4_policy() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: echo}
+  ports:
+  - {name: web, port: 80, appProtocol: http}
+  - {name: raw, port: 9000, appProtocol: tcp}
+  - {name: redis, port: 6379}
+  - {name: other, port: 8080}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: echo}]
+  rules: [{from: [{source: {namespaces: [demo]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: demo}
+spec:
+  action: DENY
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}]
+  rules: [{to: [{operation: {paths: [/admin], ports: ["9000"]}}]}]
+"#;
+        let (objs, errs) = crate::manifest::parse_file(text, "t.yaml").unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let model = Model::from_objects(objs);
+        let got = chains(&model);
+        let http = || vec![type_url::HTTP_CONNECTION_MANAGER.to_string()];
+        let tcp = || {
+            vec![
+                type_url::NETWORK_RBAC.to_string(),
+                type_url::NETWORK_RBAC.to_string(),
+                type_url::TCP_PROXY.to_string(),
+            ]
+        };
+        let sniffed = vec!["http/1.1".to_string(), "h2c".to_string()];
+        let want = BTreeMap::from([
+            ("demo/echo:80".to_string(), (vec![], http())),
+            ("demo/echo:9000/tcp".to_string(), (vec![], tcp())),
+            ("demo/echo:6379/tcp".to_string(), (vec![], tcp())),
+            ("demo/echo:8080".to_string(), (sniffed, http())),
+            ("demo/echo:8080/tcp".to_string(), (vec![], tcp())),
+        ]);
+        assert_eq!(got, want);
+
+        let out = translate(&Options::default(), &model);
+        // The TCP chain proxies to the Service's own cluster, which exists.
+        let l = pl::Listener::decode(out.resources[0].1["demo/wp"].value.clone()).unwrap();
+        let c = l
+            .filter_chains
+            .iter()
+            .find(|c| c.name == "demo/echo:9000/tcp")
+            .unwrap();
+        assert_eq!(
+            c.filter_chain_match.as_ref().unwrap().destination_port,
+            Some(9000)
+        );
+        let Some(pl::filter::ConfigType::TypedConfig(t)) = &c.filters[2].config_type else {
+            panic!()
+        };
+        let t = ptcp::TcpProxy::decode(t.value.as_slice()).unwrap();
+        let cluster = "outbound|9000||echo.demo.svc.cluster.local";
+        assert_eq!(
+            t.cluster_specifier,
+            Some(ptcp::tcp_proxy::ClusterSpecifier::Cluster(cluster.into()))
+        );
+        assert!(out.resources[2].1.contains_key(cluster));
+        // The DENY rule on TCP: without its path (reported once), only the
+        // port remains.
+        let Some(pl::filter::ConfigType::TypedConfig(d)) = &c.filters[0].config_type else {
+            panic!()
+        };
+        let d = mesh_proto::envoy::extensions::filters::network::rbac::v3::Rbac::decode(
+            d.value.as_slice(),
+        )
+        .unwrap()
+        .rules
+        .unwrap();
+        use mesh_proto::envoy::config::rbac::v3 as prbac;
+        assert_eq!(d.action, prbac::rbac::Action::Deny as i32);
+        let p = &d.policies["ns[demo]-policy[l7]-rule[0]"];
+        let want_perm = prbac::Permission {
+            rule: Some(prbac::permission::Rule::OrRules(prbac::permission::Set {
+                rules: vec![prbac::Permission {
+                    rule: Some(prbac::permission::Rule::OrRules(prbac::permission::Set {
+                        rules: vec![prbac::Permission {
+                            rule: Some(prbac::permission::Rule::DestinationPort(9000)),
+                        }],
+                    })),
+                }],
+            })),
+        };
+        assert_eq!(p.permissions, vec![want_perm]);
+        let path_errors: Vec<_> = out
+            .errors
+            .iter()
+            .filter(|e| e.contains("l7") && e.contains("paths"))
+            .collect();
+        assert_eq!(path_errors.len(), 1, "{:?}", out.errors);
+        assert!(path_errors[0].contains("on TCP ports the DENY rule applies without it"));
+        // HTTP chains keep the path, as HTTP RBAC.
+        let h = l
+            .filter_chains
+            .iter()
+            .find(|c| c.name == "demo/echo:80")
+            .unwrap();
+        let Some(pl::filter::ConfigType::TypedConfig(h)) = &h.filters[0].config_type else {
+            panic!()
+        };
+        let h = hcm::HttpConnectionManager::decode(h.value.as_slice()).unwrap();
+        assert_eq!(h.http_filters.len(), 2);
     }
 }
