@@ -5,15 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod in_process_waypoint;
 #[path = "../../waypoint/tests/common/mod.rs"]
 mod wcommon;
-
-use std::time::Duration;
-
-use tokio::net::TcpListener;
-use waypoint::app::{build, start, Parts};
-use waypoint::config::Store;
-use waypoint::xds::{spawn, XdsConfig};
 
 fn pod_at(name: &str, version: &str, port: u16) -> String {
     format!(
@@ -96,42 +90,10 @@ async fn real_waypoint_routes_by_httproute_from_the_control_plane() {
     let server = common::start(dir.path()).await;
     assert!(server.errors.lock().unwrap().is_empty());
 
-    let secrets = tempfile::tempdir().unwrap();
-    let root = secrets.path().join("root.pem");
-    std::fs::write(&root, &server.root_pem).unwrap();
-    let token = secrets.path().join("token");
-    std::fs::write(&token, "tok-a").unwrap();
+    let w = in_process_waypoint::start_waypoint(&server).await;
+    let (wp, ca) = (&w.wp, w.ca.clone());
 
-    let ca = wcommon::ca();
-    let store = Store::empty();
-    let proxy = build(Parts {
-        identity: wcommon::id("waypoint"),
-        ca: ca.clone(),
-        cert_ttl: Duration::from_secs(3600),
-        own_ip: "127.0.0.1".parse().unwrap(),
-        mark: 0,
-        pool_max_streams: 100,
-        store: store.clone(),
-    });
-    spawn(
-        XdsConfig {
-            address: format!("https://{}", server.addr),
-            root_cert: Some(root),
-            server_name: Some("localhost".into()),
-            token_file: Some(token),
-            node_id: "router~10.244.1.99~wp-1.demo~demo.svc.cluster.local".into(),
-            node_name: Some("node-a".into()),
-            node_cluster: "waypoint".into(),
-            warming_timeout: Duration::from_secs(15),
-        },
-        store.clone(),
-    );
-    let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let wp = start(proxy, hbone, vec![admin]).await.unwrap();
-    common::wait_for("the waypoint's first full config", || store.synced()).await;
-
-    let c = wcommon::client(ca, "client", &wp);
+    let c = wcommon::client(ca, "client", wp);
     // Header match.
     assert_eq!(c.get("/a", &[("x-version", "v2")]).await.body, "v2 /a");
     // Weighted split, per request, with the header modifier applied.

@@ -5,16 +5,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod in_process_waypoint;
 #[path = "../../waypoint/tests/common/mod.rs"]
 mod wcommon;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::TcpListener;
-use waypoint::app::{build, start, Parts, Running as Waypoint};
-use waypoint::config::Store;
-use waypoint::xds::{spawn, XdsConfig};
+use waypoint::app::Running as Waypoint;
 use ztunnel::identity::CaClient;
 
 /// The echo Service (ClusterIP 10.96.0.10, as the client dials), its one
@@ -87,45 +84,13 @@ async fn mesh(extra: &str) -> Mesh {
         &manifests(backend.addr.port(), extra),
     );
     let server = common::start(dir.path()).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let root = secrets.path().join("root.pem");
-    std::fs::write(&root, &server.root_pem).unwrap();
-    let token = secrets.path().join("token");
-    std::fs::write(&token, "tok-a").unwrap();
-    let ca = wcommon::ca();
-    let store = Store::empty();
-    let proxy = build(Parts {
-        identity: wcommon::id("waypoint"),
-        ca: ca.clone(),
-        cert_ttl: Duration::from_secs(3600),
-        own_ip: "127.0.0.1".parse().unwrap(),
-        mark: 0,
-        pool_max_streams: 100,
-        store: store.clone(),
-    });
-    spawn(
-        XdsConfig {
-            address: format!("https://{}", server.addr),
-            root_cert: Some(root),
-            server_name: Some("localhost".into()),
-            token_file: Some(token),
-            node_id: "router~10.244.1.99~wp-1.demo~demo.svc.cluster.local".into(),
-            node_name: Some("node-a".into()),
-            node_cluster: "waypoint".into(),
-            warming_timeout: Duration::from_secs(15),
-        },
-        store.clone(),
-    );
-    let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let wp = start(proxy, hbone, vec![admin]).await.unwrap();
-    common::wait_for("the waypoint's first full config", || store.synced()).await;
+    let w = in_process_waypoint::start_waypoint(&server).await;
     Mesh {
         server,
-        wp,
-        ca,
+        wp: w.wp,
+        ca: w.ca,
         backend,
-        _dirs: (dir, secrets),
+        _dirs: (dir, w._secrets),
     }
 }
 
