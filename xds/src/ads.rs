@@ -16,8 +16,7 @@
 //! config). The first request must carry a `Node`; its node name
 //! (`metadata.NODE_NAME`, else `id`) must match the authenticated token.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -37,7 +36,10 @@ use tracing::{debug, info, warn};
 use crate::auth::Auth;
 use crate::envoy::Scope;
 use crate::metrics::{Metrics, TypeLabel};
-use crate::translate::{parse_version, Resource, Resources};
+use crate::translate::{parse_version, Named, Resource, Resources};
+
+mod known;
+use known::Known;
 
 /// One translation of the model.
 #[derive(Debug, Default)]
@@ -67,17 +69,13 @@ impl Snapshot {
 
 /// The resources of `type_url` a client may see: everything, but for the
 /// waypoints' Envoy types only its own waypoint's (see [`Scope`]).
-fn visible<'a>(
-    snap: &'a Snapshot,
-    type_url: &str,
-    gateway: Option<&str>,
-) -> Cow<'a, BTreeMap<Arc<str>, Arc<Resource>>> {
-    static EMPTY: BTreeMap<Arc<str>, Arc<Resource>> = BTreeMap::new();
-    let all = snap.resources.get(type_url).unwrap_or(&EMPTY);
-    if Scope::is_scoped(type_url) {
-        Cow::Owned(snap.resources.waypoints.view(type_url, all, gateway))
-    } else {
-        Cow::Borrowed(all)
+fn visible(snap: &Snapshot, type_url: &str, gateway: Option<&str>) -> Arc<Named> {
+    match snap.resources.get(type_url) {
+        Some(all) if Scope::is_scoped(type_url) => {
+            Arc::new(snap.resources.waypoints.view(type_url, all, gateway))
+        }
+        Some(all) => all.clone(),
+        None => Arc::default(),
     }
 }
 
@@ -131,60 +129,92 @@ fn check_node(authed: &Option<String>, node: Option<&Node>) -> Result<String, St
 struct Watch {
     wildcard: bool,
     names: HashSet<String>,
-    /// name -> version the client holds (as far as we sent it). Names are
-    /// shared with the snapshot's resources, so 100 clients holding 12,500
-    /// resources each cost little more than the pointers.
-    known: HashMap<Arc<str>, u64>,
+    /// name -> version the client holds (as far as we sent it).
+    known: Known,
 }
+
+/// Resources to send and names to remove.
+type Diff = (Vec<Arc<Resource>>, Vec<String>);
 
 impl Watch {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
     }
 
-    /// Resources to send and names to remove. `only`: look at these names
-    /// only; `force`: send even when the client has the version.
-    fn diff(
-        &mut self,
-        res: &BTreeMap<Arc<str>, Arc<Resource>>,
-        only: Option<&mut dyn Iterator<Item = &Arc<str>>>,
-        force: &HashSet<String>,
-    ) -> (Vec<Arc<Resource>>, Vec<String>) {
-        let candidates: Vec<Arc<str>> = match only {
-            Some(it) => it.cloned().collect(),
-            None if self.wildcard => res
-                .values()
-                .map(|r| r.name.clone())
-                .chain(self.known.keys().filter(|k| !res.contains_key(*k)).cloned())
-                .collect(),
-            None => self
-                .names
-                .iter()
-                .map(|n| Arc::from(n.as_str()))
-                .chain(self.known.keys().cloned())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect(),
+    /// Compares everything: `res` is what the client may see of snapshot
+    /// `generation`. `force`: send these even when the client has the
+    /// version. A wildcard client holds exactly `res` afterwards.
+    fn diff_all(&mut self, res: &Arc<Named>, generation: u64, force: &HashSet<String>) -> Diff {
+        let out = match (self.wildcard, self.known.as_base()) {
+            (true, Some(held)) => walk(held, res, force),
+            (true, None) => {
+                let candidates: Vec<Arc<str>> = res
+                    .keys()
+                    .chain(self.known.names().filter(|k| !res.contains_key(*k)))
+                    .cloned()
+                    .collect();
+                self.diff_names(res, candidates.into_iter(), force)
+            }
+            (false, _) => {
+                let candidates: HashSet<Arc<str>> = self
+                    .names
+                    .iter()
+                    .map(|n| Arc::from(n.as_str()))
+                    .chain(self.known.names().cloned())
+                    .collect();
+                self.diff_names(res, candidates.into_iter(), force)
+            }
         };
+        if self.wildcard {
+            self.known.rebase(res.clone(), generation);
+        }
+        out
+    }
+
+    /// Compares only `changed`: what differs between snapshot `from`, the
+    /// one this stream compared last, and `res` of snapshot `generation`.
+    fn diff_changed(
+        &mut self,
+        from: u64,
+        res: &Arc<Named>,
+        generation: u64,
+        changed: impl Iterator<Item = Arc<str>>,
+    ) -> Diff {
+        // A wildcard client that held all of `from` then holds all of `res`.
+        let synced = self.wildcard && self.known.in_sync_with(from);
+        let out = self.diff_names(res, changed, &HashSet::new());
+        if synced {
+            self.known.rebase(res.clone(), generation);
+        }
+        out
+    }
+
+    /// Compares `candidates` (and `force`d names) only.
+    fn diff_names(
+        &mut self,
+        res: &Named,
+        candidates: impl Iterator<Item = Arc<str>>,
+        force: &HashSet<String>,
+    ) -> Diff {
         let mut send = Vec::new();
         let mut removed = Vec::new();
         let forced = force.iter().map(|n| Arc::from(n.as_str()));
-        for name in candidates.into_iter().chain(forced) {
+        for name in candidates.chain(forced) {
             if !self.wants(&name) {
-                if self.known.remove(&name).is_some() {
+                if self.known.remove(&name) {
                     removed.push(name.to_string());
                 }
                 continue;
             }
             match res.get(&*name) {
                 Some(r) => {
-                    if self.known.get(&name) != Some(&r.hash) || force.contains(&*name) {
+                    if self.known.get(&name) != Some(r.hash) || force.contains(&*name) {
                         self.known.insert(r.name.clone(), r.hash);
                         send.push(r.clone());
                     }
                 }
                 None => {
-                    if self.known.remove(&name).is_some() || force.contains(&*name) {
+                    if self.known.remove(&name) || force.contains(&*name) {
                         removed.push(name.to_string());
                     }
                 }
@@ -196,6 +226,58 @@ impl Watch {
         removed.dedup();
         (send, removed)
     }
+}
+
+/// The full diff of a wildcard client holding exactly `held`: one walk
+/// of both maps in name order, no per-name lookups. A new client holds
+/// nothing, so its first sync is `res` as it is.
+fn walk(held: &Named, res: &Named, force: &HashSet<String>) -> Diff {
+    use std::cmp::Ordering;
+    let mut send = Vec::new();
+    let mut removed = Vec::new();
+    if !std::ptr::eq(held, res) {
+        let (mut a, mut b) = (held.iter().peekable(), res.iter().peekable());
+        loop {
+            let order = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((ka, _)), Some((kb, _))) if Arc::ptr_eq(ka, kb) => Ordering::Equal,
+                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            };
+            match order {
+                Ordering::Less => {
+                    let (k, _) = a.next().expect("peeked");
+                    removed.push(k.to_string());
+                }
+                Ordering::Greater => {
+                    let (_, r) = b.next().expect("peeked");
+                    send.push(r.clone());
+                }
+                Ordering::Equal => {
+                    let ((_, old), (k, r)) = (a.next().expect("peeked"), b.next().expect("peeked"));
+                    if old.hash != r.hash || force.contains(&**k) {
+                        send.push(r.clone());
+                    }
+                }
+            }
+        }
+    } else {
+        send.extend(force.iter().filter_map(|n| res.get(n.as_str())).cloned());
+    }
+    if !force.is_empty() {
+        removed.extend(
+            force
+                .iter()
+                .filter(|n| !res.contains_key(n.as_str()))
+                .cloned(),
+        );
+        send.sort_by(|a, b| a.name.cmp(&b.name));
+        send.dedup_by(|a, b| a.name == b.name);
+        removed.sort();
+        removed.dedup();
+    }
+    (send, removed)
 }
 
 /// Most resources in one delta response.
@@ -262,11 +344,11 @@ impl AdsServer {
                     let w = watches.entry(t.clone()).or_default();
                     let mut force = HashSet::new();
                     if first {
-                        w.known = req
-                            .initial_resource_versions
-                            .iter()
-                            .map(|(k, v)| (Arc::from(k.as_str()), parse_version(v)))
-                            .collect();
+                        w.known = Known::from_versions(
+                            req.initial_resource_versions
+                                .iter()
+                                .map(|(k, v)| (Arc::from(k.as_str()), parse_version(v))),
+                        );
                         if req.resource_names_subscribe.is_empty() {
                             w.wildcard = true;
                         }
@@ -290,16 +372,15 @@ impl AdsServer {
                     }
                     if dropped {
                         // The client forgets what it no longer wants.
-                        let keep: HashSet<Arc<str>> =
-                            w.known.keys().filter(|k| w.wants(k)).cloned().collect();
-                        w.known.retain(|k, _| keep.contains(k));
+                        let (wildcard, names) = (w.wildcard, &w.names);
+                        w.known.retain(|k| wildcard || names.contains(k));
                     }
                     if first || !force.is_empty() {
                         let res = visible(&cur, &t, gateway.as_deref());
                         let (send, removed) = if first {
-                            w.diff(&res, None, &force)
+                            w.diff_all(&res, cur.generation, &force)
                         } else {
-                            w.diff(&res, Some(&mut std::iter::empty()), &force)
+                            w.diff_names(&res, std::iter::empty(), &force)
                         };
                         self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
                     }
@@ -317,12 +398,13 @@ impl AdsServer {
                     gateway = next_gateway;
                     for (t, w) in watches.iter_mut() {
                         let res = visible(&next, t, gateway.as_deref());
+                        let none = HashSet::new();
                         let (send, removed) = match (&next.changed, contiguous) {
                             (Some(ch), true) => {
-                                let mut it = ch.iter().filter(|(ct, _)| ct == t).map(|(_, n)| n);
-                                w.diff(&res, Some(&mut it), &HashSet::new())
+                                let it = ch.iter().filter(|(ct, _)| ct == t).map(|(_, n)| n.clone());
+                                w.diff_changed(cur.generation, &res, next.generation, it)
                             }
-                            _ => w.diff(&res, None, &HashSet::new()),
+                            _ => w.diff_all(&res, next.generation, &none),
                         };
                         if send.is_empty() && removed.is_empty() {
                             continue;
@@ -509,5 +591,193 @@ impl AggregatedDiscoveryService for AdsServer {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const NAMES: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+
+    /// xorshift: deterministic, no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+        fn name(&mut self) -> &'static str {
+            NAMES[self.below(NAMES.len())]
+        }
+    }
+
+    fn resource(name: &str, hash: u64) -> Arc<Resource> {
+        Arc::new(Resource {
+            name: Arc::from(name),
+            hash,
+            type_url: "t",
+            value: Default::default(),
+            any: Default::default(),
+            delta: Default::default(),
+        })
+    }
+
+    /// The next snapshot: some resources changed (perhaps to the same
+    /// bytes), some gone, some new; unchanged ones shared, as the
+    /// translator does.
+    fn evolve(rng: &mut Rng, prev: &Named) -> Named {
+        let mut next = prev.clone();
+        for _ in 0..rng.below(4) {
+            let n = rng.name();
+            if rng.below(3) == 0 {
+                next.remove(n);
+            } else {
+                next.insert(Arc::from(n), resource(n, rng.below(3) as u64));
+            }
+        }
+        next
+    }
+
+    /// What the translator reports as changed from `a` to `b`.
+    fn changed(a: &Named, b: &Named) -> Vec<Arc<str>> {
+        NAMES
+            .iter()
+            .filter(|n| a.get(**n).map(|r| r.hash) != b.get(**n).map(|r| r.hash))
+            .map(|n| Arc::from(*n))
+            .collect()
+    }
+
+    /// The client applying a response.
+    fn apply(client: &mut BTreeMap<String, u64>, (send, removed): &Diff) {
+        for r in send {
+            client.insert(r.name.to_string(), r.hash);
+        }
+        for n in removed {
+            client.remove(n);
+        }
+    }
+
+    fn wanted(w: &Watch, res: &Named) -> BTreeMap<String, u64> {
+        res.values()
+            .filter(|r| w.wants(&r.name))
+            .map(|r| (r.name.to_string(), r.hash))
+            .collect()
+    }
+
+    /// Random streams (wildcard or named, new or resuming) through random
+    /// snapshots, contiguous or skipped, subscriptions and unsubscriptions:
+    /// what the client holds after applying every diff is what the stream
+    /// believes it holds, and, but after a late `*` subscription (which
+    /// sends nothing until the next full compare), exactly what it wants.
+    #[test]
+    fn client_holds_what_the_stream_believes() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for trial in 0..500 {
+            let mut w = Watch::default();
+            let mut client: BTreeMap<String, u64> = BTreeMap::new();
+            if rng.below(2) == 0 {
+                for _ in 0..rng.below(6) {
+                    client.insert(rng.name().to_string(), rng.below(3) as u64);
+                }
+                w.known =
+                    Known::from_versions(client.iter().map(|(k, v)| (Arc::from(k.as_str()), *v)));
+            }
+            let mut force = HashSet::new();
+            if rng.below(2) == 0 {
+                w.wildcard = true;
+            } else {
+                for _ in 0..=rng.below(3) {
+                    let n = rng.name().to_string();
+                    w.names.insert(n.clone());
+                    force.insert(n);
+                }
+            }
+            let mut generation = 1;
+            let first = evolve(&mut rng, &Named::new());
+            let mut snap = Arc::new(evolve(&mut rng, &first));
+            let d = w.diff_all(&snap, generation, &force);
+            apply(&mut client, &d);
+            let mut exact = true;
+            for step in 0..40 {
+                let ctx = format!("trial {trial} step {step}");
+                let d = match rng.below(8) {
+                    0..=2 => {
+                        let next = Arc::new(evolve(&mut rng, &snap));
+                        let ch = changed(&snap, &next);
+                        let d = w.diff_changed(generation, &next, generation + 1, ch.into_iter());
+                        (snap, generation) = (next, generation + 1);
+                        d
+                    }
+                    3 => {
+                        let between = evolve(&mut rng, &snap);
+                        let next = Arc::new(evolve(&mut rng, &between));
+                        let d = w.diff_all(&next, generation + 2, &HashSet::new());
+                        (snap, generation) = (next, generation + 2);
+                        exact = true;
+                        d
+                    }
+                    4 => {
+                        let n = rng.name().to_string();
+                        w.names.insert(n.clone());
+                        w.diff_names(&snap, std::iter::empty(), &HashSet::from([n]))
+                    }
+                    5 | 6 => {
+                        if rng.below(3) == 0 {
+                            w.wildcard = false;
+                        } else {
+                            let n = rng.name();
+                            w.names.remove(n);
+                        }
+                        let (wildcard, names) = (w.wildcard, &w.names);
+                        w.known.retain(|k| wildcard || names.contains(k));
+                        client.retain(|k, _| wildcard || names.contains(k));
+                        (vec![], vec![])
+                    }
+                    _ => {
+                        exact &= w.wildcard;
+                        w.wildcard = true;
+                        (vec![], vec![])
+                    }
+                };
+                apply(&mut client, &d);
+                let believed: BTreeMap<String, u64> = NAMES
+                    .iter()
+                    .filter_map(|n| Some((n.to_string(), w.known.get(n)?)))
+                    .collect();
+                assert_eq!(client, believed, "{ctx}");
+                if exact {
+                    assert_eq!(client, wanted(&w, &snap), "{ctx}");
+                }
+            }
+        }
+    }
+
+    /// A new wildcard client's first sync is the snapshot in name order,
+    /// and leaves the stream holding the snapshot itself, not a copy.
+    #[test]
+    fn first_sync_sends_all_and_records_the_snapshot() {
+        let snap: Arc<Named> = Arc::new(
+            ["b", "a", "c"]
+                .iter()
+                .map(|n| (Arc::from(*n), resource(n, 1)))
+                .collect(),
+        );
+        let mut w = Watch {
+            wildcard: true,
+            ..Default::default()
+        };
+        let (send, removed) = w.diff_all(&snap, 5, &HashSet::new());
+        let names: Vec<&str> = send.iter().map(|r| &*r.name).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(removed.is_empty());
+        assert!(w.known.in_sync_with(5));
+        // Nothing changed: nothing to send.
+        let (send, removed) = w.diff_all(&snap, 6, &HashSet::new());
+        assert!(send.is_empty() && removed.is_empty());
     }
 }

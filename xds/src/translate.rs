@@ -77,7 +77,9 @@ pub fn parse_version(v: &str) -> u64 {
 /// identities each node's pods have (for the CA).
 #[derive(Debug, Default)]
 pub struct Resources {
-    pub by_type: BTreeMap<&'static str, BTreeMap<Arc<str>, Arc<Resource>>>,
+    /// Shared, so that an ADS stream can remember "this client holds
+    /// exactly this map" with a pointer (see `ads::known`).
+    pub by_type: BTreeMap<&'static str, Arc<Named>>,
     pub node_identities: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// What translation could not do as asked (objects were valid, but
     /// e.g. a policy field the waypoint cannot enforce), naming the object
@@ -88,7 +90,7 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub fn get(&self, type_url: &str) -> Option<&BTreeMap<Arc<str>, Arc<Resource>>> {
+    pub fn get(&self, type_url: &str) -> Option<&Arc<Named>> {
         self.by_type.get(type_url)
     }
 }
@@ -511,7 +513,8 @@ pub fn translate_policy(opts: &Options, ap: &AuthorizationPolicy) -> Option<sec:
 
 type ServicePorts = (String, Vec<wl::Port>);
 type Labels = BTreeMap<String, String>;
-type Named = BTreeMap<Arc<str>, Arc<Resource>>;
+/// A type's resources by name.
+pub type Named = BTreeMap<Arc<str>, Arc<Resource>>;
 /// `(type_url, name)` of a resource.
 pub type ResourceId = (&'static str, Arc<str>);
 
@@ -895,11 +898,13 @@ impl Translator {
 
         let mut out = Resources::default();
         out.by_type
-            .insert(mesh_proto::type_url::ADDRESS, self.addrs.clone());
-        out.by_type
-            .insert(mesh_proto::type_url::AUTHORIZATION, self.authz.clone());
+            .insert(mesh_proto::type_url::ADDRESS, Arc::new(self.addrs.clone()));
+        out.by_type.insert(
+            mesh_proto::type_url::AUTHORIZATION,
+            Arc::new(self.authz.clone()),
+        );
         for (t, named) in &self.envoy {
-            out.by_type.insert(t, named.clone());
+            out.by_type.insert(t, Arc::new(named.clone()));
         }
         out.node_identities = self
             .node_ids

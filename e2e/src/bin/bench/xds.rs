@@ -11,6 +11,8 @@
 //!   write until the last client has received and ACKed it (p50/p99 over
 //!   `--changes` changes); baseline: the same changes while only the
 //!   single client is connected (the ratio is the cost of N streams);
+//! - the CPU seconds of each sync: the server's, the clients' (this
+//!   process) and everything else's (the machine's other load);
 //! - the server's RSS and peak RSS, and the RSS of a ztunnel (node-0)
 //!   holding the whole state from the same server.
 
@@ -167,6 +169,50 @@ async fn changes(
     Ok(lat)
 }
 
+/// CPU seconds spent by the server, by this process (the clients) and by
+/// everything else on the machine (other builds and benchmarks: the wall
+/// times are only comparable when that is small).
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    server: f64,
+    clients: f64,
+    other: f64,
+}
+
+impl Cpu {
+    /// Totals so far (`other`: all processes' busy time).
+    fn now(server: u32) -> Result<Cpu> {
+        Ok(Cpu {
+            server: procstat::cpu_seconds(server)?,
+            clients: procstat::cpu_seconds(std::process::id())?,
+            other: procstat::system_busy_seconds()?,
+        })
+    }
+
+    /// What was spent since `before`.
+    fn since(&self, before: &Cpu) -> Cpu {
+        let server = self.server - before.server;
+        let clients = self.clients - before.clients;
+        let busy = self.other - before.other;
+        Cpu {
+            server,
+            clients,
+            other: (busy - server - clients).max(0.0),
+        }
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            self.server, self.clients, self.other
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"server": self.server, "clients": self.clients, "other": self.other})
+    }
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -291,6 +337,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         // A single client first.
         let (stx, mut srx) = mpsc::channel(a.clients + 1);
         let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+        let cpu0 = Cpu::now(server.0.id())?;
         let t0 = Instant::now();
         let ch = ep.connect().await?;
         tokio::spawn(client(
@@ -302,6 +349,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         ));
         let synced_resources = srx.recv().await.ok_or_else(|| anyhow!("client failed"))?;
         let single = t0.elapsed();
+        let cpu1 = Cpu::now(server.0.id())?.since(&cpu0);
         let expected = a.pods + a.services + a.policies;
         if synced_resources != expected {
             return Err(anyhow!(
@@ -315,6 +363,8 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         for _ in 0..a.clients {
             chans.push(ep.connect().await?);
         }
+        let load = procstat::loadavg_1m();
+        let cpu0 = Cpu::now(server.0.id())?;
         let t0 = Instant::now();
         for (k, ch) in chans.into_iter().enumerate() {
             tokio::spawn(client(
@@ -329,6 +379,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             srx.recv().await.ok_or_else(|| anyhow!("a client failed"))?;
         }
         let all = t0.elapsed();
+        let cpu_n = Cpu::now(server.0.id())?.since(&cpu0);
         let rss = procstat::rss_mib(server.0.id())?;
         let mut lat = changes(&dir, a.changes..2 * a.changes, a.clients + 1, &mut seen_rx).await?;
         let hwm = procstat::hwm_mib(server.0.id())?;
@@ -390,6 +441,8 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             "first_full_sync_single_client_ms": single_ms,
             "first_full_sync_all_clients_ms": all_ms,
             "first_full_sync_ratio": all_ms / single_ms,
+            "first_full_sync_single_client_cpu_s": cpu1.json(),
+            "first_full_sync_all_clients_cpu_s": cpu_n.json(),
             "change_to_one_acked_p50_ms": p50_1,
             "change_to_one_acked_p99_ms": p99_1,
             "change_to_all_acked_p50_ms": p50,
@@ -399,6 +452,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             "server_rss_mib": rss, "server_peak_rss_mib": hwm,
             "ztunnel_first_sync_ms": zt_sync.as_secs_f64() * 1000.0,
             "ztunnel_rss_mib": zrss,
+            "load_average_1m": load,
         });
         let n = a.clients;
         writeln!(
@@ -409,6 +463,13 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             out,
             "| first full sync | {single_ms:.0} ms | {all_ms:.0} ms | {:.1}x ({n}x the data) | < 1000 ms |",
             all_ms / single_ms
+        )?;
+        writeln!(
+            out,
+            "| first sync CPU s: server / clients / other processes | {} | {} | {:.1}x (server) | |",
+            cpu1.row(),
+            cpu_n.row(),
+            cpu_n.server / cpu1.server
         )?;
         writeln!(
             out,
@@ -434,6 +495,7 @@ pub fn run(a: &XdsArgs) -> Result<String> {
             "| ztunnel start -> ready (first sync) | {:.0} ms | |",
             zt_sync.as_secs_f64() * 1000.0
         )?;
+        writeln!(out, "| load average (1 min) before the sync | {load:.2} | |")?;
         if let Some(d) = &a.out_dir {
             std::fs::create_dir_all(d)?;
             std::fs::write(d.join("xds.json"), serde_json::to_vec_pretty(&json)?)?;
