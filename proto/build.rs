@@ -64,6 +64,12 @@ fn main() -> anyhow::Result<()> {
             ".envoy.service.discovery.v3.DeltaDiscoveryRequest",
             "crate::envoy::service::discovery::v3::DeltaDiscoveryRequest",
         )
+        // Written by hand: resources may come as runs encoded once per
+        // snapshot (see src/delta_response.rs).
+        .extern_path(
+            ".envoy.service.discovery.v3.EncodedDeltaDiscoveryResponse",
+            "crate::delta_response::EncodedDeltaDiscoveryResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

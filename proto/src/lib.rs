@@ -123,11 +123,16 @@ pub mod envoy {
                         env!("OUT_DIR"),
                         "/encoded/envoy.service.discovery.v3.rs"
                     ));
+                    pub use crate::delta_response::{
+                        EncodedDeltaDiscoveryResponse, EncodedResources, Run,
+                    };
                 }
             }
         }
     }
 }
+
+pub mod delta_response;
 
 pub mod google {
     pub mod rpc {

@@ -16,16 +16,16 @@
 //! config). The first request must carry a `Node`; its node name
 //! (`metadata.NODE_NAME`, else `id`) must match the authenticated token.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use mesh_proto::core::Node;
 use mesh_proto::discovery::encoded::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use mesh_proto::discovery::encoded::{
     EncodedDeltaDiscoveryResponse as DeltaDiscoveryResponse,
-    EncodedDiscoveryResponse as DiscoveryResponse,
+    EncodedDiscoveryResponse as DiscoveryResponse, EncodedResources, Run,
 };
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::sync::{mpsc, watch};
@@ -49,9 +49,21 @@ pub struct Snapshot {
     /// `(type_url, name)` changed since generation `generation - 1`;
     /// `None` when unknown (the first snapshot).
     pub changed: Option<HashSet<(&'static str, Arc<str>)>>,
+    /// Per type, all its resources in chunks of [`CHUNK`], encoded once
+    /// on first use: what every new wildcard client is sent.
+    first_sync: Mutex<HashMap<String, Arc<[Run]>>>,
 }
 
 impl Snapshot {
+    /// The first snapshot.
+    pub fn first(resources: Resources) -> Snapshot {
+        Snapshot {
+            generation: 1,
+            resources: Arc::new(resources),
+            ..Default::default()
+        }
+    }
+
     /// The next snapshot after `prev`: `changed` names what differs (the
     /// translator knows, having retranslated only that).
     pub fn next(
@@ -63,7 +75,29 @@ impl Snapshot {
             generation: prev.generation + 1,
             resources: Arc::new(resources),
             changed: Some(changed),
+            ..Default::default()
         }
+    }
+
+    /// All resources of `type_url` (not a scoped one: those differ per
+    /// client), chunked and encoded; the first stream to ask builds them
+    /// while the others wait, then all share them.
+    fn first_sync(&self, type_url: &str) -> Arc<[Run]> {
+        let mut cache = self.first_sync.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(runs) = cache.get(type_url) {
+            return runs.clone();
+        }
+        let all: Vec<&Arc<Resource>> = self
+            .resources
+            .get(type_url)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
+        let runs: Arc<[Run]> = all
+            .chunks(CHUNK)
+            .map(|c| EncodedResources::run(c.iter().map(|r| &r.delta)))
+            .collect();
+        cache.insert(type_url.to_string(), runs.clone());
+        runs
     }
 }
 
@@ -139,6 +173,11 @@ type Diff = (Vec<Arc<Resource>>, Vec<String>);
 impl Watch {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+
+    /// A wildcard client that holds nothing: its full diff is everything.
+    fn holds_nothing_wants_all(&self) -> bool {
+        self.wildcard && self.known.as_base().is_some_and(|b| b.is_empty())
     }
 
     /// Compares everything: `res` is what the client may see of snapshot
@@ -375,7 +414,19 @@ impl AdsServer {
                         let (wildcard, names) = (w.wildcard, &w.names);
                         w.known.retain(|k| wildcard || names.contains(k));
                     }
-                    if first || !force.is_empty() {
+                    if first && force.is_empty() && w.holds_nothing_wants_all()
+                        && !Scope::is_scoped(&t)
+                    {
+                        // A new client: everything, as encoded for all.
+                        let res = visible(&cur, &t, gateway.as_deref());
+                        w.known.rebase(res, cur.generation);
+                        let chunks = cur.first_sync(&t).iter().map(|run| {
+                            let mut r = EncodedResources::default();
+                            r.push_run(run);
+                            r
+                        }).collect();
+                        self.send_chunks(&tx, &t, cur.generation, &mut nonce, chunks, vec![]).await?;
+                    } else if first || !force.is_empty() {
                         let res = visible(&cur, &t, gateway.as_deref());
                         let (send, removed) = if first {
                             w.diff_all(&res, cur.generation, &force)
@@ -422,11 +473,7 @@ impl AdsServer {
     /// Sends resources and removals, in chunks of at most [`CHUNK`]
     /// resources: each stream's encode buffer grows to its largest message
     /// and keeps that memory, so a 12,500-resource initial sync in one
-    /// message would pin megabytes per client. Every chunk but the last
-    /// has `system_version_info` `<generation>/partial` (the field is for
-    /// debugging; clients that do not know this apply each chunk as any
-    /// delta response), which lets our ztunnel hold readiness until the
-    /// whole first sync is in.
+    /// message would pin megabytes per client.
     async fn send_delta(
         &self,
         tx: &Out<DeltaDiscoveryResponse>,
@@ -434,15 +481,41 @@ impl AdsServer {
         generation: u64,
         nonce: &mut u64,
         send: Vec<Arc<Resource>>,
+        removed: Vec<String>,
+    ) -> Result<(), Status> {
+        let chunks = send
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut r = EncodedResources::default();
+                for res in chunk {
+                    r.push(res.delta.clone());
+                }
+                r
+            })
+            .collect();
+        self.send_chunks(tx, type_url, generation, nonce, chunks, removed)
+            .await
+    }
+
+    /// Sends `chunks` (none: one empty response), `removed` with the last.
+    /// Every chunk but the last has `system_version_info`
+    /// `<generation>/partial` (the field is for debugging; clients that do
+    /// not know this apply each chunk as any delta response), which lets
+    /// our ztunnel hold readiness until the whole first sync is in.
+    async fn send_chunks(
+        &self,
+        tx: &Out<DeltaDiscoveryResponse>,
+        type_url: &str,
+        generation: u64,
+        nonce: &mut u64,
+        mut chunks: Vec<EncodedResources>,
         mut removed: Vec<String>,
     ) -> Result<(), Status> {
-        let chunks: Vec<&[Arc<Resource>]> = if send.is_empty() {
-            vec![&[]]
-        } else {
-            send.chunks(CHUNK).collect()
-        };
+        if chunks.is_empty() {
+            chunks.push(EncodedResources::default());
+        }
         let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        for (i, resources) in chunks.into_iter().enumerate() {
             *nonce += 1;
             self.metrics.pushes.get_or_create(&label(type_url)).inc();
             let resp = DeltaDiscoveryResponse {
@@ -451,7 +524,7 @@ impl AdsServer {
                 } else {
                     format!("{generation}/partial")
                 },
-                resources: chunk.iter().map(|r| r.delta.clone()).collect(),
+                resources,
                 type_url: type_url.to_string(),
                 nonce: nonce.to_string(),
                 removed_resources: if i == last {

@@ -196,11 +196,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let first = model_rx.borrow_and_update().clone();
     let mut tr = translate::Translator::new(cfg.translate.clone());
-    let snap = Snapshot {
-        generation: 1,
-        resources: Arc::new(tr.translate(first)),
-        changed: None,
-    };
+    let snap = Snapshot::first(tr.translate(first));
     for e in &snap.resources.errors {
         tracing::warn!("{e}");
     }

@@ -270,8 +270,8 @@ async fn client(
                         }
                     }
                 } else if resp.resources.len() < 16 {
-                    for raw in &resp.resources {
-                        let r = Resource::decode(raw.clone())?;
+                    for raw in resp.resources.iter() {
+                        let r = Resource::decode(raw)?;
                         if r.name.contains("/change-") {
                             let _ = seen.send((r.name, now));
                         }
