@@ -30,6 +30,7 @@ pub mod kube;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+mod tls;
 pub mod translate;
 
 use std::net::SocketAddr;
@@ -41,7 +42,6 @@ use anyhow::Context;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_proto::discovery::encoded::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 use ztunnel::identity::LocalCa;
 
@@ -213,8 +213,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     );
     let (cert_pem, key_pem) =
         ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    let tls = tls::server_config(&cert_pem, &key_pem)?;
 
     let ads = AdsServer {
         snapshots: snap_rx.clone(),
@@ -235,8 +234,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("TLS set-up")?
         .add_service(
             AggregatedDiscoveryServiceServer::new(ads)
                 .max_encoding_message_size(usize::MAX)
@@ -245,7 +242,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .add_service(IstioCertificateServiceServer::new(ca_svc));
     let server = tokio::spawn(async move {
         if let Err(e) = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls), async {
                 let _ = stop_rx.await;
             })
             .await
