@@ -11,6 +11,13 @@
 //! hashes, stable across restarts). Bursts coalesce twice: the translator
 //! debounces, and a stream busy sending simply sees the latest snapshot.
 //!
+//! Fan-out is what costs (100 clients each sent 12,500 resources), so the
+//! per-client work is kept to pointers: what a client holds is a snapshot
+//! map plus the few names where it differs (module `known`), and a new
+//! wildcard client is sent the snapshot's resources as chunks encoded
+//! once per snapshot and shared by every stream ([`Snapshot`]'s
+//! `first_sync`).
+//!
 //! ACKs and NACKs are matched by nonce; a NACK is logged and counted and
 //! nothing is resent until the next change (the client keeps its last good
 //! config). The first request must carry a `Node`; its node name

@@ -466,10 +466,15 @@ pub fn run(a: &XdsArgs) -> Result<String> {
         )?;
         writeln!(
             out,
-            "| first sync CPU s: server / clients / other processes | {} | {} | {:.1}x (server) | |",
+            "| first sync CPU s: server / clients / other processes | {} | {} | {} | |",
             cpu1.row(),
             cpu_n.row(),
-            cpu_n.server / cpu1.server
+            // Below the clock tick (10 ms) a single client's sync reads 0.
+            if cpu1.server > 0.0 {
+                format!("{:.1}x (server)", cpu_n.server / cpu1.server)
+            } else {
+                "-".to_string()
+            }
         )?;
         writeln!(
             out,
