@@ -199,3 +199,32 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(dst: &str) -> TcpLabels {
+        let mut l = TcpLabels::new("source", None, None, None, None, None, true);
+        l.destination_workload = dst.into();
+        l
+    }
+
+    #[test]
+    fn a_label_set_gets_the_same_counters_each_time_and_they_are_exported() {
+        let m = Metrics::new();
+        m.tcp(labels("a")).opened.inc();
+        m.tcp(labels("a")).opened.inc();
+        m.tcp(labels("b")).closed.inc();
+        m.tcp(labels("a")).received_bytes.inc_by(5);
+        assert_eq!(m.opened.get_or_create(&labels("a")).get(), 2);
+        assert_eq!(m.opened.get_or_create(&labels("b")).get(), 0);
+        assert_eq!(m.closed.get_or_create(&labels("b")).get(), 1);
+        assert_eq!(m.received_bytes.get_or_create(&labels("a")).get(), 5);
+        let text = m.encode();
+        assert!(
+            text.contains("destination_workload=\"a\"") && text.contains("} 2"),
+            "{text}"
+        );
+    }
+}
