@@ -18,6 +18,12 @@
 //! healthy replica is tried before the client's connection fails, so losing
 //! a replica loses no new connections. A replica refusing by policy is an
 //! answer, not a failure: no other replica is asked.
+//!
+//! First bytes: a captured client's bytes that are already waiting when the
+//! tunnel opens go with the CONNECT rather than after its answer (one TLS
+//! record and one read on the peer instead of two per connection; most
+//! clients speak first). The peer forwards nothing before it has accepted
+//! the tunnel, so on a failure the same bytes go to the next replica.
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
