@@ -408,3 +408,48 @@ fn plaintext_inbound_and_outbound_capture_with_redirect() {
         c.zb().log().contains("src.addr=172.30.0.1")
     });
 }
+
+#[test]
+fn captured_client_speaking_first_arrives_whole_in_order_and_counted() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options::default());
+    e2e::mesh::capture_outbound(c.a.netns(), IpAddr::V4(c.client.ipv4())).unwrap();
+    // The client writes right after connecting, so ztunnel a usually finds
+    // the first bytes waiting and sends them with the CONNECT; the message
+    // is larger than what goes early, so the rest must follow in order.
+    let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        let mut s =
+            e2e::tcp_connect_from_in(c.a.netns(), IpAddr::V4(c.client.ipv4()), c.echo_addr())
+                .unwrap();
+        echo_roundtrip(&mut s, &msg).unwrap();
+        echo_roundtrip(&mut s, b"and more").unwrap();
+    }
+    let total = msg.len() + b"and more".len();
+    wait_until(Duration::from_secs(5), "three access-log lines", || {
+        c.za()
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("connection complete")
+                    && l.contains("outbound")
+                    && l.contains(&format!("bytes_recv={total} "))
+                    && l.contains(&format!("bytes_sent={total} "))
+            })
+            .count()
+            == 3
+    });
+    let received = |m: &str, reporter: &str| {
+        counter(
+            m,
+            "istio_tcp_received_bytes_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    assert_eq!(received(&c.metrics(&c.a), "source"), 3 * total as u64);
+    wait_until(Duration::from_secs(5), "bytes on node b", || {
+        received(&c.metrics(&c.b), "destination") == 3 * total as u64
+    });
+}

@@ -506,7 +506,7 @@ async fn outbound_loop(pi: Arc<ProxyInputs>, listener: TcpListener, who: Arc<(St
                     );
                 };
                 let src = SocketAddr::new(ip, peer.port());
-                match outbound::connect(&pi, src, dst).await {
+                match outbound::connect_captured(&pi, src, dst, &stream).await {
                     Ok(out) => out.serve(&mut stream).await,
                     Err(e) => log_refused("outbound", src, dst, &e.to_string()),
                 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -30,8 +31,8 @@ pub struct ConnectionRecord {
     src_workload: Option<String>,
     dst_workload: Option<String>,
     service: Option<String>,
-    labels: TcpLabels,
-    metrics: Arc<Metrics>,
+    /// `istio_tcp_connections_closed_total` of this connection's labels.
+    closed: Counter,
     pub counters: ByteCounters,
 }
 
@@ -60,11 +61,9 @@ impl ConnectionRecord {
             p.service,
             p.mtls,
         );
-        metrics.opened.get_or_create(&labels).inc();
-        let counters = ByteCounters::new(
-            metrics.received_bytes.get_or_create(&labels).clone(),
-            metrics.sent_bytes.get_or_create(&labels).clone(),
-        );
+        let tcp = metrics.tcp(labels);
+        tcp.opened.inc();
+        let counters = ByteCounters::new(tcp.received_bytes.clone(), tcp.sent_bytes.clone());
         ConnectionRecord {
             start: Instant::now(),
             direction: if reporter == "source" {
@@ -83,35 +82,44 @@ impl ConnectionRecord {
                 .dst_workload
                 .map(|w| format!("{}/{}", w.namespace, w.name)),
             service: p.service.map(|s| s.hostname.clone()),
-            labels,
-            metrics: metrics.clone(),
+            closed: tcp.closed,
             counters,
         }
     }
 
     /// Counts the close and writes the access-log line.
     pub fn close(self, result: Result<(), String>) {
-        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.closed.inc();
         let bytes = self.counters.totals();
         let error = result.err();
-        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-        let id = |o: &Option<Identity>| o.as_ref().map_or("-".into(), ToString::to_string);
         info!(
             target: "access",
             direction = self.direction,
             src.addr = %self.src,
-            src.workload = %dash(&self.src_workload),
-            src.identity = %id(&self.src_identity),
+            src.workload = %OrDash(self.src_workload.as_ref()),
+            src.identity = %OrDash(self.src_identity.as_ref()),
             dst.addr = %self.dst,
-            dst.service = %dash(&self.service),
-            dst.workload = %dash(&self.dst_workload),
-            dst.identity = %id(&self.dst_identity),
+            dst.service = %OrDash(self.service.as_ref()),
+            dst.workload = %OrDash(self.dst_workload.as_ref()),
+            dst.identity = %OrDash(self.dst_identity.as_ref()),
             bytes_sent = bytes.to_client,
             bytes_recv = bytes.from_client,
             duration_ms = self.start.elapsed().as_millis() as u64,
             error = error.as_deref().unwrap_or("-"),
             "connection complete"
         );
+    }
+}
+
+/// A value, or "-" for none, formatted straight into the log line.
+struct OrDash<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 

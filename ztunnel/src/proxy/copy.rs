@@ -41,7 +41,7 @@ impl ByteCounters {
         }
     }
 
-    fn add_from_client(&self, n: u64) {
+    pub(crate) fn add_from_client(&self, n: u64) {
         self.received.inc_by(n);
         self.conn_received.inc_by(n);
     }

@@ -27,9 +27,14 @@ impl OriginalDestination for SocketOriginalDst {
     fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
         let sock = SockRef::from(stream);
         let local = stream.local_addr()?;
+        // The listener is dual stack: an IPv4 client shows up v4-mapped, and
+        // asking conntrack for IPv6 first would cost a failing syscall on
+        // every such connection.
         let redirected = match local {
-            SocketAddr::V4(_) => sock.original_dst(),
-            SocketAddr::V6(_) => sock.original_dst_ipv6().or_else(|_| sock.original_dst()),
+            SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => {
+                sock.original_dst_ipv6().or_else(|_| sock.original_dst())
+            }
+            _ => sock.original_dst(),
         };
         match redirected.ok().and_then(|a| a.as_socket()) {
             Some(a) => Ok(canonical(a)),

@@ -18,11 +18,20 @@
 //! healthy replica is tried before the client's connection fails, so losing
 //! a replica loses no new connections. A replica refusing by policy is an
 //! answer, not a failure: no other replica is asked.
+//!
+//! First bytes: a captured client's bytes that are already waiting when the
+//! tunnel opens go with the CONNECT rather than after its answer (one TLS
+//! record and one read on the peer instead of two per connection; most
+//! clients speak first). The peer forwards nothing before it has accepted
+//! the tunnel, so on a failure the same bytes go to the next replica.
 
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
+use bytes::Bytes;
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
@@ -153,6 +162,54 @@ pub async fn connect(
     src: SocketAddr,
     dst: SocketAddr,
 ) -> Result<Outbound, OutboundError> {
+    connect_from(pi, src, dst, None).await
+}
+
+/// [`connect`] for a captured `client`: whatever the client has sent
+/// already goes to the HBONE peer along with the CONNECT (see
+/// [`super::pool::Pool::connect_with_data`]), which saves a round of
+/// writes, reads and wake-ups in both ztunnels per connection.
+pub async fn connect_captured(
+    pi: &ProxyInputs,
+    src: SocketAddr,
+    dst: SocketAddr,
+    client: &TcpStream,
+) -> Result<Outbound, OutboundError> {
+    connect_from(pi, src, dst, Some(client)).await
+}
+
+/// How much of the client's first bytes travels with the CONNECT; the rest
+/// is copied as usual.
+const FIRST_BYTES: usize = 4 * 1024;
+
+/// What the client has sent so far, without waiting (clients of most
+/// protocols speak first, and their bytes are usually in by the time the
+/// route is known). Empty if nothing came yet or the client half-closed.
+fn first_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; FIRST_BYTES];
+    match (&*SockRef::from(client)).read(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(buf.into())
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(Bytes::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn connect_from(
+    pi: &ProxyInputs,
+    src: SocketAddr,
+    dst: SocketAddr,
+    client: Option<&TcpStream>,
+) -> Result<Outbound, OutboundError> {
     let snap = pi.store.snapshot();
     let src_w = snap.workload_by_ip(src.ip()).cloned();
     let route = route(&snap, src_w.as_deref(), dst)?;
@@ -178,8 +235,21 @@ pub async fn connect(
                     ))
                 })?;
             let src_id = src_w.identity();
-            let (dst_w, dst_id, stream, guard) =
-                open_tunnel(pi, &src_id, &hbone_peers, route.target, src.ip()).await?;
+            let first = match client {
+                Some(c) => first_bytes(c)
+                    .context("the client's connection failed before the tunnel opened")
+                    .map_err(OutboundError::Failed)?,
+                None => Bytes::new(),
+            };
+            let (dst_w, dst_id, stream, guard) = open_tunnel(
+                pi,
+                &src_id,
+                &hbone_peers,
+                route.target,
+                src.ip(),
+                first.clone(),
+            )
+            .await?;
             let record = ConnectionRecord::open(
                 &pi.metrics,
                 "source",
@@ -194,6 +264,7 @@ pub async fn connect(
                     mtls: true,
                 },
             );
+            record.counters.add_from_client(first.len() as u64);
             Ok(Outbound {
                 upstream: Upstream::Hbone(stream, guard),
                 record,
@@ -231,13 +302,15 @@ pub async fn connect(
 /// takes it: each peer is a workload and its HBONE address, and must prove
 /// that workload's identity. A peer that cannot be reached (connect, TLS or
 /// HTTP/2 failure, or a CONNECT it could not serve) is skipped for the
-/// next; a policy refusal ends the attempt. Returns the peer used.
+/// next, which gets the same `first` bytes; a policy refusal ends the
+/// attempt. Returns the peer used.
 async fn open_tunnel(
     pi: &ProxyInputs,
     src_id: &crate::identity::Identity,
     peers: &[(Arc<Workload>, SocketAddr)],
     target: SocketAddr,
     forwarded_for: IpAddr,
+    first: Bytes,
 ) -> Result<
     (
         Arc<Workload>,
@@ -255,7 +328,11 @@ async fn open_tunnel(
             dst: vec![dst_id.clone()],
             next_hop: *next_hop,
         };
-        match pi.pool.connect(key, target, forwarded_for).await {
+        match pi
+            .pool
+            .connect_with_data(key, target, forwarded_for, first.clone())
+            .await
+        {
             Ok((stream, guard)) => return Ok((dst_w.clone(), dst_id, stream, guard)),
             Err(e) => {
                 if let Some(TunnelError::Denied) = e.downcast_ref::<TunnelError>() {
@@ -328,7 +405,7 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
 }
 
 async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
-    match connect(&pi, src, dst).await {
+    match connect_captured(&pi, src, dst, &stream).await {
         Ok(out) => out.serve(&mut stream).await,
         Err(e) => {
             debug!(%src, %dst, error = %e, "outbound connection failed");

@@ -171,6 +171,23 @@ impl Pool {
         target: SocketAddr,
         forwarded_for: std::net::IpAddr,
     ) -> anyhow::Result<(H2Stream, StreamGuard)> {
+        self.connect_with_data(key, target, forwarded_for, Bytes::new())
+            .await
+    }
+
+    /// [`Pool::connect`], sending `first` (the client's first bytes, if it
+    /// has sent any) right behind the CONNECT instead of after the answer:
+    /// both go out in one TLS record, and the peer reads them together. The
+    /// peer forwards them only once it has accepted the tunnel and reached
+    /// the destination; if it refuses, it never forwards them, so they can
+    /// be offered again to another peer.
+    pub async fn connect_with_data(
+        &self,
+        key: PoolKey,
+        target: SocketAddr,
+        forwarded_for: std::net::IpAddr,
+        first: Bytes,
+    ) -> anyhow::Result<(H2Stream, StreamGuard)> {
         let conn = self.checkout(&key).await?;
         let guard = StreamGuard(conn.clone());
         let mut sender = conn.sender.clone();
@@ -187,9 +204,14 @@ impl Pool {
             )
             .body(())
             .context("building CONNECT request")?;
-        let (response, send) = sender
+        let (response, mut send) = sender
             .send_request(req, false)
             .with_context(|| format!("sending CONNECT to {}", key.next_hop))?;
+        if !first.is_empty() {
+            // Within the stream's initial window, so h2 sends it at once.
+            send.send_data(first, false)
+                .with_context(|| format!("sending the first bytes to {}", key.next_hop))?;
+        }
         let response = response
             .await
             .with_context(|| format!("awaiting CONNECT response from {}", key.next_hop))?;
