@@ -11,10 +11,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::info;
 use ztunnel::identity::{CaClient, Identity, LocalCa, SecretManager};
-use ztunnel::proxy::Pool;
 
 use crate::config::{self, Store};
 use crate::metrics::Metrics;
+use crate::upstream::balancer::Balancer;
 use crate::upstream::connector::Dialer;
 use crate::upstream::Upstream;
 use crate::Proxy;
@@ -109,6 +109,9 @@ pub struct Args {
     pub socket_mark: u32,
     #[arg(long, default_value_t = 100)]
     pub pool_max_streams: usize,
+    /// Worker threads serving the listeners (each with its own event loop
+    /// and upstream connections, as nginx's worker processes); a further
+    /// thread runs configuration, xDS and the admin endpoints.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
     #[arg(long)]
@@ -141,27 +144,41 @@ pub struct Parts {
 
 pub fn build(p: Parts) -> Arc<Proxy> {
     let secrets = SecretManager::new(p.ca, p.cert_ttl);
-    let pool = Pool::new(
+    let dialer = Dialer::new(
         secrets.clone(),
+        p.identity.clone(),
+        p.own_ip,
         p.mark,
         p.pool_max_streams,
-        Duration::from_secs(60),
     );
-    let dialer = Dialer::new(pool, p.identity.clone(), p.own_ip, p.mark);
     Arc::new(Proxy {
         identity: p.identity,
         secrets,
         store: p.store,
-        upstream: Arc::new(Upstream::new(dialer)),
+        upstream: Arc::new(Upstream::new(dialer, Arc::new(Balancer::default()))),
         metrics: Arc::new(Metrics::new()),
         drain: ztunnel::proxy::Drain::default(),
     })
 }
 
-/// Starts serving HBONE on `hbone` and the admin endpoints on `admin`.
+/// Starts serving HBONE on `hbone` and the admin endpoints on `admin`, on
+/// the current runtime.
 pub async fn start(
     proxy: Arc<Proxy>,
     hbone: TcpListener,
+    admin: Vec<TcpListener>,
+) -> anyhow::Result<Running> {
+    let running = prepare(proxy, hbone.local_addr()?, admin).await?;
+    tokio::spawn(crate::inbound::run(running.proxy.clone(), hbone));
+    running.ready.store(true, Ordering::Release);
+    Ok(running)
+}
+
+/// The waypoint's certificate and the admin endpoints: what comes before
+/// serving.
+async fn prepare(
+    proxy: Arc<Proxy>,
+    hbone_addr: SocketAddr,
     admin: Vec<TcpListener>,
 ) -> anyhow::Result<Running> {
     // The certificate first: a waypoint without one cannot serve.
@@ -170,7 +187,6 @@ pub async fn start(
         .fetch(&proxy.identity)
         .await
         .context("fetching the waypoint's certificate")?;
-    let hbone_addr = hbone.local_addr()?;
     let admin_addr = admin
         .first()
         .map(|l| l.local_addr())
@@ -180,8 +196,6 @@ pub async fn start(
     for l in admin {
         ztunnel::admin::serve(l, crate::admin::handler(proxy.clone(), ready.clone()));
     }
-    tokio::spawn(crate::inbound::run(proxy.clone(), hbone));
-    ready.store(true, Ordering::Release);
     Ok(Running {
         proxy,
         hbone_addr,
@@ -257,28 +271,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             store.clone(),
         );
     }
-    let running = start(proxy, hbone, admin).await?;
-    if let Some(l) = plaintext {
-        tokio::spawn(crate::plaintext::run(running.proxy.clone(), l));
-    }
+    let running = prepare(proxy, hbone.local_addr()?, admin).await?;
+    crate::workers::start(&running.proxy, args.worker_threads, hbone, plaintext)?;
+    tokio::spawn(keep_tables(running.proxy.clone()));
+    running.ready.store(true, Ordering::Release);
     info!(hbone = %running.hbone_addr, identity = %args.identity, "waypoint ready");
-    // Keep the configuration's endpoint table in step with reloads.
-    let p = running.proxy.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let cfg = p.store.get();
-            p.upstream
-                .balancer
-                .retain(cfg.clusters.values().map(|c| c.as_ref()));
-            let live = cfg
-                .clusters
-                .values()
-                .flat_map(|c| c.endpoints.iter().map(|e| e.address))
-                .collect();
-            p.upstream.dialer.retain(&live);
-        }
-    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -289,4 +286,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let left = running.proxy.drain.run(args.drain_timeout).await;
     info!(still_open = left, "waypoint stopped");
     Ok(())
+}
+
+/// Keeps the endpoint tables (the balancer's, the dialer's) in step with
+/// configuration reloads: endpoints gone from every cluster are forgotten.
+pub async fn keep_tables(p: Arc<Proxy>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let cfg = p.store.get();
+        p.upstream
+            .balancer
+            .retain(cfg.clusters.values().map(|c| c.as_ref()));
+        let live = cfg
+            .clusters
+            .values()
+            .flat_map(|c| c.endpoints.iter().map(|e| e.address))
+            .collect();
+        p.upstream.dialer.retain(&live);
+    }
 }

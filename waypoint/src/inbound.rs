@@ -48,13 +48,17 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        drain.connections.spawn(async move {
-            if let Err(e) = serve_connection(proxy, stream, canonical(peer)).await {
-                warn!(%peer, error = %format!("{e:#}"), "HBONE connection rejected");
-            }
-        });
+        drain
+            .connections
+            .spawn(serve_accepted(proxy.clone(), stream, peer));
+    }
+}
+
+/// Serves one accepted HBONE connection until it ends.
+pub async fn serve_accepted(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = serve_connection(proxy, stream, canonical(peer)).await {
+        warn!(%peer, error = %format!("{e:#}"), "HBONE connection rejected");
     }
 }
 

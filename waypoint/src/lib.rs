@@ -20,8 +20,9 @@
 //! the access log. Opaque TCP takes [`tcp`] instead of [`serve`];
 //! [`plaintext`] is an optional way in without HBONE (benchmarks, debugging).
 //! HTTP/2 upstream uses its own per-endpoint pool ([`upstream::h2pool`]).
-//! [`app`] wires it together and drains on SIGTERM; [`admin`] serves
-//! `/config_dump`, `/metrics` and readiness.
+//! [`app`] wires it together and drains on SIGTERM; [`workers`] runs the
+//! listeners thread per core; [`admin`] serves `/config_dump`, `/metrics`
+//! and readiness.
 //!
 //! Configuration ([`config`]) mirrors Envoy's Listener / RouteConfiguration
 //! / Cluster resources, is read from YAML or received over Envoy v3 xDS
@@ -43,6 +44,7 @@ pub mod serve;
 pub mod sniff;
 pub mod tcp;
 pub mod upstream;
+pub mod workers;
 pub mod xds;
 
 use std::sync::Arc;
@@ -59,4 +61,20 @@ pub struct Proxy {
     pub metrics: Arc<metrics::Metrics>,
     /// Graceful shutdown: stop accepting, GOAWAY, let open requests end.
     pub drain: ztunnel::proxy::Drain,
+}
+
+impl Proxy {
+    /// The same proxy with upstream connection pools of its own, for a
+    /// worker thread (see [`workers`]); everything else is shared. Call
+    /// it on the worker's runtime: the pools' tasks run there.
+    pub fn for_worker(&self) -> Proxy {
+        Proxy {
+            identity: self.identity.clone(),
+            secrets: self.secrets.clone(),
+            store: self.store.clone(),
+            upstream: Arc::new(self.upstream.fresh()),
+            metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
+        }
+    }
 }

@@ -7,7 +7,9 @@
 //! existing Istio dashboards work unchanged.
 //!
 //! Recording a request is on every request's path, so it costs one hash
-//! lookup: the four metrics' handles are cached per label set, and the
+//! lookup (foldhash, randomly seeded per process, rather than SipHash,
+//! which showed in profiles): the four metrics' handles are cached per
+//! label set, and the
 //! labels that describe a peer (workload, namespace, principal) are built
 //! once per downstream connection or endpoint and shared ([`PeerLabels`]).
 
@@ -126,7 +128,7 @@ pub struct Metrics {
     pub request_bytes: Family<RequestLabels, Histogram>,
     pub response_bytes: Family<RequestLabels, Histogram>,
     pub tcp: TcpMetrics,
-    handles: RwLock<HashMap<RequestLabels, Handles>>,
+    handles: RwLock<HashMap<RequestLabels, Handles, foldhash::quality::RandomState>>,
     /// Shared by requests whose endpoint is not known.
     pub unknown_destination: PeerLabels,
     registry: Registry,

@@ -4,10 +4,11 @@
 //! never match it). It exists to measure and debug the L7 engine without
 //! HBONE in front, e.g. against another reverse proxy on the same footing.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 use ztunnel::socket::canonical;
 
@@ -30,18 +31,23 @@ pub async fn run(proxy: Arc<Proxy>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let Ok(local) = stream.local_addr() else {
-            continue;
-        };
-        let local = canonical(local);
-        let chain = match proxy.store.get().chain_for(local).map(|c| &c.kind) {
-            Some(ChainKind::Http(h)) => h.clone(),
-            _ => continue,
-        };
-        let ds = Arc::new(Downstream::new(None, canonical(peer).ip(), local, None));
         drain
             .connections
-            .spawn(serve_http(proxy.clone(), stream, ds, chain));
+            .spawn(serve_accepted(proxy.clone(), stream, peer));
     }
+}
+
+/// Serves one accepted plaintext connection until it ends.
+pub async fn serve_accepted(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let local = canonical(local);
+    let chain = match proxy.store.get().chain_for(local).map(|c| &c.kind) {
+        Some(ChainKind::Http(h)) => h.clone(),
+        _ => return,
+    };
+    let ds = Arc::new(Downstream::new(None, canonical(peer).ip(), local, None));
+    serve_http(proxy, stream, ds, chain).await;
 }

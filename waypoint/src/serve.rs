@@ -108,7 +108,12 @@ where
         let proxy = proxy.clone();
         let ds = ds.clone();
         let affinity = (req.version() < http::Version::HTTP_2).then(|| affinity.clone());
-        async move { Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await) }
+        // Boxed: a request's future is large (routing, retries, the
+        // upstream exchange), and hyper spawns one task per HTTP/2 stream;
+        // unboxed, each spawn, completion and drop copied all of it.
+        Box::pin(
+            async move { Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await) },
+        )
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);

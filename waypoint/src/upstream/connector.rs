@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use ztunnel::identity::Identity;
+use ztunnel::identity::{Identity, SecretManager};
 use ztunnel::proxy::pool::{Pool, PoolKey};
 
 use crate::h2io::H2Io;
@@ -45,18 +45,46 @@ pub struct Dialer {
     /// Sent as `Forwarded: for=` on upstream tunnels.
     pub own_ip: IpAddr,
     pub mark: u32,
+    /// HBONE streams per pooled connection.
+    max_streams: usize,
+    secrets: Arc<SecretManager>,
     targets: Mutex<HashMap<SocketAddr, Target>>,
 }
 
+/// How long a pooled HBONE connection without streams stays open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Dialer {
-    pub fn new(pool: Arc<Pool>, identity: Identity, own_ip: IpAddr, mark: u32) -> Arc<Self> {
+    /// A dialer with its own HBONE connection pool (whose eviction task
+    /// runs on the current runtime).
+    pub fn new(
+        secrets: Arc<SecretManager>,
+        identity: Identity,
+        own_ip: IpAddr,
+        mark: u32,
+        max_streams: usize,
+    ) -> Arc<Self> {
         Arc::new(Dialer {
-            pool,
+            pool: Pool::new(secrets.clone(), mark, max_streams, POOL_IDLE_TIMEOUT),
             identity,
             own_ip,
             mark,
+            max_streams,
+            secrets,
             targets: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Another dialer with the same settings and its own pool, for a
+    /// worker thread: its connections are driven on that thread only.
+    pub fn fresh(&self) -> Arc<Self> {
+        Dialer::new(
+            self.secrets.clone(),
+            self.identity.clone(),
+            self.own_ip,
+            self.mark,
+            self.max_streams,
+        )
     }
 
     pub fn set_target(&self, addr: SocketAddr, t: Target) {

@@ -25,8 +25,11 @@ use connector::{BoxError, Connector, Dialer, Target};
 
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// One worker's way to the endpoints: its connection pools are its own
+/// (their connections are driven on its thread), the balancer's view of
+/// the endpoints is shared by all workers.
 pub struct Upstream {
-    pub balancer: Balancer,
+    pub balancer: Arc<Balancer>,
     pub dialer: Arc<Dialer>,
     http1: Client<Connector, Body>,
     http2: h2pool::H2Pool,
@@ -53,14 +56,14 @@ pub struct Attempt {
 }
 
 impl Upstream {
-    pub fn new(dialer: Arc<Dialer>) -> Self {
+    pub fn new(dialer: Arc<Dialer>, balancer: Arc<Balancer>) -> Self {
         let connector = Connector(dialer.clone());
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(connector);
         let http2 = h2pool::H2Pool::new(dialer.clone());
         Upstream {
-            balancer: Balancer::default(),
+            balancer,
             dialer,
             http1,
             http2,
@@ -171,6 +174,11 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// The same balancer with pools of its own (for another worker).
+    pub fn fresh(&self) -> Self {
+        Upstream::new(self.dialer.fresh(), self.balancer.clone())
+    }
+
     /// HTTP/1.1 on the downstream connection's own upstream connection
     /// (opened, and handed to its driver, when there is none idle).
     async fn send_affine(
