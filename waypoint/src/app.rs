@@ -53,7 +53,7 @@ pub struct Args {
         conflicts_with = "xds_address"
     )]
     pub config: Option<PathBuf>,
-    /// Take the configuration over Envoy v3 delta ADS from this control
+    /// Take the configuration over Envoy v3 ADS from this control
     /// plane (`http://host:port`, or `https://` with `--xds-root-cert`)
     /// instead of `--config`.
     #[arg(long, env = "XDS_ADDRESS")]
@@ -81,6 +81,11 @@ pub struct Args {
     /// long is taken as empty (Envoy's `initial_fetch_timeout`).
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     pub xds_warming_timeout: Duration,
+    /// ADS protocol, as Envoy's `api_type`: `DELTA_GRPC` (incremental) or
+    /// `GRPC` (state of the world). Delta falls back to SotW when the
+    /// server does not implement it.
+    #[arg(long, value_enum, default_value = "DELTA_GRPC")]
+    pub xds_api_type: crate::xds::ApiType,
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub config_poll: Duration,
     #[arg(long, env = "CA_CERT")]
@@ -267,6 +272,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 node_name: args.xds_node_name.clone(),
                 node_cluster: id.service_account.clone(),
                 warming_timeout: args.xds_warming_timeout,
+                api_type: args.xds_api_type,
             },
             store.clone(),
         );
