@@ -343,12 +343,17 @@ fn listener() -> pl::Listener {
 }
 
 fn listener_with(http_filters: Vec<hcm::HttpFilter>) -> pl::Listener {
+    listener_rds("echo", http_filters)
+}
+
+/// The listener, its HTTP chain's routes over RDS `route`.
+fn listener_rds(route: &str, http_filters: Vec<hcm::HttpFilter>) -> pl::Listener {
     let h = hcm::HttpConnectionManager {
         http_filters,
         stat_prefix: "echo".into(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
-                route_config_name: "echo".into(),
+                route_config_name: route.into(),
             },
         )),
         ..Default::default()
@@ -880,6 +885,86 @@ async fn xds_delta_unimplemented_falls_back_to_sotw() {
     let rs = cp.replies();
     assert!(!rs.is_empty());
     assert!(rs.iter().all(|r| r.version.starts_with('v')), "{rs:?}");
+}
+
+#[tokio::test]
+async fn xds_new_route_name_warms_delta() {
+    new_route_name_warms(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn xds_new_route_name_warms_sotw() {
+    new_route_name_warms(ApiType::Grpc).await
+}
+
+/// A listener update naming a route configuration that has not arrived
+/// is ACKed, but the previous configuration stays in force until it
+/// does (no timeout here).
+async fn new_route_name_warms(api: ApiType) {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let v2 = backend("v2").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint(ca.clone(), &cp, api).await;
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    let mut c2 = eds_cluster("v2");
+    c2.cluster_discovery_type = None;
+    c2.load_assignment = Some(assignment("v2", v2.addr));
+    cp.set(type_url::CLUSTER, "v2", &c2);
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("first config", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    let c = client(ca, "client", &wp);
+    assert_eq!(c.get("/a", &[]).await.body, "v1 /a");
+
+    // The listener now names "echo2", which the server does not have.
+    let acks = |cp: &ControlPlane, t: &str| {
+        cp.replies()
+            .iter()
+            .filter(|r| r.type_url == t && r.error.is_none())
+            .count()
+    };
+    let lds_acks = acks(&cp, type_url::LISTENER);
+    cp.set(
+        type_url::LISTENER,
+        "waypoint",
+        &listener_rds("echo2", vec![]),
+    );
+    eventually("the new listener ACKed", || {
+        let n = acks(&cp, type_url::LISTENER);
+        async move { n > lds_acks }
+    })
+    .await;
+    // Warming: still the old listener and routes.
+    let cfg = store.get();
+    assert_eq!(cfg.source.route_configurations[0].name, "echo");
+    assert_eq!(c.get("/b", &[]).await.body, "v1 /b");
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+
+    // It arrives: the new listener and its routes go in force together.
+    let mut echo2 = routes(vec![split(0, 100)]);
+    echo2.name = "echo2".into();
+    cp.set(type_url::ROUTE_CONFIGURATION, "echo2", &echo2);
+    eventually("echo2 in force", || {
+        let s = store.clone();
+        async move { s.get().source.route_configurations[0].name == "echo2" }
+    })
+    .await;
+    assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
+    assert_eq!(store.get().source.route_configurations.len(), 1);
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
 }
 
 async fn c_get(ca: &Arc<dyn ztunnel::identity::CaClient>, wp: &Running, path: &str) -> u16 {

@@ -16,8 +16,8 @@
 //! were. While a referenced RDS/EDS resource is missing (warming), the
 //! response is ACKed and the previous configuration stays in force.
 //!
-//! That logic lives once, in [`state`]; the two wire protocols are
-//! adapters around it ([`delta`], [`sotw`]), chosen by
+//! That logic lives once, in `state.rs`; the two wire protocols are
+//! adapters around it (`delta.rs`, `sotw.rs`), chosen by
 //! [`XdsConfig::api_type`] as Envoy's `api_type` chooses. A server that
 //! answers the delta stream with `UNIMPLEMENTED` is asked again over SotW.
 //!
