@@ -4,7 +4,8 @@
 //! is signed for the identity named in `metadata.ImpersonatedIdentity` (as
 //! Istio's ztunnel sends it) or, failing that, the CSR's URI SAN. The
 //! caller's token names its node, and the identity must be that of a pod in
-//! the mesh scheduled on that node (from the current translation);
+//! the mesh, or of a gateway (waypoint) pod asking for its own, scheduled
+//! on that node (from the current translation);
 //! anything else is refused with `PERMISSION_DENIED` naming node and
 //! identity. Signing itself is ztunnel's [`LocalCa::sign_csr`]: the CA, not
 //! the CSR, decides what goes into the certificate.

@@ -223,3 +223,42 @@ async fn l7_policies_deny_allow_and_report_what_they_skip() {
     assert_eq!(m.server.metrics.nacks.get_or_create(&l).get(), 0);
     m.server.stop().await;
 }
+
+/// A second Service on the same pod whose port declares `appProtocol:
+/// grpc`: its server speaks HTTP/2, so the waypoint does too, upstream,
+/// even to an HTTP/1.1 client; the first Service's port declares nothing,
+/// and gets the client's protocol.
+const H2_SERVICE: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-h2, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.0.11
+  ports: [{port: 80, targetPort: http, appProtocol: grpc}]
+"#;
+
+#[tokio::test]
+async fn app_protocol_grpc_means_http2_upstream() {
+    let m = mesh(H2_SERVICE).await;
+    let c = m.client("client");
+    // An HTTP/2 request carries `:authority`, which the backend records as
+    // `x-seen-authority`; an HTTP/1.1 one (origin form) does not.
+    let r = c.get("/h1", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!m.backend.last_headers().contains_key("x-seen-authority"));
+    let mut s = c.h1("10.96.0.11:80").await;
+    let req = http::Request::builder()
+        .uri("/h2")
+        .header("host", "echo-h2.demo.svc.cluster.local")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = wcommon::send(&mut s, req).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(m.backend.last_path(), "/h2");
+    assert!(
+        m.backend.last_headers().contains_key("x-seen-authority"),
+        "the waypoint spoke HTTP/1.1 to an appProtocol: grpc port"
+    );
+    m.server.stop().await;
+}
