@@ -20,7 +20,7 @@ use mesh_proto::discovery::{DiscoveryRequest, DiscoveryResponse, Resource};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::state::{named, Entry, State, Update};
 use super::{rejected, XdsConfig, TYPES, WARMING_TICK};
@@ -80,7 +80,12 @@ impl Stream<'_> {
                 replaces: !named(&t),
                 version: resp.version_info.clone(),
             }),
-            Err(e) => Err(format!("{} response: {e}", short(&t))),
+            Err(e) => {
+                let msg = format!("{} response: {e}", short(&t));
+                warn!(type_url = %t, error = %msg,
+                      "xDS update rejected (NACK); the previous configuration stays in force");
+                Err(msg)
+            }
         };
         match outcome {
             Ok(changes) => {
