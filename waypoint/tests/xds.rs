@@ -432,6 +432,7 @@ fn split(w1: u32, w2: u32) -> pr::Route {
     let cw = |n: &str, w| pr::weighted_cluster::ClusterWeight {
         name: n.into(),
         weight: Some(w),
+        ..Default::default()
     };
     pr::Route {
         name: "split".into(),

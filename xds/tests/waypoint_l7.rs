@@ -262,3 +262,76 @@ async fn app_protocol_grpc_means_http2_upstream() {
     );
     m.server.stop().await;
 }
+
+/// Filters on a backendRef apply to the requests sent to that backend
+/// (and their responses), before the rule's own: where both set a header,
+/// the rule's wins.
+const BACKEND_FILTERS: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /tagged}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-both, value: rule}]}
+    backendRefs:
+    - name: echo
+      port: 80
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier:
+          set: [{name: x-backend-tag, value: blue}, {name: x-both, value: backend}]
+          remove: [x-drop-me]
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {add: [{name: x-served-by, value: echo-blue}]}
+  - backendRefs: [{name: echo, port: 80}]
+"#;
+
+#[tokio::test]
+async fn backend_ref_filters_apply_to_that_backend() {
+    let m = mesh(BACKEND_FILTERS).await;
+    let c = m.client("client");
+    let r = c.get("/tagged/x", &[("x-drop-me", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["x-served-by"], "echo-blue");
+    let seen = m.backend.last_headers();
+    assert_eq!(seen["x-backend-tag"], "blue");
+    assert_eq!(seen["x-both"], "rule");
+    assert!(!seen.contains_key("x-drop-me"));
+    // Another rule to the same Service: none of that.
+    let r = c.get("/plain", &[("x-drop-me", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.headers.contains_key("x-served-by"));
+    let seen = m.backend.last_headers();
+    assert!(!seen.contains_key("x-backend-tag"));
+    assert!(seen.contains_key("x-drop-me"));
+    m.server.stop().await;
+}
+
+/// What a backend cannot have is reported, and the route skipped.
+#[tokio::test]
+async fn unsupported_backend_filter_is_reported() {
+    let bad = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs:
+    - name: echo
+      port: 80
+      filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]
+"#;
+    let m = mesh(bad).await;
+    let errors = m.server.errors.lock().unwrap().clone();
+    assert!(
+        errors.iter().any(|e| e.contains("HTTPRoute demo/bad")
+            && e.contains("spec.rules[0].backendRefs[0].filters[0].type")),
+        "{errors:?}"
+    );
+    m.server.stop().await;
+}
