@@ -112,6 +112,9 @@ enum CopyError {
 }
 
 impl CopyError {
+    /// h2 has no send capacity left to give: the stream was closed for
+    /// sending without an error from the peer (a reset comes as an error),
+    /// so nothing says the peer aborted; the socket is closed normally.
     fn stream_closed() -> Self {
         CopyError::Socket(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))
     }
