@@ -1,12 +1,64 @@
 //! Start-up shared by the mesh's binaries (ztunnel, waypoint): logging and
 //! the multi-threaded runtime, so every process logs and fails alike.
 
+use std::fs::File;
 use std::future::Future;
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
+
+/// Standard output for log lines, written with one `write` per line and no
+/// lock. The subscriber formats each line whole before writing it; std's
+/// `Stdout` would then take a process-wide lock around the `write`, and
+/// with an access-log line per connection the workers kept meeting there
+/// (a futex wait, a wake-up and a context switch each time). The kernel
+/// keeps a single `write` whole: atomic on a pipe up to 4 KiB, and file
+/// offsets are updated under the file's lock.
+struct LogOut(Option<File>);
+
+impl LogOut {
+    fn stdout() -> Self {
+        // A copy of fd 1; if there is none, std's locked `Stdout`.
+        LogOut(
+            io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(File::from),
+        )
+    }
+}
+
+/// What [`LogOut`] hands the subscriber for each line.
+pub struct LogLine<'a>(Option<&'a File>);
+
+impl Write for LogLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0 {
+            Some(mut f) => f.write(buf),
+            None => io::stdout().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.0 {
+            Some(_) => Ok(()),
+            None => io::stdout().flush(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogOut {
+    type Writer = LogLine<'a>;
+
+    fn make_writer(&'a self) -> LogLine<'a> {
+        LogLine(self.0.as_ref())
+    }
+}
 
 /// Installs the global subscriber: JSON lines or human-readable text.
 /// `RUST_LOG` takes `level` and `target=level` directives, e.g.
@@ -24,12 +76,20 @@ pub fn init_logging(program: &str, json: bool) {
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     if json {
         tracing_subscriber::registry()
-            .with(tracing_subscriber::fmt::layer().json())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(LogOut::stdout()),
+            )
             .with(filter)
             .init();
     } else {
         tracing_subscriber::registry()
-            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stdout().is_terminal())
+                    .with_writer(LogOut::stdout()),
+            )
             .with(filter)
             .init();
     }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -452,4 +452,59 @@ fn captured_client_speaking_first_arrives_whole_in_order_and_counted() {
     wait_until(Duration::from_secs(5), "bytes on node b", || {
         received(&c.metrics(&c.b), "destination") == 3 * total as u64
     });
+}
+
+/// Reads until the peer ends the connection: `Ok` for a clean close (EOF),
+/// the error for a reset.
+fn read_until_end(s: &mut std::net::TcpStream) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut b = [0u8; 64];
+    loop {
+        if s.read(&mut b)? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[test]
+fn a_reset_crosses_the_tunnel_as_a_reset_and_a_close_as_a_close() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options::default());
+    let addr = SocketAddr::new(IpAddr::V4(c.echo.ipv4()), 7001);
+    let listener = e2e::tcp_listen_in(c.b.netns(), addr).unwrap();
+    let reset = |s: std::net::TcpStream| {
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    };
+    let connect = || {
+        let mut s = c.socks(&c.client, addr).unwrap();
+        s.write_all(b"hi").unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut b = [0u8; 2];
+        server.read_exact(&mut b).unwrap();
+        (s, server)
+    };
+
+    // The client aborts: the server must see a reset, not a clean end.
+    let (client, mut server) = connect();
+    reset(client);
+    let e = read_until_end(&mut server).expect_err("the server saw a clean close");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+
+    // The server aborts: so does the client's connection.
+    let (mut client, server) = connect();
+    reset(server);
+    let e = read_until_end(&mut client).expect_err("the client saw a clean close");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+
+    // A clean close stays clean both ways.
+    let (client, mut server) = connect();
+    drop(client);
+    read_until_end(&mut server).unwrap();
+    let (mut client, server) = connect();
+    drop(server);
+    read_until_end(&mut client).unwrap();
 }

@@ -450,12 +450,11 @@ where
 pub struct EbpfOriginalDst(pub Arc<PodCapture>);
 
 impl OriginalDestination for EbpfOriginalDst {
-    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        let peer = canonical(stream.peer_addr()?);
+    fn original_destination(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
         if let Some(d) = self.0.take_original_destination(peer) {
             return Ok(canonical(d));
         }
-        SocketOriginalDst.original_destination(stream)
+        SocketOriginalDst.original_destination(stream, peer)
     }
 }
 
@@ -483,7 +482,7 @@ async fn outbound_loop(pi: Arc<ProxyInputs>, listener: TcpListener, who: Arc<(St
             let pi = pi.clone();
             let who = who.clone();
             async move {
-                let dst = match pi.orig_dst.original_destination(&stream) {
+                let dst = match pi.orig_dst.original_destination(&stream, peer) {
                     Ok(d) if Some(d) != local && d.port() != OUTBOUND_PORT => d,
                     _ => {
                         return log_refused(

@@ -85,6 +85,8 @@ impl Netns {
             let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
             s.set_only_v6(false)?;
             s.set_reuse_address(true)?;
+            // Inherited by every accepted connection.
+            s.set_nodelay(true)?;
             s.set_nonblocking(true)?;
             let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
             s.bind(&SockAddr::from(addr))?;

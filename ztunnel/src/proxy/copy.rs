@@ -6,12 +6,22 @@
 //! and handed to h2 without copying. Byte counters are bumped per chunk,
 //! never per byte, as the bytes flow: a connection that ends in an error
 //! still reports what it moved.
+//!
+//! An abort crosses the tunnel as an abort: a socket that fails (the client
+//! or server reset it) resets the HTTP/2 stream, and a stream the peer
+//! resets (or whose HBONE connection dies) resets the socket here
+//! (`SO_LINGER` 0) rather than closing it cleanly. The far end then sees
+//! what really happened, not a clean end of stream that could pass for a
+//! complete request; and one RST replaces the FIN exchange and the
+//! TIME_WAIT socket of a close.
 
 use std::future::poll_fn;
 use std::io;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -92,6 +102,36 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
+/// Which side of an HBONE copy failed.
+enum CopyError {
+    /// The socket: the stream is reset.
+    Socket(io::Error),
+    /// The HTTP/2 stream or its connection: the socket is reset, unless
+    /// the peer only said it needs no more (`NO_ERROR`).
+    Tunnel(h2::Error),
+}
+
+impl CopyError {
+    /// h2 has no send capacity left to give: the stream was closed for
+    /// sending without an error from the peer (a reset comes as an error),
+    /// so nothing says the peer aborted; the socket is closed normally.
+    fn stream_closed() -> Self {
+        CopyError::Socket(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))
+    }
+}
+
+impl From<io::Error> for CopyError {
+    fn from(e: io::Error) -> Self {
+        CopyError::Socket(e)
+    }
+}
+
+impl From<h2::Error> for CopyError {
+    fn from(e: h2::Error) -> Self {
+        CopyError::Tunnel(e)
+    }
+}
+
 /// Reads from `rd` until EOF and sends it on the HTTP/2 stream, respecting
 /// the peer's flow control; ends the stream on EOF.
 async fn read_to_h2<R: AsyncRead + Unpin>(
@@ -99,7 +139,7 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
     send: &mut h2::SendStream<Bytes>,
     counters: &ByteCounters,
     dir: Direction,
-) -> io::Result<()> {
+) -> Result<(), CopyError> {
     let mut size = INITIAL_BUFFER;
     let mut buf = BytesMut::with_capacity(size);
     loop {
@@ -108,7 +148,7 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
         }
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            send.send_data(Bytes::new(), true)?;
             return Ok(());
         }
         if buf.len() == buf.capacity() && size < MAX_BUFFER {
@@ -120,10 +160,9 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
             send.reserve_capacity(chunk.len());
             let granted = poll_fn(|cx| send.poll_capacity(cx))
                 .await
-                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?
-                .map_err(h2_io)?;
+                .ok_or_else(CopyError::stream_closed)??;
             let part = chunk.split_to(granted.min(chunk.len()));
-            send.send_data(part, false).map_err(h2_io)?;
+            send.send_data(part, false)?;
         }
     }
 }
@@ -135,15 +174,15 @@ async fn h2_to_write<W: AsyncWrite + Unpin>(
     wr: &mut W,
     counters: &ByteCounters,
     dir: Direction,
-) -> io::Result<()> {
+) -> Result<(), CopyError> {
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
+        let chunk = chunk?;
         let n = chunk.len();
         wr.write_all(&chunk).await?;
         dir.count(counters, n);
-        recv.flow_control().release_capacity(n).map_err(h2_io)?;
+        recv.flow_control().release_capacity(n)?;
     }
-    wr.shutdown().await
+    Ok(wr.shutdown().await?)
 }
 
 /// Copies `rd` to `wr` until EOF, then shuts `wr` down. One buffer per
@@ -194,10 +233,21 @@ pub async fn copy_hbone(
         read_to_h2(&mut rd, &mut send, counters, up),
         h2_to_write(&mut recv, &mut wr, counters, down)
     );
-    if res.is_err() {
-        send.send_reset(h2::Reason::CANCEL);
+    match res {
+        Ok(_) => Ok(()),
+        Err(CopyError::Socket(e)) => {
+            send.send_reset(h2::Reason::CANCEL);
+            Err(e)
+        }
+        Err(CopyError::Tunnel(e)) => {
+            if e.reason() != Some(h2::Reason::NO_ERROR) {
+                // Closed by the caller: with linger 0 that sends an RST.
+                let _ = SockRef::from(&*socket).set_linger(Some(Duration::ZERO));
+            }
+            send.send_reset(h2::Reason::CANCEL);
+            Err(h2_io(e))
+        }
     }
-    res.map(|_| ())
 }
 
 /// Copies both ways between two sockets (plain TCP paths), `client` first;

@@ -20,7 +20,7 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     accept_loop(listener, "inbound plaintext", drain, move |stream, src| {
         let pi = pi.clone();
         async move {
-            match pi.orig_dst.original_destination(&stream) {
+            match pi.orig_dst.original_destination(&stream, src) {
                 Ok(dst) if Some(dst) != local => handle(pi, stream, src, dst).await,
                 Ok(dst) => log_refused(
                     "inbound",

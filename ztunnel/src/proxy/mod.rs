@@ -169,7 +169,8 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                // TCP_NODELAY comes from the listener (see
+                // `crate::socket::listen`).
                 drain
                     .connections
                     .spawn(handle(stream, crate::socket::canonical(peer)));

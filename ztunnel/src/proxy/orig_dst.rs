@@ -16,7 +16,9 @@ use tokio::net::TcpStream;
 use crate::socket::canonical;
 
 pub trait OriginalDestination: Send + Sync + 'static {
-    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+    /// `peer` is the client's address as `accept` returned it (canonical):
+    /// asking the socket again would cost a syscall per connection.
+    fn original_destination(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr>;
 }
 
 /// `SO_ORIGINAL_DST` when conntrack has the connection (REDIRECT), the
@@ -24,21 +26,20 @@ pub trait OriginalDestination: Send + Sync + 'static {
 pub struct SocketOriginalDst;
 
 impl OriginalDestination for SocketOriginalDst {
-    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+    fn original_destination(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
         let sock = SockRef::from(stream);
-        let local = stream.local_addr()?;
-        // The listener is dual stack: an IPv4 client shows up v4-mapped, and
+        // The local address has the peer's family. The listener is dual
+        // stack: an IPv4 client shows up v4-mapped (canonical: IPv4), and
         // asking conntrack for IPv6 first would cost a failing syscall on
-        // every such connection.
-        let redirected = match local {
-            SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => {
-                sock.original_dst_ipv6().or_else(|_| sock.original_dst())
-            }
-            _ => sock.original_dst(),
+        // every such connection. The local address itself is only asked
+        // for when conntrack has no answer, so REDIRECT costs one syscall.
+        let redirected = match peer {
+            SocketAddr::V6(_) => sock.original_dst_ipv6().or_else(|_| sock.original_dst()),
+            SocketAddr::V4(_) => sock.original_dst(),
         };
         match redirected.ok().and_then(|a| a.as_socket()) {
             Some(a) => Ok(canonical(a)),
-            None => Ok(canonical(local)),
+            None => Ok(canonical(stream.local_addr()?)),
         }
     }
 }

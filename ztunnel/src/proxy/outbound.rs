@@ -377,7 +377,7 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
     accept_loop(listener, "outbound", drain, move |stream, src| {
         let pi = pi.clone();
         async move {
-            let dst = match pi.orig_dst.original_destination(&stream) {
+            let dst = match pi.orig_dst.original_destination(&stream, src) {
                 Ok(d) if Some(d) != local => d,
                 Ok(d) => {
                     log_refused(
