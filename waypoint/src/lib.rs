@@ -34,6 +34,7 @@ pub mod app;
 pub mod config;
 pub mod forward;
 pub mod h2io;
+pub mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod plaintext;
@@ -74,7 +75,13 @@ impl Proxy {
             store: self.store.clone(),
             upstream: Arc::new(self.upstream.fresh()),
             metrics: self.metrics.clone(),
-            drain: self.drain.clone(),
+            // A child token: a connection checks it on every turn of its
+            // task, which locks the token's state; shared by every worker,
+            // that lock bounced between cores.
+            drain: ztunnel::proxy::Drain {
+                stop: self.drain.stop.child_token(),
+                connections: self.drain.connections.clone(),
+            },
         }
     }
 }

@@ -83,9 +83,13 @@ impl ArcWake for Flag {
 }
 
 /// Polls `main` (the downstream connection) and the upstream connections
-/// sent through `new` together until `main` is ready.
+/// sent through `new` together until `main` is ready. `each_turn` is
+/// called once per turn of the task, before the rounds, with the task's
+/// own context: for what wakes the connection rarely (drain, timers), and
+/// need not be polled at every hand-off of a request.
 pub async fn drive<T>(
     mut new: UnboundedReceiver<ConnFuture>,
+    mut each_turn: impl FnMut(&mut Context<'_>),
     mut main: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> T {
     let flag = Arc::new(Flag::default());
@@ -93,6 +97,7 @@ pub async fn drive<T>(
     let mut upstreams = FuturesUnordered::new();
     std::future::poll_fn(move |cx| {
         flag.task.register(cx.waker());
+        each_turn(cx);
         let mut inner = Context::from_waker(&waker);
         for _ in 0..ROUNDS {
             flag.polling.store(true, SeqCst);
