@@ -138,7 +138,7 @@ where
         new_upstreams,
         |cx| {
             if shutdown.load(Relaxed) {
-                return;
+                return false;
             }
             if stopped.as_mut().poll(cx).is_ready() {
                 shutdown.store(true, Relaxed);
@@ -153,6 +153,8 @@ where
                         .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
                 }
             }
+            // Newly set: `main` is to start the shutdown.
+            shutdown.load(Relaxed)
         },
         |cx| {
             if !draining && shutdown.load(Relaxed) {
