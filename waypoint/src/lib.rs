@@ -19,6 +19,7 @@
 //! hyper client) → back, with [`record`] writing metrics ([`metrics`]) and
 //! the access log. Opaque TCP takes [`tcp`] instead of [`serve`];
 //! [`plaintext`] is an optional way in without HBONE (benchmarks, debugging).
+//! [`idle`] is the HTTP/1.1 header-read timeout, one timer per connection.
 //! HTTP/2 upstream uses its own per-endpoint pool ([`upstream::h2pool`]).
 //! [`app`] wires it together and drains on SIGTERM; [`workers`] runs the
 //! listeners thread per core; [`admin`] serves `/config_dump`, `/metrics`
