@@ -23,6 +23,14 @@ cargo build --workspace --all-targets
 echo "== test.sh: cargo test --workspace $*"
 cargo test --workspace "$@"
 
+# Only with no extra arguments (the whole suite): the control plane's
+# Kubernetes parts (feature `kube`: the cluster source and TokenReview auth,
+# whose tests run against a fake API server).
+if [[ $# -eq 0 ]]; then
+  echo "== test.sh: cargo test -p xds --features kube --lib"
+  cargo test -p xds --features kube --lib
+fi
+
 # The README's demo scenario, end to end on the binaries just built.
 echo "== test.sh: demo --once"
 "${CARGO_TARGET_DIR:-$ROOT/target}/debug/demo" --once

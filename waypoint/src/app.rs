@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 use ztunnel::identity::{CaClient, Identity, LocalCa, SecretManager};
 
 use crate::config::{self, Store};
@@ -53,7 +53,7 @@ pub struct Args {
         conflicts_with = "xds_address"
     )]
     pub config: Option<PathBuf>,
-    /// Take the configuration over Envoy v3 delta ADS from this control
+    /// Take the configuration over Envoy v3 ADS from this control
     /// plane (`http://host:port`, or `https://` with `--xds-root-cert`)
     /// instead of `--config`.
     #[arg(long, env = "XDS_ADDRESS")]
@@ -81,10 +81,23 @@ pub struct Args {
     /// long is taken as empty (Envoy's `initial_fetch_timeout`).
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     pub xds_warming_timeout: Duration,
+    /// ADS protocol, as Envoy's `api_type`: `DELTA_GRPC` (incremental) or
+    /// `GRPC` (state of the world). Delta falls back to SotW when the
+    /// server does not implement it.
+    #[arg(long, value_enum, default_value = "DELTA_GRPC")]
+    pub xds_api_type: crate::xds::ApiType,
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub config_poll: Duration,
+    /// Get the waypoint's certificate from this CA (Istio's CSR API, e.g.
+    /// the control plane's `https://host:15012`), reached with the xDS
+    /// root, server name and token. Without it, a local CA signs it
+    /// (`--ca-cert`, `--ca-key`): tests and single-machine set-ups.
+    #[arg(long, env = "CA_ADDRESS", conflicts_with = "ca_key")]
+    pub ca_address: Option<String>,
+    /// Root certificate (PEM) of the local CA, generated if missing.
     #[arg(long, env = "CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// Root key (PKCS#8 PEM) of the local CA, generated if missing.
     #[arg(long, env = "CA_KEY")]
     pub ca_key: Option<PathBuf>,
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
@@ -181,12 +194,13 @@ async fn prepare(
     hbone_addr: SocketAddr,
     admin: Vec<TcpListener>,
 ) -> anyhow::Result<Running> {
-    // The certificate first: a waypoint without one cannot serve.
-    proxy
-        .secrets
-        .fetch(&proxy.identity)
-        .await
-        .context("fetching the waypoint's certificate")?;
+    // The certificate first: a waypoint without one cannot serve. A CA
+    // that refuses or cannot be reached yet (it may not know this pod
+    // yet) is asked again; meanwhile the waypoint is not ready.
+    while let Err(e) = proxy.secrets.fetch(&proxy.identity).await {
+        warn!(identity = %proxy.identity, error = %format!("{e:#}"), "no certificate yet; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let admin_addr = admin
         .first()
         .map(|l| l.local_addr())
@@ -209,12 +223,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.config {
         config::watch_file(path.clone(), store.clone(), args.config_poll).await?;
     }
-    let ca = LocalCa::load_or_generate(
-        args.ca_cert.as_deref(),
-        args.ca_key.as_deref(),
-        &args.identity.trust_domain,
-    )
-    .context("setting up the local CA")?;
+    let ca = certificate_authority(&args)?;
     let own_ip = args.own_ip.unwrap_or_else(|| {
         let ip = args.hbone_addr.ip();
         if ip.is_unspecified() {
@@ -225,7 +234,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let proxy = build(Parts {
         identity: args.identity.clone(),
-        ca: Arc::new(ca),
+        ca,
         cert_ttl: args.cert_ttl,
         own_ip,
         mark: args.socket_mark,
@@ -267,6 +276,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 node_name: args.xds_node_name.clone(),
                 node_cluster: id.service_account.clone(),
                 warming_timeout: args.xds_warming_timeout,
+                api_type: args.xds_api_type,
             },
             store.clone(),
         );
@@ -286,6 +296,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let left = running.proxy.drain.run(args.drain_timeout).await;
     info!(still_open = left, "waypoint stopped");
     Ok(())
+}
+
+/// Where the waypoint's certificate comes from: the mesh CA over Istio's
+/// CSR API when `--ca-address` is set, so no CA key leaves the control
+/// plane; else a local CA.
+fn certificate_authority(args: &Args) -> anyhow::Result<Arc<dyn CaClient>> {
+    let Some(address) = &args.ca_address else {
+        let ca = LocalCa::load_or_generate(
+            args.ca_cert.as_deref(),
+            args.ca_key.as_deref(),
+            &args.identity.trust_domain,
+        )
+        .context("setting up the local CA")?;
+        return Ok(Arc::new(ca));
+    };
+    let root_cert = args
+        .xds_root_cert
+        .clone()
+        .or_else(|| args.ca_cert.clone())
+        .context("--ca-address needs the root its certificate chains to: --xds-root-cert")?;
+    let server_name = match &args.xds_server_name {
+        Some(n) => n.clone(),
+        None => address
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .with_context(|| format!("--ca-address {address:?}: no host in it"))?,
+    };
+    let ca = ztunnel::xds::RemoteCa::new(ztunnel::xds::ControlPlane {
+        address: address.clone(),
+        root_cert,
+        server_name,
+        token_file: args.xds_token_file.clone(),
+    })?;
+    Ok(Arc::new(ca))
 }
 
 /// Keeps the endpoint tables (the balancer's, the dialer's) in step with

@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route};
+use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route, WeightedCluster};
 use crate::record::RequestInfo;
 use crate::upstream::affinity::Affinity;
 use crate::upstream::{Attempt, Body, SendError, Upstream};
@@ -36,16 +36,16 @@ fn full(b: Bytes) -> Body {
     Full::new(b).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn pick_cluster(f: &Forward) -> Arc<ClusterConfig> {
+fn pick_cluster(f: &Forward) -> &WeightedCluster {
     let mut n = fastrand::u32(..f.total_weight);
-    for (c, w) in &f.clusters {
-        if n < *w {
-            return c.clone();
+    for c in &f.clusters {
+        if n < c.weight {
+            return c;
         }
-        n -= w;
+        n -= c.weight;
     }
     // Unreachable: weights add up to total_weight (checked at validation).
-    f.clusters[0].0.clone()
+    &f.clusters[0]
 }
 
 /// The path after the route's rewrites.
@@ -106,7 +106,8 @@ pub async fn forward(
     info: &mut RequestInfo,
     affinity: Option<&Affinity>,
 ) -> Outcome {
-    let cluster = pick_cluster(f);
+    let picked = pick_cluster(f);
+    let cluster = picked.cluster.clone();
     info.cluster = Some(cluster.clone());
     // Upstream requests carry the origin form (path and query; the
     // upstream module adds what HTTP/2 or a pooled client needs) and the
@@ -145,6 +146,8 @@ pub async fn forward(
         Ok(pq) if host_ok => parts.uri = Uri::from(pq),
         _ => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
     }
+    // The backend's header changes, then the route's (Envoy's order).
+    picked.request_headers.apply(&mut parts.headers);
     route.request_headers.apply(&mut parts.headers);
     let downstream_h2 = parts.version == http::Version::HTTP_2;
 
@@ -205,8 +208,10 @@ pub async fn forward(
         None => attempts.await,
     };
     match result {
-        Ok(a) => {
+        Ok(mut a) => {
             info.endpoint = Some(a.endpoint);
+            // The route's come after (where local replies get them too).
+            picked.response_headers.apply(a.response.headers_mut());
             Outcome::Upstream(a.response)
         }
         Err(e) => match e {

@@ -1,7 +1,8 @@
-//! The waypoint configured over Envoy v3 delta ADS: a small ADS server in
-//! the test serves Listener / RouteConfiguration / Cluster /
-//! ClusterLoadAssignment resources to a real waypoint, and a client
-//! reaches it over HBONE on loopback as in the other tests.
+//! The waypoint configured over Envoy v3 ADS, delta and state of the
+//! world: a small ADS server in the test serves Listener /
+//! RouteConfiguration / Cluster / ClusterLoadAssignment resources to a real
+//! waypoint, and a client reaches it over HBONE on loopback as in the
+//! other tests. Each scenario runs over both protocols.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,12 +10,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use futures::Stream;
 use mesh_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -36,15 +35,26 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use waypoint::app::{build, start, Parts, Running};
 use waypoint::config::Store;
-use waypoint::xds::{spawn, XdsConfig};
+use waypoint::xds::{spawn, ApiType, XdsConfig};
 
-// --- a minimal delta ADS server ---------------------------------------------
+// --- a minimal ADS server, delta and SotW -----------------------------------
 
 /// type URL -> name -> encoded resource.
 type Snapshot = BTreeMap<&'static str, BTreeMap<String, prost_types::Any>>;
 
-/// (type URL, error message if NACK), in arrival order.
-type Replies = Arc<Mutex<Vec<(String, Option<String>)>>>;
+/// An ACK or NACK, as the server got it.
+#[derive(Clone, Debug)]
+struct Reply {
+    type_url: String,
+    /// `error_detail.message`: a NACK.
+    error: Option<String>,
+    /// SotW's `version_info` (empty in delta).
+    version: String,
+    nonce: String,
+}
+
+/// In arrival order.
+type Replies = Arc<Mutex<Vec<Reply>>>;
 
 #[derive(Clone)]
 struct Ads {
@@ -54,6 +64,9 @@ struct Ads {
     kick: watch::Receiver<u64>,
     /// Streams opened so far.
     streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Serve `DeltaAggregatedResources` (else: UNIMPLEMENTED, as a
+    /// SotW-only control plane answers).
+    delta: bool,
 }
 
 fn version(a: &prost_types::Any) -> String {
@@ -63,24 +76,91 @@ fn version(a: &prost_types::Any) -> String {
 }
 
 type Out = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+type SotwOut = ReceiverStream<Result<DiscoveryResponse, Status>>;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream =
-        Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+    type StreamAggregatedResourcesStream = SotwOut;
     type DeltaAggregatedResourcesStream = Out;
 
+    /// State of the world: per type, the names last asked for (LDS/CDS:
+    /// empty, everything; RDS/EDS: empty also answered with everything,
+    /// as our control plane does); a response whenever they change or the
+    /// snapshot does, holding every resource asked for.
     async fn stream_aggregated_resources(
         &self,
-        _: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented("delta only"))
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwOut>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut snap = self.snap.clone();
+        let replies = self.replies.clone();
+        let mut kick = self.kick.clone();
+        kick.borrow_and_update();
+        self.streams
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut watches: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut nonce = 0u64;
+            loop {
+                let due: Vec<String> = tokio::select! {
+                    m = inbound.message() => {
+                        let Ok(Some(r)) = m else { return };
+                        if !r.response_nonce.is_empty() {
+                            replies.lock().unwrap().push(Reply {
+                                type_url: r.type_url.clone(),
+                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                                version: r.version_info.clone(),
+                                nonce: r.response_nonce.clone(),
+                            });
+                        }
+                        let mut names = r.resource_names.clone();
+                        names.sort();
+                        if watches.get(&r.type_url) == Some(&names) {
+                            continue;
+                        }
+                        watches.insert(r.type_url.clone(), names);
+                        vec![r.type_url]
+                    }
+                    c = snap.changed() => {
+                        if c.is_err() { return }
+                        watches.keys().cloned().collect()
+                    }
+                    _ = kick.changed() => return,
+                };
+                let cur = snap.borrow().clone();
+                for t in due {
+                    let names = &watches[&t];
+                    nonce += 1;
+                    let resp = DiscoveryResponse {
+                        version_info: format!("v{nonce}"),
+                        resources: cur
+                            .get(t.as_str())
+                            .into_iter()
+                            .flatten()
+                            .filter(|(n, _)| names.is_empty() || names.contains(n))
+                            .map(|(_, a)| a.clone())
+                            .collect(),
+                        type_url: t,
+                        nonce: nonce.to_string(),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Out>, Status> {
+        if !self.delta {
+            return Err(Status::unimplemented("state of the world only"));
+        }
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let mut snap = self.snap.clone();
@@ -99,10 +179,12 @@ impl AggregatedDiscoveryService for Ads {
                     m = inbound.message() => {
                         let Ok(Some(r)) = m else { return };
                         if !r.response_nonce.is_empty() {
-                            replies.lock().unwrap().push((
-                                r.type_url.clone(),
-                                r.error_detail.as_ref().map(|e| e.message.clone()),
-                            ));
+                            replies.lock().unwrap().push(Reply {
+                                type_url: r.type_url.clone(),
+                                error: r.error_detail.as_ref().map(|e| e.message.clone()),
+                                version: String::new(),
+                                nonce: r.response_nonce.clone(),
+                            });
                         }
                         let first = !subs.contains_key(&r.type_url);
                         let s = subs.entry(r.type_url.clone()).or_default();
@@ -179,6 +261,11 @@ struct ControlPlane {
 
 impl ControlPlane {
     async fn start() -> ControlPlane {
+        ControlPlane::serving(true).await
+    }
+
+    /// `delta`: whether `DeltaAggregatedResources` is served.
+    async fn serving(delta: bool) -> ControlPlane {
         let (snap, rx) = watch::channel(Snapshot::new());
         let replies = Arc::new(Mutex::new(Vec::new()));
         let (kick, kick_rx) = watch::channel(0);
@@ -188,6 +275,7 @@ impl ControlPlane {
             replies: replies.clone(),
             kick: kick_rx,
             streams: streams.clone(),
+            delta,
         };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -232,8 +320,12 @@ impl ControlPlane {
             .lock()
             .unwrap()
             .iter()
-            .filter_map(|(_, e)| e.clone())
+            .filter_map(|r| r.error.clone())
             .collect()
+    }
+
+    fn replies(&self) -> Vec<Reply> {
+        self.replies.lock().unwrap().clone()
     }
 }
 
@@ -251,12 +343,17 @@ fn listener() -> pl::Listener {
 }
 
 fn listener_with(http_filters: Vec<hcm::HttpFilter>) -> pl::Listener {
+    listener_rds("echo", http_filters)
+}
+
+/// The listener, its HTTP chain's routes over RDS `route`.
+fn listener_rds(route: &str, http_filters: Vec<hcm::HttpFilter>) -> pl::Listener {
     let h = hcm::HttpConnectionManager {
         http_filters,
         stat_prefix: "echo".into(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
-                route_config_name: "echo".into(),
+                route_config_name: route.into(),
             },
         )),
         ..Default::default()
@@ -335,6 +432,7 @@ fn split(w1: u32, w2: u32) -> pr::Route {
     let cw = |n: &str, w| pr::weighted_cluster::ClusterWeight {
         name: n.into(),
         weight: Some(w),
+        ..Default::default()
     };
     pr::Route {
         name: "split".into(),
@@ -386,14 +484,19 @@ fn assignment(name: &str, at: SocketAddr) -> pe::ClusterLoadAssignment {
 
 // --- harness ----------------------------------------------------------------
 
-async fn xds_waypoint(ca: Arc<dyn ztunnel::identity::CaClient>, cp: &ControlPlane) -> Running {
-    xds_waypoint_with(ca, cp, Duration::from_secs(15)).await
+async fn xds_waypoint(
+    ca: Arc<dyn ztunnel::identity::CaClient>,
+    cp: &ControlPlane,
+    api_type: ApiType,
+) -> Running {
+    xds_waypoint_with(ca, cp, Duration::from_secs(15), api_type).await
 }
 
 async fn xds_waypoint_with(
     ca: Arc<dyn ztunnel::identity::CaClient>,
     cp: &ControlPlane,
     warming_timeout: Duration,
+    api_type: ApiType,
 ) -> Running {
     let store = Store::empty();
     let proxy = build(Parts {
@@ -415,6 +518,7 @@ async fn xds_waypoint_with(
             node_name: None,
             node_cluster: "waypoint".into(),
             warming_timeout,
+            api_type,
         },
         store,
     );
@@ -440,12 +544,21 @@ where
 }
 
 #[tokio::test]
-async fn xds_routes_apply_update_nack_and_removal() {
+async fn xds_routes_apply_update_nack_and_removal_delta() {
+    routes_apply_update_nack_and_removal(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn xds_routes_apply_update_nack_and_removal_sotw() {
+    routes_apply_update_nack_and_removal(ApiType::Grpc).await
+}
+
+async fn routes_apply_update_nack_and_removal(api: ApiType) {
     let ca = ca();
     let v1 = backend("v1").await;
     let v2 = backend("v2").await;
     let cp = ControlPlane::start().await;
-    let wp = xds_waypoint(ca.clone(), &cp).await;
+    let wp = xds_waypoint(ca.clone(), &cp, api).await;
 
     // Not ready before the control plane has sent a complete configuration.
     assert!(!wp.proxy.store.synced());
@@ -554,6 +667,19 @@ async fn xds_routes_apply_update_nack_and_removal() {
     assert!(nack.contains("routes[1].match.safe_regex.regex"), "{nack}");
     assert!(nack.contains("invalid regex \"/(unclosed\""), "{nack}");
     assert!(store.last_error().unwrap().contains("invalid regex"));
+    if api == ApiType::Grpc {
+        // SotW: the NACK carries the version last accepted, not the
+        // rejected response's.
+        let rs = cp.replies();
+        let i = rs.iter().rposition(|r| r.error.is_some()).unwrap();
+        let prev = rs[..i]
+            .iter()
+            .rev()
+            .find(|r| r.type_url == rs[i].type_url && r.error.is_none())
+            .unwrap();
+        assert_eq!(rs[i].version, prev.version, "{rs:?}");
+        assert_ne!(rs[i].version, format!("v{}", rs[i].nonce), "{rs:?}");
+    }
     assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
     assert_eq!(c.get("/c", &[("x-version", "v2")]).await.body, "v2 /c");
 
@@ -606,12 +732,21 @@ async fn xds_routes_apply_update_nack_and_removal() {
 }
 
 #[tokio::test]
-async fn xds_stream_loss_keeps_config_and_resumes() {
+async fn xds_stream_loss_keeps_config_and_resumes_delta() {
+    stream_loss_keeps_config_and_resumes(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn xds_stream_loss_keeps_config_and_resumes_sotw() {
+    stream_loss_keeps_config_and_resumes(ApiType::Grpc).await
+}
+
+async fn stream_loss_keeps_config_and_resumes(api: ApiType) {
     let ca = ca();
     let v1 = backend("v1").await;
     let v2 = backend("v2").await;
     let cp = ControlPlane::start().await;
-    let wp = xds_waypoint(ca.clone(), &cp).await;
+    let wp = xds_waypoint(ca.clone(), &cp, api).await;
     // Static cluster (inline load_assignment) and an inline-free RDS route.
     let mut c1 = eds_cluster("v1");
     c1.cluster_discovery_type = None;
@@ -670,11 +805,20 @@ async fn xds_stream_loss_keeps_config_and_resumes() {
 }
 
 #[tokio::test]
-async fn xds_missing_route_configuration_stops_warming() {
+async fn xds_missing_route_configuration_stops_warming_delta() {
+    missing_route_configuration_stops_warming(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn xds_missing_route_configuration_stops_warming_sotw() {
+    missing_route_configuration_stops_warming(ApiType::Grpc).await
+}
+
+async fn missing_route_configuration_stops_warming(api: ApiType) {
     let ca = ca();
     let v1 = backend("v1").await;
     let cp = ControlPlane::start().await;
-    let wp = xds_waypoint_with(ca.clone(), &cp, Duration::from_millis(200)).await;
+    let wp = xds_waypoint_with(ca.clone(), &cp, Duration::from_millis(200), api).await;
     let mut c1 = eds_cluster("v1");
     c1.cluster_discovery_type = None;
     c1.load_assignment = Some(assignment("v1", v1.addr));
@@ -712,6 +856,118 @@ async fn xds_missing_route_configuration_stops_warming() {
     assert_eq!(c_get(&ca, &wp, "/b").await, 200);
 }
 
+/// A control plane without delta ADS (UNIMPLEMENTED): the waypoint, left
+/// at its default (delta), asks again over SotW and gets its
+/// configuration.
+#[tokio::test]
+async fn xds_delta_unimplemented_falls_back_to_sotw() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let cp = ControlPlane::serving(false).await;
+    let wp = xds_waypoint(ca.clone(), &cp, ApiType::DeltaGrpc).await;
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("config over SotW", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    assert_eq!(c_get(&ca, &wp, "/a").await, 200);
+    // Every ACK came over SotW (which alone carries `version_info`).
+    let rs = cp.replies();
+    assert!(!rs.is_empty());
+    assert!(rs.iter().all(|r| r.version.starts_with('v')), "{rs:?}");
+}
+
+#[tokio::test]
+async fn xds_new_route_name_warms_delta() {
+    new_route_name_warms(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn xds_new_route_name_warms_sotw() {
+    new_route_name_warms(ApiType::Grpc).await
+}
+
+/// A listener update naming a route configuration that has not arrived
+/// is ACKed, but the previous configuration stays in force until it
+/// does (no timeout here).
+async fn new_route_name_warms(api: ApiType) {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let v2 = backend("v2").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint(ca.clone(), &cp, api).await;
+    let mut c1 = eds_cluster("v1");
+    c1.cluster_discovery_type = None;
+    c1.load_assignment = Some(assignment("v1", v1.addr));
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    let mut c2 = eds_cluster("v2");
+    c2.cluster_discovery_type = None;
+    c2.load_assignment = Some(assignment("v2", v2.addr));
+    cp.set(type_url::CLUSTER, "v2", &c2);
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("first config", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    let c = client(ca, "client", &wp);
+    assert_eq!(c.get("/a", &[]).await.body, "v1 /a");
+
+    // The listener now names "echo2", which the server does not have.
+    let acks = |cp: &ControlPlane, t: &str| {
+        cp.replies()
+            .iter()
+            .filter(|r| r.type_url == t && r.error.is_none())
+            .count()
+    };
+    let lds_acks = acks(&cp, type_url::LISTENER);
+    cp.set(
+        type_url::LISTENER,
+        "waypoint",
+        &listener_rds("echo2", vec![]),
+    );
+    eventually("the new listener ACKed", || {
+        let n = acks(&cp, type_url::LISTENER);
+        async move { n > lds_acks }
+    })
+    .await;
+    // Warming: still the old listener and routes.
+    let cfg = store.get();
+    assert_eq!(cfg.source.route_configurations[0].name, "echo");
+    assert_eq!(c.get("/b", &[]).await.body, "v1 /b");
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+
+    // It arrives: the new listener and its routes go in force together.
+    let mut echo2 = routes(vec![split(0, 100)]);
+    echo2.name = "echo2".into();
+    cp.set(type_url::ROUTE_CONFIGURATION, "echo2", &echo2);
+    eventually("echo2 in force", || {
+        let s = store.clone();
+        async move { s.get().source.route_configurations[0].name == "echo2" }
+    })
+    .await;
+    assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
+    assert_eq!(store.get().source.route_configurations.len(), 1);
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
+
 async fn c_get(ca: &Arc<dyn ztunnel::identity::CaClient>, wp: &Running, path: &str) -> u16 {
     client(ca.clone(), "client", wp)
         .get(path, &[])
@@ -729,7 +985,7 @@ async fn xds_rbac_filter_denies() {
     let ca = ca();
     let v1 = backend("v1").await;
     let cp = ControlPlane::start().await;
-    let wp = xds_waypoint(ca.clone(), &cp).await;
+    let wp = xds_waypoint(ca.clone(), &cp, ApiType::DeltaGrpc).await;
     let admin_paths = prbac::Permission {
         rule: Some(prbac::permission::Rule::UrlPath(pm::PathMatcher {
             rule: Some(pm::path_matcher::Rule::Path(pm::StringMatcher {

@@ -40,7 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Caller};
 use crate::envoy::Scope;
 use crate::metrics::{Metrics, TypeLabel};
 use crate::translate::{parse_version, Named, Resource, Resources};
@@ -149,7 +149,7 @@ pub fn node_name(n: &Node) -> String {
 }
 
 #[allow(clippy::result_large_err)]
-fn check_node(authed: &Option<String>, node: Option<&Node>) -> Result<String, Status> {
+fn check_node(authed: &Option<Caller>, node: Option<&Node>) -> Result<String, Status> {
     let Some(n) = node else {
         return Err(Status::invalid_argument(
             "the first request of a stream must carry node",
@@ -157,8 +157,9 @@ fn check_node(authed: &Option<String>, node: Option<&Node>) -> Result<String, St
     };
     let name = node_name(n);
     match authed {
-        Some(a) if *a != name => Err(Status::permission_denied(format!(
-            "token is for node {a:?} but the request names node {name:?}"
+        Some(a) if a.node != name => Err(Status::permission_denied(format!(
+            "token is for node {:?} but the request names node {name:?}",
+            a.node
         ))),
         _ if name.is_empty() => Err(Status::invalid_argument("node has no name")),
         _ => Ok(name),
@@ -348,7 +349,7 @@ fn label(t: &str) -> TypeLabel {
 impl AdsServer {
     async fn run_delta(
         self,
-        authed: Option<String>,
+        authed: Option<Caller>,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         tx: Out<DeltaDiscoveryResponse>,
     ) -> Result<(), Status> {
@@ -549,7 +550,7 @@ impl AdsServer {
 
     async fn run_sotw(
         self,
-        authed: Option<String>,
+        authed: Option<Caller>,
         mut inbound: Streaming<DiscoveryRequest>,
         tx: Out<DiscoveryResponse>,
     ) -> Result<(), Status> {
@@ -644,7 +645,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let authed = self.auth.authenticate(req.metadata())?;
+        let authed = self.auth.authenticate(req.metadata()).await?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         let inbound = req.into_inner();
@@ -660,7 +661,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let authed = self.auth.authenticate(req.metadata())?;
+        let authed = self.auth.authenticate(req.metadata()).await?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         let inbound = req.into_inner();

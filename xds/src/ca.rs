@@ -4,7 +4,8 @@
 //! is signed for the identity named in `metadata.ImpersonatedIdentity` (as
 //! Istio's ztunnel sends it) or, failing that, the CSR's URI SAN. The
 //! caller's token names its node, and the identity must be that of a pod in
-//! the mesh scheduled on that node (from the current translation);
+//! the mesh, or of a gateway (waypoint) pod asking for its own, scheduled
+//! on that node (from the current translation);
 //! anything else is refused with `PERMISSION_DENIED` naming node and
 //! identity. Signing itself is ztunnel's [`LocalCa::sign_csr`]: the CA, not
 //! the CSR, decides what goes into the certificate.
@@ -23,7 +24,7 @@ use tracing::{info, warn};
 use ztunnel::identity::{Identity, LocalCa};
 
 use crate::ads::Snapshot;
-use crate::auth::Auth;
+use crate::auth::{Auth, Caller};
 use crate::metrics::Metrics;
 
 pub struct CaService {
@@ -70,7 +71,7 @@ impl CaService {
     #[allow(clippy::result_large_err)]
     fn create(
         &self,
-        node: Option<String>,
+        caller: Option<Caller>,
         req: IstioCertificateRequest,
     ) -> Result<IstioCertificateResponse, Status> {
         let pem = pem::parse(req.csr.as_bytes())
@@ -78,7 +79,16 @@ impl CaService {
         let id_str = requested_identity(&req, pem.contents())?;
         let identity = Identity::from_str(&id_str)
             .map_err(|e| Status::invalid_argument(format!("requested identity: {e}")))?;
-        if let Some(node) = &node {
+        if let Some(own) = caller.as_ref().and_then(|c| c.identity.as_deref()) {
+            // A workload (a waypoint) asks for itself only.
+            if own != identity.to_string() {
+                self.metrics.certs_denied.inc();
+                warn!(caller = %own, %identity, "certificate refused: not the caller's own identity");
+                return Err(Status::permission_denied(format!(
+                    "{own} may only ask for its own certificate, not {identity}"
+                )));
+            }
+        } else if let Some(node) = caller.as_ref().map(|c| &c.node) {
             let snap = self.snapshots.borrow().clone();
             let allowed = snap
                 .resources
@@ -102,7 +112,7 @@ impl CaService {
             .sign_csr(pem.contents(), &identity, ttl)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         self.metrics.certs_issued.inc();
-        info!(node = ?node, %identity, ?ttl, "certificate issued");
+        info!(node = ?caller.as_ref().map(|c| &c.node), %identity, ?ttl, "certificate issued");
         let leaf_pem = pem::encode(&pem::Pem::new("CERTIFICATE", leaf.to_vec()));
         Ok(IstioCertificateResponse {
             cert_chain: vec![leaf_pem, self.ca.root_pem().to_string()],
@@ -116,7 +126,55 @@ impl IstioCertificateService for CaService {
         &self,
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let node = self.auth.authenticate(req.metadata())?;
-        self.create(node, req.into_inner()).map(Response::new)
+        let caller = self.auth.authenticate(req.metadata()).await?;
+        self.create(caller, req.into_inner()).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn csr_pem(identity: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn a_workload_caller_gets_its_own_identity_only() {
+        let svc = CaService {
+            ca: Arc::new(LocalCa::generate("cluster.local").unwrap()),
+            auth: Auth::insecure(),
+            snapshots: watch::channel(Arc::new(Snapshot::default())).1,
+            metrics: Arc::new(Metrics::default()),
+            max_ttl: Duration::from_secs(3600),
+            default_ttl: Duration::from_secs(3600),
+        };
+        let wp = "spiffe://cluster.local/ns/demo/sa/wp";
+        let caller = Caller {
+            node: "node-a".into(),
+            identity: Some(wp.into()),
+        };
+        let req = |id: &str| IstioCertificateRequest {
+            csr: csr_pem(id),
+            validity_duration: 60,
+            metadata: None,
+        };
+        let ok = svc.create(Some(caller.clone()), req(wp)).unwrap();
+        assert_eq!(ok.cert_chain.len(), 2);
+        let other = "spiffe://cluster.local/ns/demo/sa/echo";
+        let e = svc.create(Some(caller), req(other)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("its own"), "{}", e.message());
+        // A node agent on a node with no such pod: refused too.
+        let agent = Caller {
+            node: "node-a".into(),
+            identity: None,
+        };
+        let e = svc.create(Some(agent), req(wp)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
     }
 }

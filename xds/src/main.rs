@@ -52,6 +52,18 @@ struct Args {
     /// Accept any client and believe the node it names (no token file).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Check callers' projected service-account tokens with Kubernetes
+    /// TokenReview instead of a token file (build with `--features kube`).
+    #[arg(long, conflicts_with_all = ["tokens", "insecure_no_auth"])]
+    token_review: bool,
+    /// The audience reviewed tokens must be for.
+    #[arg(long, default_value = "istio-ca")]
+    token_audience: String,
+    /// `namespace/service-account` of node agents (ztunnels): they may
+    /// ask for the identities of their node's pods; any other caller only
+    /// for its own (Istio's CA_TRUSTED_NODE_ACCOUNTS).
+    #[arg(long, value_delimiter = ',', default_value = "istio-system/ztunnel")]
+    trusted_node_accounts: Vec<String>,
     /// Names (DNS or IP) in the server certificate.
     #[arg(
         long,
@@ -76,6 +88,29 @@ struct Args {
     max_cert_ttl: Duration,
 }
 
+#[cfg(feature = "kube")]
+async fn token_review(
+    audience: String,
+    node_accounts: Vec<String>,
+    trust_domain: String,
+) -> anyhow::Result<Auth> {
+    use anyhow::Context;
+    let client = kube::Client::try_default()
+        .await
+        .context("--token-review: no Kubernetes client configuration")?;
+    Ok(Auth::token_review(
+        client,
+        audience,
+        node_accounts,
+        trust_domain,
+    ))
+}
+
+#[cfg(not(feature = "kube"))]
+async fn token_review(_: String, _: Vec<String>, _: String) -> anyhow::Result<Auth> {
+    anyhow::bail!("--token-review needs a build with `--features kube`")
+}
+
 fn main() -> std::process::ExitCode {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -92,10 +127,20 @@ fn main() -> std::process::ExitCode {
             (None, true) => Source::Kubernetes,
             (None, false) => anyhow::bail!("give --manifests DIR or --kubernetes"),
         };
-        let auth = match (a.tokens, a.insecure_no_auth) {
-            (Some(p), _) => Auth::load(&p)?,
-            (None, true) => Auth::insecure(),
-            (None, false) => anyhow::bail!("give --tokens FILE (or --insecure-no-auth)"),
+        let auth = match (a.tokens, a.insecure_no_auth, a.token_review) {
+            (Some(p), _, _) => Auth::load(&p)?,
+            (None, true, _) => Auth::insecure(),
+            (None, false, true) => {
+                token_review(
+                    a.token_audience,
+                    a.trusted_node_accounts,
+                    a.trust_domain.clone(),
+                )
+                .await?
+            }
+            (None, false, false) => {
+                anyhow::bail!("give --tokens FILE, --token-review (or --insecure-no-auth)")
+            }
         };
         let mut cfg = Config::new(source);
         cfg.listen = a.listen;

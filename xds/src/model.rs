@@ -303,7 +303,9 @@ pub struct RequestMirror {
     pub backend_ref: BackendRef,
 }
 
-/// A backend (a Service and port) with an optional weight.
+/// A backend (a Service and port) with an optional weight, and in a
+/// rule's `backendRefs` its own filters (header modifiers), applied only
+/// to requests sent to it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BackendRef {
@@ -313,6 +315,7 @@ pub struct BackendRef {
     pub namespace: Option<String>,
     pub port: Option<i32>,
     pub weight: Option<i32>,
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

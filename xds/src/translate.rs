@@ -1109,7 +1109,11 @@ impl Translator {
             cluster_id: opts.cluster_id.clone(),
             ..Default::default()
         };
-        let id = (mesh && !node.is_empty()).then(|| {
+        // The CA signs, for a node, the identities of its pods in the mesh
+        // and of its gateway (waypoint) pods: a waypoint is not captured,
+        // but needs the mesh's certificate for its own identity.
+        let is_gateway = labels.contains_key(GATEWAY_NAME_LABEL);
+        let id = ((mesh || is_gateway) && !node.is_empty()).then(|| {
             (
                 Arc::from(node.as_str()),
                 Arc::from(pod_identity(opts, p).as_str()),
@@ -1199,6 +1203,8 @@ mod tests {
             pod("mesh", "out", "10.0.0.2", &[(AMBIENT_LABEL, "none")]),
             pod("plain", "p", "10.0.0.3", &[]),
             pod("plain", "in", "10.0.0.4", &[(AMBIENT_LABEL, "ambient")]),
+            // A waypoint's pod: not captured, but the CA signs its identity.
+            pod("gw", "wp-0", "10.0.0.5", &[(GATEWAY_NAME_LABEL, "wp")]),
             // Selector-less service: endpoints from an EndpointSlice.
             Object::Service(Arc::new(Service {
                 metadata: meta(Some("mesh"), "ext", &[]),
@@ -1293,11 +1299,16 @@ mod tests {
             proto("Kubernetes//Pod/plain/in"),
             wl::TunnelProtocol::Hbone as i32
         );
-        // Only in-mesh pods get identities from the CA.
+        // Only in-mesh pods and gateway pods get identities from the CA.
         let ids = &r.node_identities["node-1"];
         assert!(ids.contains("spiffe://cluster.local/ns/mesh/sa/sa"));
         assert!(ids.contains("spiffe://cluster.local/ns/plain/sa/sa"));
-        assert_eq!(ids.len(), 2);
+        assert!(ids.contains("spiffe://cluster.local/ns/gw/sa/sa"));
+        assert_eq!(ids.len(), 3);
+        assert_eq!(
+            proto("Kubernetes//Pod/gw/wp-0"),
+            wl::TunnelProtocol::None as i32
+        );
         let pol = &r.get(mesh_proto::type_url::AUTHORIZATION).unwrap()["mesh/allow"];
         let a = sec::Authorization::decode(pol.value.clone()).unwrap();
         assert_eq!(a.scope, sec::Scope::WorkloadSelector as i32);

@@ -1,5 +1,5 @@
 //! The real waypoint (in-process, `waypoint::xds`) configured by the real
-//! control plane over delta ADS with TLS and a node token: an HTTPRoute
+//! control plane over delta and over SotW ADS with TLS and a node token: an HTTPRoute
 //! with a header match and an 80/20 split routes HBONE traffic from a
 //! loopback client to two loopback backends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -8,6 +8,8 @@ mod common;
 mod in_process_waypoint;
 #[path = "../../waypoint/tests/common/mod.rs"]
 mod wcommon;
+
+use waypoint::xds::ApiType;
 
 fn pod_at(name: &str, version: &str, port: u16) -> String {
     format!(
@@ -78,6 +80,15 @@ spec:
 
 #[tokio::test]
 async fn real_waypoint_routes_by_httproute_from_the_control_plane() {
+    routes_by_httproute(ApiType::DeltaGrpc).await
+}
+
+#[tokio::test]
+async fn real_waypoint_routes_by_httproute_over_sotw_ads() {
+    routes_by_httproute(ApiType::Grpc).await
+}
+
+async fn routes_by_httproute(api: ApiType) {
     let v1 = wcommon::backend("v1").await;
     let v2 = wcommon::backend("v2").await;
     let dir = tempfile::tempdir().unwrap();
@@ -90,7 +101,7 @@ async fn real_waypoint_routes_by_httproute_from_the_control_plane() {
     let server = common::start(dir.path()).await;
     assert!(server.errors.lock().unwrap().is_empty());
 
-    let w = in_process_waypoint::start_waypoint(&server).await;
+    let w = in_process_waypoint::start_waypoint_over(&server, api).await;
     let (wp, ca) = (&w.wp, w.ca.clone());
 
     let c = wcommon::client(ca, "client", wp);

@@ -223,3 +223,115 @@ async fn l7_policies_deny_allow_and_report_what_they_skip() {
     assert_eq!(m.server.metrics.nacks.get_or_create(&l).get(), 0);
     m.server.stop().await;
 }
+
+/// A second Service on the same pod whose port declares `appProtocol:
+/// grpc`: its server speaks HTTP/2, so the waypoint does too, upstream,
+/// even to an HTTP/1.1 client; the first Service's port declares nothing,
+/// and gets the client's protocol.
+const H2_SERVICE: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-h2, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.0.11
+  ports: [{port: 80, targetPort: http, appProtocol: grpc}]
+"#;
+
+#[tokio::test]
+async fn app_protocol_grpc_means_http2_upstream() {
+    let m = mesh(H2_SERVICE).await;
+    let c = m.client("client");
+    // An HTTP/2 request carries `:authority`, which the backend records as
+    // `x-seen-authority`; an HTTP/1.1 one (origin form) does not.
+    let r = c.get("/h1", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!m.backend.last_headers().contains_key("x-seen-authority"));
+    let mut s = c.h1("10.96.0.11:80").await;
+    let req = http::Request::builder()
+        .uri("/h2")
+        .header("host", "echo-h2.demo.svc.cluster.local")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = wcommon::send(&mut s, req).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(m.backend.last_path(), "/h2");
+    assert!(
+        m.backend.last_headers().contains_key("x-seen-authority"),
+        "the waypoint spoke HTTP/1.1 to an appProtocol: grpc port"
+    );
+    m.server.stop().await;
+}
+
+/// Filters on a backendRef apply to the requests sent to that backend
+/// (and their responses), before the rule's own: where both set a header,
+/// the rule's wins.
+const BACKEND_FILTERS: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /tagged}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-both, value: rule}]}
+    backendRefs:
+    - name: echo
+      port: 80
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier:
+          set: [{name: x-backend-tag, value: blue}, {name: x-both, value: backend}]
+          remove: [x-drop-me]
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {add: [{name: x-served-by, value: echo-blue}]}
+  - backendRefs: [{name: echo, port: 80}]
+"#;
+
+#[tokio::test]
+async fn backend_ref_filters_apply_to_that_backend() {
+    let m = mesh(BACKEND_FILTERS).await;
+    let c = m.client("client");
+    let r = c.get("/tagged/x", &[("x-drop-me", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["x-served-by"], "echo-blue");
+    let seen = m.backend.last_headers();
+    assert_eq!(seen["x-backend-tag"], "blue");
+    assert_eq!(seen["x-both"], "rule");
+    assert!(!seen.contains_key("x-drop-me"));
+    // Another rule to the same Service: none of that.
+    let r = c.get("/plain", &[("x-drop-me", "1")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.headers.contains_key("x-served-by"));
+    let seen = m.backend.last_headers();
+    assert!(!seen.contains_key("x-backend-tag"));
+    assert!(seen.contains_key("x-drop-me"));
+    m.server.stop().await;
+}
+
+/// What a backend cannot have is reported, and the route skipped.
+#[tokio::test]
+async fn unsupported_backend_filter_is_reported() {
+    let bad = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs:
+    - name: echo
+      port: 80
+      filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]
+"#;
+    let m = mesh(bad).await;
+    let errors = m.server.errors.lock().unwrap().clone();
+    assert!(
+        errors.iter().any(|e| e.contains("HTTPRoute demo/bad")
+            && e.contains("spec.rules[0].backendRefs[0].filters[0].type")),
+        "{errors:?}"
+    );
+    m.server.stop().await;
+}

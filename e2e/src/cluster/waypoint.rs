@@ -66,10 +66,9 @@ impl Cluster {
             // pod and so its Gateway.
             .args(["--xds-node-name", node.name()])
             .args(["--identity", &app.spiffe()])
-            .arg("--ca-cert")
-            .arg(self.ca_cert())
-            .arg("--ca-key")
-            .arg(self.ca_key())
+            // Its certificate from the mesh CA, as a ztunnel's: the CA key
+            // stays with the control plane.
+            .args(["--ca-address", &self.xds_url()])
             .args(["--hbone-addr", "[::]:15008"])
             .args(["--own-ip", &app.ip().to_string()])
             // Not captured: nothing to exempt its own sockets from.

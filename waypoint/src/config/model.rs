@@ -254,6 +254,17 @@ pub struct WeightedClusters {
 pub struct ClusterWeight {
     pub name: String,
     pub weight: u32,
+    /// Header changes for requests sent to this cluster (and its
+    /// responses), made before the route's own (Envoy's order: the most
+    /// specific first, so the route's win).
+    #[serde(default)]
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    #[serde(default)]
+    pub request_headers_to_remove: Vec<String>,
+    #[serde(default)]
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    #[serde(default)]
+    pub response_headers_to_remove: Vec<String>,
 }
 
 /// Path rewrite by regex (`full path` rewrites use `^/.*$`).

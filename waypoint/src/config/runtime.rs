@@ -129,8 +129,8 @@ pub enum Action {
 }
 
 pub struct Forward {
-    /// (cluster, weight); weights are > 0 and sum to `total_weight`.
-    pub clusters: Vec<(Arc<ClusterConfig>, u32)>,
+    /// Weights are > 0 and sum to `total_weight`.
+    pub clusters: Vec<WeightedCluster>,
     pub total_weight: u32,
     pub prefix_rewrite: Option<String>,
     pub regex_rewrite: Option<(Regex, String)>,
@@ -161,6 +161,14 @@ pub struct Redirect {
     pub prefix_rewrite: Option<String>,
     pub status: StatusCode,
     pub strip_query: bool,
+}
+
+/// One of a route's clusters, with its weight and its own header changes.
+pub struct WeightedCluster {
+    pub cluster: Arc<ClusterConfig>,
+    pub weight: u32,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
 }
 
 #[derive(Default)]

@@ -445,13 +445,31 @@ fn forward(
     clusters: &HashMap<String, Arc<ClusterConfig>>,
 ) -> Result<Forward, ConfigError> {
     let targets = match (&a.cluster, &a.weighted_clusters) {
-        (Some(c), None) => vec![(lookup(&format!("{path}.cluster"), c, clusters)?, 1)],
+        (Some(c), None) => vec![WeightedCluster {
+            cluster: lookup(&format!("{path}.cluster"), c, clusters)?,
+            weight: 1,
+            request_headers: HeaderMods::default(),
+            response_headers: HeaderMods::default(),
+        }],
         (None, Some(w)) => {
             let mut v = Vec::new();
             for (i, cw) in w.clusters.iter().enumerate() {
                 let p = format!("{path}.weighted_clusters.clusters[{i}]");
                 if cw.weight > 0 {
-                    v.push((lookup(&p, &cw.name, clusters)?, cw.weight));
+                    v.push(WeightedCluster {
+                        cluster: lookup(&p, &cw.name, clusters)?,
+                        weight: cw.weight,
+                        request_headers: header_mods(
+                            &format!("{p}.request_headers"),
+                            &cw.request_headers_to_add,
+                            &cw.request_headers_to_remove,
+                        )?,
+                        response_headers: header_mods(
+                            &format!("{p}.response_headers"),
+                            &cw.response_headers_to_add,
+                            &cw.response_headers_to_remove,
+                        )?,
+                    });
                 }
             }
             v
@@ -463,7 +481,7 @@ fn forward(
             )
         }
     };
-    let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+    let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
     let Ok(total_weight) = u32::try_from(total) else {
         return err(
             &format!("{path}.weighted_clusters"),

@@ -7,7 +7,7 @@
 //! `ewma * (in_flight + 1)`, which steers load away from slow or busy
 //! endpoints without the herding of "always the fastest". A new endpoint
 //! starts at cost zero, so it gets tried at once; an estimate decays towards
-//! zero while its endpoint gets no traffic (time constant [`DECAY`], as
+//! zero while its endpoint gets no traffic (time constant `DECAY`, as
 //! tower's PeakEwma does), so an endpoint once slow is tried again.
 //!
 //! An endpoint whose last `consecutive_5xx` results were failures (a 5xx,

@@ -451,6 +451,10 @@ fn route_action(path: &str, a: &pr::RouteAction) -> Result<m::RouteAction> {
                     .map(|c| m::ClusterWeight {
                         name: c.name.clone(),
                         weight: c.weight.unwrap_or(0),
+                        request_headers_to_add: headers_to_add(&c.request_headers_to_add),
+                        request_headers_to_remove: c.request_headers_to_remove.clone(),
+                        response_headers_to_add: headers_to_add(&c.response_headers_to_add),
+                        response_headers_to_remove: c.response_headers_to_remove.clone(),
                     })
                     .collect(),
             })

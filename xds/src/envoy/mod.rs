@@ -48,6 +48,7 @@ use mesh_proto::envoy::config::listener::v3 as pl;
 use mesh_proto::envoy::config::route::v3 as pr;
 use mesh_proto::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use mesh_proto::envoy::extensions::filters::network::tcp_proxy::v3 as ptcp;
+use mesh_proto::envoy::extensions::upstreams::http::v3 as pup;
 use mesh_proto::type_url;
 use prost::Message;
 
@@ -300,6 +301,7 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                 pc::cluster::DiscoveryType::Eds as i32,
             )),
             connect_timeout: Some(duration(10_000_000_000)),
+            typed_extension_protocol_options: http2_upstream_options(svc, *port),
             ..Default::default()
         };
         clusters.insert(
@@ -327,6 +329,38 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
         errors,
         scope,
     }
+}
+
+/// `HttpProtocolOptions` asking for HTTP/2 upstream, for a port whose
+/// server speaks it ([`protocol::upstream_http2`]); none otherwise (the
+/// waypoint then speaks the client's protocol).
+fn http2_upstream_options(
+    svc: &Service,
+    port: i32,
+) -> std::collections::HashMap<String, prost_types::Any> {
+    use pup::http_protocol_options::explicit_http_config::ProtocolConfig;
+    use pup::http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions};
+    let h2 = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|ps| ps.iter().find(|p| p.port == port))
+        .is_some_and(protocol::upstream_http2);
+    if !h2 {
+        return Default::default();
+    }
+    let o = pup::HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+            },
+        )),
+    };
+    [(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+        any(type_url::HTTP_PROTOCOL_OPTIONS, &o),
+    )]
+    .into()
 }
 
 #[cfg(test)]

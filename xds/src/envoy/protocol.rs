@@ -36,6 +36,17 @@ fn parse(p: &str) -> PortProtocol {
     }
 }
 
+/// The protocol a port declares: its `appProtocol`, else its name's
+/// prefix.
+fn declared(p: &ServicePort) -> Option<&str> {
+    if let Some(a) = p.app_protocol.as_deref().filter(|a| !a.is_empty()) {
+        return Some(a);
+    }
+    p.name
+        .as_deref()
+        .map(|n| n.split_once('-').map_or(n, |(prefix, _)| prefix))
+}
+
 pub fn port_protocol(p: &ServicePort) -> PortProtocol {
     if p.protocol
         .as_deref()
@@ -43,13 +54,21 @@ pub fn port_protocol(p: &ServicePort) -> PortProtocol {
     {
         return PortProtocol::NotTcp;
     }
-    if let Some(a) = p.app_protocol.as_deref().filter(|a| !a.is_empty()) {
-        return parse(a);
-    }
-    match p.name.as_deref() {
-        Some(n) => parse(n.split_once('-').map_or(n, |(prefix, _)| prefix)),
-        None => PortProtocol::Detect,
-    }
+    declared(p).map_or(PortProtocol::Detect, parse)
+}
+
+/// Whether the port's server speaks HTTP/2 (cleartext, prior knowledge):
+/// `http2`, `grpc`, `grpc-web`, `h2c`, `kubernetes.io/h2c`, as Istio's
+/// `IsHTTP2`. Its cluster then tells the waypoint to speak HTTP/2 upstream
+/// whatever the client spoke; other HTTP ports get the client's protocol.
+pub fn upstream_http2(p: &ServicePort) -> bool {
+    port_protocol(p) == PortProtocol::Http
+        && declared(p).is_some_and(|d| {
+            matches!(
+                d.to_ascii_lowercase().as_str(),
+                "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c"
+            )
+        })
 }
 
 #[cfg(test)]
@@ -90,6 +109,29 @@ mod tests {
         ] {
             assert_eq!(
                 port_protocol(&port(name, app, proto)),
+                want,
+                "{name:?} {app:?} {proto:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn http2_upstreams() {
+        for (name, app, proto, want) in [
+            (None, Some("grpc"), None, true),
+            (None, Some("kubernetes.io/h2c"), None, true),
+            (Some("http2-api"), None, None, true),
+            (Some("grpc-web"), None, None, true),
+            (Some("GRPC"), None, None, true),
+            // appProtocol wins over the name.
+            (Some("grpc"), Some("http"), None, false),
+            (Some("http"), None, None, false),
+            (Some("web"), None, None, false),
+            (None, None, None, false),
+            (Some("grpc"), None, Some("UDP"), false),
+        ] {
+            assert_eq!(
+                upstream_http2(&port(name, app, proto)),
                 want,
                 "{name:?} {app:?} {proto:?}"
             );

@@ -95,6 +95,32 @@ fn header_options(m: &crate::model::HeaderModifier) -> Vec<core::HeaderValueOpti
         .collect()
 }
 
+/// A backend as a weighted cluster, with its filters' header changes.
+fn cluster_weight(
+    name: String,
+    weight: u32,
+    filters: &[HttpRouteFilter],
+) -> pr::weighted_cluster::ClusterWeight {
+    let mut c = pr::weighted_cluster::ClusterWeight {
+        name,
+        weight: Some(weight),
+        ..Default::default()
+    };
+    for f in filters {
+        if let Some(m) = &f.request_header_modifier {
+            c.request_headers_to_add.extend(header_options(m));
+            c.request_headers_to_remove
+                .extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
+        }
+        if let Some(m) = &f.response_header_modifier {
+            c.response_headers_to_add.extend(header_options(m));
+            c.response_headers_to_remove
+                .extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
+        }
+    }
+    c
+}
+
 impl<'a> Builder<'a> {
     fn rule_routes(
         &mut self,
@@ -125,13 +151,14 @@ impl<'a> Builder<'a> {
         let (timeout, retry) = timeout_and_retry(rule);
         action.timeout = timeout;
         action.retry_policy = retry;
-        // Backends that exist, with their weights (default 1; 0 drops one).
+        // Backends that exist, with their weights (default 1; 0 drops one)
+        // and their own header modifiers.
         let mut weighted = Vec::new();
         for b in &rule.backend_refs {
             let w = b.weight.unwrap_or(1).max(0) as u32;
             if let Some(c) = self.backend(ns, b, port) {
                 if w > 0 {
-                    weighted.push((c, w));
+                    weighted.push(cluster_weight(c, w, &b.filters));
                 }
             }
         }
@@ -145,18 +172,16 @@ impl<'a> Builder<'a> {
             })
         } else {
             use pr::route_action::ClusterSpecifier;
-            action.cluster_specifier = Some(if weighted.len() == 1 {
-                ClusterSpecifier::Cluster(weighted.remove(0).0)
+            let plain = |c: &pr::weighted_cluster::ClusterWeight| {
+                c.request_headers_to_add.is_empty()
+                    && c.request_headers_to_remove.is_empty()
+                    && c.response_headers_to_add.is_empty()
+                    && c.response_headers_to_remove.is_empty()
+            };
+            action.cluster_specifier = Some(if weighted.len() == 1 && plain(&weighted[0]) {
+                ClusterSpecifier::Cluster(weighted.remove(0).name)
             } else {
-                ClusterSpecifier::WeightedClusters(pr::WeightedCluster {
-                    clusters: weighted
-                        .into_iter()
-                        .map(|(name, w)| pr::weighted_cluster::ClusterWeight {
-                            name,
-                            weight: Some(w),
-                        })
-                        .collect(),
-                })
+                ClusterSpecifier::WeightedClusters(pr::WeightedCluster { clusters: weighted })
             });
             pr::route::Action::Route(action)
         };

@@ -63,6 +63,22 @@ fn check_backend(field: &str, b: &BackendRef) -> Result<(), RouteError> {
     if b.weight.is_some_and(|w| !(0..=1_000_000).contains(&w)) {
         return bad(format!("{field}.weight"), "must be 0 to 1000000");
     }
+    for (j, flt) in b.filters.iter().enumerate() {
+        let ff = format!("{field}.filters[{j}]");
+        let present = match flt.type_.as_str() {
+            "RequestHeaderModifier" => flt.request_header_modifier.is_some(),
+            "ResponseHeaderModifier" => flt.response_header_modifier.is_some(),
+            t => {
+                return bad(
+                    format!("{ff}.type"),
+                    format!("{t:?} is not supported on a backend (only header modifiers)"),
+                )
+            }
+        };
+        if !present {
+            return bad(ff, format!("type {} needs its configuration", flt.type_));
+        }
+    }
     Ok(())
 }
 
@@ -168,7 +184,11 @@ pub fn validate_route(r: &HttpRoute) -> Result<(), RouteError> {
                 }
                 "RequestMirror" => {
                     if let Some(m) = &flt.request_mirror {
-                        check_backend(&format!("{ff}.requestMirror.backendRef"), &m.backend_ref)?;
+                        let bf = format!("{ff}.requestMirror.backendRef");
+                        check_backend(&bf, &m.backend_ref)?;
+                        if !m.backend_ref.filters.is_empty() {
+                            return bad(format!("{bf}.filters"), "a mirror has no filters");
+                        }
                     }
                     flt.request_mirror.is_some()
                 }

@@ -1,6 +1,6 @@
 //! A real waypoint in the test process, configured by the test control
-//! plane the way a deployed one is: delta ADS over TLS with node `node-a`'s
-//! token, as pod `wp-1` (10.244.1.99) of Gateway `demo/wp`. The tests that
+//! plane the way a deployed one is: delta (or SotW) ADS over TLS with node
+//! `node-a`'s token, as pod `wp-1` (10.244.1.99) of Gateway `demo/wp`. The tests that
 //! drive L7 behaviour end to end share it; the manifests must hold that pod.
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use waypoint::app::{build, start, Parts, Running};
 use waypoint::config::Store;
-use waypoint::xds::{spawn, XdsConfig};
+use waypoint::xds::{spawn, ApiType, XdsConfig};
 use ztunnel::identity::CaClient;
 
 /// The waypoint, the CA its clients get certificates from, and the
@@ -20,9 +20,16 @@ pub struct InProcessWaypoint {
     pub _secrets: tempfile::TempDir,
 }
 
-/// Starts the waypoint against `server`; returns once it has its first
-/// full configuration.
+/// Starts the waypoint against `server` over delta ADS; returns once it
+/// has its first full configuration.
+#[allow(dead_code)]
 pub async fn start_waypoint(server: &xds::Running) -> InProcessWaypoint {
+    start_waypoint_over(server, ApiType::DeltaGrpc).await
+}
+
+/// The same, over the given ADS protocol.
+#[allow(dead_code)]
+pub async fn start_waypoint_over(server: &xds::Running, api_type: ApiType) -> InProcessWaypoint {
     let secrets = tempfile::tempdir().unwrap();
     let root = secrets.path().join("root.pem");
     std::fs::write(&root, &server.root_pem).unwrap();
@@ -49,6 +56,7 @@ pub async fn start_waypoint(server: &xds::Running) -> InProcessWaypoint {
             node_name: Some("node-a".into()),
             node_cluster: "waypoint".into(),
             warming_timeout: Duration::from_secs(15),
+            api_type,
         },
         store.clone(),
     );
