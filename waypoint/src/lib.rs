@@ -19,6 +19,7 @@
 //! hyper client) → back, with [`record`] writing metrics ([`metrics`]) and
 //! the access log. Opaque TCP takes [`tcp`] instead of [`serve`];
 //! [`plaintext`] is an optional way in without HBONE (benchmarks, debugging).
+//! [`idle`] is the HTTP/1.1 header-read timeout, one timer per connection.
 //! HTTP/2 upstream uses its own per-endpoint pool ([`upstream::h2pool`]).
 //! [`app`] wires it together and drains on SIGTERM; [`workers`] runs the
 //! listeners thread per core; [`admin`] serves `/config_dump`, `/metrics`
@@ -34,6 +35,7 @@ pub mod app;
 pub mod config;
 pub mod forward;
 pub mod h2io;
+pub mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod plaintext;
@@ -74,7 +76,13 @@ impl Proxy {
             store: self.store.clone(),
             upstream: Arc::new(self.upstream.fresh()),
             metrics: self.metrics.clone(),
-            drain: self.drain.clone(),
+            // A child token: a connection checks it on every turn of its
+            // task, which locks the token's state; shared by every worker,
+            // that lock bounced between cores.
+            drain: ztunnel::proxy::Drain {
+                stop: self.drain.stop.child_token(),
+                connections: self.drain.connections.clone(),
+            },
         }
     }
 }

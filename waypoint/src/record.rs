@@ -53,6 +53,7 @@ struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let i = &mut self.info;
+        i.downstream.activity.end();
         let duration = i.start.elapsed();
         let req_bytes = i.request_bytes.load(Ordering::Relaxed);
         let src = &i.downstream.source_labels;

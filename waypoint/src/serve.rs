@@ -22,9 +22,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::model::CodecType;
 use crate::config::runtime::{Action, ChainKind, HttpChain, Redirect, Route};
 use crate::forward::{self, Outcome};
+use crate::idle::{Activity, Watch, HEADER_READ_TIMEOUT};
 use crate::metrics::PeerLabels;
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::record::{self, RequestInfo};
@@ -60,6 +61,9 @@ pub struct Downstream {
     pub source_labels: PeerLabels,
     /// `src_ip` as an `x-forwarded-for` value.
     xff: Option<HeaderValue>,
+    /// Requests started and finished on this connection (its header-read
+    /// timeout, see [`crate::idle`]).
+    pub activity: Activity,
 }
 
 impl Downstream {
@@ -76,6 +80,7 @@ impl Downstream {
             src_ip,
             dst,
             protocol,
+            activity: Activity::default(),
         }
     }
 }
@@ -89,8 +94,9 @@ where
     builder
         .http1()
         .max_buf_size(chain.max_header_bytes.max(8192))
-        .header_read_timeout(Duration::from_secs(30))
-        .timer(hyper_util::rt::TokioTimer::new());
+        // Kept per connection instead (`crate::idle`): hyper's costs a
+        // timer per request.
+        .header_read_timeout(None);
     builder
         .http2()
         .max_header_list_size(chain.max_header_bytes as u32)
@@ -102,6 +108,7 @@ where
         CodecType::Http2 => builder.http2_only(),
     };
     let stop = proxy.drain.stop.clone();
+    let conn_ds = ds.clone();
     let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
     let affinity = Arc::new(Affinity::new(driver));
     let svc = service_fn(move |req: Request<Incoming>| {
@@ -119,17 +126,46 @@ where
     tokio::pin!(conn);
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    let header_timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
+    tokio::pin!(header_timer);
+    let mut watch = Watch::default();
+    // Set once the connection is to end: the proxy drains, or no request
+    // head came in time.
+    let shutdown = AtomicBool::new(false);
     let mut draining = false;
     // This connection's own upstream connections are driven by this task.
-    let res = affinity::drive(new_upstreams, |cx| {
-        if !draining && stopped.as_mut().poll(cx).is_ready() {
-            // Finish the request in progress (HTTP/1.1) or the open
-            // streams (HTTP/2, after a GOAWAY), then close.
-            draining = true;
-            conn.as_mut().graceful_shutdown();
-        }
-        conn.as_mut().poll(cx)
-    })
+    let res = affinity::drive(
+        new_upstreams,
+        |cx| {
+            if shutdown.load(Relaxed) {
+                return false;
+            }
+            if stopped.as_mut().poll(cx).is_ready() {
+                shutdown.store(true, Relaxed);
+            }
+            while !shutdown.load(Relaxed) && header_timer.as_mut().poll(cx).is_ready() {
+                if watch.idle(&conn_ds.activity) {
+                    tracing::debug!("no request head within the header-read timeout: closing");
+                    shutdown.store(true, Relaxed);
+                } else {
+                    header_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+                }
+            }
+            // Newly set: `main` is to start the shutdown.
+            shutdown.load(Relaxed)
+        },
+        |cx| {
+            if !draining && shutdown.load(Relaxed) {
+                // Finish the request in progress (HTTP/1.1) or the open
+                // streams (HTTP/2, after a GOAWAY), then close.
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.as_mut().poll(cx)
+        },
+    )
     .await;
     if let Err(e) = res {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
@@ -253,6 +289,7 @@ pub async fn handle(
     req: Request<Incoming>,
     affinity: Option<&Affinity>,
 ) -> Response<Body> {
+    ds.activity.start(req.version());
     let protocol = protocol(&req);
     let (parts, body) = req.into_parts();
     let mut info = RequestInfo {

@@ -10,10 +10,10 @@
 //!
 //! Within that task the downstream side and the upstream connections hand
 //! each request and response to one another through channels, and every
-//! hand-off wakes the task. [`drive`] polls them again at once when that
-//! happens while it is polling, instead of going back to the scheduler
-//! (which would queue the task behind every other task on the worker,
-//! several times per request).
+//! hand-off wakes the task. [`drive`] polls the side that was woken again
+//! at once when that happens while it is polling, instead of going back to
+//! the scheduler (which would queue the task behind every other task on
+//! the worker, several times per request), and leaves the other side be.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -64,53 +64,87 @@ impl Affinity {
 /// Rounds of polling in one turn of the task before yielding to others.
 const ROUNDS: usize = 8;
 
-/// The waker handed to everything [`drive`] polls: a wake-up while it is
-/// polling only asks for another round; otherwise it wakes the task.
+/// What both sides' wakers share: the task's waker, and whether [`drive`]
+/// is polling right now.
 #[derive(Default)]
-struct Flag {
+struct Shared {
     task: AtomicWaker,
     polling: AtomicBool,
+}
+
+/// The waker of one side of what [`drive`] polls (the downstream
+/// connection, or the upstream connections): a wake-up notes that this
+/// side is to be polled again, and while [`drive`] is polling only asks
+/// for another round; otherwise it also wakes the task.
+struct Side {
+    shared: Arc<Shared>,
     woken: AtomicBool,
 }
 
-impl ArcWake for Flag {
-    fn wake_by_ref(flag: &Arc<Self>) {
-        flag.woken.store(true, SeqCst);
-        if !flag.polling.load(SeqCst) {
-            flag.task.wake();
+impl ArcWake for Side {
+    fn wake_by_ref(side: &Arc<Self>) {
+        side.woken.store(true, SeqCst);
+        if !side.shared.polling.load(SeqCst) {
+            side.shared.task.wake();
         }
     }
 }
 
 /// Polls `main` (the downstream connection) and the upstream connections
-/// sent through `new` together until `main` is ready.
+/// sent through `new` together until `main` is ready. Each round polls
+/// only the side that was woken: a request handed from one side to the
+/// other wakes that side alone, and polling the other (hyper's whole
+/// dispatcher, to find nothing to do) was a good part of the cost of a
+/// hand-off. `each_turn` is called once per turn of the task, before the
+/// rounds, with the task's own context: for what wakes the connection
+/// rarely (drain, timers), and need not be polled at every hand-off; it
+/// returns whether `main` must be polled for it.
 pub async fn drive<T>(
     mut new: UnboundedReceiver<ConnFuture>,
+    mut each_turn: impl FnMut(&mut Context<'_>) -> bool,
     mut main: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> T {
-    let flag = Arc::new(Flag::default());
-    let waker = futures::task::waker(flag.clone());
+    let shared = Arc::new(Shared::default());
+    // Both sides are polled first.
+    let side = || {
+        Arc::new(Side {
+            shared: shared.clone(),
+            woken: AtomicBool::new(true),
+        })
+    };
+    let (down, up) = (side(), side());
+    let down_waker = futures::task::waker(down.clone());
+    let up_waker = futures::task::waker(up.clone());
     let mut upstreams = FuturesUnordered::new();
     std::future::poll_fn(move |cx| {
-        flag.task.register(cx.waker());
-        let mut inner = Context::from_waker(&waker);
+        shared.task.register(cx.waker());
+        if each_turn(cx) {
+            down.woken.store(true, SeqCst);
+        }
         for _ in 0..ROUNDS {
-            flag.polling.store(true, SeqCst);
-            flag.woken.store(false, SeqCst);
-            while let Poll::Ready(Some(f)) = new.poll_recv(&mut inner) {
-                upstreams.push(f);
+            shared.polling.store(true, SeqCst);
+            if up.woken.swap(false, SeqCst) {
+                let mut c = Context::from_waker(&up_waker);
+                while let Poll::Ready(Some(f)) = new.poll_recv(&mut c) {
+                    upstreams.push(f);
+                }
+                // Finished upstream connections just leave the set.
+                while let Poll::Ready(Some(())) = upstreams.poll_next_unpin(&mut c) {}
             }
-            // Finished upstream connections just leave the set.
-            while let Poll::Ready(Some(())) = upstreams.poll_next_unpin(&mut inner) {}
-            let r = main(&mut inner);
+            if down.woken.swap(false, SeqCst) {
+                if let Poll::Ready(r) = main(&mut Context::from_waker(&down_waker)) {
+                    return Poll::Ready(r);
+                }
+            }
             // A wake-up from here on (another thread) wakes the task; one
-            // before this store is seen by the load below.
-            flag.polling.store(false, SeqCst);
-            if r.is_ready() || !flag.woken.load(SeqCst) {
-                return r;
+            // before this store is seen by the loads below.
+            shared.polling.store(false, SeqCst);
+            if !up.woken.load(SeqCst) && !down.woken.load(SeqCst) {
+                return Poll::Pending;
             }
         }
-        // Still busy: let the worker's other tasks run first.
+        // Still busy (a side is still marked woken, so the next turn polls
+        // it): let the worker's other tasks run first.
         cx.waker().wake_by_ref();
         Poll::Pending
     })

@@ -49,6 +49,18 @@ impl H2Pool {
         if let Some(s) = current.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
+        // Boxed: dialing is a large future, which inline would enlarge
+        // every request's future (and the copies made of it).
+        let send = Box::pin(self.connect(addr, target)).await?;
+        *current = Some(send.clone());
+        Ok(send)
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        target: &Target,
+    ) -> Result<SendRequest<Body>, String> {
         let io = self
             .dialer
             .dial_to(addr, target)
@@ -64,7 +76,6 @@ impl H2Pool {
                 tracing::debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        *current = Some(send.clone());
         Ok(send)
     }
 }

@@ -190,24 +190,10 @@ impl Upstream {
     ) -> Result<Response<Incoming>, SendError> {
         let mut sender = match aff.take(address) {
             Some(s) => s,
-            None => {
-                let io = self
-                    .dialer
-                    .dial_to(address, target)
-                    .await
-                    .map_err(|e| SendError::Connect(address, e.to_string()))?;
-                let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| SendError::Connect(address, error_chain(&e)))?;
-                let conn: affinity::ConnFuture = Box::pin(async move {
-                    let _ = conn.await;
-                });
-                if let Err(e) = aff.driver.send(conn) {
-                    // The downstream connection is gone; drive it here.
-                    tokio::spawn(e.0);
-                }
-                s
-            }
+            // Boxed: dialing (HBONE included) is a large future, and inline
+            // it would make every request's future that much larger, and
+            // copied that much more on its way into its box.
+            None => Box::pin(self.open_affine(aff, address, target)).await?,
         };
         let resp = sender
             .send_request(req)
@@ -215,6 +201,33 @@ impl Upstream {
             .map_err(|e| SendError::Reset(address, error_chain(&e)))?;
         aff.put(address, sender);
         Ok(resp)
+    }
+}
+
+impl Upstream {
+    /// A new upstream HTTP/1.1 connection for `aff`, handed to its driver.
+    async fn open_affine(
+        &self,
+        aff: &affinity::Affinity,
+        address: SocketAddr,
+        target: &Target,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, SendError> {
+        let io = self
+            .dialer
+            .dial_to(address, target)
+            .await
+            .map_err(|e| SendError::Connect(address, e.to_string()))?;
+        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect(address, error_chain(&e)))?;
+        let conn: affinity::ConnFuture = Box::pin(async move {
+            let _ = conn.await;
+        });
+        if let Err(e) = aff.driver.send(conn) {
+            // The downstream connection is gone; drive it here.
+            tokio::spawn(e.0);
+        }
+        Ok(s)
     }
 }
 

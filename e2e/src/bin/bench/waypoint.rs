@@ -70,6 +70,14 @@ pub struct WaypointArgs {
     pub bin_dir: Option<PathBuf>,
     #[arg(long, default_value = "/usr/sbin/nginx")]
     pub nginx: PathBuf,
+    /// Measure only nginx against the waypoint's plaintext listener (no
+    /// direct or mesh targets), for quick before/after runs of the L7
+    /// engine; the report then has the reverse-proxy rows only.
+    #[arg(long)]
+    pub reverse_proxy_only: bool,
+    /// Measure only this protocol (`http1` or `http2`) [default: both].
+    #[arg(long, value_parser = ["http1", "http2"])]
+    pub protocol: Option<String>,
 }
 
 fn bin(dir: Option<&Path>, name: &str) -> Result<PathBuf> {
@@ -323,14 +331,26 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
             SocketAddr::new(IpAddr::V4(VIP_L7), 80),
         ),
     ];
+    let targets: Vec<_> = targets
+        .into_iter()
+        .filter(|(name, ..)| !args.reverse_proxy_only || matches!(*name, "nginx" | "waypoint"))
+        .collect();
+    let protocols: Vec<Proto> = [Proto::Http1, Proto::Http2]
+        .into_iter()
+        .filter(|p| match args.protocol.as_deref() {
+            Some("http1") => *p == Proto::Http1,
+            Some("http2") => *p == Proto::Http2,
+            _ => true,
+        })
+        .collect();
     let load_start = procstat::loadavg_1m();
     // (protocol, target) -> samples of every round, and the CPU seconds the
     // L7 engine serving the target (nginx or the waypoint) spent on them.
     let mut measured: Vec<(Proto, &str, Samples, f64)> = Vec::new();
     let mut wp_cpu = 0.0;
-    for proto in [Proto::Http1, Proto::Http2] {
+    for &proto in &protocols {
         for round in 0..rounds {
-            for (name, src, h1, h2) in targets {
+            for &(name, src, h1, h2) in &targets {
                 let dst = if proto == Proto::Http1 { h1 } else { h2 };
                 let engine = match name {
                     "nginx" => Some(ng.pid()),
@@ -416,22 +436,30 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
             .iter()
             .find(|(rp, rn, _)| *rp == p && *rn == n)
             .map(|(_, _, r)| r.clone())
-            .expect("measured")
     };
     let mut rows = Vec::new();
     let mut targets_met = Vec::new();
-    for proto in [Proto::Http1, Proto::Http2] {
+    for &proto in &protocols {
         for (base, mesh, label) in [
             ("nginx", "waypoint", "reverse proxy nginx vs waypoint"),
             ("L4 mesh", "waypoint mesh", "mesh L4-only vs via waypoint"),
             ("direct", "waypoint mesh", "direct vs mesh via waypoint"),
         ] {
-            let (b, m) = (get(proto, base), get(proto, mesh));
+            // Targets left out (`--reverse-proxy-only`) have no rows.
+            let (Some(b), Some(m)) = (get(proto, base), get(proto, mesh)) else {
+                continue;
+            };
             let sc = format!("{} {label}", proto.name());
             rows.push(Row::new(&sc, "rps", "req/s", b.rps, m.rps, Better::Higher));
             rows.push(Row::new(&sc, "p50", "us", b.p50_us, m.p50_us, Better::Lower).with_delta());
             rows.push(Row::new(&sc, "p99", "us", b.p99_us, m.p99_us, Better::Lower).with_delta());
             if base == "nginx" {
+                eprintln!(
+                    "bench: {:8} CPU per request: nginx {:.1} us, waypoint {:.1} us",
+                    proto.name(),
+                    cpu_per_request(proto, base),
+                    cpu_per_request(proto, mesh),
+                );
                 rows.push(Row::new(
                     &sc,
                     "cpu_per_request",
@@ -442,7 +470,9 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
                 ));
             }
         }
-        let (n, wpr) = (get(proto, "nginx"), get(proto, "waypoint"));
+        let (Some(n), Some(wpr)) = (get(proto, "nginx"), get(proto, "waypoint")) else {
+            continue;
+        };
         targets_met.push(Target::new(
             &format!("{} waypoint rps / nginx rps", proto.name()),
             (wpr.rps / n.rps * 1000.0).round() / 1000.0,
@@ -465,6 +495,7 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     config.insert("concurrency".into(), json!(args.concurrency));
     config.insert("h2_connections".into(), json!(args.h2_connections));
     config.insert("workers".into(), json!(args.workers));
+    config.insert("reverse_proxy_only".into(), json!(args.reverse_proxy_only));
     let mut by = Map::new();
     by.insert("waypoint targets".into(), json!(wp_cpu));
     let report = Report {
