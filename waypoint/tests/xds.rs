@@ -463,6 +463,14 @@ fn eds_cluster(name: &str) -> pc::Cluster {
     }
 }
 
+/// A cluster with its one endpoint inline (`load_assignment`), no EDS.
+fn static_cluster(name: &str, at: SocketAddr) -> pc::Cluster {
+    let mut c = eds_cluster(name);
+    c.cluster_discovery_type = None;
+    c.load_assignment = Some(assignment(name, at));
+    c
+}
+
 fn assignment(name: &str, at: SocketAddr) -> pe::ClusterLoadAssignment {
     pe::ClusterLoadAssignment {
         cluster_name: name.into(),
@@ -748,9 +756,7 @@ async fn stream_loss_keeps_config_and_resumes(api: ApiType) {
     let cp = ControlPlane::start().await;
     let wp = xds_waypoint(ca.clone(), &cp, api).await;
     // Static cluster (inline load_assignment) and an inline-free RDS route.
-    let mut c1 = eds_cluster("v1");
-    c1.cluster_discovery_type = None;
-    c1.load_assignment = Some(assignment("v1", v1.addr));
+    let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);
     cp.set(type_url::CLUSTER, "v2", &eds_cluster("v2"));
     cp.set(
@@ -819,9 +825,7 @@ async fn missing_route_configuration_stops_warming(api: ApiType) {
     let v1 = backend("v1").await;
     let cp = ControlPlane::start().await;
     let wp = xds_waypoint_with(ca.clone(), &cp, Duration::from_millis(200), api).await;
-    let mut c1 = eds_cluster("v1");
-    c1.cluster_discovery_type = None;
-    c1.load_assignment = Some(assignment("v1", v1.addr));
+    let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);
     // The listener names RDS "echo", which the control plane never sends.
     cp.set(type_url::LISTENER, "waypoint", &listener());
@@ -865,9 +869,7 @@ async fn xds_delta_unimplemented_falls_back_to_sotw() {
     let v1 = backend("v1").await;
     let cp = ControlPlane::serving(false).await;
     let wp = xds_waypoint(ca.clone(), &cp, ApiType::DeltaGrpc).await;
-    let mut c1 = eds_cluster("v1");
-    c1.cluster_discovery_type = None;
-    c1.load_assignment = Some(assignment("v1", v1.addr));
+    let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);
     cp.set(
         type_url::ROUTE_CONFIGURATION,
@@ -907,13 +909,9 @@ async fn new_route_name_warms(api: ApiType) {
     let v2 = backend("v2").await;
     let cp = ControlPlane::start().await;
     let wp = xds_waypoint(ca.clone(), &cp, api).await;
-    let mut c1 = eds_cluster("v1");
-    c1.cluster_discovery_type = None;
-    c1.load_assignment = Some(assignment("v1", v1.addr));
+    let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);
-    let mut c2 = eds_cluster("v2");
-    c2.cluster_discovery_type = None;
-    c2.load_assignment = Some(assignment("v2", v2.addr));
+    let c2 = static_cluster("v2", v2.addr);
     cp.set(type_url::CLUSTER, "v2", &c2);
     cp.set(
         type_url::ROUTE_CONFIGURATION,
@@ -1017,9 +1015,7 @@ async fn xds_rbac_filter_denies() {
             &rbac,
         ))),
     };
-    let mut c1 = eds_cluster("v1");
-    c1.cluster_discovery_type = None;
-    c1.load_assignment = Some(assignment("v1", v1.addr));
+    let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);
     cp.set(
         type_url::ROUTE_CONFIGURATION,
