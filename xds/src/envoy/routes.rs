@@ -95,30 +95,54 @@ fn header_options(m: &crate::model::HeaderModifier) -> Vec<core::HeaderValueOpti
         .collect()
 }
 
+/// The header changes a list of filters makes: (request adds, request
+/// removals, response adds, response removals), for a rule or a backend.
+#[derive(Default)]
+struct HeaderChanges {
+    req_add: Vec<core::HeaderValueOption>,
+    req_remove: Vec<String>,
+    resp_add: Vec<core::HeaderValueOption>,
+    resp_remove: Vec<String>,
+}
+
+impl HeaderChanges {
+    fn of(filters: &[HttpRouteFilter]) -> Self {
+        let mut c = HeaderChanges::default();
+        let lower = |m: &crate::model::HeaderModifier| {
+            m.remove
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        };
+        for f in filters {
+            if let Some(m) = &f.request_header_modifier {
+                c.req_add.extend(header_options(m));
+                c.req_remove.extend(lower(m));
+            }
+            if let Some(m) = &f.response_header_modifier {
+                c.resp_add.extend(header_options(m));
+                c.resp_remove.extend(lower(m));
+            }
+        }
+        c
+    }
+}
+
 /// A backend as a weighted cluster, with its filters' header changes.
 fn cluster_weight(
     name: String,
     weight: u32,
     filters: &[HttpRouteFilter],
 ) -> pr::weighted_cluster::ClusterWeight {
-    let mut c = pr::weighted_cluster::ClusterWeight {
+    let h = HeaderChanges::of(filters);
+    pr::weighted_cluster::ClusterWeight {
         name,
         weight: Some(weight),
-        ..Default::default()
-    };
-    for f in filters {
-        if let Some(m) = &f.request_header_modifier {
-            c.request_headers_to_add.extend(header_options(m));
-            c.request_headers_to_remove
-                .extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
-        }
-        if let Some(m) = &f.response_header_modifier {
-            c.response_headers_to_add.extend(header_options(m));
-            c.response_headers_to_remove
-                .extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
-        }
+        request_headers_to_add: h.req_add,
+        request_headers_to_remove: h.req_remove,
+        response_headers_to_add: h.resp_add,
+        response_headers_to_remove: h.resp_remove,
     }
-    c
 }
 
 impl<'a> Builder<'a> {
@@ -133,21 +157,10 @@ impl<'a> Builder<'a> {
         let rname = route.metadata.name.as_deref().unwrap_or_default();
         let mut action = pr::RouteAction::default();
         let mut redirect = None;
-        let mut req_add = Vec::new();
-        let mut req_remove = Vec::new();
-        let mut resp_add = Vec::new();
-        let mut resp_remove = Vec::new();
         for f in &rule.filters {
             self.filter(ns, f, port, &mut action, &mut redirect);
-            if let Some(m) = &f.request_header_modifier {
-                req_add.extend(header_options(m));
-                req_remove.extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
-            }
-            if let Some(m) = &f.response_header_modifier {
-                resp_add.extend(header_options(m));
-                resp_remove.extend(m.remove.iter().map(|h| h.to_ascii_lowercase()));
-            }
         }
+        let headers = HeaderChanges::of(&rule.filters);
         let (timeout, retry) = timeout_and_retry(rule);
         action.timeout = timeout;
         action.retry_policy = retry;
@@ -198,10 +211,10 @@ impl<'a> Builder<'a> {
                 name: format!("{ns}/{rname}.{i}.{j}"),
                 r#match: Some(route_match(m)),
                 action: Some(act.clone()),
-                request_headers_to_add: req_add.clone(),
-                request_headers_to_remove: req_remove.clone(),
-                response_headers_to_add: resp_add.clone(),
-                response_headers_to_remove: resp_remove.clone(),
+                request_headers_to_add: headers.req_add.clone(),
+                request_headers_to_remove: headers.req_remove.clone(),
+                response_headers_to_add: headers.resp_add.clone(),
+                response_headers_to_remove: headers.resp_remove.clone(),
                 typed_per_filter_config: Default::default(),
             })
             .collect()
