@@ -16,42 +16,51 @@
 //! # Which pods
 //!
 //! A pod is in the mesh when the pod carries `istio.io/dataplane-mode=ambient`,
-//! or its namespace does and the pod does not say `none` (Istio's rule).
-//! There is no API server here, so labels come from a JSON file named by
-//! the config's `labelsFile` (standing in for the Namespace and Pod
-//! objects):
+//! or its namespace does and the pod does not say `none` (Istio's rule, with
+//! Istio's exclusions: see `pods.rs`). The pod is named by `CNI_ARGS` as
+//! containerd and CRI-O pass it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+//! `K8S_POD_UID`), and its cgroup by the `cgroupPath` capability
+//! (`runtimeConfig.cgroupPath`).
+//!
+//! Labels come from the API server when the config names a `kubeconfig`
+//! (on a cluster: `ztunnel-cni-install` writes it and chains the plugin in;
+//! see `install/main.rs`). When the API server cannot be reached or answers
+//! an error, `ADD` fails with a CNI error naming what failed, and the runtime
+//! retries the pod. The test bed has no API server: there, labels come from
+//! a JSON file named by `labelsFile`:
 //!
 //! ```json
 //! {"namespaces": {"default": {"istio.io/dataplane-mode": "ambient"}},
 //!  "pods": {"default/echo": {"istio.io/dataplane-mode": "none"}}}
 //! ```
 //!
-//! The pod is named by `CNI_ARGS` as containerd and CRI-O pass it
-//! (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID`), and its cgroup by
-//! the `cgroupPath` capability (`runtimeConfig.cgroupPath`).
+//! With neither, no pod is in the mesh.
 //!
 //! # Config
 //!
 //! ```json
 //! {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ztunnel-cni",
 //!  "ztunnelSocket": "/var/run/ztunnel/ztunnel.sock",
-//!  "labelsFile": "/etc/ztunnel-cni/labels.json",
+//!  "kubeconfig": "/etc/cni/net.d/ztunnel-cni-kubeconfig",
 //!  "capabilities": {"cgroupPath": true},
 //!  "runtimeConfig": {"cgroupPath": "/sys/fs/cgroup/kubepods/pod1234"},
 //!  "prevResult": {...}}
 //! ```
 
+mod api;
+mod pods;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use ztunnel::inpod::zds::{self, workload_request::Payload};
 
-const LABEL: &str = "istio.io/dataplane-mode";
 const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
@@ -62,6 +71,8 @@ struct NetConf {
     cni_version: String,
     #[serde(default)]
     ztunnel_socket: Option<PathBuf>,
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
     #[serde(default)]
     labels_file: Option<PathBuf>,
     #[serde(default)]
@@ -75,14 +86,6 @@ struct NetConf {
 struct RuntimeConfig {
     #[serde(default)]
     cgroup_path: Option<PathBuf>,
-}
-
-#[derive(Deserialize, Default)]
-struct Labels {
-    #[serde(default)]
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    #[serde(default)]
-    pods: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A CNI error: printed as the spec's error object, exit status 1.
@@ -174,7 +177,7 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<String>, CniError>
         }
         "DEL" => {
             if let Some(uid) = args.get("K8S_POD_UID") {
-                if let Err(e) = block_on(async {
+                if let Err(e) = block_on("ztunnel", Duration::from_secs(10), async {
                     let c = zds::Client::connect(&socket).await?;
                     c.request(Payload::Del(zds::DelWorkload { uid: uid.clone() }), None)
                         .await
@@ -186,8 +189,10 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<String>, CniError>
         }
         "CHECK" => {
             if pod_in_mesh(&conf, &args)?.is_some() {
-                block_on(async { zds::Client::connect(&socket).await.map(|_| ()) })
-                    .map_err(|e| err(11, "ztunnel is not reachable", format!("{e:#}")))?;
+                block_on("ztunnel", Duration::from_secs(10), async {
+                    zds::Client::connect(&socket).await.map(|_| ())
+                })
+                .map_err(|e| err(11, "ztunnel is not reachable", format!("{e:#}")))?;
             }
             Ok(None)
         }
@@ -199,6 +204,7 @@ struct PodRef {
     namespace: String,
     name: String,
     uid: String,
+    service_account: String,
 }
 
 fn pod_in_mesh(
@@ -208,26 +214,29 @@ fn pod_in_mesh(
     let (Some(ns), Some(name)) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) else {
         return Ok(None); // not a Kubernetes pod
     };
-    let labels: Labels = match &conf.labels_file {
-        None => Labels::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| err(4, &format!("reading labelsFile {}", path.display()), e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| err(6, &format!("parsing labelsFile {}", path.display()), e))?
-        }
+    if pods::EXCLUDED_NAMESPACES.contains(&ns.as_str()) {
+        return Ok(None);
+    }
+    let facts = if let Some(kubeconfig) = &conf.kubeconfig {
+        block_on(
+            "the API server",
+            Duration::from_secs(10),
+            api::facts(kubeconfig, ns, name),
+        )
+        .map_err(|e| {
+            err(
+                11,
+                &format!("reading pod {ns}/{name} from the API server"),
+                format!("{e:#}"),
+            )
+        })?
+    } else if let Some(path) = &conf.labels_file {
+        pods::from_file(path, ns, name)
+            .map_err(|e| err(4, "reading labelsFile", format!("{e:#}")))?
+    } else {
+        pods::Facts::default()
     };
-    let pod_label = labels
-        .pods
-        .get(&format!("{ns}/{name}"))
-        .and_then(|l| l.get(LABEL));
-    let ns_label = labels.namespaces.get(ns).and_then(|l| l.get(LABEL));
-    let ambient = match pod_label.map(String::as_str) {
-        Some("ambient") => true,
-        Some("none") => false,
-        _ => ns_label.map(String::as_str) == Some("ambient"),
-    };
-    if !ambient {
+    if !facts.in_mesh() {
         return Ok(None);
     }
     let uid = args
@@ -238,6 +247,7 @@ fn pod_in_mesh(
         namespace: ns.clone(),
         name: name.clone(),
         uid,
+        service_account: facts.service_account,
     }))
 }
 
@@ -253,7 +263,7 @@ fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
     }
     let netns = std::fs::File::open(&netns_path)
         .with_context(|| format!("opening CNI_NETNS {netns_path}"))?;
-    block_on(async {
+    block_on("ztunnel", Duration::from_secs(10), async {
         let c = zds::Client::connect(socket).await?;
         c.request(
             Payload::Add(zds::AddWorkload {
@@ -261,7 +271,7 @@ fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
                 workload_info: Some(zds::WorkloadInfo {
                     name: pod.name.clone(),
                     namespace: pod.namespace.clone(),
-                    service_account: String::new(),
+                    service_account: pod.service_account.clone(),
                 }),
                 netns_path: netns_path.clone(),
                 cgroup_path: cgroup.display().to_string(),
@@ -272,14 +282,20 @@ fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
     })
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+/// Runs `f` on a small current-thread runtime (the plugin lives for one
+/// call), failing if `what` has not answered within `limit`.
+fn block_on<T>(
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a tokio runtime")?
         .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(10), f)
+            tokio::time::timeout(limit, f)
                 .await
-                .map_err(|_| anyhow!("ztunnel did not answer within 10s"))?
+                .map_err(|_| anyhow!("{what} did not answer within {limit:?}"))?
         })
 }

@@ -1,0 +1,68 @@
+//! The plugin's kubeconfig: the installer's own service-account identity
+//! (token and cluster CA, as projected into its pod) and the API server's
+//! in-cluster address, written where the plugin, which runs on the host,
+//! can read it.
+//!
+//! The token is inlined, not referenced by path: the projected token lives
+//! in the installer's pod, which the host cannot see. Kubernetes rotates the
+//! projected token (hourly by default), so the installer re-renders the
+//! kubeconfig every tick and rewrites it when anything changed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use serde_json::json;
+
+/// Where the pod's service-account credentials are.
+pub struct ServiceAccount {
+    pub dir: PathBuf,
+}
+
+impl ServiceAccount {
+    fn read(&self, file: &str) -> anyhow::Result<String> {
+        let path = self.dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading service-account {}", path.display()))?;
+        if text.trim().is_empty() {
+            bail!("service-account {} is empty", path.display());
+        }
+        Ok(text)
+    }
+}
+
+/// `https://host:port` for `KUBERNETES_SERVICE_HOST`/`_PORT` (an IPv6
+/// address in brackets).
+pub fn server_url(host: &str, port: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
+/// The kubeconfig for `server` with the current token and CA. JSON, which
+/// is YAML, so any kubeconfig reader takes it.
+pub fn render(server: &str, sa: &ServiceAccount) -> anyhow::Result<Vec<u8>> {
+    let token = sa.read("token")?;
+    let ca = sa.read("ca.crt")?;
+    let doc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": server,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca),
+        }}],
+        "users": [{"name": "ztunnel-cni", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "ztunnel-cni", "context": {"cluster": "local", "user": "ztunnel-cni"}}],
+        "current-context": "ztunnel-cni",
+    });
+    let mut out = serde_json::to_vec_pretty(&doc)?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// Whether `path` holds exactly `data` (a missing file does not).
+pub fn unchanged(path: &Path, data: &[u8]) -> bool {
+    std::fs::read(path).is_ok_and(|cur| cur == data)
+}

@@ -1,0 +1,258 @@
+//! `ztunnel-cni-install`: puts `ztunnel-cni` on a node and takes it off
+//! again. It runs as a DaemonSet container with the host's CNI bin and conf
+//! dirs mounted, until SIGTERM (or SIGINT):
+//!
+//! 1. copies the plugin binary into the CNI bin dir (atomically: temp file
+//!    and rename, so the runtime never runs half a binary);
+//! 2. writes the plugin's kubeconfig (`ztunnel-cni-kubeconfig`, mode 0600)
+//!    into the conf dir from the pod's service-account token and CA and
+//!    `KUBERNETES_SERVICE_HOST`/`_PORT` (see `kubeconfig.rs`);
+//! 3. chains the plugin into the primary CNI's config (see `conflist.rs`).
+//!
+//! Then, every second, it does all three again where something changed (a
+//! rotated token, a primary CNI that rewrote its config, a deleted binary),
+//! so a node converges whatever order things start in. Failures (no primary
+//! config yet, a malformed one, an unreadable token) are logged once, naming
+//! the file and what is wrong, and retried on the next tick; the last good
+//! state stays.
+//!
+//! On SIGTERM it removes its entry from the primary's config (restoring the
+//! primary's file byte for byte when nobody touched it since), then the
+//! kubeconfig, then the binary, and exits 0: pods created after that are
+//! not enrolled, rather than failing on a plugin that is gone. This is
+//! Istio's install-cni, minus its template and its sidecar-mode options.
+//!
+//! Paths: the installer sees the host's dirs where they are mounted
+//! (`--cni-conf-dir /host/etc/cni/net.d`), but the plugin runs on the host,
+//! so the kubeconfig path it is given is the host's
+//! (`--host-cni-conf-dir`, by default `--cni-conf-dir` without a leading
+//! `/host`).
+
+mod conflist;
+mod files;
+mod kubeconfig;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+const KUBECONFIG_NAME: &str = "ztunnel-cni-kubeconfig";
+
+#[derive(Parser)]
+#[command(about = "Installs the ztunnel-cni plugin on this node until SIGTERM")]
+struct Args {
+    /// The host's CNI bin dir, as mounted here.
+    #[arg(long)]
+    cni_bin_dir: PathBuf,
+    /// The host's CNI conf dir, as mounted here.
+    #[arg(long)]
+    cni_conf_dir: PathBuf,
+    /// The same dir as the host sees it (default: --cni-conf-dir without a
+    /// leading /host).
+    #[arg(long)]
+    host_cni_conf_dir: Option<PathBuf>,
+    /// ztunnel's enrollment socket, as the host sees it.
+    #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+    ztunnel_socket: PathBuf,
+    /// The plugin to install.
+    #[arg(long, default_value = "/usr/local/bin/ztunnel-cni")]
+    plugin_binary: PathBuf,
+    /// Where the pod's service-account token and ca.crt are.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount")]
+    service_account_dir: PathBuf,
+    /// How often to check that everything is still in place.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("{s:?}: give a unit (ms or s)"))?;
+    let n: u64 = n.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{s:?}: unit must be ms or s")),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The host's view of `--cni-conf-dir`.
+fn host_conf_dir(args: &Args) -> PathBuf {
+    args.host_cni_conf_dir.clone().unwrap_or_else(|| {
+        match args.cni_conf_dir.strip_prefix("/host") {
+            Ok(rest) => Path::new("/").join(rest),
+            Err(_) => args.cni_conf_dir.clone(),
+        }
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| anyhow!("{k} is not set (the kubelet sets it in every pod)"))
+    };
+    let server = kubeconfig::server_url(
+        &env("KUBERNETES_SERVICE_HOST")?,
+        &env("KUBERNETES_SERVICE_PORT")?,
+    );
+    for dir in [&args.cni_bin_dir, &args.cni_conf_dir] {
+        if !dir.is_dir() {
+            return Err(anyhow!("{} is not a directory", dir.display()));
+        }
+    }
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+
+    let mut node = Node {
+        plugin_dest: args.cni_bin_dir.join(conflist::PLUGIN_TYPE),
+        kubeconfig: args.cni_conf_dir.join(KUBECONFIG_NAME),
+        sa: kubeconfig::ServiceAccount {
+            dir: args.service_account_dir.clone(),
+        },
+        server,
+        chain: conflist::Chain::new(
+            args.cni_conf_dir.clone(),
+            json!({
+                "type": conflist::PLUGIN_TYPE,
+                "ztunnelSocket": args.ztunnel_socket,
+                "kubeconfig": host_conf_dir(&args).join(KUBECONFIG_NAME),
+                "capabilities": {"cgroupPath": true},
+            }),
+        ),
+        plugin_binary: args.plugin_binary.clone(),
+        reported: [None, None, None],
+        chained: None,
+    };
+    let mut tick = tokio::time::interval(args.interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => node.reconcile(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("stopping: removing the plugin from this node");
+    node.uninstall()
+}
+
+/// What the installer keeps in place on this node.
+struct Node {
+    plugin_binary: PathBuf,
+    plugin_dest: PathBuf,
+    kubeconfig: PathBuf,
+    sa: kubeconfig::ServiceAccount,
+    server: String,
+    chain: conflist::Chain,
+    /// The last error of each step, so that a lasting failure is logged
+    /// once (and its end too), not every tick.
+    reported: [Option<String>; 3],
+    chained: Option<PathBuf>,
+}
+
+impl Node {
+    /// One pass of the three steps; a step that fails does not stop the
+    /// others from keeping what they put in place (but chaining waits for
+    /// the binary and the kubeconfig, so the runtime never calls a plugin
+    /// that is not there or cannot read its labels).
+    fn reconcile(&mut self) {
+        let binary = self.install_binary();
+        let binary_ok = self.report(0, "installing the plugin binary", binary);
+        let kc = self.write_kubeconfig();
+        let kc_ok = self.report(1, "writing the plugin's kubeconfig", kc);
+        if binary_ok && kc_ok {
+            let chained = self.chain.reconcile();
+            if let Some(Some(path)) = self.report_value(2, "chaining the plugin", chained) {
+                if self.chained.as_ref() != Some(&path) {
+                    info!(config = %path.display(), "chained ztunnel-cni into the primary CNI config");
+                    self.chained = Some(path);
+                }
+            }
+        }
+    }
+
+    fn install_binary(&self) -> anyhow::Result<()> {
+        let want = std::fs::metadata(&self.plugin_binary)
+            .with_context(|| format!("reading {}", self.plugin_binary.display()))?;
+        let same = std::fs::metadata(&self.plugin_dest).is_ok_and(|have| {
+            have.len() == want.len() && have.modified().ok() >= want.modified().ok()
+        });
+        if !same {
+            files::copy_atomic(&self.plugin_binary, &self.plugin_dest)?;
+            info!(path = %self.plugin_dest.display(), "installed the plugin binary");
+        }
+        Ok(())
+    }
+
+    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+        let data = kubeconfig::render(&self.server, &self.sa)?;
+        if !kubeconfig::unchanged(&self.kubeconfig, &data) {
+            files::write_atomic(&self.kubeconfig, &data, 0o600)?;
+            info!(path = %self.kubeconfig.display(), "wrote the plugin's kubeconfig");
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, i: usize, what: &str, r: anyhow::Result<()>) -> bool {
+        self.report_value(i, what, r).is_some()
+    }
+
+    fn report_value<T>(&mut self, i: usize, what: &str, r: anyhow::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                if self.reported[i].take().is_some() {
+                    info!("{what}: recovered");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if self.reported[i].as_ref() != Some(&msg) {
+                    error!("{what}: {msg} (retrying)");
+                    self.reported[i] = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
+    /// Config entry first (no new pod calls the plugin after it), then the
+    /// kubeconfig, then the binary. Each is attempted even if one fails.
+    fn uninstall(&mut self) -> anyhow::Result<()> {
+        let results = [
+            self.chain.uninstall().context("unchaining the plugin"),
+            files::remove(&self.kubeconfig),
+            files::remove(&self.plugin_dest),
+        ];
+        let mut failed = false;
+        for e in results.into_iter().filter_map(Result::err) {
+            error!("{e:#}");
+            failed = true;
+        }
+        if failed {
+            return Err(anyhow!("could not remove everything (see above)"));
+        }
+        info!("removed the plugin, its kubeconfig and its config entry");
+        Ok(())
+    }
+}
