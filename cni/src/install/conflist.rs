@@ -181,3 +181,28 @@ fn to_bytes(list: &Map<String, Value>) -> anyhow::Result<Vec<u8>> {
     out.push(b'\n');
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn conf_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = br#"{"cniVersion":"0.3.1","name":"n","type":"bridge"}
+"#;
+        std::fs::write(dir.path().join("10-x.conf"), conf).unwrap();
+        let mut c = Chain::new(dir.path().into(), serde_json::json!({"type": PLUGIN_TYPE}));
+        let p = c.reconcile().unwrap().unwrap();
+        assert_eq!(p, dir.path().join("10-x.conflist"));
+        assert_eq!(c.reconcile().unwrap().unwrap(), p);
+        c.uninstall().unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["10-x.conf"]);
+        assert_eq!(std::fs::read(dir.path().join("10-x.conf")).unwrap(), conf);
+    }
+}
