@@ -73,6 +73,11 @@ impl Chain {
         let mut with = without;
         plugins_mut(&mut with)?.push(self.entry.clone());
         let written = to_bytes(&with)?;
+        // Another file became the primary (a lexically earlier one
+        // appeared): leave the old one as it was.
+        if self.chained.as_ref().is_some_and(|c| c.path != path) {
+            self.uninstall()?;
+        }
         files::write_atomic(&path, &written, 0o644)?;
         if path != primary {
             files::remove(&primary)?;
@@ -204,5 +209,29 @@ mod tests {
             .collect();
         assert_eq!(names, ["10-x.conf"]);
         assert_eq!(std::fs::read(dir.path().join("10-x.conf")).unwrap(), conf);
+    }
+
+    #[test]
+    fn a_new_primary_takes_the_entry_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = br#"{"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "ptp"}]}"#;
+        std::fs::write(dir.path().join("20-old.conflist"), list).unwrap();
+        let mut c = Chain::new(dir.path().into(), serde_json::json!({"type": PLUGIN_TYPE}));
+        c.reconcile().unwrap();
+        std::fs::write(dir.path().join("10-new.conflist"), list).unwrap();
+        assert_eq!(
+            c.reconcile().unwrap().unwrap(),
+            dir.path().join("10-new.conflist")
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("20-old.conflist")).unwrap(),
+            list,
+            "the old primary is left as it was"
+        );
+        c.uninstall().unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("10-new.conflist")).unwrap(),
+            list
+        );
     }
 }

@@ -126,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut node = Node {
         plugin_dest: args.cni_bin_dir.join(conflist::PLUGIN_TYPE),
+        binary_installed: false,
         kubeconfig: args.cni_conf_dir.join(KUBECONFIG_NAME),
         sa: kubeconfig::ServiceAccount {
             dir: args.service_account_dir.clone(),
@@ -160,6 +161,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 struct Node {
     plugin_binary: PathBuf,
     plugin_dest: PathBuf,
+    binary_installed: bool,
     kubeconfig: PathBuf,
     sa: kubeconfig::ServiceAccount,
     server: String,
@@ -191,15 +193,17 @@ impl Node {
         }
     }
 
-    fn install_binary(&self) -> anyhow::Result<()> {
+    /// Copied on the first pass whatever is there (an older version, say),
+    /// then again only if it went missing or changed size.
+    fn install_binary(&mut self) -> anyhow::Result<()> {
         let want = std::fs::metadata(&self.plugin_binary)
             .with_context(|| format!("reading {}", self.plugin_binary.display()))?;
-        let same = std::fs::metadata(&self.plugin_dest).is_ok_and(|have| {
-            have.len() == want.len() && have.modified().ok() >= want.modified().ok()
-        });
-        if !same {
+        let in_place = self.binary_installed
+            && std::fs::metadata(&self.plugin_dest).is_ok_and(|have| have.len() == want.len());
+        if !in_place {
             files::copy_atomic(&self.plugin_binary, &self.plugin_dest)?;
             info!(path = %self.plugin_dest.display(), "installed the plugin binary");
+            self.binary_installed = true;
         }
         Ok(())
     }
