@@ -23,6 +23,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The facts about pod `namespace/name` the mesh rule needs.
 pub async fn facts(kubeconfig: &Path, namespace: &str, name: &str) -> anyhow::Result<Facts> {
+    // kube's TLS takes the process default; make it ring (what the rest of
+    // the workspace uses) explicitly, whatever features get unified.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())

@@ -95,14 +95,14 @@ async fn main() {
     }
 }
 
-/// The host's view of `--cni-conf-dir`.
-fn host_conf_dir(args: &Args) -> PathBuf {
-    args.host_cni_conf_dir.clone().unwrap_or_else(|| {
-        match args.cni_conf_dir.strip_prefix("/host") {
-            Ok(rest) => Path::new("/").join(rest),
-            Err(_) => args.cni_conf_dir.clone(),
-        }
-    })
+/// The host's view of the conf dir mounted at `mounted`: `explicit`, or
+/// `mounted` without a leading `/host`.
+fn host_conf_dir(mounted: &Path, explicit: Option<&Path>) -> PathBuf {
+    match (explicit, mounted.strip_prefix("/host")) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Ok(rest)) => Path::new("/").join(rest),
+        (None, Err(_)) => mounted.to_path_buf(),
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -137,7 +137,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             json!({
                 "type": conflist::PLUGIN_TYPE,
                 "ztunnelSocket": args.ztunnel_socket,
-                "kubeconfig": host_conf_dir(&args).join(KUBECONFIG_NAME),
+                "kubeconfig": host_conf_dir(&args.cni_conf_dir, args.host_cni_conf_dir.as_deref())
+                    .join(KUBECONFIG_NAME),
                 "capabilities": {"cgroupPath": true},
             }),
         ),
@@ -258,5 +259,37 @@ impl Node {
         }
         info!("removed the plugin, its kubeconfig and its config entry");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            host_conf_dir(&p("/host/etc/cni/net.d"), None),
+            p("/etc/cni/net.d")
+        );
+        assert_eq!(
+            host_conf_dir(&p("/host/etc/cni/net.d"), Some(&p("/var/lib/cni/net.d"))),
+            p("/var/lib/cni/net.d")
+        );
+        assert_eq!(
+            host_conf_dir(&p("/hostetc/net.d"), None),
+            p("/hostetc/net.d")
+        );
+        assert_eq!(host_conf_dir(&p("/tmp/net.d"), None), p("/tmp/net.d"));
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("2m").is_err());
+        assert!(parse_duration("ms").is_err());
     }
 }
