@@ -2,8 +2,11 @@
 //! kubeconfig the installer writes (`ztunnel-cni-install`).
 //!
 //! The plugin is a short-lived process the runtime starts for every pod,
-//! so there is no cache or watch: two GETs (Pod, Namespace), issued
-//! together, under short timeouts. Any failure is returned: the plugin
+//! so there is no cache or watch: two GETs (Pod, Namespace) one after the
+//! other on one connection, under short timeouts. Issuing them together
+//! costs a second TLS handshake (kube's client speaks HTTP/1.1), which is
+//! dearer than the round trip saved: 11-12 ms per ADD against 8.4-8.6 ms
+//! measured (README). Any failure is returned: the plugin
 //! turns it into a CNI error, so the runtime retries the pod rather than
 //! starting it outside the mesh (as Istio's plugin does).
 
@@ -37,19 +40,14 @@ pub async fn facts(kubeconfig: &Path, namespace: &str, name: &str) -> anyhow::Re
     let client = Client::try_from(config).context("building the API client")?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let namespaces: Api<Namespace> = Api::all(client);
-    let (pod, ns) = tokio::try_join!(
-        async {
-            pods.get(name)
-                .await
-                .with_context(|| format!("getting pod {namespace}/{name}"))
-        },
-        async {
-            namespaces
-                .get(namespace)
-                .await
-                .with_context(|| format!("getting namespace {namespace}"))
-        },
-    )?;
+    let pod = pods
+        .get(name)
+        .await
+        .with_context(|| format!("getting pod {namespace}/{name}"))?;
+    let ns = namespaces
+        .get(namespace)
+        .await
+        .with_context(|| format!("getting namespace {namespace}"))?;
     let map = |m: Option<BTreeMap<String, String>>| m.unwrap_or_default();
     let spec = pod.spec.unwrap_or_default();
     Ok(Facts {

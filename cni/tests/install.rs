@@ -304,7 +304,6 @@ fn replaces_a_leftover_entry_instead_of_adding_one() {
 fn malformed_configs_are_reported_and_retried() {
     let node = Node::new();
     let bad = node.conf.join("10-bad.conflist");
-    std::fs::write(&bad, "{not json").unwrap();
     let mut inst = node.install(443);
     let wait_log = |want: &[&str]| {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -317,10 +316,15 @@ fn malformed_configs_are_reported_and_retried() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait_log(&["10-bad.conflist", "not JSON"]);
+    wait_log(&["waiting for the primary CNI"]);
+    std::fs::write(&bad, "{not json").unwrap();
+    wait_log(&["10-bad.conflist: not JSON"]);
     std::fs::write(&bad, r#"{"name": "x", "plugins": {"type": "ptp"}}"#).unwrap();
-    wait_log(&["10-bad.conflist", "no \"plugins\" array"]);
-    std::fs::write(&bad, r#"{"name": "x", "cniVersion": "1.0.0"}"#).unwrap();
+    wait_log(&["10-bad.conflist: no \"plugins\" array"]);
+    let conf = node.conf.join("05-bad.conf");
+    std::fs::write(&conf, r#"{"name": "x", "plugins": []}"#).unwrap();
+    wait_log(&["05-bad.conf: a single-plugin config without a \"type\""]);
+    std::fs::remove_file(&conf).unwrap();
     assert!(inst.running(), "log:\n{}", node.log());
     // The binary and kubeconfig are in place even while the config is bad.
     assert!(node.plugin().exists() && node.kubeconfig().exists());

@@ -145,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         plugin_binary: args.plugin_binary.clone(),
         reported: [None, None, None],
         chained: None,
+        conf_dir: args.cni_conf_dir.clone(),
     };
     let mut tick = tokio::time::interval(args.interval);
     loop {
@@ -170,7 +171,9 @@ struct Node {
     /// The last error of each step, so that a lasting failure is logged
     /// once (and its end too), not every tick.
     reported: [Option<String>; 3],
-    chained: Option<PathBuf>,
+    /// The last outcome of chaining logged: the file, or none yet.
+    chained: Option<Option<PathBuf>>,
+    conf_dir: PathBuf,
 }
 
 impl Node {
@@ -185,10 +188,19 @@ impl Node {
         let kc_ok = self.report(1, "writing the plugin's kubeconfig", kc);
         if binary_ok && kc_ok {
             let chained = self.chain.reconcile();
-            if let Some(Some(path)) = self.report_value(2, "chaining the plugin", chained) {
-                if self.chained.as_ref() != Some(&path) {
-                    info!(config = %path.display(), "chained ztunnel-cni into the primary CNI config");
-                    self.chained = Some(path);
+            if let Some(now) = self.report_value(2, "chaining the plugin", chained) {
+                if self.chained.as_ref() != Some(&now) {
+                    match &now {
+                        Some(path) => info!(
+                            config = %path.display(),
+                            "chained ztunnel-cni into the primary CNI config"
+                        ),
+                        None => info!(
+                            dir = %self.conf_dir.display(),
+                            "no CNI config yet: waiting for the primary CNI to write one"
+                        ),
+                    }
+                    self.chained = Some(now);
                 }
             }
         }
