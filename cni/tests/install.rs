@@ -121,9 +121,13 @@ struct Installer {
 
 impl Installer {
     /// SIGTERM; whether it exited 0.
-    fn terminate(mut self) -> bool {
+    fn terminate(self) -> bool {
+        self.signal(Signal::SIGTERM)
+    }
+
+    fn signal(mut self, sig: Signal) -> bool {
         let mut child = self.child.take().unwrap();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
         child.wait().unwrap().success()
     }
 
@@ -264,7 +268,8 @@ fn converts_a_conf_and_puts_it_back() {
     }
     node.wait_for("10-flannel.conflist", "chained", chained);
 
-    assert!(inst.terminate(), "log:\n{}", node.log());
+    // Ctrl-C (a run by hand) cleans up as SIGTERM does.
+    assert!(inst.signal(Signal::SIGINT), "log:\n{}", node.log());
     assert_eq!(
         node.conf_files(),
         BTreeMap::from([("10-flannel.conf".to_string(), flannel.as_bytes().to_vec())])
