@@ -8,27 +8,21 @@
 //! projected token (hourly by default), so the installer re-renders the
 //! kubeconfig every tick and rewrites it when anything changed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use base64::Engine;
 use serde_json::json;
 
-/// Where the pod's service-account credentials are.
-pub struct ServiceAccount {
-    pub dir: PathBuf,
-}
-
-impl ServiceAccount {
-    fn read(&self, file: &str) -> anyhow::Result<String> {
-        let path = self.dir.join(file);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading service-account {}", path.display()))?;
-        if text.trim().is_empty() {
-            bail!("service-account {} is empty", path.display());
-        }
-        Ok(text)
+/// `file` of the service-account dir `dir`, which must not be empty.
+fn read(dir: &Path, file: &str) -> anyhow::Result<String> {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading service-account {}", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("service-account {} is empty", path.display());
     }
+    Ok(text)
 }
 
 /// `https://host:port` for `KUBERNETES_SERVICE_HOST`/`_PORT` (an IPv6
@@ -41,11 +35,12 @@ pub fn server_url(host: &str, port: &str) -> String {
     }
 }
 
-/// The kubeconfig for `server` with the current token and CA. JSON, which
-/// is YAML, so any kubeconfig reader takes it.
-pub fn render(server: &str, sa: &ServiceAccount) -> anyhow::Result<Vec<u8>> {
-    let token = sa.read("token")?;
-    let ca = sa.read("ca.crt")?;
+/// The kubeconfig for `server` with the current token and CA of the
+/// service-account dir `sa_dir`. JSON, which is YAML, so any kubeconfig
+/// reader takes it.
+pub fn render(server: &str, sa_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let token = read(sa_dir, "token")?;
+    let ca = read(sa_dir, "ca.crt")?;
     let doc = json!({
         "apiVersion": "v1",
         "kind": "Config",

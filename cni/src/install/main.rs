@@ -19,7 +19,10 @@
 //! On SIGTERM it removes its entry from the primary's config (restoring the
 //! primary's file byte for byte when nobody touched it since), then the
 //! kubeconfig, then the binary, and exits 0: pods created after that are
-//! not enrolled, rather than failing on a plugin that is gone. This is
+//! not enrolled, rather than failing on a plugin that is gone. That
+//! includes the gap of a rolling upgrade of the DaemonSet (old installer
+//! gone, new one not yet started); pods started in it join the mesh when
+//! restarted. This is
 //! Istio's install-cni, minus its template and its sidecar-mode options.
 //!
 //! Paths: the installer sees the host's dirs where they are mounted
@@ -128,9 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         plugin_dest: args.cni_bin_dir.join(conflist::PLUGIN_TYPE),
         binary_installed: false,
         kubeconfig: args.cni_conf_dir.join(KUBECONFIG_NAME),
-        sa: kubeconfig::ServiceAccount {
-            dir: args.service_account_dir.clone(),
-        },
+        sa_dir: args.service_account_dir.clone(),
         server,
         chain: conflist::Chain::new(
             args.cni_conf_dir.clone(),
@@ -148,6 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         conf_dir: args.cni_conf_dir.clone(),
     };
     let mut tick = tokio::time::interval(args.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => node.reconcile(),
@@ -165,7 +167,7 @@ struct Node {
     plugin_dest: PathBuf,
     binary_installed: bool,
     kubeconfig: PathBuf,
-    sa: kubeconfig::ServiceAccount,
+    sa_dir: PathBuf,
     server: String,
     chain: conflist::Chain,
     /// The last error of each step, so that a lasting failure is logged
@@ -222,7 +224,7 @@ impl Node {
     }
 
     fn write_kubeconfig(&self) -> anyhow::Result<()> {
-        let data = kubeconfig::render(&self.server, &self.sa)?;
+        let data = kubeconfig::render(&self.server, &self.sa_dir)?;
         if !kubeconfig::unchanged(&self.kubeconfig, &data) {
             files::write_atomic(&self.kubeconfig, &data, 0o600)?;
             info!(path = %self.kubeconfig.display(), "wrote the plugin's kubeconfig");
