@@ -4,7 +4,8 @@
 //! can read it.
 //!
 //! The token is inlined, not referenced by path: the projected token lives
-//! in the installer's pod, which the host cannot see. Kubernetes rotates the
+//! under a path of the installer's pod (a kubelet directory named by the
+//! pod's UID), which changes with every pod. Kubernetes rotates the
 //! projected token (hourly by default), so the installer re-renders the
 //! kubeconfig every tick and rewrites it when anything changed.
 
@@ -60,4 +61,17 @@ pub fn render(server: &str, sa_dir: &Path) -> anyhow::Result<Vec<u8>> {
 /// Whether `path` holds exactly `data` (a missing file does not).
 pub fn unchanged(path: &Path, data: &[u8]) -> bool {
     std::fs::read(path).is_ok_and(|cur| cur == data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(server_url("10.96.0.1", "443"), "https://10.96.0.1:443");
+        assert_eq!(server_url("fd00::1", "6443"), "https://[fd00::1]:6443");
+        assert_eq!(server_url("[fd00::1]", "443"), "https://[fd00::1]:443");
+        assert_eq!(server_url("api.example", "443"), "https://api.example:443");
+    }
 }
