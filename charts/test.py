@@ -22,10 +22,13 @@ platform engineer would install them together):
    ztunnel and the CNI installer; the RBAC rules against every kind the
    control plane's Kubernetes source watches (read from xds/src, not
    copied here); the waypoint's Gateway, Service and pods;
-6. start the control plane (manifest mode) with the CA root the chart
-   generated, the rendered Gateway and Service as its manifests: it must
-   parse them without errors, and its TLS certificate must verify against
-   the published root under the name ztunnel and waypoints expect.
+6. start the rendered containers together (run_mesh): the control plane
+   (manifest mode) on the CA root the chart generated, then ztunnel and
+   the waypoint with their rendered command lines and mounts; the
+   control plane must parse the rendered Gateway and Service without
+   errors, its TLS certificate must verify against the published root
+   under the names the clients expect, and both clients must become
+   ready against it.
 
 Then checks that the checks can fail: an inconsistent scenario, a bad
 flag, a bad duration.
@@ -41,6 +44,7 @@ import glob
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -627,74 +631,138 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
     return errs
 
 
-# ------------------------------------------------------------------ running the control plane
+# ------------------------------------------------------------------ running the mesh
+
+NODE_TOKEN = "charts-test-token"
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def materialize(spec: dict, c: dict, objs: dict[tuple[str, str], dict], namespace: str,
+                d: str) -> list[tuple[str, str]]:
+    """Writes the container's volumes under d as the kubelet would mount
+    them; returns (mountPath, local dir), longest first."""
+    out = []
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        v = vols[m["name"]]
+        local = os.path.join(d, "vol-" + m["name"])
+        os.makedirs(local, exist_ok=True)
+        files: dict[str, bytes] = {}
+        if "configMap" in v or "secret" in v:
+            kind, ref = ("ConfigMap", v["configMap"]["name"]) if "configMap" in v else ("Secret", v["secret"]["secretName"])
+            o = objs.get((kind, namespace, ref))
+            if o is None:
+                raise LookupError(f"{kind} {namespace}/{ref} (volume {m['name']}) is neither rendered nor expected")
+            data = {k: (base64.b64decode(x) if kind == "Secret" else x.encode()) for k, x in o.get("data", {}).items()}
+            src = v.get("configMap", v.get("secret"))
+            items = src.get("items") or [{"key": k, "path": k} for k in data]
+            files = {it["path"]: data[it["key"]] for it in items}
+        elif "projected" in v:
+            for srcs in v["projected"]["sources"]:
+                if "serviceAccountToken" in srcs:
+                    files[srcs["serviceAccountToken"]["path"]] = NODE_TOKEN.encode()
+        for name, content in files.items():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(content)
+        out.append((m["mountPath"].rstrip("/"), local))
+    return sorted(out, key=lambda x: -len(x[0]))
 
 
-def run_control_plane(sc: dict[str, Rendered]) -> list[str]:
-    """xds on the rendered CA root and server names, the rendered waypoint
-    Gateway and Service as manifests: no manifest errors, and a TLS
-    certificate that verifies against the published root under the names
-    ztunnel and the waypoint expect."""
-    cp, wp = sc["control-plane"], sc["waypoint"]
+def relocate(arg: str, mounts: list[tuple[str, str]]) -> str:
+    """A path in an argument, moved from a mount path to its local dir."""
+    head, sep, val = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    for mp, local in mounts:
+        if val == mp or val.startswith(mp + "/"):
+            val = local + val[len(mp):]
+            break
+    return f"{head}{sep}{val}"
+
+
+def run_mesh(sc: dict[str, Rendered]) -> list[str]:
+    """The rendered containers, started together in a private mount and
+    network namespace: xds on the chart's CA root and server names (manifest
+    source: the waypoint's Gateway, Service and a pod of its Deployment;
+    node tokens instead of TokenReview, which needs an API server), then
+    ztunnel and then the waypoint with their rendered command lines and
+    mounts (ConfigMaps and Secrets as rendered, the projected token, host
+    paths as empty directories), the control plane's DNS names resolving
+    to it. Checks: no manifest errors, the TLS certificate verifies
+    against the published root under the names the clients expect, and
+    ztunnel and the waypoint each become ready (full xDS sync; for the
+    waypoint, also its certificate from the CA)."""
+    cp, zt, wp = sc["control-plane"], sc["ztunnel"], sc["waypoint"]
     _, cp_spec, cp_c, cp_args = the_container(cp, "xds")
-    secret = next(s for s in cp.of_kind("Secret"))
-    root = cp.of_kind("ConfigMap")[0]["data"]["root-cert.pem"]
-    names = [one_flag(the_container(r, b)[3], "xds-server-name", "istiod.istio-system.svc")
-             for r, b in ((sc["ztunnel"], "ztunnel"), (wp, "waypoint"))]
+    root = next(o for o in cp.of_kind("ConfigMap") if o["metadata"]["name"] == "istio-ca-root-cert")
+    objs = {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for r in sc.values() for o in r.objects if o["metadata"].get("namespace")}
+    # What the README asks of the user: the root copied into the waypoint's namespace.
+    copied = copy.deepcopy(root)
+    copied["metadata"]["namespace"] = wp.namespace
+    objs.setdefault(("ConfigMap", wp.namespace, "istio-ca-root-cert"), copied)
+    clients = {"ztunnel": the_container(zt, "ztunnel"), "waypoint": the_container(wp, "waypoint")}
+    names = [one_flag(a, "xds-server-name", "istiod.istio-system.svc") for _, _, _, a in clients.values()]
+    hosts = sorted({urlparse(one_flag(a, f)).hostname for _, _, _, a in clients.values()
+                    for f in ("xds-address", "ca-address")})
     errs = []
     with tempfile.TemporaryDirectory(prefix="charts-test-") as d:
         manifests = os.path.join(d, "manifests")
         os.mkdir(manifests)
+        wo, wspec, _, _ = clients["waypoint"]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": FAKE_FIELDS["metadata.name"], "namespace": wp.namespace,
+                            "labels": wo["spec"]["template"]["metadata"]["labels"]},
+               "spec": {"nodeName": FAKE_FIELDS["spec.nodeName"],
+                        "serviceAccountName": wspec.get("serviceAccountName", "default"),
+                        "containers": [{"name": "istio-proxy", "image": "ambient-mesh"}]},
+               "status": {"phase": "Running", "podIP": FAKE_FIELDS["status.podIP"],
+                          "podIPs": [{"ip": FAKE_FIELDS["status.podIP"]}],
+                          "conditions": [{"type": "Ready", "status": "True"}]}}
         ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": wp.namespace}}
-        docs = [ns] + [o for o in wp.objects if o["kind"] in ("Gateway", "Service")]
+        docs = [ns, pod] + [o for o in wp.objects if o["kind"] in ("Gateway", "Service")]
         with open(os.path.join(manifests, "waypoint.yaml"), "w") as f:
             yaml.safe_dump_all(docs, f)
-        # The Secret volume, materialised where the flags point.
-        args = []
-        for a in cp_args[1:]:
-            if a in ("--kubernetes", "--token-review") or a.startswith(("--trusted-node-accounts", "--token-audience")):
-                continue
-            for f in ("ca-cert", "ca-key"):
-                if a.startswith(f"--{f}="):
-                    mf = mount_for(cp_spec, cp_c, a.split("=", 1)[1])
-                    p = os.path.join(d, mf[1])
-                    with open(p, "wb") as out:
-                        out.write(base64.b64decode(secret["data"][mf[1]]))
-                    a = f"--{f}={p}"
-            args.append(a)
+        with open(os.path.join(d, "tokens"), "w") as f:
+            f.write(f"{FAKE_FIELDS['spec.nodeName']} {NODE_TOKEN}\n")
+        with open(os.path.join(d, "hosts"), "w") as f:
+            f.write("127.0.0.1 localhost\n" + "".join(f"127.0.0.1 {h}\n" for h in hosts))
         with open(os.path.join(d, "root.pem"), "w") as f:
-            f.write(root)
-        listen = one_flag(cp_args, "listen", "0.0.0.0:15012").rsplit(":", 1)[1]
+            f.write(root["data"]["root-cert.pem"])
+        # The control plane: its Secret volume where its flags point.
+        cp_mounts = materialize(cp_spec, cp_c, objs, cp.namespace, os.path.join(d, "xds"))
+        xds = [binary("xds"), "--manifests", manifests, "--tokens", os.path.join(d, "tokens")]
+        xds += [relocate(a, cp_mounts) for a in cp_args[1:]
+                if a not in ("--kubernetes", "--token-review")
+                and not a.startswith(("--trusted-node-accounts", "--token-audience"))]
         metrics = one_flag(cp_args, "metrics-addr", "0.0.0.0:15014").rsplit(":", 1)[1]
-        script = f"""
-set -u
-ip link set lo up
-"$@" > {d}/xds.log 2>&1 &
-pid=$!
-for i in $(seq 100); do
-  curl -sf http://127.0.0.1:{metrics}/metrics >/dev/null && break
-  sleep 0.1
-done
-curl -sS http://127.0.0.1:{metrics}/debug/errors > {d}/errors
-for n in {' '.join(names)}; do
-  echo | openssl s_client -connect 127.0.0.1:{listen} -servername "$n" -verify_hostname "$n" \\
-      -CAfile {d}/root.pem -verify_return_error > {d}/tls-$n 2>&1
-done
-kill $pid
-"""
-        cmd = [binary("xds"), "--manifests", manifests, "--insecure-no-auth", *args]
-        subprocess.run(["unshare", "--net", "--fork", "sh", "-c", script, "sh", *cmd], timeout=60)
-        log = open(os.path.join(d, "xds.log")).read() if os.path.exists(os.path.join(d, "xds.log")) else ""
-        if not os.path.exists(os.path.join(d, "errors")):
-            return [f"control plane did not serve; its log:\n{log[-2000:]}"]
+        listen = one_flag(cp_args, "listen", "0.0.0.0:15012").rsplit(":", 1)[1]
+        lines = ["set -u", "ip link set lo up", f"mount --bind {d}/hosts /etc/hosts",
+                 f"{shlex.join(xds)} > {d}/xds.log 2>&1 & xpid=$!",
+                 f"for i in $(seq 100); do curl -sf http://127.0.0.1:{metrics}/metrics >/dev/null && break; sleep 0.1; done",
+                 f"curl -sS http://127.0.0.1:{metrics}/debug/errors > {d}/errors"]
+        for n in names:
+            lines.append(f"echo | openssl s_client -connect 127.0.0.1:{listen} -servername {shlex.quote(n)} "
+                         f"-verify_hostname {shlex.quote(n)} -CAfile {d}/root.pem -verify_return_error "
+                         f"> {d}/tls-{n} 2>&1")
+        for name, (o, spec, c, args) in clients.items():
+            r = zt if name == "ztunnel" else wp
+            mounts = materialize(spec, c, objs, r.namespace, os.path.join(d, name))
+            env = container_env(c, r.namespace)
+            cmd = [binary(args[0])] + [relocate(a, mounts) for a in args[1:]]
+            ready = one_flag(args, "readiness-addr", "[::]:15021").rsplit(":", 1)[1]
+            lines += [f"env -i PATH=\"$PATH\" {shlex.join(f'{k}={v}' for k, v in env.items())} "
+                      f"{shlex.join(cmd)} > {d}/{name}.log 2>&1 & pid=$!",
+                      f"for i in $(seq 200); do curl -sf http://127.0.0.1:{ready}/healthz/ready >/dev/null "
+                      f"&& touch {d}/{name}.ready && break; sleep 0.1; done",
+                      "kill $pid; wait $pid"]
+        lines.append("kill $xpid; wait $xpid")
+        subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", "\n".join(lines)], timeout=120)
+
+        def log(name: str) -> str:
+            p = os.path.join(d, f"{name}.log")
+            return open(p).read()[-1500:] if os.path.exists(p) else "(no log)"
+
+        if not os.path.exists(os.path.join(d, "errors")) or os.path.getsize(os.path.join(d, "errors")) == 0 \
+                and not os.path.exists(os.path.join(d, f"tls-{names[0]}")):
+            return [f"control plane did not serve; its log:\n{log('xds')}"]
         reported = open(os.path.join(d, "errors")).read().strip()
         if reported:
             errs.append(f"control plane: the rendered waypoint manifests have errors: {reported}")
@@ -704,9 +772,13 @@ kill $pid
             out = open(os.path.join(d, f"tls-{n}")).read()
             if "Verification: OK" not in out or "Verify return code: 0 (ok)" not in out:
                 errs.append(f"control plane: TLS as {n} does not verify against the published root: {out[-800:]}")
+        for name in clients:
+            if not os.path.exists(os.path.join(d, f"{name}.ready")):
+                errs.append(f"{name}: the rendered container did not become ready against the control plane; "
+                            f"its log:\n{log(name)}\ncontrol plane's log:\n{log('xds')}")
         if not errs:
-            ok(f"control plane ran on the chart's CA root; certificate verified as {', '.join(names)}; "
-               f"waypoint manifests parsed without errors")
+            ok(f"control plane ran on the chart's CA root (certificate verified as {', '.join(sorted(set(names)))}, "
+               f"waypoint manifests without errors); ztunnel and the waypoint, as rendered, became ready against it")
     return errs
 
 
@@ -790,7 +862,7 @@ def run_scenario(name: str, charts: dict[str, tuple[str, dict]], skipped: set[st
         fail(e)
     if not errs:
         ok("cross-chart consistency")
-    for e in run_control_plane(sc):
+    for e in run_mesh(sc):
         fail(e)
     return sc
 
@@ -854,9 +926,10 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         other, _ = openssl_root(d)
     sc["control-plane"].of_kind("ConfigMap")[0]["data"]["root-cert.pem"] = other
     sc["waypoint"].of_kind("Gateway")[0]["spec"]["listeners"][0]["protocol"] = "HTTP"
-    errs = run_control_plane(sc)
-    if any("does not verify" in e for e in errs) and any("manifests have errors" in e for e in errs):
-        ok("a foreign root and a Gateway the control plane refuses are reported")
+    errs = run_mesh(sc)
+    if any("does not verify" in e for e in errs) and any("manifests have errors" in e for e in errs) \
+            and any(e.startswith("ztunnel: the rendered container did not become ready") for e in errs):
+        ok("a foreign root (ztunnel not ready) and a Gateway the control plane refuses are reported")
     else:
         fail(f"a foreign root / a refused Gateway went unnoticed: {errs}")
     # The Gateway checks.
