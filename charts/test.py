@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import copy
 import glob
+import json
 import os
 import re
 import shutil
@@ -288,7 +289,12 @@ def check_flags(r: Rendered, skipped: set[str]) -> None:
                     continue
                 fail(f"{what}: {b} does not exist (build the workspace first)")
                 continue
-            accepted, err = accepts_flags([b, *cmd[1:]], env)
+            # Paths under the container's mounts moved to scratch
+            # directories: nothing the binary creates reaches the host.
+            with tempfile.TemporaryDirectory(prefix="charts-flags-") as d:
+                objs = {(x["kind"], x["metadata"].get("namespace"), x["metadata"]["name"]): x for x in r.objects}
+                mounts = materialize(spec, c, objs, r.namespace, d, strict=False)
+                accepted, err = accepts_flags([b, *(relocate(a, mounts) for a in cmd[1:])], env)
             if accepted:
                 ok(f"{what}: {os.path.basename(b)} accepts {' '.join(cmd[1:])}")
             else:
@@ -592,6 +598,11 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
         p = one_flag(nargs, f)
         if not p or host_path(nspec, nc, p) is None:
             errs.append(f"cni: --{f} {p} is not a host directory")
+    conf = one_flag(nargs, "cni-conf-dir")
+    conf_host = host_path(nspec, nc, conf) if conf else None
+    said = one_flag(nargs, "host-cni-conf-dir", re.sub(r"^/host(?=/)", "", conf or ""))
+    if conf_host and said != conf_host:
+        errs.append(f"cni: --host-cni-conf-dir {said}, but --cni-conf-dir {conf} is the host's {conf_host}")
     crules = rules_for(cni.objects, cni.namespace, nspec.get("serviceAccountName", "default"))
     for res in ("pods", "namespaces"):
         if not rbac_allows(crules, "", res, "get"):
@@ -636,10 +647,11 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
 NODE_TOKEN = "charts-test-token"
 
 
-def materialize(spec: dict, c: dict, objs: dict[tuple[str, str], dict], namespace: str,
-                d: str) -> list[tuple[str, str]]:
+def materialize(spec: dict, c: dict, objs: dict[tuple[str, str, str], dict], namespace: str,
+                d: str, strict: bool = True) -> list[tuple[str, str]]:
     """Writes the container's volumes under d as the kubelet would mount
-    them; returns (mountPath, local dir), longest first."""
+    them; returns (mountPath, local dir), longest first. A ConfigMap or
+    Secret that is not in objs is an error, or (not strict) empty."""
     out = []
     vols = {v["name"]: v for v in spec.get("volumes", [])}
     for m in c.get("volumeMounts", []):
@@ -650,6 +662,8 @@ def materialize(spec: dict, c: dict, objs: dict[tuple[str, str], dict], namespac
         if "configMap" in v or "secret" in v:
             kind, ref = ("ConfigMap", v["configMap"]["name"]) if "configMap" in v else ("Secret", v["secret"]["secretName"])
             o = objs.get((kind, namespace, ref))
+            if o is None and not strict:
+                o = {}
             if o is None:
                 raise LookupError(f"{kind} {namespace}/{ref} (volume {m['name']}) is neither rendered nor expected")
             data = {k: (base64.b64decode(x) if kind == "Secret" else x.encode()) for k, x in o.get("data", {}).items()}
@@ -754,6 +768,41 @@ def run_mesh(sc: dict[str, Rendered]) -> list[str]:
                       f"&& touch {d}/{name}.ready && break; sleep 0.1; done",
                       "kill $pid; wait $pid"]
         lines.append("kill $xpid; wait $xpid")
+        # The CNI installer as rendered (its binary may not be built yet):
+        # it must chain the plugin into the node's primary config with
+        # ztunnel's socket as the host sees it, and take it out on SIGTERM.
+        cni = sc["cni"]
+        _, nspec, nc, nargs = the_container(cni, "ztunnel-cni-install")
+        installer = binary(nargs[0])
+        if os.path.exists(installer):
+            mounts = materialize(nspec, nc, objs, cni.namespace, os.path.join(d, "cni"))
+            conf = relocate(one_flag(nargs, "cni-conf-dir"), mounts)
+            bindir = relocate(one_flag(nargs, "cni-bin-dir"), mounts)
+            primary = os.path.join(conf, "10-primary.conflist")
+            with open(primary, "w") as f:
+                json.dump({"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [{"type": "bridge"}]}, f)
+            plugin = one_flag(nargs, "plugin-binary", "/usr/local/bin/ztunnel-cni")
+            sa = "/run/secrets/kubernetes.io/serviceaccount"
+            env = {**container_env(nc, cni.namespace), "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+                   "KUBERNETES_SERVICE_PORT": "443"}
+            cmd = [installer] + [relocate(a, mounts) for a in nargs[1:]]
+            lines += [
+                # The image's files and the pod's service account, in this
+                # mount namespace only.
+                "mount -t tmpfs tmpfs /run",
+                f"mkdir -p {sa} && echo {NODE_TOKEN} > {sa}/token && cp {d}/root.pem {sa}/ca.crt "
+                f"&& echo {cni.namespace} > {sa}/namespace",
+                f"mount -t tmpfs tmpfs {shlex.quote(os.path.dirname(plugin))}",
+                f"cp {shlex.quote(binary('ztunnel-cni'))} {shlex.quote(plugin)}",
+                f"env -i PATH=\"$PATH\" {shlex.join(f'{k}={v}' for k, v in env.items())} "
+                f"{shlex.join(cmd)} > {d}/cni.log 2>&1 & pid=$!",
+                f"for i in $(seq 100); do grep -q ztunnel-cni {primary} && [ -f {bindir}/ztunnel-cni ] && break; sleep 0.1; done",
+                f"cp {primary} {d}/cni-installed.json",
+                "kill -TERM $pid; wait $pid",
+                f"cat {primary} > {d}/cni-removed.json",
+            ]
+        else:
+            installer = None
         subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", "\n".join(lines)], timeout=120)
 
         def log(name: str) -> str:
@@ -776,9 +825,40 @@ def run_mesh(sc: dict[str, Rendered]) -> list[str]:
             if not os.path.exists(os.path.join(d, f"{name}.ready")):
                 errs.append(f"{name}: the rendered container did not become ready against the control plane; "
                             f"its log:\n{log(name)}\ncontrol plane's log:\n{log('xds')}")
+        if installer:
+            errs += check_installed(d, sc, log("cni"))
         if not errs:
             ok(f"control plane ran on the chart's CA root (certificate verified as {', '.join(sorted(set(names)))}, "
                f"waypoint manifests without errors); ztunnel and the waypoint, as rendered, became ready against it")
+    return errs
+
+
+def check_installed(d: str, sc: dict[str, Rendered], log: str) -> list[str]:
+    """What the rendered CNI installer chained into the node's config."""
+    _, zspec, zc, zargs = the_container(sc["ztunnel"], "ztunnel")
+    sock = host_path(zspec, zc, one_flag(zargs, "inpod-socket") or "")
+    _, nspec, nc, nargs = the_container(sc["cni"], "ztunnel-cni-install")
+    conf_host = host_path(nspec, nc, one_flag(nargs, "cni-conf-dir") or "")
+    try:
+        installed = json.load(open(os.path.join(d, "cni-installed.json")))
+        removed = json.load(open(os.path.join(d, "cni-removed.json")))
+    except (OSError, ValueError) as e:
+        return [f"cni: the installer's result cannot be read ({e}); its log:\n{log}"]
+    ours = [p for p in installed.get("plugins", []) if p.get("type") == "ztunnel-cni"]
+    errs = []
+    if len(ours) != 1:
+        return [f"cni: the installer did not chain ztunnel-cni once into the primary config: {installed}; "
+                f"its log:\n{log}"]
+    if ours[0].get("ztunnelSocket") != sock:
+        errs.append(f"cni: the plugin would dial {ours[0].get('ztunnelSocket')}, ztunnel listens at {sock} (host)")
+    kc = ours[0].get("kubeconfig", "")
+    if conf_host is None or not kc.startswith(conf_host.rstrip("/") + "/"):
+        errs.append(f"cni: the plugin's kubeconfig {kc!r} is not in the host's CNI conf dir {conf_host}")
+    if any(p.get("type") == "ztunnel-cni" for p in removed.get("plugins", [])):
+        errs.append(f"cni: the plugin is still chained after the installer's SIGTERM: {removed}")
+    if not errs:
+        ok(f"cni: the rendered installer chained ztunnel-cni (socket {sock}, kubeconfig {kc}) "
+           f"and took it out on SIGTERM")
     return errs
 
 
@@ -819,7 +899,7 @@ def scenarios(root_cert: str) -> dict[str, dict[str, tuple[str, dict]]]:
             }),
             "cni": (custom_ns, {
                 "ztunnelSocket": "/run/mesh/ztunnel.sock",
-                "cni": {"binDir": "/home/kubernetes/bin", "confDir": "/etc/cni/net.d"},
+                "cni": {"binDir": "/home/kubernetes/bin", "confDir": "/var/lib/rancher/k3s/agent/etc/cni/net.d"},
             }),
             "waypoint": ("reviews", {
                 "name": "reviews-wp", "replicas": 1, "trustDomain": "example.org", "clusterDomain": "corp.local",
