@@ -346,12 +346,16 @@ def watched_kinds() -> dict[tuple[str, str], set[str]]:
             need.setdefault((g, plural(k)), set()).update({"list", "watch"})
         for m in re.finditer(r'\(\s*"([a-z0-9.-]+)"\s*,\s*"(v\d\w*)"\s*,\s*"([A-Z]\w*)"\s*,?\s*\)', src):
             need.setdefault((m.group(1), plural(m.group(3))), set()).update({"list", "watch"})
+    if not any(g == "" for g, _ in need) or not any("." in g and not g.endswith(".k8s.io") for g, _ in need):
+        raise RuntimeError(f"read only {sorted(need)} from {kube_files}: has the Kubernetes source changed shape?")
     auth = open(os.path.join(ROOT, "xds/src/auth.rs")).read()
     imported = dict((k, g) for g, k in typed_imports(auth))
     for m in re.finditer(r"Api::<(\w+)>", auth):
         k = m.group(1)
         if k in imported and ".create(" in auth[m.end():m.end() + 300]:
             need.setdefault((imported[k], plural(k)), set()).add("create")
+    if not any("create" in v for v in need.values()):
+        raise RuntimeError("no TokenReview creation found in xds/src/auth.rs: has it changed shape?")
     return need
 
 
@@ -1012,6 +1016,14 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         ok("a foreign root (ztunnel not ready) and a Gateway the control plane refuses are reported")
     else:
         fail(f"a foreign root / a refused Gateway went unnoticed: {errs}")
+    # A misspelt value, a bad duration: refused by values.schema.json.
+    for chart, values in (("ztunnel", {"drainTimout": "60s"}), ("waypoint", {"xds": {"adress": "x"}}),
+                          ("control-plane", {"maxCertTTL": "30 days"})):
+        try:
+            render(chart, values, "istio-system")
+            fail(f"{chart} rendered with {values}")
+        except Exception as e:  # noqa: BLE001 - the engine's own error type
+            ok(f"{chart} refuses {values}: {' '.join(str(e).split())[-90:]}")
     # The Gateway checks.
     gw = render("waypoint", {}, "store").of_kind("Gateway")[0]
     bad = copy.deepcopy(gw)
