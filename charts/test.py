@@ -47,7 +47,6 @@ import re
 import shutil
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -137,14 +136,15 @@ def check_gateway(o: dict) -> list[str]:
     spec = o.get("spec") or {}
     if spec.get("gatewayClassName") != "istio-waypoint":
         errs.append(f"gatewayClassName {spec.get('gatewayClassName')!r}, want istio-waypoint")
-    ls = spec.get("listeners") or []
-    if not any(l.get("port") == 15008 and l.get("protocol") == "HBONE" for l in ls):
-        errs.append(f"no listener on 15008 with protocol HBONE: {ls}")
-    for i, l in enumerate(ls):
-        if set(l) - {"name", "port", "protocol", "hostname", "allowedRoutes", "tls"}:
-            errs.append(f"listeners[{i}]: unknown fields {set(l) - {'name', 'port', 'protocol'}}")
-        if not DNS_LABEL.match(str(l.get("name", ""))):
-            errs.append(f"listeners[{i}].name {l.get('name')!r} is not a DNS label")
+    listeners = spec.get("listeners") or []
+    if not any(x.get("port") == 15008 and x.get("protocol") == "HBONE" for x in listeners):
+        errs.append(f"no listener on 15008 with protocol HBONE: {listeners}")
+    for i, x in enumerate(listeners):
+        unknown = set(x) - {"name", "port", "protocol", "hostname", "allowedRoutes", "tls"}
+        if unknown:
+            errs.append(f"listeners[{i}]: unknown fields {sorted(unknown)}")
+        if not DNS_LABEL.match(str(x.get("name", ""))):
+            errs.append(f"listeners[{i}].name {x.get('name')!r} is not a DNS label")
     return errs
 
 
