@@ -33,8 +33,14 @@ Rendered once per template that needs it; the lookup makes every render
 after the first install agree.
 */ -}}
 {{- define "cp.ca" -}}
+{{- include "cp.caFrom" (dict "ctx" . "found" (lookup "v1" "Secret" .Release.Namespace .Values.ca.secretName)) -}}
+{{- end }}
+
+{{- /* cp.ca given the Secret found in the cluster (`found`, empty if none). */ -}}
+{{- define "cp.caFrom" -}}
+{{- $found := .found -}}
+{{- with .ctx -}}
 {{- $ca := .Values.ca -}}
-{{- $found := lookup "v1" "Secret" .Release.Namespace $ca.secretName -}}
 {{- $foundCert := "" -}}
 {{- if and $found $found.data -}}
 {{- $foundCert = index $found.data "ca-cert.pem" | default "" | b64dec -}}
@@ -51,10 +57,20 @@ after the first install agree.
 {{- else if and $ca.cert $ca.key -}}
 {{- dict "cert" $ca.cert "key" $ca.key "create" true | toJson -}}
 {{- else if $found -}}
-{{- dict "cert" $foundCert "key" (index $found.data "ca-key.pem" | b64dec) "create" true | toJson -}}
+{{- /* Ours from an earlier install: keep it. Anyone else's: say how to use it. */ -}}
+{{- $owner := (($found.metadata).annotations | default dict) | dig "meta.helm.sh/release-name" "" -}}
+{{- if ne $owner .Release.Name -}}
+{{- fail (printf "the Secret %s/%s exists and is not this release's: set ca.existingSecret=true to use it as the root, or ca.secretName to another name" .Release.Namespace $ca.secretName) -}}
+{{- end -}}
+{{- $foundKey := index ($found.data | default dict) "ca-key.pem" | default "" | b64dec -}}
+{{- if not (and $foundCert $foundKey) -}}
+{{- fail (printf "the Secret %s/%s has no ca-cert.pem and ca-key.pem" .Release.Namespace $ca.secretName) -}}
+{{- end -}}
+{{- dict "cert" $foundCert "key" $foundKey "create" true | toJson -}}
 {{- else -}}
 {{- $k := genPrivateKey "ed25519" -}}
 {{- $root := genCAWithKey (printf "%s root CA" .Values.trustDomain) 3650 $k -}}
 {{- dict "cert" $root.Cert "key" $root.Key "create" true | toJson -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
