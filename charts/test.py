@@ -348,15 +348,52 @@ def watched_kinds() -> dict[tuple[str, str], set[str]]:
             need.setdefault((m.group(1), plural(m.group(3))), set()).update({"list", "watch"})
     if not any(g == "" for g, _ in need) or not any("." in g and not g.endswith(".k8s.io") for g, _ in need):
         raise RuntimeError(f"read only {sorted(need)} from {kube_files}: has the Kubernetes source changed shape?")
-    auth = open(os.path.join(ROOT, "xds/src/auth.rs")).read()
-    imported = dict((k, g) for g, k in typed_imports(auth))
-    for m in re.finditer(r"Api::<(\w+)>", auth):
-        k = m.group(1)
-        if k in imported and ".create(" in auth[m.end():m.end() + 300]:
-            need.setdefault((imported[k], plural(k)), set()).add("create")
+    for key, verbs in api_calls([os.path.join(ROOT, "xds/src/auth.rs")]).items():
+        need.setdefault(key, set()).update(verbs)
     if not any("create" in v for v in need.values()):
         raise RuntimeError("no TokenReview creation found in xds/src/auth.rs: has it changed shape?")
     return need
+
+
+# kube-rs Api methods -> (RBAC verb, subresource)
+KUBE_VERBS = {"get": ("get", ""), "get_opt": ("get", ""), "list": ("list", ""), "watch": ("watch", ""),
+              "create": ("create", ""), "patch": ("patch", ""), "replace": ("update", ""),
+              "delete": ("delete", ""), "patch_status": ("patch", "/status"),
+              "replace_status": ("update", "/status")}
+
+
+def api_calls(files: list[str]) -> dict[tuple[str, str], set[str]]:
+    """{(group, resource): verbs} of the kube-rs `Api` calls in Rust files:
+    `Api::<K>::all(..).create(..)`, and `let x: Api<K> = ..; x.get(..)`."""
+    need: dict[tuple[str, str], set[str]] = {}
+    for f in files:
+        src = open(f).read()
+        imported = {k: g for g, k in typed_imports(src)}
+
+        def add(kind: str, method: str) -> None:
+            if kind in imported and method in KUBE_VERBS:
+                verb, sub = KUBE_VERBS[method]
+                need.setdefault((imported[kind], plural(kind) + sub), set()).add(verb)
+
+        for m in re.finditer(r"Api::<(\w+)>::\w+\(", src):
+            depth, i = 1, m.end()
+            while i < len(src) and depth:
+                depth += {"(": 1, ")": -1}.get(src[i], 0)
+                i += 1
+            call = re.match(r"\s*\.\s*(\w+)\s*\(", src[i:])
+            if call:
+                add(m.group(1), call.group(1))
+        for m in re.finditer(r"let\s+(?:mut\s+)?(\w+)\s*:\s*Api<(\w+)>", src):
+            for call in re.finditer(rf"\b{m.group(1)}\s*\.\s*(\w+)\s*\(", src[m.end():]):
+                add(m.group(2), call.group(1))
+    return need
+
+
+def cni_api_calls() -> dict[tuple[str, str], set[str]]:
+    """What the CNI plugin (and its installer) ask of the API server."""
+    files = [f for f in glob.glob(os.path.join(ROOT, "cni/src/**/*.rs"), recursive=True)
+             if not f.endswith("tests.rs")]
+    return api_calls(files)
 
 
 def dynamic_kinds() -> list[tuple[str, str, str]]:
@@ -608,9 +645,13 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
     if conf_host and said != conf_host:
         errs.append(f"cni: --host-cni-conf-dir {said}, but --cni-conf-dir {conf} is the host's {conf_host}")
     crules = rules_for(cni.objects, cni.namespace, nspec.get("serviceAccountName", "default"))
+    cni_need = cni_api_calls()
     for res in ("pods", "namespaces"):
-        if not rbac_allows(crules, "", res, "get"):
-            errs.append(f"cni: the plugin's account may not get {res}")
+        cni_need.setdefault(("", res), set()).add("get")
+    for (g, res), verbs in sorted(cni_need.items()):
+        for v in sorted(verbs):
+            if not rbac_allows(crules, g, res, v):
+                errs.append(f"cni: the plugin's account may not {v} {res}.{g or 'core'} (cni/src asks)")
 
     # The waypoint: Gateway, Service named like it, pods the control plane recognises.
     gws = wp.of_kind("Gateway")
@@ -1066,6 +1107,21 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         ok("a foreign root (ztunnel not ready) and a Gateway the control plane refuses are reported")
     else:
         fail(f"a foreign root / a refused Gateway went unnoticed: {errs}")
+    # A plugin that patched pods (as Istio's records redirection) would
+    # need a rule the cni chart does not grant: reading the calls finds it.
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "annotate.rs")
+        with open(src, "w") as f:
+            f.write("use k8s_openapi::api::core::v1::Pod;\n"
+                    "async fn mark(c: Client) { let pods: Api<Pod> = Api::namespaced(c, \"ns\");\n"
+                    "    pods\n        .patch(\"p\", &PatchParams::default(), &patch).await; }\n")
+        calls = api_calls([src])
+    cni = render("cni", {}, "istio-system")
+    rules = rules_for(cni.objects, "istio-system", "istio-cni-node")
+    if calls.get(("", "pods")) == {"patch"} and not rbac_allows(rules, "", "pods", "patch"):
+        ok("a pod patch in the plugin's source is read, and the cni ClusterRole does not grant it")
+    else:
+        fail(f"reading a pod patch from source: {calls}")
     # A misspelt value, a bad duration: refused by values.schema.json.
     for chart, values in (("ztunnel", {"drainTimout": "60s"}), ("waypoint", {"xds": {"adress": "x"}}),
                           ("control-plane", {"maxCertTTL": "30 days"})):
