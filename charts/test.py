@@ -20,18 +20,23 @@ platform engineer would install them together):
    and node-agent account that ztunnel and waypoints use against the
    control plane's Service and flags; the enrollment socket shared by
    ztunnel and the CNI installer; the RBAC rules against every kind the
-   control plane's Kubernetes source watches (read from xds/src, not
-   copied here); the waypoint's Gateway, Service and pods;
+   control plane's Kubernetes source watches and every API call the CNI
+   plugin makes (read from xds/src and cni/src, not copied here); the
+   waypoint's Gateway, Service and pods;
 6. start the rendered containers together (run_mesh): the control plane
    (manifest mode) on the CA root the chart generated, then ztunnel and
    the waypoint with their rendered command lines and mounts; the
    control plane must parse the rendered Gateway and Service without
    errors, its TLS certificate must verify against the published root
    under the names the clients expect, and both clients must become
-   ready against it.
+   ready against it; then the CNI installer must chain the plugin with
+   ztunnel's socket and remove it on SIGTERM.
 
-Then checks that the checks can fail: an inconsistent scenario, a bad
-flag, a bad duration.
+Besides: every value is documented in README.md, the Containerfile
+builds and installs every binary the charts run, and the root's choice
+when its Secret is already in the cluster. Then checks that the checks
+can fail: inconsistent charts, a missing RBAC rule, a bad flag, a bad
+duration, an unknown field or value, another root, a refused Gateway.
 
 Run as root (unshare). Exit status 0 when everything passed.
 """
