@@ -853,7 +853,17 @@ def run_mesh(sc: dict[str, Rendered]) -> list[str]:
             ]
         else:
             installer = None
-        subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", "\n".join(lines)], timeout=120)
+        p = subprocess.Popen(["unshare", "--mount", "--net", "--fork", "sh", "-c", "\n".join(lines)],
+                             start_new_session=True)
+        try:
+            p.wait(timeout=120)
+        finally:
+            # Nothing the script started outlives it, even if it failed.
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
         def log(name: str) -> str:
             p = os.path.join(d, f"{name}.log")
