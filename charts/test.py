@@ -6,8 +6,8 @@ platform engineer would install them together):
 
 1. lint every chart with its values (Helm v4's linter, no errors);
 2. render it (Helm v4's engine) and parse every document;
-3. validate every built-in kind against the Kubernetes OpenAPI schema of
-   KUBE_VERSION (kubernetes-validate, strict: unknown fields fail); the
+3. validate every built-in kind against the Kubernetes OpenAPI schemas of
+   KUBE_VERSIONS (kubernetes-validate, strict: unknown fields fail); the
    Gateway API kinds, which that schema lacks, by structural checks and by
    the control plane's own manifest parser;
 4. run each container's binary from this workspace's build
@@ -65,7 +65,10 @@ from helm_python.chart import Chart, lint
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "debug")
-KUBE_VERSION = "1.33.0"
+# The oldest Kubernetes the charts support (README: 1.30, for the token's
+# node claim) and the newest kubernetes-validate knows.
+KUBE_VERSIONS = ["1.30.0", "1.37.0"]
+KUBE_VERSION = KUBE_VERSIONS[-1]
 # Binaries another part of the workspace may not have built yet.
 OPTIONAL_BINARIES = {"ztunnel-cni-install"}
 CHARTS = ["base", "control-plane", "ztunnel", "cni", "waypoint"]
@@ -157,13 +160,17 @@ def validate_objects(r: Rendered) -> None:
     for o in r.objects:
         what = f"{r.chart}: {o['kind']} {o['metadata'].get('name')}"
         if builtin(o["apiVersion"]):
-            try:
-                kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                fail(f"{what}: schema: {e.message} at {'.'.join(map(str, e.path))}")
-                continue
-            except kubernetes_validate.SchemaNotFoundError:
-                fail(f"{what}: no schema for {o['apiVersion']} {o['kind']} in Kubernetes {KUBE_VERSION}")
+            bad = False
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(o, version, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    fail(f"{what}: Kubernetes {version} schema: {e.message} at {'.'.join(map(str, e.path))}")
+                    bad = True
+                except kubernetes_validate.SchemaNotFoundError:
+                    fail(f"{what}: no schema for {o['apiVersion']} {o['kind']} in Kubernetes {version}")
+                    bad = True
+            if bad:
                 continue
         elif o["kind"] == "Gateway":
             errs = check_gateway(o)
@@ -177,7 +184,8 @@ def validate_objects(r: Rendered) -> None:
         if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition") \
                 and o["metadata"].get("namespace") != r.namespace:
             fail(f"{what}: namespace {o['metadata'].get('namespace')!r}, not the release's {r.namespace}")
-    ok(f"{r.chart}: {len(r.objects)} objects valid against Kubernetes {KUBE_VERSION} / structural checks")
+    ok(f"{r.chart}: {len(r.objects)} objects valid against Kubernetes {' and '.join(KUBE_VERSIONS)} "
+       f"/ structural checks")
 
 
 # ------------------------------------------------------------------ pods and flags
@@ -1261,7 +1269,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"charts/test.py: {tool} is missing", file=sys.stderr)
             return 1
-    print(f"binaries from {BIN}; Kubernetes schemas {KUBE_VERSION}")
+    print(f"binaries from {BIN}; Kubernetes schemas {', '.join(KUBE_VERSIONS)}")
     skipped: set[str] = set()
     with tempfile.TemporaryDirectory() as d:
         cert, key = openssl_root(d)
