@@ -8,10 +8,14 @@
 #   - rustup components: rustfmt + clippy (stable); nightly toolchain with rust-src
 #   - bpf-linker, built against the nightly toolchain's own libLLVM
 #   - cgroup2 at /sys/fs/cgroup/unified, bpffs at /sys/fs/bpf
+#   - the Helm charts' test tools (charts/test.py): helm-python-sdk (Helm v4's
+#     engine) and kubernetes-validate, in a virtualenv of their own
 #
 # Environment knobs:
 #   SETUP_SKIP_EBPF=1        skip nightly / rust-src / bpf-linker / bpffs / cgroup2 steps
 #   BPF_LINKER_VERSION=x.y.z bpf-linker version to build (default below)
+#   CHARTS_VENV=DIR          virtualenv for the charts' test tools
+#                            (default ~/.cache/ambient-mesh/charts-venv)
 set -euo pipefail
 
 BPF_LINKER_VERSION="${BPF_LINKER_VERSION:-0.13.0}"
@@ -50,7 +54,7 @@ apt_lists_present() {
   compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null
 }
 
-REQUIRED_PKGS=(iproute2 tcpdump iptables nftables curl procps ca-certificates)
+REQUIRED_PKGS=(iproute2 tcpdump iptables nftables curl procps ca-certificates python3 python3-venv openssl)
 missing=()
 for p in "${REQUIRED_PKGS[@]}"; do
   pkg_installed "$p" || missing+=("$p")
@@ -192,6 +196,21 @@ else
     [[ -d /sys/fs/bpf ]] || as_root mkdir -p /sys/fs/bpf
     as_root mount -t bpf bpf /sys/fs/bpf
   fi
+fi
+
+# ---------------------------------------------------------------- charts' test tools
+# A virtualenv of their own: no change to the system's Python (Debian marks
+# it externally managed), and the versions charts/test.py was written for.
+CHARTS_VENV="${CHARTS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ambient-mesh/charts-venv}"
+CHARTS_PY_PKGS=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+if [[ -x "$CHARTS_VENV/bin/python" ]] &&
+   "$CHARTS_VENV/bin/python" -c 'import helm_python.chart, kubernetes_validate' 2>/dev/null; then
+  step "charts test tools" "ok ($CHARTS_VENV)"
+else
+  step "charts test tools" "installing ${CHARTS_PY_PKGS[*]} into $CHARTS_VENV"
+  python3 -m venv "$CHARTS_VENV" || die "python3 -m venv $CHARTS_VENV failed"
+  "$CHARTS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CHARTS_PY_PKGS[@]}" \
+    || die "pip install ${CHARTS_PY_PKGS[*]} failed"
 fi
 
 step "done" "in $((SECONDS - START))s"

@@ -31,6 +31,14 @@ if [[ $# -eq 0 ]]; then
   cargo test -p xds --features kube --lib
 fi
 
+# Only with no extra arguments: the Helm charts, rendered, validated and
+# checked against the binaries just built (charts/test.py; tools from setup).
+if [[ $# -eq 0 ]]; then
+  echo "== test.sh: charts/test.py"
+  CHARTS_VENV="${CHARTS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ambient-mesh/charts-venv}"
+  "$CHARTS_VENV/bin/python" "$ROOT/charts/test.py"
+fi
+
 # The README's demo scenario, end to end on the binaries just built.
 echo "== test.sh: demo --once"
 "${CARGO_TARGET_DIR:-$ROOT/target}/debug/demo" --once

@@ -25,6 +25,11 @@ use crate::model::{
 };
 
 pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+/// Put on a pod by whoever enrolled it with its ztunnel (the CNI plugin),
+/// once its traffic is captured: Istio's annotation.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Istio's label for a pod that terminates HBONE itself.
+pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -188,6 +193,38 @@ pub fn in_mesh(model: &Model, pod: &Pod) -> bool {
                 .is_some_and(|v| v == "ambient")
         }
     }
+}
+
+/// Whether a pod is reached over HBONE, as Istio decides it: its capture
+/// is in place (`ambient.istio.io/redirection: enabled`, set once ztunnel
+/// has taken the pod), or it speaks HBONE itself (a waypoint's pod, or
+/// `networking.istio.io/tunnel: http`).
+///
+/// The `istio.io/dataplane-mode` label ([`in_mesh`]) only asks for
+/// capture: a pod running before its namespace was labelled is not
+/// captured until it is enrolled (restarted), and until then is reached
+/// in plain TCP, rather than over HBONE to a listener that is not there.
+pub fn reached_over_hbone(model: &Model, pod: &Pod) -> bool {
+    let meta = &pod.metadata;
+    let annotated = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+        .is_some_and(|v| v == "enabled");
+    let labels = meta.labels.as_ref();
+    let native = labels
+        .and_then(|l| l.get(TUNNEL_LABEL))
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == "http"));
+    let waypoint = labels
+        .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+        .is_some_and(|gw| {
+            let ns = meta.namespace.as_deref().unwrap_or("default");
+            model
+                .gateways
+                .get(&format!("{ns}/{gw}"))
+                .is_some_and(|g| g.is_waypoint())
+        });
+    annotated || native || waypoint
 }
 
 fn pod_ips(p: &Pod) -> Vec<IpAddr> {
@@ -1014,6 +1051,7 @@ impl Translator {
         let name = p.metadata.name.clone().unwrap_or_default();
         let labels = pod_labels(p);
         let mesh = in_mesh(model, p);
+        let hbone = reached_over_hbone(model, p);
         let mut services = BTreeMap::new();
         for s in &idx.selecting {
             let Some(sspec) = s.spec.as_ref() else {
@@ -1077,7 +1115,7 @@ impl Translator {
             name: name.clone(),
             namespace: ns.clone(),
             addresses: ips.iter().map(|ip| ip_bytes(*ip)).collect(),
-            tunnel_protocol: if mesh {
+            tunnel_protocol: if hbone {
                 wl::TunnelProtocol::Hbone as i32
             } else {
                 wl::TunnelProtocol::None as i32
@@ -1113,7 +1151,9 @@ impl Translator {
         // and of its gateway (waypoint) pods: a waypoint is not captured,
         // but needs the mesh's certificate for its own identity.
         let is_gateway = labels.contains_key(GATEWAY_NAME_LABEL);
-        let id = ((mesh || is_gateway) && !node.is_empty()).then(|| {
+        // Labelled in (about to be enrolled, and asking for its
+        // certificate) or already captured.
+        let id = ((mesh || hbone || is_gateway) && !node.is_empty()).then(|| {
             (
                 Arc::from(node.as_str()),
                 Arc::from(pod_identity(opts, p).as_str()),
@@ -1181,6 +1221,19 @@ mod tests {
         }))
     }
 
+    /// `o`, a pod, as its enrolment leaves it: annotated as captured.
+    fn captured(o: Object) -> Object {
+        let Object::Pod(mut p) = o else {
+            panic!("not a pod")
+        };
+        Arc::make_mut(&mut p)
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(REDIRECTION_ANNOTATION.into(), "enabled".into());
+        Object::Pod(p)
+    }
+
     fn decode(r: &Resources, name: &str) -> wl::address::Type {
         let res = &r.get(mesh_proto::type_url::ADDRESS).unwrap()[name];
         wl::Address::decode(res.value.clone())
@@ -1199,9 +1252,10 @@ mod tests {
                 metadata: meta(None, "plain", &[]),
                 ..Default::default()
             })),
-            pod("mesh", "a", "10.0.0.1", &[("app", "a")]),
+            captured(pod("mesh", "a", "10.0.0.1", &[("app", "a")])),
             pod("mesh", "out", "10.0.0.2", &[(AMBIENT_LABEL, "none")]),
             pod("plain", "p", "10.0.0.3", &[]),
+            // Labelled in, not captured (yet).
             pod("plain", "in", "10.0.0.4", &[(AMBIENT_LABEL, "ambient")]),
             // A waypoint's pod: not captured, but the CA signs its identity.
             pod("gw", "wp-0", "10.0.0.5", &[(GATEWAY_NAME_LABEL, "wp")]),
@@ -1295,11 +1349,14 @@ mod tests {
             proto("Kubernetes//Pod/plain/p"),
             wl::TunnelProtocol::None as i32
         );
+        // Until its capture is in place, plain TCP, not HBONE to a
+        // listener that is not there.
         assert_eq!(
             proto("Kubernetes//Pod/plain/in"),
-            wl::TunnelProtocol::Hbone as i32
+            wl::TunnelProtocol::None as i32
         );
-        // Only in-mesh pods and gateway pods get identities from the CA.
+        // Only in-mesh pods (labelled in, or captured) and gateway pods get
+        // identities from the CA.
         let ids = &r.node_identities["node-1"];
         assert!(ids.contains("spiffe://cluster.local/ns/mesh/sa/sa"));
         assert!(ids.contains("spiffe://cluster.local/ns/plain/sa/sa"));
@@ -1346,12 +1403,16 @@ mod tests {
         tr.translate(Arc::new(m.clone()));
         assert_eq!(tr.last_retranslated, 0, "nothing changed");
         assert!(tr.last_changed.is_empty());
-        // One pod changes; the namespace of others changes its label; a
-        // policy goes away.
-        let Object::Pod(p) = pod("mesh", "a", "10.0.0.9", &[("app", "a")]) else {
+        // One pod changes; the namespace of others changes its label and
+        // one of them gets captured; a policy goes away.
+        let Object::Pod(p) = captured(pod("mesh", "a", "10.0.0.9", &[("app", "a")])) else {
             panic!()
         };
         m.pods.insert("mesh/a".into(), p);
+        let Object::Pod(p) = captured(pod("plain", "p", "10.0.0.3", &[])) else {
+            panic!()
+        };
+        m.pods.insert("plain/p".into(), p);
         m.namespaces.insert(
             "plain".into(),
             Arc::new(Namespace {
@@ -1363,7 +1424,7 @@ mod tests {
         let inc = tr.translate(Arc::new(m.clone()));
         assert_eq!(hashes(&inc), hashes(&translate(&opts, &m)));
         // Pod a (changed, and the policy that went selected it), and all
-        // of namespace plain (its label): not mesh/out.
+        // of namespace plain (its label; p also changed): not mesh/out.
         assert_eq!(tr.last_retranslated, 3);
         let mut changed: Vec<_> = tr.last_changed.iter().map(|(_, n)| n.to_string()).collect();
         changed.sort();
@@ -1374,7 +1435,7 @@ mod tests {
                 "Kubernetes//Pod/plain/p",
                 "mesh/allow"
             ],
-            "plain/in was in the mesh already: retranslated, but the same"
+            "plain/in was labelled in already: retranslated, but the same"
         );
         let wl::address::Type::Workload(p) = decode(&inc, "Kubernetes//Pod/plain/p") else {
             panic!()
@@ -1557,6 +1618,58 @@ status: {podIP: 10.0.0.11}
                 wl::address::Type::Service(s) => (format!("svc/{}", s.name), s.waypoint),
             })
             .collect()
+    }
+
+    #[test]
+    fn hbone_only_to_pods_that_take_it() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: app}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#
+        .to_string()
+            + &[
+                ("enrolled", "{}", "{ambient.istio.io/redirection: enabled}"),
+                ("labelled-in", "{}", "{}"),
+                ("wp-1", "{gateway.networking.k8s.io/gateway-name: wp}", "{}"),
+                ("other-gw", "{gateway.networking.k8s.io/gateway-name: nope}", "{}"),
+                ("native", "{networking.istio.io/tunnel: http}", "{}"),
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, (name, labels, annotations))| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app, labels: {labels}, annotations: {annotations}}}\nspec: {{nodeName: n, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.0.0.{}}}\n",
+                    i + 1
+                )
+            })
+            .collect::<String>();
+        let (objs, errs) = crate::manifest::parse_file(&text, "test.yaml").unwrap();
+        assert!(
+            errs.is_empty(),
+            "{:?}",
+            errs.iter().map(|e| &e.1).collect::<Vec<_>>()
+        );
+        let r = translate(&Options::default(), &Model::from_objects(objs));
+        let hbone = |name: &str| match decode(&r, &format!("Kubernetes//Pod/app/{name}")) {
+            wl::address::Type::Workload(w) => w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32,
+            _ => panic!("not a workload"),
+        };
+        assert!(hbone("enrolled"));
+        assert!(
+            !hbone("labelled-in"),
+            "its namespace's label alone does not capture it"
+        );
+        assert!(hbone("wp-1"), "a waypoint's pod terminates HBONE itself");
+        assert!(!hbone("other-gw"), "not a waypoint's pod");
+        assert!(hbone("native"));
     }
 
     #[test]

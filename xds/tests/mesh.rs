@@ -46,7 +46,12 @@ fn pod_yaml(p: &Pod, node: &str, sa: &str, labels: &str) -> String {
         r#"---
 apiVersion: v1
 kind: Pod
-metadata: {{name: {name}, namespace: demo, labels: {{{labels}}}}}
+metadata:
+  name: {name}
+  namespace: demo
+  labels: {{{labels}}}
+  # Enrolled: reached over HBONE.
+  annotations: {{ambient.istio.io/redirection: enabled}}
 spec:
   nodeName: {node}
   serviceAccountName: {sa}

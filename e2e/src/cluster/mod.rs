@@ -301,14 +301,19 @@ impl Cluster {
         format!("pod-{}-{}.yaml", a.namespace, a.name)
     }
 
-    /// (Re)writes `a`'s Pod manifest, e.g. after changing its labels.
+    /// (Re)writes `a`'s Pod manifest, e.g. after changing its labels;
+    /// annotated as captured while it is.
     pub fn write_pod(&self, a: &App) -> Result<()> {
-        self.apply(&self.pod_file(a), &yaml::pod(a))
+        self.apply(&self.pod_file(a), &yaml::pod(a, self.is_pinned(a)))
     }
 
     /// CNI ADD for `a`, as the container runtime does for a new pod
     /// sandbox; the plugin enrolls it with its node's ztunnel if its
     /// namespace is ambient. Returns whether the pod is now captured.
+    ///
+    /// A captured pod's manifest then gets the annotation that says so, as
+    /// the plugin patches it on a real cluster, and this returns once
+    /// every ztunnel reaches the pod over HBONE.
     pub fn enroll(&self, a: &App) -> Result<bool> {
         let node = self.node_named(a.node())?;
         cni::run(
@@ -319,7 +324,24 @@ impl Cluster {
             &self.labels_file,
         )?;
         lock(&self.state).enrolled.push(a.clone());
-        Ok(self.is_pinned(a))
+        if !self.is_pinned(a) {
+            return Ok(false);
+        }
+        self.write_pod(a)?;
+        self.wait_ztunnels(
+            Duration::from_secs(20),
+            &format!("every ztunnel to reach {} over HBONE", a.key()),
+            |d| {
+                d["workloads"].as_array().is_some_and(|ws| {
+                    ws.iter().any(|w| {
+                        w["name"] == a.name.as_str()
+                            && w["namespace"] == a.namespace.as_str()
+                            && w["protocol"] == "HBONE"
+                    })
+                })
+            },
+        )?;
+        Ok(true)
     }
 
     /// True if the pod's eBPF objects are pinned under its node's pin root.

@@ -21,10 +21,17 @@ pub fn namespace(name: &str, labels: &BTreeMap<String, String>) -> String {
     )
 }
 
-/// A running Pod scheduled on its node, with both addresses.
-pub fn pod(a: &App) -> String {
+/// A running Pod scheduled on its node, with both addresses; `captured`:
+/// annotated as its enrolment leaves it (`ambient.istio.io/redirection:
+/// enabled`, which tells the control plane to reach it over HBONE).
+pub fn pod(a: &App, captured: bool) -> String {
+    let annotations = if captured {
+        "{ambient.istio.io/redirection: enabled}"
+    } else {
+        "{}"
+    };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels: {labels}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: e2e/app}}]\nstatus:\n  phase: Running\n  podIP: {ip4}\n  podIPs: [{{ip: {ip4}}}, {{ip: \"{ip6}\"}}]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: {uid}\n  labels: {labels}\n  annotations: {annotations}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: e2e/app}}]\nstatus:\n  phase: Running\n  podIP: {ip4}\n  podIPs: [{{ip: {ip4}}}, {{ip: \"{ip6}\"}}]\n",
         name = a.name,
         ns = a.namespace,
         uid = a.uid(),

@@ -8,7 +8,7 @@ use mesh_proto::envoy::config::core::v3 as core;
 use mesh_proto::envoy::config::endpoint::v3 as pe;
 
 use super::{string_value, Builder};
-use crate::translate::{in_mesh, pod_identity, resolve_target_port};
+use crate::translate::{pod_identity, reached_over_hbone, resolve_target_port};
 
 impl Builder<'_> {
     pub(super) fn endpoints(
@@ -45,9 +45,9 @@ impl Builder<'_> {
                     string_value(p.metadata.name.as_deref().unwrap_or_default()),
                 );
                 fields.insert("namespace".into(), string_value(ns));
-                // An identity means "in the mesh, reach over HBONE" to the
-                // waypoint; pods outside the mesh are plain TCP.
-                if in_mesh(self.model, p) {
+                // An identity means "reach over HBONE" to the waypoint;
+                // pods not captured are plain TCP.
+                if reached_over_hbone(self.model, p) {
                     fields.insert("identity".into(), string_value(&pod_identity(self.opts, p)));
                     fields.insert(
                         "hbone_port".into(),

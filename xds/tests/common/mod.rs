@@ -30,6 +30,8 @@ metadata:
   name: {name}
   namespace: demo
   labels: {{{labels}}}
+  # Enrolled: its capture is in place, so it is reached over HBONE.
+  annotations: {{ambient.istio.io/redirection: enabled}}
 spec:
   nodeName: {node}
   serviceAccountName: {sa}

@@ -69,7 +69,7 @@ fn generate(dir: &Path, a: &XdsArgs) -> Result<()> {
         let app = (i / NAMESPACES) % svc_per_ns.max(1);
         writeln!(
             files[n],
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{n}, labels: {{app: app-{app}}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.{b}.{c}.{d}}}",
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{n}, labels: {{app: app-{app}}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-{node}, serviceAccountName: sa-{app}, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.{b}.{c}.{d}}}",
             node = i % 100,
             b = 1 + i / 65536,
             c = (i / 256) % 256,
@@ -103,7 +103,7 @@ fn generate(dir: &Path, a: &XdsArgs) -> Result<()> {
 
 fn change_pod(dir: &Path, k: usize) -> Result<()> {
     let text = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: change-{k}, namespace: ns-0, labels: {{app: app-0}}}}\nspec: {{nodeName: node-0, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.200.{}.{}}}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: change-{k}, namespace: ns-0, labels: {{app: app-0}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\nspec: {{nodeName: node-0, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.200.{}.{}}}\n",
         k / 256,
         k % 256
     );
