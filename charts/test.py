@@ -1130,21 +1130,21 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         ok("a foreign root (ztunnel not ready) and a Gateway the control plane refuses are reported")
     else:
         fail(f"a foreign root / a refused Gateway went unnoticed: {errs}")
-    # A plugin that patched pods (as Istio's records redirection) would
-    # need a rule the cni chart does not grant: reading the calls finds it.
+    # A plugin that deleted pods would need a rule the cni chart does not
+    # grant: reading the calls finds it.
     with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "annotate.rs")
+        src = os.path.join(d, "evict.rs")
         with open(src, "w") as f:
             f.write("use k8s_openapi::api::core::v1::Pod;\n"
-                    "async fn mark(c: Client) { let pods: Api<Pod> = Api::namespaced(c, \"ns\");\n"
-                    "    pods\n        .patch(\"p\", &PatchParams::default(), &patch).await; }\n")
+                    "async fn evict(c: Client) { let pods: Api<Pod> = Api::namespaced(c, \"ns\");\n"
+                    "    pods\n        .delete(\"p\", &DeleteParams::default()).await; }\n")
         calls = api_calls([src])
     cni = render("cni", {}, "istio-system")
     rules = rules_for(cni.objects, "istio-system", "istio-cni-node")
-    if calls.get(("", "pods")) == {"patch"} and not rbac_allows(rules, "", "pods", "patch"):
-        ok("a pod patch in the plugin's source is read, and the cni ClusterRole does not grant it")
+    if calls.get(("", "pods")) == {"delete"} and not rbac_allows(rules, "", "pods", "delete"):
+        ok("a pod delete in the plugin's source is read, and the cni ClusterRole does not grant it")
     else:
-        fail(f"reading a pod patch from source: {calls}")
+        fail(f"reading a pod delete from source: {calls}")
     # A misspelt value, a bad duration: refused by values.schema.json.
     for chart, values in (("ztunnel", {"drainTimout": "60s"}), ("waypoint", {"xds": {"adress": "x"}}),
                           ("control-plane", {"maxCertTTL": "30 days"})):

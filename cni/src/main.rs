@@ -26,7 +26,10 @@
 //! (on a cluster: `ztunnel-cni-install` writes it and chains the plugin in;
 //! see `install/main.rs`). When the API server cannot be reached or answers
 //! an error, `ADD` fails with a CNI error naming what failed, and the runtime
-//! retries the pod. The test bed has no API server: there, labels come from
+//! retries the pod. Once ztunnel has the pod, the plugin annotates it
+//! `ambient.istio.io/redirection: enabled` (Istio's record that the pod's
+//! capture is in place; the control plane waits for it before sending
+//! other ztunnels to the pod over HBONE); a failed patch fails the `ADD` too. The test bed has no API server: there, labels come from
 //! a JSON file named by `labelsFile`:
 //!
 //! ```json
@@ -169,31 +172,31 @@ fn run(version: &std::cell::RefCell<String>) -> Result<Option<String>, CniError>
                     "",
                 )
             })?;
-            if let Some(pod) = pod_in_mesh(&conf, &args)? {
-                enroll(&conf, &socket, &pod)
-                    .map_err(|e| err(11, "enrolling the pod with ztunnel", format!("{e:#}")))?;
-            }
+            runtime()?.block_on(add(&conf, &args, &socket))?;
             Ok(Some(prev.to_string()))
         }
         "DEL" => {
             if let Some(uid) = args.get("K8S_POD_UID") {
-                if let Err(e) = block_on("ztunnel", Duration::from_secs(10), async {
+                let del = runtime()?.block_on(within("ztunnel", async {
                     let c = zds::Client::connect(&socket).await?;
                     c.request(Payload::Del(zds::DelWorkload { uid: uid.clone() }), None)
                         .await
-                }) {
+                }));
+                if let Err(e) = del {
                     eprintln!("ztunnel-cni: DEL of pod {uid}: {e:#} (ignored)");
                 }
             }
             Ok(None)
         }
         "CHECK" => {
-            if pod_in_mesh(&conf, &args)?.is_some() {
-                block_on("ztunnel", Duration::from_secs(10), async {
-                    zds::Client::connect(&socket).await.map(|_| ())
-                })
-                .map_err(|e| err(11, "ztunnel is not reachable", format!("{e:#}")))?;
-            }
+            runtime()?.block_on(async {
+                if pod_in_mesh(&conf, &args).await?.is_some() {
+                    within("ztunnel", zds::Client::connect(&socket))
+                        .await
+                        .map_err(|e| err(11, "ztunnel is not reachable", format!("{e:#}")))?;
+                }
+                Ok::<_, CniError>(())
+            })?;
             Ok(None)
         }
         other => Err(err(4, "unknown CNI_COMMAND", other)),
@@ -205,24 +208,57 @@ struct PodRef {
     name: String,
     uid: String,
     service_account: String,
+    /// The API server that said so (on a cluster).
+    api: Option<kube::Client>,
 }
 
-fn pod_in_mesh(
+/// ADD: enroll the pod if it is in the mesh, then, on a cluster, say so on
+/// the pod.
+async fn add(
+    conf: &NetConf,
+    args: &BTreeMap<String, String>,
+    socket: &Path,
+) -> Result<(), CniError> {
+    let Some(pod) = pod_in_mesh(conf, args).await? else {
+        return Ok(());
+    };
+    within("ztunnel", enroll(conf, socket, &pod))
+        .await
+        .map_err(|e| err(11, "enrolling the pod with ztunnel", format!("{e:#}")))?;
+    if let Some(client) = &pod.api {
+        within(
+            "the API server",
+            api::mark_captured(client, &pod.namespace, &pod.name),
+        )
+        .await
+        .map_err(|e| {
+            err(
+                11,
+                "recording the pod's capture on the API server",
+                format!("{e:#}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+async fn pod_in_mesh(
     conf: &NetConf,
     args: &BTreeMap<String, String>,
 ) -> Result<Option<PodRef>, CniError> {
     let (Some(ns), Some(name)) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) else {
         return Ok(None); // not a Kubernetes pod
     };
+    // Before anything that could fail: these pods never wait for us.
     if pods::EXCLUDED_NAMESPACES.contains(&ns.as_str()) {
         return Ok(None);
     }
-    let facts = if let Some(kubeconfig) = &conf.kubeconfig {
-        block_on(
-            "the API server",
-            Duration::from_secs(10),
-            api::facts(kubeconfig, ns, name),
-        )
+    let (facts, client) = if let Some(kubeconfig) = &conf.kubeconfig {
+        within("the API server", async {
+            let client = api::client(kubeconfig).await?;
+            Ok((api::facts(&client, ns, name).await?, Some(client)))
+        })
+        .await
         .map_err(|e| {
             err(
                 11,
@@ -231,10 +267,11 @@ fn pod_in_mesh(
             )
         })?
     } else if let Some(path) = &conf.labels_file {
-        pods::from_file(path, ns, name)
-            .map_err(|e| err(4, "reading labelsFile", format!("{e:#}")))?
+        let facts = pods::from_file(path, ns, name)
+            .map_err(|e| err(4, "reading labelsFile", format!("{e:#}")))?;
+        (facts, None)
     } else {
-        pods::Facts::default()
+        (pods::Facts::default(), None)
     };
     if !facts.in_mesh() {
         return Ok(None);
@@ -248,10 +285,11 @@ fn pod_in_mesh(
         name: name.clone(),
         uid,
         service_account: facts.service_account,
+        api: client,
     }))
 }
 
-fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
+async fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
     let netns_path = env("CNI_NETNS").ok_or_else(|| anyhow!("CNI_NETNS is not set"))?;
     let cgroup = conf
         .runtime_config
@@ -263,39 +301,38 @@ fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
     }
     let netns = std::fs::File::open(&netns_path)
         .with_context(|| format!("opening CNI_NETNS {netns_path}"))?;
-    block_on("ztunnel", Duration::from_secs(10), async {
-        let c = zds::Client::connect(socket).await?;
-        c.request(
-            Payload::Add(zds::AddWorkload {
-                uid: pod.uid.clone(),
-                workload_info: Some(zds::WorkloadInfo {
-                    name: pod.name.clone(),
-                    namespace: pod.namespace.clone(),
-                    service_account: pod.service_account.clone(),
-                }),
-                netns_path: netns_path.clone(),
-                cgroup_path: cgroup.display().to_string(),
+    let c = zds::Client::connect(socket).await?;
+    c.request(
+        Payload::Add(zds::AddWorkload {
+            uid: pod.uid.clone(),
+            workload_info: Some(zds::WorkloadInfo {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
             }),
-            Some(netns.as_fd()),
-        )
-        .await
-    })
+            netns_path: netns_path.clone(),
+            cgroup_path: cgroup.display().to_string(),
+        }),
+        Some(netns.as_fd()),
+    )
+    .await
 }
 
-/// Runs `f` on a small current-thread runtime (the plugin lives for one
-/// call), failing if `what` has not answered within `limit`.
-fn block_on<T>(
-    what: &str,
-    limit: Duration,
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
+/// A small current-thread runtime: the plugin lives for one call.
+fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting a tokio runtime")?
-        .block_on(async {
-            tokio::time::timeout(limit, f)
-                .await
-                .map_err(|_| anyhow!("{what} did not answer within {limit:?}"))?
-        })
+        .map_err(|e| err(11, "starting a tokio runtime", e))
+}
+
+/// `f`, failing if `who` has not answered within 10s.
+async fn within<T>(
+    who: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    const LIMIT: Duration = Duration::from_secs(10);
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .map_err(|_| anyhow!("{who} did not answer within {LIMIT:?}"))?
 }

@@ -411,6 +411,7 @@ async fn the_installed_plugin_reads_the_api_server_and_follows_token_rotation() 
         zt.enrolled(),
         [("mesh/app".to_string(), "app-sa".to_string())]
     );
+    assert_eq!(api.patches.lock().unwrap().len(), 1, "annotated");
 
     // Rotation: the API server now takes only the new token; the file
     // the kubelet projects changes; the kubeconfig follows.

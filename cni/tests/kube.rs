@@ -1,6 +1,7 @@
-//! The plugin reading labels from an API server (a fake one over TLS): the
-//! ambient rule on the Pod and Namespace it gets, Istio's exclusions, and
-//! every way the API can fail turning into a CNI error, not an enrollment.
+//! The plugin and an API server (a fake one over TLS): the ambient rule on
+//! the Pod and Namespace it gets, Istio's exclusions, the capture recorded
+//! on enrolled pods, and every way the API can fail turning into a CNI
+//! error, not an enrollment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -35,6 +36,8 @@ async fn cluster() -> ApiServer {
             pod(json!({}), json!({"sidecar.istio.io/status": "{}"})),
         ),
         ("mesh/ztunnel", pod(json!({"app": "ztunnel"}), json!({}))),
+        // The fake API server refuses to patch it.
+        ("mesh/no-patch", pod(json!({}), json!({}))),
         ("plain/app", pod(json!({}), json!({}))),
         (
             "plain/opted-in",
@@ -86,6 +89,36 @@ async fn labels_from_the_api_server_decide_enrollment() {
         ],
         "pods are enrolled with their service account"
     );
+    let annotation =
+        json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}});
+    assert_eq!(
+        *api.patches.lock().unwrap(),
+        vec![
+            ("mesh/app".to_string(), annotation.clone()),
+            ("plain/opted-in".to_string(), annotation),
+        ],
+        "enrolled pods, and only they, are annotated as captured"
+    );
+
+    // Enrolled but not recorded (no RBAC to patch, say): the ADD fails, so
+    // the runtime retries rather than run a pod others would not reach
+    // over HBONE.
+    let (ok, out) = add(&conf, "mesh", "no-patch").await;
+    assert!(!ok, "{out}");
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(
+        out["msg"]
+            .as_str()
+            .unwrap()
+            .contains("recording the pod's capture"),
+        "{out}"
+    );
+    let details = out["details"].as_str().unwrap();
+    assert!(
+        details.contains("annotating pod mesh/no-patch") && details.contains("forbidden"),
+        "{out}"
+    );
+    assert_eq!(zt.enrolled().len(), 3);
 
     // kube-system is never enrolled, and not even looked up.
     let hits = api.hits.load(Ordering::SeqCst);
@@ -96,7 +129,7 @@ async fn labels_from_the_api_server_decide_enrollment() {
         hits,
         "asked the API server"
     );
-    assert_eq!(zt.enrolled().len(), 2);
+    assert_eq!(zt.enrolled().len(), 3);
 }
 
 /// The runtime retries a pod whose ADD failed: a failed lookup must fail

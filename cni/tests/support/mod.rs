@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
@@ -29,6 +29,8 @@ pub struct ApiServer {
     pub hits: Arc<AtomicUsize>,
     /// The token it accepts; tests change it to rotate.
     pub token: Arc<Mutex<String>>,
+    /// The merge patches applied to pods: ("ns/name", patch).
+    pub patches: Arc<Mutex<Vec<(String, Value)>>>,
 }
 
 /// Pod `ns/name`: labels, annotations, service account.
@@ -63,14 +65,20 @@ impl ApiServer {
         let hits = Arc::new(AtomicUsize::new(0));
         let token = Arc::new(Mutex::new(token.to_string()));
         let state = Arc::new((namespaces, pods));
-        let (h, t) = (hits.clone(), token.clone());
+        let patches = Arc::new(Mutex::new(Vec::new()));
+        let (h, t, p) = (hits.clone(), token.clone(), patches.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
-                let (acceptor, h, t, state) =
-                    (acceptor.clone(), h.clone(), t.clone(), state.clone());
+                let (acceptor, h, t, p, state) = (
+                    acceptor.clone(),
+                    h.clone(),
+                    t.clone(),
+                    p.clone(),
+                    state.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(s) = acceptor.accept(s).await else {
                         return;
@@ -82,12 +90,26 @@ impl ApiServer {
                             .headers()
                             .get("authorization")
                             .is_some_and(|v| v.as_bytes() == want.as_bytes());
-                        let (code, body) = if authorized {
-                            answer(&state.0, &state.1, req.uri().path())
-                        } else {
-                            (401, status(401, "Unauthorized", "Unauthorized"))
-                        };
+                        let (state, p) = (state.clone(), p.clone());
                         async move {
+                            let method = req.method().clone();
+                            let path = req.uri().path().to_string();
+                            let ctype = req
+                                .headers()
+                                .get("content-type")
+                                .map(|v| v.to_str().unwrap().to_string());
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let (code, body) = if !authorized {
+                                (401, status(401, "Unauthorized", "Unauthorized"))
+                            } else if method == hyper::Method::GET {
+                                answer(&state.0, &state.1, &path)
+                            } else if method == hyper::Method::PATCH {
+                                assert_eq!(ctype.as_deref(), Some("application/merge-patch+json"));
+                                let patch: Value = serde_json::from_slice(&body).unwrap();
+                                patch_pod(&state.0, &state.1, &path, patch, &p)
+                            } else {
+                                (405, status(405, "MethodNotAllowed", "not here"))
+                            };
                             Ok::<_, Infallible>(
                                 hyper::Response::builder()
                                     .status(code)
@@ -108,6 +130,7 @@ impl ApiServer {
             ca_pem,
             hits,
             token,
+            patches,
         }
     }
 
@@ -183,6 +206,43 @@ fn answer(
             ),
         ),
     }
+}
+
+/// A merge patch of a pod: recorded, answered with the pod; refused (403,
+/// as RBAC without `patch` would) for pods named `no-patch*`.
+fn patch_pod(
+    namespaces: &BTreeMap<&'static str, Value>,
+    pods: &BTreeMap<&'static str, PodSpec>,
+    path: &str,
+    patch: Value,
+    patches: &Mutex<Vec<(String, Value)>>,
+) -> (u16, Value) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ["api", "v1", "namespaces", ns, "pods", name] = parts.as_slice() else {
+        return (404, status(404, "NotFound", "no such resource"));
+    };
+    if name.starts_with("no-patch") {
+        return (
+            403,
+            status(
+                403,
+                "Forbidden",
+                &format!("pods \"{name}\" is forbidden: cannot patch"),
+            ),
+        );
+    }
+    let (code, pod) = answer(
+        namespaces,
+        pods,
+        &format!("/api/v1/namespaces/{ns}/pods/{name}"),
+    );
+    if code == 200 {
+        patches
+            .lock()
+            .unwrap()
+            .push((format!("{ns}/{name}"), patch));
+    }
+    (code, pod)
 }
 
 /// A ztunnel enrollment socket that accepts every request and keeps the
