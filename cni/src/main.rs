@@ -20,7 +20,9 @@
 //! Istio's exclusions: see `pods.rs`). The pod is named by `CNI_ARGS` as
 //! containerd and CRI-O pass it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
 //! `K8S_POD_UID`), and its cgroup by the `cgroupPath` capability
-//! (`runtimeConfig.cgroupPath`).
+//! (`runtimeConfig.cgroupPath`): the pod-level cgroup the kubelet chose, a
+//! path under the cgroup2 mount with the `cgroupfs` driver or a slice name
+//! with the `systemd` driver, resolved to its directory by `cgroup.rs`.
 //!
 //! Labels come from the API server when the config names a `kubeconfig`
 //! (on a cluster: `ztunnel-cni-install` writes it and chains the plugin in;
@@ -46,11 +48,12 @@
 //!  "ztunnelSocket": "/var/run/ztunnel/ztunnel.sock",
 //!  "kubeconfig": "/etc/cni/net.d/ztunnel-cni-kubeconfig",
 //!  "capabilities": {"cgroupPath": true},
-//!  "runtimeConfig": {"cgroupPath": "/sys/fs/cgroup/kubepods/pod1234"},
+//!  "runtimeConfig": {"cgroupPath": "kubepods-besteffort-pod1234_56.slice"},
 //!  "prevResult": {...}}
 //! ```
 
 mod api;
+mod cgroup;
 mod pods;
 
 use std::collections::BTreeMap;
@@ -59,7 +62,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use ztunnel::inpod::zds::{self, workload_request::Payload};
@@ -87,8 +90,9 @@ struct NetConf {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct RuntimeConfig {
+    /// The pod's cgroup in the runtime's words (see `cgroup.rs`).
     #[serde(default)]
-    cgroup_path: Option<PathBuf>,
+    cgroup_path: Option<String>,
 }
 
 /// A CNI error: printed as the spec's error object, exit status 1.
@@ -222,7 +226,17 @@ async fn add(
     let Some(pod) = pod_in_mesh(conf, args).await? else {
         return Ok(());
     };
-    within("ztunnel", enroll(conf, socket, &pod))
+    // 7 = invalid network config: the runtime's value names no cgroup.
+    let value = conf.runtime_config.cgroup_path.as_deref().ok_or_else(|| {
+        err(
+            7,
+            "runtimeConfig.cgroupPath is not set",
+            "the runtime passes it with the cgroupPath capability (containerd and CRI-O do)",
+        )
+    })?;
+    let cgroup = cgroup::resolve(value, &cgroup::mount())
+        .map_err(|e| err(7, "finding the pod's cgroup", format!("{e:#}")))?;
+    within("ztunnel", enroll(socket, &pod, &cgroup))
         .await
         .map_err(|e| err(11, "enrolling the pod with ztunnel", format!("{e:#}")))?;
     if let Some(client) = &pod.api {
@@ -289,16 +303,9 @@ async fn pod_in_mesh(
     }))
 }
 
-async fn enroll(conf: &NetConf, socket: &Path, pod: &PodRef) -> anyhow::Result<()> {
+/// Hands the pod (its netns as an fd, its pod-level cgroup) to ztunnel.
+async fn enroll(socket: &Path, pod: &PodRef, cgroup: &Path) -> anyhow::Result<()> {
     let netns_path = env("CNI_NETNS").ok_or_else(|| anyhow!("CNI_NETNS is not set"))?;
-    let cgroup = conf
-        .runtime_config
-        .cgroup_path
-        .clone()
-        .ok_or_else(|| anyhow!("runtimeConfig.cgroupPath is not set (the runtime passes it with the cgroupPath capability)"))?;
-    if !cgroup.is_dir() {
-        bail!("cgroup {} is not a directory", cgroup.display());
-    }
     let netns = std::fs::File::open(&netns_path)
         .with_context(|| format!("opening CNI_NETNS {netns_path}"))?;
     let c = zds::Client::connect(socket).await?;
