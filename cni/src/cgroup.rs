@@ -175,6 +175,56 @@ fn expand_slice(slice: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Whether `component` of a cgroup path is pod `uid`'s own cgroup:
+/// `pod<uid>` (cgroupfs) or `...-pod<uid, _ for ->.slice` (systemd).
+pub fn is_pod_component(component: &str, uid: &str) -> bool {
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    component == format!("pod{uid}")
+        || component == systemd
+        || component
+            .strip_suffix(&systemd)
+            .is_some_and(|rest| rest.ends_with('-'))
+}
+
+/// Pod `uid`'s cgroup directory under `mount`, from the cgroup v2 path of
+/// one of its processes (`/proc/<pid>/cgroup`'s `0::` line, which names a
+/// container's cgroup below the pod's). Read from inside a cgroup
+/// namespace (a DaemonSet's container on cgroup v2) that path is relative
+/// to the reader's own cgroup (`/../../kubepods-...`), so the pod's place
+/// is rebuilt: a systemd slice from its name, a cgroupfs `pod<uid>` from
+/// the kubelet's layout (`kubepods/[besteffort|burstable/]pod<uid>`).
+pub fn pod_dir_of_process(path: &str, uid: &str, mount: &Path) -> anyhow::Result<PathBuf> {
+    let parts: Vec<Component> = Path::new(path).components().collect();
+    let at = parts
+        .iter()
+        .position(|c| matches!(c, Component::Normal(n) if n.to_str().is_some_and(|n| is_pod_component(n, uid))))
+        .ok_or_else(|| anyhow!("cgroup {path:?} is not under pod {uid}'s"))?;
+    let clean = parts[..=at]
+        .iter()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let pod = parts[at].as_os_str().to_string_lossy();
+    let candidates: Vec<PathBuf> = if clean {
+        vec![parts[..=at].iter().skip(1).collect()]
+    } else if pod.ends_with(".slice") {
+        vec![expand_slice(&pod).map_err(|e| anyhow!("cgroup {path:?}: {e}"))?]
+    } else {
+        ["", "besteffort", "burstable"]
+            .iter()
+            .map(|qos| Path::new("kubepods").join(qos).join(&*pod))
+            .collect()
+    };
+    candidates
+        .iter()
+        .map(|rel| mount.join(rel))
+        .find(|dir| dir.is_dir())
+        .ok_or_else(|| {
+            anyhow!(
+                "pod {uid}'s cgroup (from {path:?}) is not under {}",
+                mount.display()
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +337,45 @@ mod tests {
         std::fs::write(mount.path().join("file"), "").unwrap();
         let e = format!("{:#}", resolve("/file", mount.path()).unwrap_err());
         assert!(e.contains("not a cgroup directory"), "{e}");
+    }
+
+    #[test]
+    fn pod_dir_from_a_process_cgroup() {
+        let mount = tempfile::tempdir().unwrap();
+        let m = mount.path();
+        let slice =
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+        let fs = format!("kubepods/besteffort/pod{UID}");
+        std::fs::create_dir_all(m.join(&slice)).unwrap();
+        std::fs::create_dir_all(m.join(&fs)).unwrap();
+        let got = |p: &str| pod_dir_of_process(p, UID, m);
+        // Read from the root cgroup namespace: the path as it is.
+        assert_eq!(
+            got(&format!("/{slice}/cri-containerd-abc.scope")).unwrap(),
+            m.join(&slice)
+        );
+        assert_eq!(got(&format!("/{fs}/abc")).unwrap(), m.join(&fs));
+        // From inside a cgroup namespace: rebuilt from the pod's name.
+        assert_eq!(
+            got(&format!(
+                "/../../kubepods-burstable-pod{UID_}.slice/crio-abc.scope"
+            ))
+            .unwrap(),
+            m.join(&slice)
+        );
+        assert_eq!(
+            got(&format!("/../../besteffort/pod{UID}/abc")).unwrap(),
+            m.join(&fs)
+        );
+        // Another pod's process, or a pod whose cgroup is gone.
+        assert!(got("/kubepods.slice/kubepods-podother.slice/x.scope").is_err());
+        let e = pod_dir_of_process(&format!("/kubepods/pod{UID}/x"), UID, m).unwrap_err();
+        assert!(e.to_string().contains("is not under"), "{e}");
+        assert!(is_pod_component(&format!("kubepods-pod{UID_}.slice"), UID));
+        assert!(!is_pod_component(
+            &format!("kubepods-xpod{UID_}.slice"),
+            UID
+        ));
     }
 
     #[test]

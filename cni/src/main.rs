@@ -52,9 +52,7 @@
 //!  "prevResult": {...}}
 //! ```
 
-mod api;
-mod cgroup;
-mod pods;
+use ztunnel_cni::{api, cgroup, pods};
 
 use std::collections::BTreeMap;
 use std::io::Read;
