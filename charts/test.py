@@ -399,6 +399,12 @@ def api_calls(files: list[str]) -> dict[tuple[str, str], set[str]]:
         for m in re.finditer(r"let\s+(?:mut\s+)?(\w+)\s*:\s*Api<(\w+)>", src):
             for call in re.finditer(rf"\b{m.group(1)}\s*\.\s*(\w+)\s*\(", src[m.end():]):
                 add(m.group(2), call.group(1))
+        # kube-rs watchers (kube::runtime::watcher) list and watch every
+        # `Api::<K>` built in a file that runs one.
+        if re.search(r"\bwatcher::watcher\s*\(", src):
+            for m in re.finditer(r"Api::<(\w+)>::\w+\(", src):
+                add(m.group(1), "list")
+                add(m.group(1), "watch")
     return need
 
 
@@ -652,6 +658,17 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
         p = one_flag(nargs, f)
         if not p or host_path(nspec, nc, p) is None:
             errs.append(f"cni: --{f} {p} is not a host directory")
+    # The installer's node agent (NODE_NAME set) enrolls running pods: it
+    # dials ztunnel at the host's path and reads the host's /proc and
+    # cgroup2 tree.
+    if any(e.get("name") == "NODE_NAME" for e in nc.get("env", [])):
+        if host_path(nspec, nc, nsock) != nsock:
+            errs.append(f"cni: ztunnel's socket {nsock} is not mounted at its host path in the installer")
+        for f, default, want in (("proc-dir", "/host/proc", "/proc"),
+                                 ("cgroup-dir", "/host/sys/fs/cgroup", "/sys/fs/cgroup")):
+            p = one_flag(nargs, f, default)
+            if host_path(nspec, nc, p) != want:
+                errs.append(f"cni: --{f} {p} is not the host's {want}")
     conf = one_flag(nargs, "cni-conf-dir")
     conf_host = host_path(nspec, nc, conf) if conf else None
     said = one_flag(nargs, "host-cni-conf-dir", re.sub(r"^/host(?=/)", "", conf or ""))
@@ -843,7 +860,11 @@ def run_mesh(sc: dict[str, Rendered]) -> list[str]:
             sa = "/run/secrets/kubernetes.io/serviceaccount"
             env = {**container_env(nc, cni.namespace), "KUBERNETES_SERVICE_HOST": "10.96.0.1",
                    "KUBERNETES_SERVICE_PORT": "443"}
-            cmd = [installer] + [relocate(a, mounts) for a in nargs[1:]]
+            # --ztunnel-socket is the host's path (written into the config
+            # for the plugin, which runs on the host; the container mounts
+            # its directory at that same path): not moved.
+            cmd = [installer] + [a if a.startswith("--ztunnel-socket") else relocate(a, mounts)
+                                 for a in nargs[1:]]
             lines += [
                 # The image's files and the pod's service account, in this
                 # mount namespace only.

@@ -38,14 +38,34 @@ const REDIRECTION: &str = "ambient.istio.io/redirection";
 
 /// A client for the API server the kubeconfig at `path` names.
 pub async fn client(path: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    client_of(kc, &path.display().to_string()).await
+}
+
+/// A client for `server` with the service account in `sa_dir` (`token`,
+/// `ca.crt`): the node agent's own. The token is read from its file, and
+/// again as the kubelet rotates it.
+pub async fn client_in_cluster(server: &str, sa_dir: &Path) -> anyhow::Result<Client> {
+    let kc: Kubeconfig = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": server, "certificate-authority": sa_dir.join("ca.crt")}}],
+        "users": [{"name": "u", "user": {"tokenFile": sa_dir.join("token")}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }))
+    .context("building the in-cluster config")?;
+    client_of(kc, &format!("service account {}", sa_dir.display())).await
+}
+
+async fn client_of(kc: Kubeconfig, what: &str) -> anyhow::Result<Client> {
     // kube's TLS takes the process default; make it ring (what the rest of
     // the workspace uses) explicitly, whatever features get unified.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let kc = Kubeconfig::read_from(path)
-        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+        .with_context(|| format!("loading kubeconfig {what}"))?;
     config.connect_timeout = Some(TIMEOUT);
     config.read_timeout = Some(TIMEOUT);
     config.write_timeout = Some(TIMEOUT);
@@ -64,27 +84,61 @@ pub async fn facts(client: &Client, namespace: &str, name: &str) -> anyhow::Resu
         .get(namespace)
         .await
         .with_context(|| format!("getting namespace {namespace}"))?;
-    let map = |m: Option<BTreeMap<String, String>>| m.unwrap_or_default();
-    let spec = pod.spec.unwrap_or_default();
-    Ok(Facts {
-        pod_labels: map(pod.metadata.labels),
-        pod_annotations: map(pod.metadata.annotations),
-        namespace_labels: map(ns.metadata.labels),
-        host_network: spec.host_network.unwrap_or(false),
-        service_account: spec.service_account_name.unwrap_or_default(),
-    })
+    Ok(facts_of(&pod, &ns))
+}
+
+/// The facts about `pod` in namespace `ns` that the mesh rule needs.
+pub fn facts_of(pod: &Pod, ns: &Namespace) -> Facts {
+    let map = |m: &Option<BTreeMap<String, String>>| m.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    Facts {
+        pod_labels: map(&pod.metadata.labels),
+        pod_annotations: map(&pod.metadata.annotations),
+        namespace_labels: map(&ns.metadata.labels),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// Whether `pod` says its capture is in place.
+pub fn is_captured(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REDIRECTION))
+        .is_some_and(|v| v == "enabled")
 }
 
 /// Records on pod `namespace/name` that ztunnel captures its traffic.
 pub async fn mark_captured(client: &Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+    annotate(client, namespace, name, json!("enabled"))
+        .await
+        .with_context(|| format!("annotating pod {namespace}/{name} {REDIRECTION}=enabled"))
+}
+
+/// Takes the record off pod `namespace/name` (its capture was removed), so
+/// that the control plane stops sending HBONE to it.
+pub async fn unmark_captured(client: &Client, namespace: &str, name: &str) -> anyhow::Result<()> {
+    annotate(client, namespace, name, serde_json::Value::Null)
+        .await
+        .with_context(|| format!("removing {REDIRECTION} from pod {namespace}/{name}"))
+}
+
+/// A merge patch of the annotation (null removes it).
+async fn annotate(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    value: serde_json::Value,
+) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let patch = json!({"metadata": {"annotations": {REDIRECTION: "enabled"}}});
+    let patch = json!({"metadata": {"annotations": {REDIRECTION: value}}});
     let params = PatchParams {
         field_manager: Some("ztunnel-cni".into()),
         ..PatchParams::default()
     };
-    pods.patch(name, &params, &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("annotating pod {namespace}/{name} {REDIRECTION}=enabled"))?;
+    pods.patch(name, &params, &Patch::Merge(&patch)).await?;
     Ok(())
 }

@@ -21,9 +21,13 @@
 //! kubeconfig, then the binary, and exits 0: pods created after that are
 //! not enrolled, rather than failing on a plugin that is gone. That
 //! includes the gap of a rolling upgrade of the DaemonSet (old installer
-//! gone, new one not yet started); pods started in it join the mesh when
-//! restarted. This is
-//! Istio's install-cni, minus its template and its sidecar-mode options.
+//! gone, new one not yet started); pods started in it are enrolled by the
+//! next installer once they run. This is Istio's install-cni, minus its
+//! template and its sidecar-mode options.
+//!
+//! With `--node-name` (the downward API's `spec.nodeName`) it is also
+//! Istio's node agent for running pods: they follow their ambient labels
+//! without a restart (see `follow.rs`).
 //!
 //! Paths: the installer sees the host's dirs where they are mounted
 //! (`--cni-conf-dir /host/etc/cni/net.d`), but the plugin runs on the host,
@@ -33,6 +37,7 @@
 
 mod conflist;
 mod files;
+mod follow;
 mod kubeconfig;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +76,21 @@ struct Args {
     /// How often to check that everything is still in place.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     interval: Duration,
+    /// This node's name (the downward API's `spec.nodeName`): when given,
+    /// running pods of this node follow their ambient labels (see
+    /// `follow.rs`); needs --proc-dir, --cgroup-dir and ztunnel's socket.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The host's /proc, as mounted here.
+    #[arg(long, default_value = "/host/proc")]
+    proc_dir: PathBuf,
+    /// The host's cgroup2 mount, as mounted here.
+    #[arg(long, default_value = "/host/sys/fs/cgroup")]
+    cgroup_dir: PathBuf,
+    /// The same dir as the host (and ztunnel) sees it (default:
+    /// --cgroup-dir without a leading /host).
+    #[arg(long)]
+    host_cgroup_dir: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -98,9 +118,9 @@ async fn main() {
     }
 }
 
-/// The host's view of the conf dir mounted at `mounted`: `explicit`, or
+/// The host's view of a dir mounted at `mounted`: `explicit`, or
 /// `mounted` without a leading `/host`.
-fn host_conf_dir(mounted: &Path, explicit: Option<&Path>) -> PathBuf {
+fn host_dir(mounted: &Path, explicit: Option<&Path>) -> PathBuf {
     match (explicit, mounted.strip_prefix("/host")) {
         (Some(dir), _) => dir.to_path_buf(),
         (None, Ok(rest)) => Path::new("/").join(rest),
@@ -138,7 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             json!({
                 "type": conflist::PLUGIN_TYPE,
                 "ztunnelSocket": args.ztunnel_socket,
-                "kubeconfig": host_conf_dir(&args.cni_conf_dir, args.host_cni_conf_dir.as_deref())
+                "kubeconfig": host_dir(&args.cni_conf_dir, args.host_cni_conf_dir.as_deref())
                     .join(KUBECONFIG_NAME),
                 "capabilities": {"cgroupPath": true},
             }),
@@ -148,17 +168,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
         chained: None,
         conf_dir: args.cni_conf_dir.clone(),
     };
+    // The node agent, if asked for: it ends only on an error that stops it
+    // for good (the API client or the watches), which stops the installer
+    // too (after its clean-up) so that the DaemonSet restarts it.
+    let server = node.server.clone();
+    let follow = async {
+        let Some(name) = args.node_name.clone() else {
+            return std::future::pending().await;
+        };
+        let client =
+            ztunnel_cni::api::client_in_cluster(&server, &args.service_account_dir).await?;
+        follow::run(
+            client,
+            follow::Options {
+                node: name,
+                proc_dir: args.proc_dir.clone(),
+                host_cgroup_dir: host_dir(&args.cgroup_dir, args.host_cgroup_dir.as_deref()),
+                cgroup_dir: args.cgroup_dir.clone(),
+                socket: args.ztunnel_socket.clone(),
+                interval: args.interval,
+            },
+        )
+        .await
+    };
+    tokio::pin!(follow);
     let mut tick = tokio::time::interval(args.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = tick.tick() => node.reconcile(),
             _ = term.recv() => break,
             _ = int.recv() => break,
+            r = &mut follow => {
+                failed = Some(r.err().unwrap_or_else(|| anyhow!("ended")));
+                break;
+            }
         }
     }
     info!("stopping: removing the plugin from this node");
-    node.uninstall()
+    let uninstalled = node.uninstall();
+    match failed {
+        Some(e) => Err(e.context("following pod labels")),
+        None => uninstalled,
+    }
 }
 
 /// What the installer keeps in place on this node.
@@ -284,18 +337,15 @@ mod tests {
     fn host_paths() {
         let p = |s: &str| PathBuf::from(s);
         assert_eq!(
-            host_conf_dir(&p("/host/etc/cni/net.d"), None),
+            host_dir(&p("/host/etc/cni/net.d"), None),
             p("/etc/cni/net.d")
         );
         assert_eq!(
-            host_conf_dir(&p("/host/etc/cni/net.d"), Some(&p("/var/lib/cni/net.d"))),
+            host_dir(&p("/host/etc/cni/net.d"), Some(&p("/var/lib/cni/net.d"))),
             p("/var/lib/cni/net.d")
         );
-        assert_eq!(
-            host_conf_dir(&p("/hostetc/net.d"), None),
-            p("/hostetc/net.d")
-        );
-        assert_eq!(host_conf_dir(&p("/tmp/net.d"), None), p("/tmp/net.d"));
+        assert_eq!(host_dir(&p("/hostetc/net.d"), None), p("/hostetc/net.d"));
+        assert_eq!(host_dir(&p("/tmp/net.d"), None), p("/tmp/net.d"));
     }
 
     #[test]
