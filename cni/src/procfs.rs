@@ -1,6 +1,6 @@
 //! Finding a running pod's process through the host's `/proc`, for the
 //! node agent that enrolls pods already running (see
-//! `install/follow.rs`): its network namespace is that process's
+//! `follow.rs`): its network namespace is that process's
 //! (`/proc/<pid>/ns/net`), its cgroup is read from `/proc/<pid>/cgroup`.
 //!
 //! This is Istio's node agent's way (`podNetnsProcFinder`): a pod's

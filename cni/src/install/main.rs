@@ -37,7 +37,6 @@
 
 mod conflist;
 mod files;
-mod follow;
 mod kubeconfig;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +47,7 @@ use clap::Parser;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
+use ztunnel_cni::follow;
 
 const KUBECONFIG_NAME: &str = "ztunnel-cni-kubeconfig";
 

@@ -249,19 +249,31 @@ fn patch_pod(
 /// adds it was sent.
 pub struct FakeZtunnel {
     pub adds: Arc<Mutex<Vec<zds::AddWorkload>>>,
+    /// The uids of the dels it was sent.
+    pub dels: Arc<Mutex<Vec<String>>>,
 }
 
-struct Recorder(Arc<Mutex<Vec<zds::AddWorkload>>>);
+struct Recorder {
+    adds: Arc<Mutex<Vec<zds::AddWorkload>>>,
+    dels: Arc<Mutex<Vec<String>>>,
+}
 
 impl zds::Handler for Recorder {
     fn handle(
         &self,
         req: Payload,
-        _netns: Option<OwnedFd>,
+        netns: Option<OwnedFd>,
         _resync: &mut Option<Vec<String>>,
     ) -> Result<(), String> {
-        if let Payload::Add(a) = req {
-            self.0.lock().unwrap().push(a);
+        match req {
+            Payload::Add(a) => {
+                if netns.is_none() {
+                    return Err("add without a netns fd".into());
+                }
+                self.adds.lock().unwrap().push(a);
+            }
+            Payload::Del(d) => self.dels.lock().unwrap().push(d.uid),
+            _ => {}
         }
         Ok(())
     }
@@ -270,9 +282,16 @@ impl zds::Handler for Recorder {
 impl FakeZtunnel {
     pub fn start(socket: &Path) -> FakeZtunnel {
         let adds = Arc::new(Mutex::new(Vec::new()));
+        let dels = Arc::new(Mutex::new(Vec::new()));
         let l = zds::bind(socket).unwrap();
-        tokio::spawn(zds::serve(l, Arc::new(Recorder(adds.clone()))));
-        FakeZtunnel { adds }
+        tokio::spawn(zds::serve(
+            l,
+            Arc::new(Recorder {
+                adds: adds.clone(),
+                dels: dels.clone(),
+            }),
+        ));
+        FakeZtunnel { adds, dels }
     }
 
     /// The (namespace/name, service account) of each pod enrolled so far.

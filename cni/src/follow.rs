@@ -6,7 +6,8 @@
 //! would stay captured. As Istio's CNI node agent does, this watches the
 //! Pods of this node (field selector `spec.nodeName`) and all Namespaces
 //! (kube-rs reflectors) and, level-triggered, on every change and every
-//! tick, brings each running pod to what its labels say ([`decide`]):
+//! tick, brings each running pod to what its labels say ([`decide`]).
+//! `ztunnel-cni-install` runs it ([`run`]) when given `--node-name`.
 //!
 //! - **enroll** a pod in the mesh that is not annotated
 //!   `ambient.istio.io/redirection: enabled`: find its oldest process
@@ -30,8 +31,10 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::{api, cgroup, pods, procfs};
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -41,7 +44,6 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use ztunnel::inpod::zds::{self, workload_request::Payload};
-use ztunnel_cni::{api, cgroup, pods, procfs};
 
 /// What to do about one pod.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -114,22 +116,19 @@ pub async fn run(client: Client, opts: Options) -> anyhow::Result<()> {
         .await
         .context("listing namespaces")?;
     info!(node = %opts.node, "following the ambient labels of this node's running pods");
-    let mut agent = Agent {
-        client,
-        opts,
-        host_netns,
-        done: HashMap::new(),
-        reported: HashMap::new(),
-        undeleted: HashSet::new(),
-    };
-    let mut tick = tokio::time::interval(agent.opts.interval);
+    let mut tick = tokio::time::interval(opts.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut agent = Agent::new(client, opts, host_netns);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             k = kick.recv() => if k.is_none() { return Err(anyhow!("the watches ended")) },
         }
-        agent.reconcile(&pods, &namespaces).await;
+        agent
+            .reconcile(&pods.state(), |name| {
+                namespaces.get(&reflector::ObjectRef::new(name))
+            })
+            .await;
     }
 }
 
@@ -167,7 +166,8 @@ where
     store
 }
 
-struct Agent {
+/// Brings pods to what their labels say; remembers what it did.
+pub struct Agent {
     client: Client,
     opts: Options,
     host_netns: u64,
@@ -181,19 +181,37 @@ struct Agent {
 }
 
 impl Agent {
-    async fn reconcile(&mut self, pods: &Store<Pod>, namespaces: &Store<Namespace>) {
+    /// `host_netns`: the inode of the host's network namespace
+    /// ([`procfs::own_netns`] on the host network).
+    pub fn new(client: Client, opts: Options, host_netns: u64) -> Agent {
+        Agent {
+            client,
+            opts,
+            host_netns,
+            done: HashMap::new(),
+            reported: HashMap::new(),
+            undeleted: HashSet::new(),
+        }
+    }
+
+    /// One pass over this node's pods (`all`); `namespace` looks one up by
+    /// name (`None`: not listed yet, the pod waits).
+    pub async fn reconcile(
+        &mut self,
+        all: &[Arc<Pod>],
+        namespace: impl Fn(&str) -> Option<Arc<Namespace>>,
+    ) {
         for uid in self.undeleted.clone() {
             if self.del(&uid).await.is_ok() {
                 self.undeleted.remove(&uid);
             }
         }
-        let all = pods.state();
         // Forget pods that are gone.
         self.done
             .retain(|uid, _| all.iter().any(|p| p.metadata.uid.as_ref() == Some(uid)));
         self.reported
             .retain(|uid, _| all.iter().any(|p| p.metadata.uid.as_ref() == Some(uid)));
-        for pod in all {
+        for pod in all.iter().cloned() {
             let (Some(uid), Some(ns_name), Some(name)) = (
                 pod.metadata.uid.clone(),
                 pod.metadata.namespace.clone(),
@@ -201,7 +219,7 @@ impl Agent {
             ) else {
                 continue;
             };
-            let Some(ns) = namespaces.get(&reflector::ObjectRef::new(&ns_name)) else {
+            let Some(ns) = namespace(&ns_name) else {
                 continue; // not listed yet: wait for it
             };
             let action = decide(&pod, &ns);
