@@ -3,8 +3,9 @@
 //! host's real cgroup2 mount (uniquely named, removed after), found
 //! through /proc; enrolled with a fake ztunnel (netns fd, cgroup, netns
 //! path) and annotated on a fake API server when its namespace is in the
-//! mesh, un-annotated and removed when it leaves. The watches that feed
-//! the passes are kube-rs's and not exercised here.
+//! mesh, un-annotated and removed when it leaves; first one pass at a
+//! time, then the whole watch loop against a fake API server that lists
+//! and watches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -174,4 +175,248 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     agent.reconcile(&[p], |_| Some(ambient.clone())).await;
     assert_eq!(zt.adds.lock().unwrap().len(), 1);
     assert_eq!(patches().len(), before);
+}
+
+/// A fake API server that lists and watches Pods and Namespaces the way
+/// kube-rs' watcher talks to a real one, and applies merge patches of a
+/// pod's annotations (sending the MODIFIED event a watch would get).
+mod watched {
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::{json, Value};
+    use tokio::sync::broadcast;
+
+    pub const PODS: &str = "/api/v1/pods";
+    pub const NAMESPACES: &str = "/api/v1/namespaces";
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    #[derive(Clone, Default)]
+    pub struct FakeApi {
+        /// Objects by collection path, then by name.
+        objects: Arc<Mutex<HashMap<String, Vec<Value>>>>,
+        events: Arc<Mutex<HashMap<String, broadcast::Sender<String>>>>,
+        /// Query strings of the pod lists and watches.
+        pub pod_queries: Arc<Mutex<Vec<String>>>,
+        version: Arc<Mutex<u64>>,
+    }
+
+    impl FakeApi {
+        pub fn serve(&self, path: &str, items: Vec<Value>) {
+            self.objects.lock().unwrap().insert(path.into(), items);
+            self.events
+                .lock()
+                .unwrap()
+                .insert(path.into(), broadcast::channel(16).0);
+        }
+
+        /// Replaces the object of that name and tells the watchers.
+        pub fn update(&self, path: &str, mut object: Value) {
+            let v = {
+                let mut v = self.version.lock().unwrap();
+                *v += 1;
+                *v + 1
+            };
+            object["metadata"]["resourceVersion"] = json!(v.to_string());
+            let name = object["metadata"]["name"].clone();
+            let mut all = self.objects.lock().unwrap();
+            let items = all.get_mut(path).unwrap();
+            items.retain(|o| o["metadata"]["name"] != name);
+            items.push(object.clone());
+            let line = json!({"type": "MODIFIED", "object": object}).to_string() + "\n";
+            let _ = self.events.lock().unwrap()[path].send(line);
+        }
+
+        pub fn get(&self, path: &str, name: &str) -> Value {
+            self.objects.lock().unwrap()[path]
+                .iter()
+                .find(|o| o["metadata"]["name"] == name)
+                .cloned()
+                .unwrap()
+        }
+
+        async fn handle(
+            &self,
+            req: hyper::Request<hyper::body::Incoming>,
+        ) -> hyper::Response<Body> {
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
+            if req.method() == hyper::Method::PATCH {
+                // /api/v1/namespaces/<ns>/pods/<name>
+                let name = path.rsplit('/').next().unwrap().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let patch: Value = serde_json::from_slice(&body).unwrap();
+                let mut pod = self.get(PODS, &name);
+                for (k, v) in patch["metadata"]["annotations"].as_object().unwrap() {
+                    if v.is_null() {
+                        if let Some(a) = pod["metadata"]["annotations"].as_object_mut() {
+                            a.remove(k);
+                        }
+                    } else {
+                        pod["metadata"]["annotations"][k] = v.clone();
+                    }
+                }
+                self.update(PODS, pod.clone());
+                return respond(Full::new(Bytes::from(pod.to_string())).boxed());
+            }
+            if path == PODS {
+                self.pod_queries.lock().unwrap().push(query.clone());
+            }
+            if query.contains("watch=true") {
+                let rx = self.events.lock().unwrap()[&path].subscribe();
+                let lines = futures::stream::unfold(rx, |mut rx| async move {
+                    let line = rx.recv().await.ok()?;
+                    Some((Ok(Frame::data(Bytes::from(line))), rx))
+                });
+                return respond(BodyExt::boxed(StreamBody::new(lines)));
+            }
+            let items = self.objects.lock().unwrap()[&path].clone();
+            let v = self.version.lock().unwrap().to_string();
+            let list = json!({"kind": "List", "apiVersion": "v1",
+                "metadata": {"resourceVersion": v}, "items": items});
+            respond(Full::new(Bytes::from(list.to_string())).boxed())
+        }
+
+        pub async fn start(&self) -> kube::Client {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", l.local_addr().unwrap());
+            let api = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (s, _) = l.accept().await.unwrap();
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let api = api.clone();
+                            async move { Ok::<_, Infallible>(api.handle(req).await) }
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            });
+            kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+        }
+    }
+
+    fn respond(body: Body) -> hyper::Response<Body> {
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    }
+}
+
+/// Polls `f` until it holds (failing the test after 20s: no timing is
+/// asserted, only that it happens).
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_loop_follows_a_namespace_label_both_ways() {
+    use watched::{FakeApi, NAMESPACES, PODS};
+    let mount = cgroup::mount();
+    let top = format!("ztcniwatch{}", std::process::id());
+    let uid = format!("{:08x}-eeee-4fff-8aaa-bbbbbbbbbbbb", std::process::id());
+    let pod_dir = mount.join(&top).join(format!("pod{uid}"));
+    let sandbox = pod_dir.join("sandbox");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let child = Command::new("unshare")
+        .args(["--net", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let _pod = TestPod {
+        child,
+        dirs: vec![mount.join(&top), pod_dir.clone(), sandbox.clone()],
+    };
+    let pid = _pod.child.id();
+    std::fs::write(sandbox.join("cgroup.procs"), pid.to_string()).unwrap();
+    eventually("the test pod in its own netns", || {
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+            != std::fs::read_link("/proc/self/ns/net").ok()
+    })
+    .await;
+
+    let api = FakeApi::default();
+    let ns = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "mesh", "resourceVersion": "1", "labels": labels}})
+    };
+    api.serve(NAMESPACES, vec![ns(json!({}))]);
+    api.serve(
+        PODS,
+        vec![json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "app", "namespace": "mesh", "uid": uid,
+                         "resourceVersion": "1", "annotations": {}},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "sa-app",
+                     "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running"}})],
+    );
+    let client = api.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ztunnel.sock");
+    let zt = FakeZtunnel::start(&socket);
+    let agent = tokio::spawn(follow::run(
+        client,
+        follow::Options {
+            node: "node-1".into(),
+            proc_dir: "/proc".into(),
+            cgroup_dir: mount.clone(),
+            host_cgroup_dir: mount.clone(),
+            socket,
+            interval: Duration::from_millis(100),
+        },
+    ));
+    let captured = || api.get(PODS, "app")["metadata"]["annotations"][CAPTURED] == json!("enabled");
+    eventually("the pods watched", || {
+        api.pod_queries
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|q| q.contains("watch=true"))
+    })
+    .await;
+    // Outside the mesh: left alone (several passes).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(zt.adds.lock().unwrap().is_empty());
+    assert!(!captured());
+    // Only this node's pods are asked for.
+    assert!(api
+        .pod_queries
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|q| q.contains("fieldSelector=spec.nodeName%3Dnode-1")));
+
+    api.update(
+        NAMESPACES,
+        ns(json!({"istio.io/dataplane-mode": "ambient"})),
+    );
+    eventually("the running pod enrolled and annotated", captured).await;
+    let adds = zt.adds.lock().unwrap().clone();
+    assert_eq!(adds.len(), 1);
+    assert_eq!(PathBuf::from(&adds[0].cgroup_path), pod_dir);
+
+    api.update(NAMESPACES, ns(json!({})));
+    eventually("the pod removed", || !zt.dels.lock().unwrap().is_empty()).await;
+    assert!(!captured());
+    assert_eq!(*zt.dels.lock().unwrap(), vec![uid.clone()]);
+    assert_eq!(zt.adds.lock().unwrap().len(), 1, "enrolled once");
+    agent.abort();
 }
