@@ -1622,23 +1622,11 @@ status: {podIP: 10.0.0.11}
 
     #[test]
     fn hbone_only_to_pods_that_take_it() {
-        let text = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: wp, namespace: app}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"#
-        .to_string()
+        // The waypoint manifest's pods: wp-1 (the waypoint's), echo-1
+        // (labelled in by its namespace, not enrolled); and three more.
+        let text = WAYPOINT_MANIFEST.to_string()
             + &[
                 ("enrolled", "{}", "{ambient.istio.io/redirection: enabled}"),
-                ("labelled-in", "{}", "{}"),
-                ("wp-1", "{gateway.networking.k8s.io/gateway-name: wp}", "{}"),
                 ("other-gw", "{gateway.networking.k8s.io/gateway-name: nope}", "{}"),
                 ("native", "{networking.istio.io/tunnel: http}", "{}"),
             ]
@@ -1647,7 +1635,7 @@ spec:
             .map(|(i, (name, labels, annotations))| {
                 format!(
                     "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app, labels: {labels}, annotations: {annotations}}}\nspec: {{nodeName: n, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: 10.0.0.{}}}\n",
-                    i + 1
+                    i + 31
                 )
             })
             .collect::<String>();
@@ -1664,7 +1652,7 @@ spec:
         };
         assert!(hbone("enrolled"));
         assert!(
-            !hbone("labelled-in"),
+            !hbone("echo-1"),
             "its namespace's label alone does not capture it"
         );
         assert!(hbone("wp-1"), "a waypoint's pod terminates HBONE itself");
