@@ -14,11 +14,11 @@
 //!   through the host's `/proc` (`procfs.rs`), hand ztunnel its netns (an
 //!   fd) and its pod-level cgroup (`cgroup.rs`) over ZDS as the plugin
 //!   does, then annotate it;
-//! - **remove** an annotated pod that is no longer in the mesh: take the
-//!   annotation off, then `del` it from ztunnel (Istio's order: peers stop
-//!   sending HBONE first; the plain TCP they send instead meanwhile still
-//!   reaches the app through ztunnel's inbound plaintext listener, until
-//!   the capture goes).
+//! - **remove** an annotated pod that is no longer in the mesh: `del` it
+//!   from ztunnel, then take the annotation off. Istio's order: the record
+//!   is let go only once the capture is really gone, so a failed `del` is
+//!   retried (the pod still says `enabled`) rather than forgotten; peers
+//!   that still send HBONE in between fail until the annotation goes.
 //!
 //! The annotation is the record of what is in place, so a restarted agent
 //! picks up where it was. Pods the plugin would never enroll are left
@@ -28,7 +28,7 @@
 //! patch) is logged once per pod and message, and retried on the next
 //! change or tick.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,8 +176,6 @@ pub struct Agent {
     done: HashMap<String, String>,
     /// The last failure logged per pod uid.
     reported: HashMap<String, String>,
-    /// Pods un-annotated whose `del` has not gone through yet.
-    undeleted: HashSet<String>,
 }
 
 impl Agent {
@@ -190,7 +188,6 @@ impl Agent {
             host_netns,
             done: HashMap::new(),
             reported: HashMap::new(),
-            undeleted: HashSet::new(),
         }
     }
 
@@ -201,11 +198,6 @@ impl Agent {
         all: &[Arc<Pod>],
         namespace: impl Fn(&str) -> Option<Arc<Namespace>>,
     ) {
-        for uid in self.undeleted.clone() {
-            if self.del(&uid).await.is_ok() {
-                self.undeleted.remove(&uid);
-            }
-        }
         // Forget pods that are gone.
         self.done
             .retain(|uid, _| all.iter().any(|p| p.metadata.uid.as_ref() == Some(uid)));
@@ -294,19 +286,13 @@ impl Agent {
         .await
     }
 
-    /// Annotation first, then ztunnel; a `del` that fails once the
-    /// annotation is gone (nothing left to say it is needed) is kept in
-    /// `undeleted` and retried every pass until it succeeds.
-    async fn remove(&mut self, namespace: &str, name: &str, uid: &str) -> anyhow::Result<()> {
+    async fn remove(&self, namespace: &str, name: &str, uid: &str) -> anyhow::Result<()> {
+        self.del(uid).await?;
         within(
             "the API server",
             api::unmark_captured(&self.client, namespace, name),
         )
-        .await?;
-        self.undeleted.insert(uid.to_string());
-        self.del(uid).await?;
-        self.undeleted.remove(uid);
-        Ok(())
+        .await
     }
 
     async fn del(&self, uid: &str) -> anyhow::Result<()> {

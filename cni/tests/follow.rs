@@ -3,7 +3,7 @@
 //! host's real cgroup2 mount (uniquely named, removed after), found
 //! through /proc; enrolled with a fake ztunnel (netns fd, cgroup, netns
 //! path) and annotated on a fake API server when its namespace is in the
-//! mesh, un-annotated and removed when it leaves; first one pass at a
+//! mesh, removed and un-annotated when it leaves; first one pass at a
 //! time, then the whole watch loop against a fake API server that lists
 //! and watches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -100,7 +100,7 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     let socket = dir.path().join("ztunnel.sock");
     let zt = FakeZtunnel::start(&socket);
     let mut agent = follow::Agent::new(
-        client,
+        client.clone(),
         follow::Options {
             node: "node-1".into(),
             proc_dir: "/proc".into(),
@@ -151,8 +151,26 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     assert_eq!(zt.adds.lock().unwrap().len(), 1);
     assert!(zt.dels.lock().unwrap().is_empty());
 
-    // The label goes: un-annotated, then removed from ztunnel.
+    // The label goes, but ztunnel is away: the pod stays annotated (the
+    // record is let go only once the capture is gone), to be retried.
     let plain = namespace(json!({}));
+    let mut away = follow::Agent::new(
+        client.clone(),
+        follow::Options {
+            node: "node-1".into(),
+            proc_dir: "/proc".into(),
+            cgroup_dir: mount.clone(),
+            host_cgroup_dir: mount.clone(),
+            socket: dir.path().join("absent.sock"),
+            interval: Duration::from_secs(1),
+        },
+        host_netns,
+    );
+    away.reconcile(std::slice::from_ref(&annotated), |_| Some(plain.clone()))
+        .await;
+    assert_eq!(patches().len(), 1, "still annotated");
+
+    // With ztunnel there: removed from it, then un-annotated.
     agent.reconcile(&[annotated], |_| Some(plain.clone())).await;
     assert_eq!(
         patches().last().unwrap(),
