@@ -178,6 +178,9 @@ fn expand_slice(slice: &str) -> Result<PathBuf, String> {
 /// Whether `component` of a cgroup path is pod `uid`'s own cgroup:
 /// `pod<uid>` (cgroupfs) or `...-pod<uid, _ for ->.slice` (systemd).
 pub fn is_pod_component(component: &str, uid: &str) -> bool {
+    if uid.is_empty() {
+        return false; // `pod` alone names no pod
+    }
     let systemd = format!("pod{}.slice", uid.replace('-', "_"));
     component == format!("pod{uid}")
         || component == systemd
@@ -376,6 +379,8 @@ mod tests {
             &format!("kubepods-xpod{UID_}.slice"),
             UID
         ));
+        assert!(!is_pod_component("pod", ""));
+        assert!(!is_pod_component("kubepods-pod.slice", ""));
     }
 
     #[test]
