@@ -10,18 +10,24 @@
 //! of the app's connections.
 //!
 //! What the runtime passes as `runtimeConfig.cgroupPath` (the `cgroupPath`
-//! capability) is the pod sandbox's `CgroupParent` that the kubelet chose,
-//! which *is* the pod-level cgroup: containerd's CRI
-//! (`cniNamespaceOpts`: `WithCapabilityCgroupPath(config.Linux.CgroupParent)`)
-//! and CRI-O (`newPodNetwork`: `RuntimeConfig.CgroupPath: sb.CgroupParent()`)
-//! both pass it unchanged. Its form depends on the kubelet's cgroup driver:
+//! capability) is the pod sandbox's `CgroupParent`, which *is* the
+//! pod-level cgroup; its form depends on the runtime and on the kubelet's
+//! cgroup driver:
 //!
-//! - `cgroupfs`: a path from the cgroup2 mount's root,
-//!   `/kubepods/besteffort/pod<uid>` (Guaranteed pods: `/kubepods/pod<uid>`);
-//! - `systemd` (the default on current distributions and kubeadm): a slice
-//!   name, `kubepods-besteffort-pod<uid with _ for ->.slice`, which systemd
-//!   nests by its dashes: `kubepods.slice/kubepods-besteffort.slice/
-//!   kubepods-besteffort-pod<uid>.slice` under the mount.
+//! - containerd's CRI passes the kubelet's value unchanged
+//!   (`cniNamespaceOpts`: `WithCapabilityCgroupPath(config.Linux.CgroupParent)`),
+//!   a path from the cgroup2 mount's root under either driver:
+//!   `/kubepods/besteffort/pod<uid>` (`cgroupfs`; Guaranteed pods:
+//!   `/kubepods/pod<uid>`), or the expanded slices
+//!   `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid with _ for ->.slice`
+//!   (`systemd`: the kubelet's `CgroupName.ToSystemd` expands them);
+//! - CRI-O (`newPodNetwork`: `RuntimeConfig.CgroupPath: sb.CgroupParent()`)
+//!   passes the same path with `cgroupfs`, but with its `systemd` manager
+//!   only the last element, the slice name
+//!   (`kubepods-besteffort-pod<uid>.slice`: `convertCgroupFsNameToSystemd`
+//!   is `path.Base`), which systemd nests by its dashes:
+//!   `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`
+//!   under the mount.
 //!
 //! runc's systemd form of a *container's* cgroup, `slice:prefix:name`
 //! (e.g. `kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>`), is
@@ -136,7 +142,7 @@ fn relative(value: &str, mount: &Path) -> Result<PathBuf, String> {
         expand_slice(value)? // systemd driver
     } else {
         return Err(
-            "neither a cgroupfs path (/kubepods/...) nor a systemd slice (kubepods-...-pod<uid>.slice)"
+            "neither a path from the cgroup root (/kubepods...) nor a systemd slice (kubepods-...-pod<uid>.slice)"
                 .into(),
         );
     };
@@ -266,7 +272,9 @@ mod tests {
         let rel = |v: &str| relative(v, m);
         let pod =
             format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
-        // systemd driver: the slice (containerd, CRI-O), or runc's form.
+        // systemd driver: the expanded path (containerd), the slice name
+        // (CRI-O), or runc's form of a container's cgroup.
+        assert_eq!(rel(&format!("/{pod}")).unwrap(), PathBuf::from(&pod));
         assert_eq!(
             rel(&format!("kubepods-burstable-pod{UID_}.slice")).unwrap(),
             PathBuf::from(&pod)

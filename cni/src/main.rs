@@ -21,8 +21,8 @@
 //! containerd and CRI-O pass it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
 //! `K8S_POD_UID`), and its cgroup by the `cgroupPath` capability
 //! (`runtimeConfig.cgroupPath`): the pod-level cgroup the kubelet chose, a
-//! path under the cgroup2 mount with the `cgroupfs` driver or a slice name
-//! with the `systemd` driver, resolved to its directory by `cgroup.rs`.
+//! path from the cgroup2 mount's root or (CRI-O with systemd) a slice name,
+//! resolved to its directory by `cgroup.rs`.
 //!
 //! Labels come from the API server when the config names a `kubeconfig`
 //! (on a cluster: `ztunnel-cni-install` writes it and chains the plugin in;

@@ -88,7 +88,11 @@ async fn systemd_and_cgroupfs_values_reach_ztunnel_as_the_pod_directory() {
         })
     };
 
+    let expanded = format!("/{top}.slice/{top}-besteffort.slice/{slice}");
     for (value, want) in [
+        // containerd: the kubelet's expanded slices.
+        (expanded, &slice_dir),
+        // CRI-O: the slice name.
         (slice.clone(), &slice_dir),
         // runc's form of a container's cgroup: its slice is the pod's.
         (format!("{slice}:cri-containerd:0123abcd"), &slice_dir),
