@@ -1166,6 +1166,17 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         ok("a pod delete in the plugin's source is read, and the cni ClusterRole does not grant it")
     else:
         fail(f"reading a pod delete from source: {calls}")
+    # A kube-rs watcher on a kind is read as list + watch on it.
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "watch.rs")
+        with open(src, "w") as f:
+            f.write("use k8s_openapi::api::core::v1::Service;\n"
+                    "fn w(c: Client) { let s = watcher::watcher(Api::<Service>::all(c), Default::default()); }\n")
+        calls = api_calls([src])
+    if calls.get(("", "services")) == {"list", "watch"} and not rbac_allows(rules, "", "services", "watch"):
+        ok("a watcher in the plugin's source is read as list+watch, which the cni ClusterRole grants only on pods and namespaces")
+    else:
+        fail(f"reading a watcher from source: {calls}")
     # A misspelt value, a bad duration: refused by values.schema.json.
     for chart, values in (("ztunnel", {"drainTimout": "60s"}), ("waypoint", {"xds": {"adress": "x"}}),
                           ("control-plane", {"maxCertTTL": "30 days"})):
