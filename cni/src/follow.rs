@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{api, cgroup, pods, procfs};
+use crate::{api, cgroup, pods, procfs, within};
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -309,17 +309,6 @@ impl Agent {
         .await
         .with_context(|| format!("removing pod {uid} from ztunnel"))
     }
-}
-
-/// `f`, failing if `who` has not answered within 10s.
-async fn within<T>(
-    who: &str,
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    const LIMIT: Duration = Duration::from_secs(10);
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .map_err(|_| anyhow!("{who} did not answer within {LIMIT:?}"))?
 }
 
 #[cfg(test)]

@@ -8,3 +8,15 @@ pub mod cgroup;
 pub mod follow;
 pub mod pods;
 pub mod procfs;
+
+/// `f`, failing if `who` has not answered within 10s: the plugin holds up
+/// a pod's start, and the agent its other pods, while it waits.
+pub async fn within<T>(
+    who: &str,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("{who} did not answer within {LIMIT:?}"))?
+}

@@ -52,13 +52,12 @@
 //!  "prevResult": {...}}
 //! ```
 
-use ztunnel_cni::{api, cgroup, pods};
+use ztunnel_cni::{api, cgroup, pods, within};
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
@@ -329,15 +328,4 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
         .enable_all()
         .build()
         .map_err(|e| err(11, "starting a tokio runtime", e))
-}
-
-/// `f`, failing if `who` has not answered within 10s.
-async fn within<T>(
-    who: &str,
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    const LIMIT: Duration = Duration::from_secs(10);
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .map_err(|_| anyhow!("{who} did not answer within {LIMIT:?}"))?
 }

@@ -3,28 +3,10 @@
 //! bad input (the spec's error object, exit status 1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod support;
 
-use serde_json::{json, Value};
-
-fn run(env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel-cni"));
-    cmd.env_clear().stdin(Stdio::piped()).stdout(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    // A plugin that rejects its environment may exit before reading stdin.
-    match child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        r => r.unwrap(),
-    }
-    let out = child.wait_with_output().unwrap();
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", out.stdout));
-    (out.status.success(), v)
-}
+use serde_json::json;
+use support::run_plugin as run;
 
 #[test]
 fn version() {

@@ -27,6 +27,39 @@ const CAPTURED: &str = "ambient.istio.io/redirection";
 struct TestPod {
     child: Child,
     dirs: Vec<PathBuf>,
+    uid: String,
+    /// The pod-level cgroup.
+    pod_dir: PathBuf,
+}
+
+impl TestPod {
+    /// Starts one under `<mount>/<name><pid>`, with a uid ending in
+    /// `uid_tail`; returns once its process is in its own netns.
+    async fn start(mount: &std::path::Path, name: &str, uid_tail: &str) -> TestPod {
+        let top = mount.join(format!("{name}{}", std::process::id()));
+        let uid = format!("{:08x}-{uid_tail}", std::process::id());
+        let pod_dir = top.join(format!("pod{uid}"));
+        let sandbox = pod_dir.join("sandbox");
+        std::fs::create_dir_all(&sandbox).unwrap();
+        let child = Command::new("unshare")
+            .args(["--net", "sleep", "60"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let pod = TestPod {
+            child,
+            dirs: vec![top, pod_dir.clone(), sandbox.clone()],
+            uid,
+            pod_dir,
+        };
+        std::fs::write(sandbox.join("cgroup.procs"), pid.to_string()).unwrap();
+        eventually("the test pod in its own netns", || {
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+                != std::fs::read_link("/proc/self/ns/net").ok()
+        })
+        .await;
+        pod
+    }
 }
 impl Drop for TestPod {
     fn drop(&mut self) {
@@ -60,29 +93,10 @@ fn namespace(labels: Value) -> Arc<Namespace> {
 async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     // The pod: a process in its own netns, in a pod-level cgroup.
     let mount = cgroup::mount();
-    let top = format!("ztcnifollow{}", std::process::id());
-    let uid = format!("{:08x}-aaaa-4bbb-8ccc-dddddddddddd", std::process::id());
-    let pod_dir = mount.join(&top).join(format!("pod{uid}"));
-    let sandbox = pod_dir.join("sandbox");
-    std::fs::create_dir_all(&sandbox).unwrap();
-    let child = Command::new("unshare")
-        .args(["--net", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let test_pod = TestPod {
-        child,
-        dirs: vec![mount.join(&top), pod_dir.clone(), sandbox.clone()],
-    };
+    let test_pod = TestPod::start(&mount, "ztcnifollow", "aaaa-4bbb-8ccc-dddddddddddd").await;
+    let (uid, pod_dir) = (test_pod.uid.clone(), test_pod.pod_dir.clone());
     let pid = test_pod.child.id();
-    std::fs::write(sandbox.join("cgroup.procs"), pid.to_string()).unwrap();
     let host_netns = procfs::own_netns().unwrap();
-    for _ in 0..100 {
-        let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
-        if ns != std::fs::read_link("/proc/self/ns/net").unwrap() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let pods = BTreeMap::from([(
         "mesh/app",
@@ -350,26 +364,8 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 async fn the_watch_loop_follows_a_namespace_label_both_ways() {
     use watched::{FakeApi, NAMESPACES, PODS};
     let mount = cgroup::mount();
-    let top = format!("ztcniwatch{}", std::process::id());
-    let uid = format!("{:08x}-eeee-4fff-8aaa-bbbbbbbbbbbb", std::process::id());
-    let pod_dir = mount.join(&top).join(format!("pod{uid}"));
-    let sandbox = pod_dir.join("sandbox");
-    std::fs::create_dir_all(&sandbox).unwrap();
-    let child = Command::new("unshare")
-        .args(["--net", "sleep", "60"])
-        .spawn()
-        .unwrap();
-    let _pod = TestPod {
-        child,
-        dirs: vec![mount.join(&top), pod_dir.clone(), sandbox.clone()],
-    };
-    let pid = _pod.child.id();
-    std::fs::write(sandbox.join("cgroup.procs"), pid.to_string()).unwrap();
-    eventually("the test pod in its own netns", || {
-        std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()
-            != std::fs::read_link("/proc/self/ns/net").ok()
-    })
-    .await;
+    let _pod = TestPod::start(&mount, "ztcniwatch", "eeee-4fff-8aaa-bbbbbbbbbbbb").await;
+    let (uid, pod_dir) = (_pod.uid.clone(), _pod.pod_dir.clone());
 
     let api = FakeApi::default();
     let ns = |labels: Value| {
