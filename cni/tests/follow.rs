@@ -71,6 +71,19 @@ impl Drop for TestPod {
     }
 }
 
+/// The agent's options on this node, with the test's cgroup mount for
+/// both the agent's view and the host's.
+fn options(mount: &std::path::Path, socket: PathBuf, interval: Duration) -> follow::Options {
+    follow::Options {
+        node: "node-1".into(),
+        proc_dir: "/proc".into(),
+        cgroup_dir: mount.to_path_buf(),
+        host_cgroup_dir: mount.to_path_buf(),
+        socket,
+        interval,
+    }
+}
+
 fn pod(uid: &str, version: &str, annotations: Value) -> Arc<Pod> {
     Arc::new(
         serde_json::from_value(json!({
@@ -115,14 +128,7 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     let zt = FakeZtunnel::start(&socket);
     let mut agent = follow::Agent::new(
         client.clone(),
-        follow::Options {
-            node: "node-1".into(),
-            proc_dir: "/proc".into(),
-            cgroup_dir: mount.clone(),
-            host_cgroup_dir: mount.clone(),
-            socket,
-            interval: Duration::from_secs(1),
-        },
+        options(&mount, socket, Duration::from_secs(1)),
         host_netns,
     );
     let patches = || api_server.patches.lock().unwrap().clone();
@@ -170,14 +176,11 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     let plain = namespace(json!({}));
     let mut away = follow::Agent::new(
         client.clone(),
-        follow::Options {
-            node: "node-1".into(),
-            proc_dir: "/proc".into(),
-            cgroup_dir: mount.clone(),
-            host_cgroup_dir: mount.clone(),
-            socket: dir.path().join("absent.sock"),
-            interval: Duration::from_secs(1),
-        },
+        options(
+            &mount,
+            dir.path().join("absent.sock"),
+            Duration::from_secs(1),
+        ),
         host_netns,
     );
     away.reconcile(std::slice::from_ref(&annotated), |_| Some(plain.clone()))
@@ -388,14 +391,7 @@ async fn the_watch_loop_follows_a_namespace_label_both_ways() {
     let zt = FakeZtunnel::start(&socket);
     let agent = tokio::spawn(follow::run(
         client,
-        follow::Options {
-            node: "node-1".into(),
-            proc_dir: "/proc".into(),
-            cgroup_dir: mount.clone(),
-            host_cgroup_dir: mount.clone(),
-            socket,
-            interval: Duration::from_millis(100),
-        },
+        options(&mount, socket, Duration::from_millis(100)),
     ));
     let captured = || api.get(PODS, "app")["metadata"]["annotations"][CAPTURED] == json!("enabled");
     eventually("the pods watched", || {
