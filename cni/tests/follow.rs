@@ -424,8 +424,12 @@ async fn the_watch_loop_follows_a_namespace_label_both_ways() {
     assert_eq!(PathBuf::from(&adds[0].cgroup_path), pod_dir);
 
     api.update(NAMESPACES, ns(json!({})));
-    eventually("the pod removed", || !zt.dels.lock().unwrap().is_empty()).await;
-    assert!(!captured());
+    // Del from ztunnel first, then the annotation (Istio's order): wait
+    // for both.
+    eventually("the pod removed and its annotation dropped", || {
+        !zt.dels.lock().unwrap().is_empty() && !captured()
+    })
+    .await;
     assert_eq!(*zt.dels.lock().unwrap(), vec![uid.clone()]);
     assert_eq!(zt.adds.lock().unwrap().len(), 1, "enrolled once");
     agent.abort();
