@@ -355,16 +355,22 @@ def watched_kinds() -> dict[tuple[str, str], set[str]]:
         raise RuntimeError("no Kubernetes source in xds/src (kube.rs or kube/)")
     for f in kube_files:
         src = open(f).read()
-        for g, k in typed_imports(src):
-            need.setdefault((g, plural(k)), set()).update({"list", "watch"})
+        # The typed kinds of a file that runs reflectors are watched; another
+        # file's (the waypoint controller's) are only what its calls ask.
+        if re.search(r"\b(watcher::watcher|reflector::reflector)\s*\(", src):
+            for g, k in typed_imports(src):
+                need.setdefault((g, plural(k)), set()).update({"list", "watch"})
         for m in re.finditer(r'\(\s*"([a-z0-9.-]+)"\s*,\s*"(v\d\w*)"\s*,\s*"([A-Z]\w*)"\s*,?\s*\)', src):
             need.setdefault((m.group(1), plural(m.group(3))), set()).update({"list", "watch"})
     if not any(g == "" for g, _ in need) or not any("." in g and not g.endswith(".k8s.io") for g, _ in need):
         raise RuntimeError(f"read only {sorted(need)} from {kube_files}: has the Kubernetes source changed shape?")
-    for key, verbs in api_calls([os.path.join(ROOT, "xds/src/auth.rs")]).items():
+    for key, verbs in api_calls([os.path.join(ROOT, "xds/src/auth.rs")] + kube_files).items():
         need.setdefault(key, set()).update(verbs)
-    if not any("create" in v for v in need.values()):
+    if "create" not in need.get(("authentication.k8s.io", "tokenreviews"), set()):
         raise RuntimeError("no TokenReview creation found in xds/src/auth.rs: has it changed shape?")
+    if not {"create", "patch"} <= need.get(("apps", "deployments"), set()):
+        raise RuntimeError("no server-side apply of Deployments found in xds/src/kube: has the waypoint "
+                           "controller changed shape?")
     return need
 
 
@@ -375,18 +381,33 @@ KUBE_VERBS = {"get": ("get", ""), "get_opt": ("get", ""), "list": ("list", ""), 
               "replace_status": ("update", "/status")}
 
 
+DYNAMIC_KIND = re.compile(r'\(\s*"([a-z0-9.-]+)"\s*,\s*"(v\d\w*)"\s*,\s*"([A-Z]\w*)"\s*,?\s*\)')
+
+
 def api_calls(files: list[str]) -> dict[tuple[str, str], set[str]]:
     """{(group, resource): verbs} of the kube-rs `Api` calls in Rust files:
-    `Api::<K>::all(..).create(..)`, and `let x: Api<K> = ..; x.get(..)`."""
+    `Api::<K>::all(..).create(..)`, and `let x: Api<K> = ..; x.get(..)`.
+    K is an imported k8s-openapi type, or DynamicObject in a file that
+    names one kind as a ("group", "version", "Kind") tuple. A patch in a
+    file that uses `Patch::Apply` is a server-side apply, which creates
+    the object when it is missing: create and patch."""
     need: dict[tuple[str, str], set[str]] = {}
     for f in files:
         src = open(f).read()
-        imported = {k: g for g, k in typed_imports(src)}
+        kinds = {k: (g, k) for g, k in typed_imports(src)}
+        dynamic = {(g, k) for g, _, k in DYNAMIC_KIND.findall(src)}
+        if len(dynamic) == 1:
+            kinds["DynamicObject"] = next(iter(dynamic))
+        applies = re.search(r"\bPatch::Apply\s*\(", src) is not None
 
         def add(kind: str, method: str) -> None:
-            if kind in imported and method in KUBE_VERBS:
+            if kind in kinds and method in KUBE_VERBS:
                 verb, sub = KUBE_VERBS[method]
-                need.setdefault((imported[kind], plural(kind) + sub), set()).add(verb)
+                group, k = kinds[kind]
+                verbs = need.setdefault((group, plural(k) + sub), set())
+                verbs.add(verb)
+                if applies and method == "patch":
+                    verbs.add("create")
 
         for m in re.finditer(r"Api::<(\w+)>::\w+\(", src):
             depth, i = 1, m.end()
@@ -705,8 +726,28 @@ def consistency(sc: dict[str, Rendered]) -> list[str]:
             cports = {p["name"]: p["containerPort"] for p in wc.get("ports", [])}
             if cports.get(tp, tp) != hbone:
                 errs.append(f"waypoint: Service port 15008 does not reach --hbone-addr port {hbone}")
+        # Deployed by hand (this chart): it must say so, or the control
+        # plane deploys a second Deployment and Service for it.
+        svc_host = f"{gname}.{wp.namespace}.svc"
+        hosts = [a.get("value", "") for a in gw["spec"].get("addresses", []) if a.get("type") == "Hostname"]
+        if not any(h == svc_host or h.startswith(svc_host + ".") for h in hosts):
+            errs.append(f"waypoint: the Gateway has no Hostname address naming its Service {svc_host} "
+                        f"({hosts}): the control plane would deploy it as well")
     if not gws:
         errs.append("waypoint: no Gateway")
+
+    # The waypoints the control plane deploys dial it like the chart's do.
+    for f in ("waypoint-xds-address",):
+        url = one_flag(cp_args, f, "https://istiod.istio-system.svc:15012")
+        u = urlparse(url or "")
+        if u.scheme != "https" or f"{u.hostname}:{u.port}" not in endpoints:
+            errs.append(f"control-plane: --{f} {url} is not its own Service (https://{' or '.join(endpoints) or '?'})")
+    sn = one_flag(cp_args, "waypoint-xds-server-name", "istiod.istio-system.svc")
+    if sn not in server_names:
+        errs.append(f"control-plane: --waypoint-xds-server-name {sn} is not in its --server-names {server_names}")
+    img = one_flag(cp_args, "waypoint-image", "ambient-mesh")
+    if img != cp_c["image"]:
+        errs.append(f"control-plane: --waypoint-image {img} is not its own image {cp_c['image']} (one image runs all)")
 
     # The CRDs the control plane's source needs: ours (base), or Gateway API (the user's).
     served = {(o["spec"]["group"], v["name"], o["spec"]["names"]["kind"])
@@ -1166,6 +1207,37 @@ def self_checks(custom: dict[str, tuple[str, dict]]) -> None:
         ok("a pod delete in the plugin's source is read, and the cni ClusterRole does not grant it")
     else:
         fail(f"reading a pod delete from source: {calls}")
+    # The waypoint controller's server-side applies and status writes are
+    # read as create + patch, and patch on the status subresource.
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "deploy.rs")
+        with open(src, "w") as f:
+            f.write("use k8s_openapi::api::apps::v1::Deployment;\n"
+                    "const GATEWAY: (&str, &str, &str) = (\"gateway.networking.k8s.io\", \"v1\", \"Gateway\");\n"
+                    "async fn f(c: Client) { let ds: Api<Deployment> = Api::namespaced(c, \"ns\");\n"
+                    "    ds.patch(\"w\", &pp, &Patch::Apply(&v)).await;\n"
+                    "    let gws: Api<DynamicObject> = Api::namespaced_with(c, \"ns\", &ar);\n"
+                    "    gws.patch_status(\"w\", &pp, &Patch::Apply(&s)).await; }\n")
+        calls = api_calls([src])
+    cp = render("control-plane", {}, "istio-system")
+    cp_rules = rules_for(cp.objects, "istio-system", "istiod")
+    no_create = [{**r, "verbs": [v for v in r["verbs"] if v != "create"]} if "deployments" in r["resources"] else r
+                 for r in cp_rules]
+    if calls == {("apps", "deployments"): {"create", "patch"},
+                 ("gateway.networking.k8s.io", "gateways/status"): {"patch"}} \
+            and rbac_allows(cp_rules, "apps", "deployments", "create") \
+            and not rbac_allows(no_create, "apps", "deployments", "create"):
+        ok("a server-side apply is read as create+patch, a DynamicObject Gateway's status write as "
+           "patch gateways/status; a ClusterRole without create on deployments is told apart")
+    else:
+        fail(f"reading the waypoint controller's calls: {calls}")
+    # The waypoint chart's Gateway without its Hostname address.
+    sc = {c: render(c, v, ns) for c, (ns, v) in custom.items()}
+    sc["waypoint"].of_kind("Gateway")[0]["spec"].pop("addresses")
+    if any("would deploy it as well" in e for e in consistency(sc)):
+        ok("a chart Gateway without its Hostname address (the control plane would deploy it too) is reported")
+    else:
+        fail("a chart Gateway without its Hostname address went unnoticed")
     # A kube-rs watcher on a kind is read as list + watch on it.
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "watch.rs")

@@ -76,6 +76,43 @@ pub struct Config {
     pub debounce: Duration,
     pub default_cert_ttl: Duration,
     pub max_cert_ttl: Duration,
+    /// What the Kubernetes source deploys for each waypoint Gateway.
+    pub waypoints: WaypointDeployment,
+}
+
+/// The settings of the waypoints the control plane deploys for Gateways
+/// of class `istio-waypoint` (Kubernetes source only): what the
+/// `charts/waypoint` chart takes from its values. The trust domain, the
+/// cluster domain and the token audience are the control plane's own.
+#[derive(Clone, Debug)]
+pub struct WaypointDeployment {
+    /// Container image holding `/usr/local/bin/waypoint`.
+    pub image: String,
+    /// The control plane as waypoints dial it (ADS and CA).
+    pub xds_address: String,
+    /// Name the control plane's certificate must carry.
+    pub xds_server_name: String,
+    /// ConfigMap in the Gateway's namespace with the mesh root as
+    /// `root-cert.pem`.
+    pub root_cert_config_map: String,
+    /// How long a waypoint drains open requests on SIGTERM.
+    pub drain_timeout: Duration,
+    /// Audience of the waypoint's projected token (the control plane's
+    /// `--token-audience`).
+    pub token_audience: String,
+}
+
+impl Default for WaypointDeployment {
+    fn default() -> Self {
+        WaypointDeployment {
+            image: "ambient-mesh".into(),
+            xds_address: "https://istiod.istio-system.svc:15012".into(),
+            xds_server_name: "istiod.istio-system.svc".into(),
+            root_cert_config_map: "istio-ca-root-cert".into(),
+            drain_timeout: Duration::from_secs(30),
+            token_audience: "istio-ca".into(),
+        }
+    }
 }
 
 impl Config {
@@ -93,6 +130,7 @@ impl Config {
             debounce: Duration::from_millis(10),
             default_cert_ttl: Duration::from_secs(24 * 3600),
             max_cert_ttl: Duration::from_secs(30 * 24 * 3600),
+            waypoints: WaypointDeployment::default(),
         }
     }
 }
@@ -187,7 +225,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         #[cfg(feature = "kube")]
         Source::Kubernetes => {
-            kube::run(model_tx, errors.clone(), metrics.clone()).await?;
+            let waypoints = kube::deploy::Settings {
+                waypoint: cfg.waypoints.clone(),
+                trust_domain: cfg.translate.trust_domain.clone(),
+                cluster_domain: cfg.translate.cluster_domain.clone(),
+            };
+            kube::run(model_tx, errors.clone(), metrics.clone(), waypoints).await?;
         }
         #[cfg(not(feature = "kube"))]
         Source::Kubernetes => {

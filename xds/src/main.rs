@@ -86,6 +86,23 @@ struct Args {
     /// Longest certificate lifetime granted.
     #[arg(long, value_parser = duration, default_value = "720h")]
     max_cert_ttl: Duration,
+    /// Image of the waypoints deployed for Gateways of class
+    /// `istio-waypoint` (with --kubernetes).
+    #[arg(long, default_value = "ambient-mesh")]
+    waypoint_image: String,
+    /// This control plane as deployed waypoints dial it (ADS and CA).
+    #[arg(long, default_value = "https://istiod.istio-system.svc:15012")]
+    waypoint_xds_address: String,
+    /// Name in this control plane's certificate that waypoints check.
+    #[arg(long, default_value = "istiod.istio-system.svc")]
+    waypoint_xds_server_name: String,
+    /// ConfigMap in the Gateway's namespace holding the mesh root
+    /// (`root-cert.pem`) that deployed waypoints trust.
+    #[arg(long, default_value = "istio-ca-root-cert")]
+    waypoint_root_cert_configmap: String,
+    /// How long a deployed waypoint drains on SIGTERM.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    waypoint_drain_timeout: Duration,
 }
 
 #[cfg(feature = "kube")]
@@ -121,6 +138,14 @@ fn main() -> std::process::ExitCode {
         .with(filter)
         .init();
     let a = Args::parse();
+    let waypoints = xds::WaypointDeployment {
+        image: a.waypoint_image.clone(),
+        xds_address: a.waypoint_xds_address.clone(),
+        xds_server_name: a.waypoint_xds_server_name.clone(),
+        root_cert_config_map: a.waypoint_root_cert_configmap.clone(),
+        drain_timeout: a.waypoint_drain_timeout,
+        token_audience: a.token_audience.clone(),
+    };
     let run = async move {
         let source = match (a.manifests, a.kubernetes) {
             (Some(d), _) => Source::Manifests(d),
@@ -155,6 +180,7 @@ fn main() -> std::process::ExitCode {
         cfg.poll_interval = a.poll_interval;
         cfg.debounce = a.debounce;
         cfg.max_cert_ttl = a.max_cert_ttl;
+        cfg.waypoints = waypoints;
         let running = xds::start(cfg).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -144,6 +144,26 @@ pub struct GatewaySpec {
     pub gateway_class_name: String,
     #[serde(default)]
     pub listeners: Vec<GatewayListener>,
+    #[serde(default)]
+    pub addresses: Vec<GatewayAddress>,
+}
+
+/// One of a Gateway's `spec.addresses`. Istio reads a `Hostname` address
+/// as "this Gateway is deployed by hand, at that Service": it then deploys
+/// nothing for it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    /// `IPAddress` (Gateway API's default), `Hostname`, or a
+    /// domain-prefixed implementation type.
+    #[serde(rename = "type", default = "ip_address")]
+    pub kind: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+fn ip_address() -> String {
+    "IPAddress".into()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -166,6 +186,14 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 impl Gateway {
     pub fn is_waypoint(&self) -> bool {
         self.spec.gateway_class_name == WAYPOINT_CLASS
+    }
+
+    /// Whether it names its own Service (a `Hostname` address), Istio's
+    /// convention for a Gateway whose Deployment and Service are installed
+    /// by hand (e.g. by the `charts/waypoint` chart) rather than by the
+    /// control plane.
+    pub fn is_deployed_by_hand(&self) -> bool {
+        self.spec.addresses.iter().any(|a| a.kind == "Hostname")
     }
 }
 

@@ -18,6 +18,9 @@
 //! cluster without waypoints) counts as listed and empty; it is picked up
 //! when it appears. Within a kind, kube-rs swaps a relist into the store
 //! whole, so a re-list after a broken watch never shows half a list either.
+//!
+//! Beside the model, [`deploy`] deploys a waypoint for every Gateway of
+//! class `istio-waypoint`, as istiod does.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -41,6 +44,7 @@ use crate::manifest::{parse_object, validate, ErrorList};
 use crate::metrics::Metrics;
 use crate::model::{Model, Object};
 
+pub mod deploy;
 #[cfg(test)]
 mod tests;
 
@@ -263,22 +267,26 @@ pub async fn run(
     tx: watch::Sender<Arc<Model>>,
     errors: ErrorList,
     metrics: Arc<Metrics>,
+    waypoints: deploy::Settings,
 ) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or kubeconfig)")?;
-    run_with(client, tx, errors, metrics).await;
+    run_with(client, tx, errors, metrics, waypoints).await;
     Ok(())
 }
 
-/// Starts the reflectors, waits until every kind is listed, publishes the
-/// first model on `tx`, then a new one on every change.
+/// Starts the waypoint controller and the reflectors, waits until every
+/// kind is listed, publishes the first model on `tx`, then a new one on
+/// every change.
 pub async fn run_with(
     client: Client,
     tx: watch::Sender<Arc<Model>>,
     errors: ErrorList,
     metrics: Arc<Metrics>,
+    waypoints: deploy::Settings,
 ) {
+    deploy::spawn(client.clone(), waypoints);
     let (kick, mut kicked) = mpsc::channel(1);
     let (stores, listed) = Stores::start(&client, &kick);
     all_listed(listed).await;

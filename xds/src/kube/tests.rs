@@ -1,5 +1,6 @@
 //! The Kubernetes source against a fake API server that lists and
-//! watches, the way kube-rs' watcher talks to a real one.
+//! watches, the way kube-rs' watcher talks to a real one, and records the
+//! server-side applies of the waypoint controller.
 
 #![allow(clippy::unwrap_used)]
 
@@ -33,9 +34,29 @@ struct Collection {
 }
 
 /// Collections by path; a path with none is not served (404), as a kind
-/// whose CRD is not installed.
+/// whose CRD is not installed. PATCHes are recorded in the second field.
 #[derive(Clone, Default)]
-struct FakeApi(Arc<Mutex<HashMap<String, Collection>>>);
+struct FakeApi(Arc<Mutex<HashMap<String, Collection>>>, Arc<Mutex<Patches>>);
+
+/// One PATCH the fake API received.
+#[derive(Clone, Debug)]
+struct Patched {
+    path: String,
+    query: String,
+    /// The status code it answered with.
+    code: u16,
+    body: Value,
+}
+
+#[derive(Default)]
+struct Patches {
+    log: Vec<Patched>,
+    /// (path suffix, code, how many more times): PATCHes to refuse.
+    refuse: Vec<(String, u16, usize)>,
+}
+
+/// The cluster IP the fake API assigns to every Service.
+const CLUSTER_IP: &str = "10.96.0.15";
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -55,14 +76,82 @@ impl FakeApi {
         // The watcher resumes from the last event's version: it needs one.
         object["metadata"]["resourceVersion"] = json!("2");
         let tx = self.0.lock().unwrap()[path].events.clone();
-        while tx.receiver_count() == 0 {
+        // Gateways have two watchers: the model's and the waypoint controller's.
+        let watchers = if path == GATEWAYS { 2 } else { 1 };
+        while tx.receiver_count() < watchers {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let line = json!({"type": kind, "object": object}).to_string() + "\n";
         tx.send(line).unwrap();
     }
 
+    /// Refuses the next `times` PATCHes of paths ending in `suffix`.
+    fn refuse(&self, suffix: &str, code: u16, times: usize) {
+        let r = (suffix.to_string(), code, times);
+        self.1.lock().unwrap().refuse.push(r);
+    }
+
+    fn patches(&self) -> Vec<Patched> {
+        self.1.lock().unwrap().log.clone()
+    }
+
+    /// Waits for a PATCH that satisfies `ok`.
+    async fn until_patched(&self, what: &str, ok: impl Fn(&Patched) -> bool) -> Patched {
+        let wait = async {
+            loop {
+                if let Some(p) = self.patches().into_iter().find(|p| ok(p)) {
+                    return p;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no PATCH of {what}: {:#?}", self.patches()))
+    }
+
+    /// A server-side apply: answered with the applied object as stored
+    /// (a Service gets its cluster IP), or refused as configured.
+    async fn patch(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+        let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+        let mut p = self.1.lock().unwrap();
+        let refused = p
+            .refuse
+            .iter_mut()
+            .find(|(suffix, _, n)| *n > 0 && path.ends_with(suffix.as_str()));
+        let code = match refused {
+            Some((_, code, n)) => {
+                *n -= 1;
+                *code
+            }
+            None => 200,
+        };
+        p.log.push(Patched {
+            path: path.clone(),
+            query,
+            code,
+            body: body.clone(),
+        });
+        if code != 200 {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": format!("refused by the test at {path}"), "reason": "Forbidden", "code": code});
+            return respond(code, Full::new(Bytes::from(status.to_string())).boxed());
+        }
+        body["metadata"]["uid"] = json!("uid-applied");
+        body["metadata"]["resourceVersion"] = json!("3");
+        if body["kind"] == "Service" {
+            body["spec"]["clusterIP"] = json!(CLUSTER_IP);
+        }
+        respond(200, Full::new(Bytes::from(body.to_string())).boxed())
+    }
+
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+        if req.method() == hyper::Method::PATCH {
+            return self.patch(req).await;
+        }
         let path = req.uri().path().to_string();
         let watching = req.uri().query().unwrap_or("").contains("watch=true");
         let found = self.0.lock().unwrap().get(&path).map(|c| {
@@ -163,11 +252,25 @@ struct Source {
     errors: ErrorList,
 }
 
+/// What the tests deploy waypoints with: the defaults, but an image of
+/// their own.
+fn settings() -> deploy::Settings {
+    deploy::Settings {
+        waypoint: crate::WaypointDeployment {
+            image: "mesh:test".into(),
+            ..Default::default()
+        },
+        trust_domain: "td.test".into(),
+        cluster_domain: "cluster.local".into(),
+    }
+}
+
 async fn start(api: &FakeApi) -> Source {
     let client = api.start().await;
     let (tx, models) = watch::channel(Arc::new(Model::default()));
     let errors = ErrorList::default();
-    let run = run_with(client, tx, errors.clone(), Arc::new(Metrics::default()));
+    let metrics = Arc::new(Metrics::default());
+    let run = run_with(client, tx, errors.clone(), metrics, settings());
     tokio::time::timeout(Duration::from_secs(20), run)
         .await
         .expect("every kind listed");
@@ -266,4 +369,251 @@ async fn an_invalid_object_is_reported_and_the_rest_kept() {
             .any(|e| e.contains("AuthorizationPolicy") && e.contains("bad")),
         "{errs:?}"
     );
+}
+
+// ------------------------------------------------------------ waypoint deployment
+
+const SHOP: &str = "/namespaces/shop/";
+
+fn gateway(name: &str, class: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "generation": 1},
+        "spec": {"gatewayClassName": class,
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+}
+
+/// The path of a PATCH of `shop/name` in `collection` (e.g. `deployments`).
+fn object_path(collection: &str, name: &str) -> String {
+    format!("{SHOP}{collection}/{name}")
+}
+
+/// Waits for an accepted apply of `shop/name` in `collection`.
+async fn applied(api: &FakeApi, collection: &str, name: &str) -> Patched {
+    let path = object_path(collection, name);
+    api.until_patched(&path, |p| p.code == 200 && p.path.ends_with(&path))
+        .await
+}
+
+fn args(deployment: &Value) -> Vec<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn condition<'a>(status_patch: &'a Patched, t: &str) -> &'a Value {
+    status_patch.body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap_or_else(|| panic!("no condition {t}: {:#?}", status_patch.body))
+}
+
+#[tokio::test]
+async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
+    let api = fake_api();
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    let _src = start(&api).await;
+    for (collection, kind) in [
+        ("serviceaccounts", "ServiceAccount"),
+        ("deployments", "Deployment"),
+        ("services", "Service"),
+    ] {
+        let p = applied(&api, collection, "waypoint").await;
+        assert!(
+            p.query
+                .contains(&format!("fieldManager={}", deploy::FIELD_MANAGER))
+                && p.query.contains("force=true"),
+            "not a forced server-side apply of ours: {}",
+            p.query
+        );
+        let meta = &p.body["metadata"];
+        assert_eq!(p.body["kind"], kind);
+        assert_eq!(meta["name"], "waypoint");
+        assert_eq!(meta["namespace"], "shop");
+        assert_eq!(
+            meta["ownerReferences"],
+            json!([{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "name": "waypoint", "uid": "uid-waypoint", "controller": true}]),
+            "{kind}"
+        );
+        assert_eq!(meta["labels"][deploy::MANAGED_LABEL], deploy::MANAGED_VALUE);
+    }
+    let d = applied(&api, "deployments", "waypoint").await.body;
+    let a = args(&d);
+    for want in [
+        "--xds-address=https://istiod.istio-system.svc:15012",
+        "--xds-server-name=istiod.istio-system.svc",
+        "--identity=spiffe://td.test/ns/shop/sa/waypoint",
+        "--xds-token-file=/var/run/secrets/tokens/istio-token",
+        "--drain-timeout=30s",
+    ] {
+        assert!(a.iter().any(|x| x == want), "no {want} in {a:?}");
+    }
+    let pod = &d["spec"]["template"];
+    assert_eq!(pod["spec"]["containers"][0]["image"], "mesh:test");
+    assert_eq!(pod["spec"]["serviceAccountName"], "waypoint");
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], "waypoint");
+    assert_eq!(labels["istio.io/dataplane-mode"], "none");
+    let svc = applied(&api, "services", "waypoint").await.body;
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})
+    );
+}
+
+#[tokio::test]
+async fn the_status_is_written() {
+    let api = fake_api();
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    let _src = start(&api).await;
+    let path = format!("{}/status", object_path("gateways", "waypoint"));
+    let p = api
+        .until_patched("the status", |p| p.path.ends_with(&path))
+        .await;
+    assert!(p.query.contains("force=true"), "{}", p.query);
+    assert_eq!(p.body["kind"], "Gateway");
+    for t in ["Accepted", "Programmed"] {
+        let c = condition(&p, t);
+        assert_eq!(c["status"], "True", "{c}");
+        assert_eq!(c["reason"], t, "{c}");
+        assert_eq!(c["observedGeneration"], 1, "{c}");
+        assert!(c["lastTransitionTime"].is_string(), "{c}");
+    }
+    assert_eq!(
+        p.body["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": CLUSTER_IP}])
+    );
+}
+
+#[tokio::test]
+async fn a_waypoint_added_by_watch_is_deployed() {
+    let api = fake_api();
+    let _src = start(&api).await;
+    api.event(GATEWAYS, "ADDED", gateway("late", "istio-waypoint"))
+        .await;
+    for collection in ["serviceaccounts", "deployments", "services"] {
+        applied(&api, collection, "late").await;
+    }
+}
+
+#[tokio::test]
+async fn a_changed_waypoint_is_applied_again() {
+    let api = fake_api();
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    let _src = start(&api).await;
+    let status = format!("{}/status", object_path("gateways", "waypoint"));
+    api.until_patched("the first status", |p| p.path.ends_with(&status))
+        .await;
+    let deployments = || {
+        let path = object_path("deployments", "waypoint");
+        api.patches()
+            .iter()
+            .filter(|p| p.path.ends_with(&path))
+            .count()
+    };
+    let before = deployments();
+    let mut changed = gateway("waypoint", "istio-waypoint");
+    changed["metadata"]["generation"] = json!(2);
+    api.event(GATEWAYS, "MODIFIED", changed).await;
+    let p = api
+        .until_patched("the status of generation 2", |p| {
+            p.path.ends_with(&status) && condition(p, "Programmed")["observedGeneration"] == 2
+        })
+        .await;
+    assert_eq!(condition(&p, "Accepted")["observedGeneration"], 2);
+    assert!(
+        deployments() > before,
+        "the Deployment was not applied again"
+    );
+}
+
+#[tokio::test]
+async fn hand_deployed_waypoints_and_other_classes_get_nothing() {
+    let api = fake_api();
+    let mut by_hand = gateway("by-hand", "istio-waypoint");
+    by_hand["spec"]["addresses"] =
+        json!([{"type": "Hostname", "value": "by-hand.shop.svc.cluster.local"}]);
+    api.serve_kind(
+        GATEWAYS,
+        vec![
+            by_hand,
+            gateway("ingress", "istio"),
+            gateway("control", "istio-waypoint"),
+        ],
+        Duration::ZERO,
+    );
+    let _src = start(&api).await;
+    // All three are reconciled together; the one deployed is the last to
+    // finish (four API calls where the others make none).
+    let status = format!("{}/status", object_path("gateways", "control"));
+    api.until_patched("control's status", |p| p.path.ends_with(&status))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let others: Vec<_> = api
+        .patches()
+        .into_iter()
+        .filter(|p| p.path.contains("/by-hand") || p.path.contains("/ingress"))
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+}
+
+#[tokio::test]
+async fn a_refused_apply_is_retried_and_the_model_still_served() {
+    let api = fake_api();
+    api.serve_kind(NAMESPACES, vec![namespace("shop")], Duration::ZERO);
+    api.serve_kind(PODS, vec![pod("web-1", "10.244.1.5")], Duration::ZERO);
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    // RBAC without deployments, until someone fixes it.
+    api.refuse("/deployments/waypoint", 403, 2);
+    let mut src = start(&api).await;
+    let m = src.models.borrow().clone();
+    assert!(m.pods.contains_key("shop/web-1"), "{m:?}");
+    assert!(m.gateways.contains_key("shop/waypoint"), "{m:?}");
+
+    let status = format!("{}/status", object_path("gateways", "waypoint"));
+    let pending = api
+        .until_patched("a status saying why", |p| {
+            p.path.ends_with(&status) && condition(p, "Programmed")["status"] == "False"
+        })
+        .await;
+    let c = condition(&pending, "Programmed");
+    assert_eq!(c["reason"], "Pending");
+    assert!(c["message"].as_str().unwrap().contains("Deployment"), "{c}");
+    applied(&api, "services", "waypoint").await;
+    let deployments: Vec<u16> = api
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/deployments/waypoint"))
+        .map(|p| p.code)
+        .collect();
+    assert_eq!(deployments[..3], [403, 403, 200], "{deployments:?}");
+    api.until_patched("the status once deployed", |p| {
+        p.path.ends_with(&status) && condition(p, "Programmed")["status"] == "True"
+    })
+    .await;
+    // The model goes on meanwhile.
+    api.event(PODS, "ADDED", pod("web-2", "10.244.1.6")).await;
+    src.until("the added pod", |m| m.pods.contains_key("shop/web-2"))
+        .await;
 }
