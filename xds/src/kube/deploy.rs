@@ -261,10 +261,13 @@ async fn write_status(
     for (t, (status, reason, message)) in want {
         let cur = current_cond(t);
         let same_status = cur.is_some_and(|c| c["status"] == status);
+        // A failure's message alone does not make a write: each write
+        // triggers a reconcile at once, which would bypass the backoff if
+        // the error's text varied from one attempt to the next.
         unchanged &= same_status
             && cur.is_some_and(|c| {
                 c["reason"] == reason
-                    && c["message"] == message.as_str()
+                    && (c["message"] == message.as_str() || status == "False")
                     && c["observedGeneration"].as_i64() == generation
             });
         let since = match cur {
