@@ -5,7 +5,7 @@
 //!
 //! # Design
 //! - A kube-runtime [`Controller`] on Gateways: it reconciles every
-//!   Gateway once at start, again on every change, and every [`RESYNC`]
+//!   Gateway once at start, again on every change, and every `RESYNC`
 //!   (re-applying puts back an object someone edited or deleted, without
 //!   watching Deployments, Services and ServiceAccounts as well).
 //! - Server-side apply under [`FIELD_MANAGER`], forced: the fields we set
