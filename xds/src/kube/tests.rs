@@ -617,3 +617,50 @@ async fn a_refused_apply_is_retried_and_the_model_still_served() {
     src.until("the added pod", |m| m.pods.contains_key("shop/web-2"))
         .await;
 }
+
+/// The waypoint chart at its defaults for `shop/waypoint`, as
+/// `charts/test.py` renders it (and checks that this file is current).
+const CHART: &str = include_str!("testdata/waypoint-chart.yaml");
+
+#[test]
+fn the_objects_are_the_waypoint_charts() {
+    let chart: HashMap<String, Value> = serde_yaml::Deserializer::from_str(CHART)
+        .map(|d| {
+            let v: Value = serde::Deserialize::deserialize(d).unwrap();
+            (v["kind"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    // The chart's defaults.
+    let s = deploy::Settings {
+        waypoint: crate::WaypointDeployment {
+            image: "ambient-mesh:0.1.0".into(),
+            ..Default::default()
+        },
+        trust_domain: "cluster.local".into(),
+        cluster_domain: "cluster.local".into(),
+    };
+    let ours = deploy::render(&s, "shop", "waypoint", "uid-waypoint");
+    let (d, cd) = (&ours.deployment["spec"], &chart["Deployment"]["spec"]);
+    for part in ["selector", "strategy"] {
+        assert_eq!(d[part], cd[part], "{part}");
+    }
+    assert_eq!(d["template"]["spec"], cd["template"]["spec"]);
+    let (meta, cmeta) = (&d["template"]["metadata"], &cd["template"]["metadata"]);
+    assert_eq!(meta["annotations"], cmeta["annotations"]);
+    // Every pod label but Helm's own.
+    for (k, v) in cmeta["labels"].as_object().unwrap() {
+        let helms = k == "helm.sh/chart"
+            || k.starts_with("app.kubernetes.io/")
+                && !k.ends_with("/name")
+                && !k.ends_with("/component")
+                && !k.ends_with("/part-of");
+        if !helms {
+            assert_eq!(&meta["labels"][k], v, "pod label {k}");
+        }
+    }
+    assert_eq!(ours.service["spec"], chart["Service"]["spec"]);
+    assert_eq!(
+        ours.account["automountServiceAccountToken"],
+        chart["ServiceAccount"]["automountServiceAccountToken"]
+    );
+}
