@@ -1371,12 +1371,16 @@ def check_image(scs: list[dict[str, Rendered]], cf: str) -> list[str]:
 CONTROLLER_FIXTURE = os.path.join(ROOT, "xds/src/kube/testdata/waypoint-chart.yaml")
 
 
+# Stands in for the root the control plane hands the waypoints it deploys.
+FIXTURE_ROOT = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n"
+
+
 def chart_waypoint_objects() -> str:
-    r = render("waypoint", {}, "shop")
-    docs = [o for o in r.objects if o["kind"] in ("ServiceAccount", "Deployment", "Service")]
-    return ("# Written by charts/test.py --update-fixture: charts/waypoint at its defaults,\n"
-            "# namespace shop. xds/src/kube/tests.rs compares the waypoint controller's\n"
-            "# objects with it.\n" + yaml.safe_dump_all(docs, sort_keys=True))
+    r = render("waypoint", {"xds": {"rootCert": FIXTURE_ROOT}}, "shop")
+    docs = [o for o in r.objects if o["kind"] in ("ConfigMap", "ServiceAccount", "Deployment", "Service")]
+    return ("# Written by charts/test.py --update-fixture: charts/waypoint at its defaults\n"
+            "# with a root certificate, namespace shop. xds/src/kube/tests.rs compares the\n"
+            "# waypoint controller's objects with it.\n" + yaml.safe_dump_all(docs, sort_keys=True))
 
 
 def check_controller_fixture(update: bool) -> None:

@@ -83,7 +83,8 @@ pub struct Config {
 /// The settings of the waypoints the control plane deploys for Gateways
 /// of class `istio-waypoint` (Kubernetes source only): what the
 /// `charts/waypoint` chart takes from its values. The trust domain, the
-/// cluster domain and the token audience are the control plane's own.
+/// cluster domain, the token audience and the root certificate are the
+/// control plane's own.
 #[derive(Clone, Debug)]
 pub struct WaypointDeployment {
     /// Container image holding `/usr/local/bin/waypoint`.
@@ -92,9 +93,6 @@ pub struct WaypointDeployment {
     pub xds_address: String,
     /// Name the control plane's certificate must carry.
     pub xds_server_name: String,
-    /// ConfigMap in the Gateway's namespace with the mesh root as
-    /// `root-cert.pem`.
-    pub root_cert_config_map: String,
     /// How long a waypoint drains open requests on SIGTERM.
     pub drain_timeout: Duration,
     /// Audience of the waypoint's projected token (the control plane's
@@ -108,7 +106,6 @@ impl Default for WaypointDeployment {
             image: "ambient-mesh".into(),
             xds_address: "https://istiod.istio-system.svc:15012".into(),
             xds_server_name: "istiod.istio-system.svc".into(),
-            root_cert_config_map: "istio-ca-root-cert".into(),
             drain_timeout: Duration::from_secs(30),
             token_audience: "istio-ca".into(),
         }
@@ -209,6 +206,15 @@ async fn translator(
 
 /// Starts the source, the translator and the gRPC server.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    // First: the waypoints the Kubernetes source deploys trust this root.
+    let ca = Arc::new(
+        LocalCa::load_or_generate(
+            cfg.ca_cert.as_deref(),
+            cfg.ca_key.as_deref(),
+            &cfg.translate.trust_domain,
+        )
+        .context("setting up the CA root")?,
+    );
     let metrics = Arc::new(Metrics::default());
     let errors: ErrorList = Default::default();
     let (model_tx, mut model_rx) = watch::channel(Arc::new(Model::default()));
@@ -229,6 +235,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 waypoint: cfg.waypoints.clone(),
                 trust_domain: cfg.translate.trust_domain.clone(),
                 cluster_domain: cfg.translate.cluster_domain.clone(),
+                root_pem: ca.root_pem().to_string(),
             };
             kube::run(model_tx, errors.clone(), metrics.clone(), waypoints).await?;
         }
@@ -246,14 +253,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
     tokio::spawn(translator(model_rx, snap_tx, tr, cfg.debounce));
 
-    let ca = Arc::new(
-        LocalCa::load_or_generate(
-            cfg.ca_cert.as_deref(),
-            cfg.ca_key.as_deref(),
-            &cfg.translate.trust_domain,
-        )
-        .context("setting up the CA root")?,
-    );
     let (cert_pem, key_pem) =
         ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
     let tls = tls::server_config(&cert_pem, &key_pem)?;

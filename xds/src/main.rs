@@ -96,10 +96,6 @@ struct Args {
     /// Name in this control plane's certificate that waypoints check.
     #[arg(long, default_value = "istiod.istio-system.svc")]
     waypoint_xds_server_name: String,
-    /// ConfigMap in the Gateway's namespace holding the mesh root
-    /// (`root-cert.pem`) that deployed waypoints trust.
-    #[arg(long, default_value = "istio-ca-root-cert")]
-    waypoint_root_cert_configmap: String,
     /// How long a deployed waypoint drains on SIGTERM.
     #[arg(long, value_parser = duration, default_value = "30s")]
     waypoint_drain_timeout: Duration,
@@ -142,7 +138,6 @@ fn main() -> std::process::ExitCode {
         image: a.waypoint_image.clone(),
         xds_address: a.waypoint_xds_address.clone(),
         xds_server_name: a.waypoint_xds_server_name.clone(),
-        root_cert_config_map: a.waypoint_root_cert_configmap.clone(),
         drain_timeout: a.waypoint_drain_timeout,
         token_audience: a.token_audience.clone(),
     };

@@ -1,7 +1,10 @@
 //! Deploys waypoints from their Gateways, as istiod does: for every
 //! Gateway of class `istio-waypoint`, a ServiceAccount, a Deployment and a
 //! Service named after it in its namespace, the same objects the
-//! `charts/waypoint` chart renders; then the Gateway's status.
+//! `charts/waypoint` chart renders; then the Gateway's status. The mesh
+//! root the waypoint trusts comes with them, as the chart writes it when
+//! given the root: a ConfigMap `<name>-istio-ca-root-cert` (istiod copies
+//! `istio-ca-root-cert` into every namespace instead; we do not).
 //!
 //! # Design
 //! - A kube-runtime [`Controller`] on Gateways: it reconciles every
@@ -32,7 +35,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
@@ -66,6 +69,8 @@ pub struct Settings {
     pub trust_domain: String,
     /// Of its xDS node id and its Service's hostname.
     pub cluster_domain: String,
+    /// The mesh root's certificate (PEM), which the waypoint trusts.
+    pub root_pem: String,
 }
 
 /// Why a Gateway's waypoint could not be deployed.
@@ -165,13 +170,15 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Err
 /// The objects of one waypoint.
 #[derive(Debug)]
 pub struct Objects {
+    pub root_cert: Value,
     pub account: Value,
     pub deployment: Value,
     pub service: Value,
 }
 
-/// Applies the ServiceAccount, the Deployment and the Service, in that
-/// order (the pods need the account); returns the Service as stored.
+/// Applies the root's ConfigMap, the ServiceAccount, the Deployment and
+/// the Service, in that order (the pods need the first two); returns the
+/// Service as stored.
 async fn apply(client: &Client, gw: &str, o: &Objects) -> Result<Service, Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let failed = |step: &'static str| {
@@ -193,6 +200,11 @@ async fn apply(client: &Client, gw: &str, o: &Objects) -> Result<Service, Error>
             .unwrap_or_default()
             .to_string()
     };
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns(&o.root_cert));
+    config_maps
+        .patch(&name(&o.root_cert), &pp, &Patch::Apply(&o.root_cert))
+        .await
+        .map_err(failed("applying its root certificate's ConfigMap"))?;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns(&o.account));
     accounts
         .patch(&name(&o.account), &pp, &Patch::Apply(&o.account))
@@ -342,6 +354,12 @@ pub fn render(s: &Settings, ns: &str, name: &str, uid: &str) -> Objects {
     pod_labels["istio.io/dataplane-mode"] = json!("none");
     let grace = w.drain_timeout.as_secs() + u64::from(w.drain_timeout.subsec_nanos() > 0) + 5;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let root_cert_name = format!("{name}-istio-ca-root-cert");
+    let mut root_cert = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+        "data": {"root-cert.pem": format!("{}\n", s.root_pem.trim())},
+    });
+    root_cert["metadata"]["name"] = json!(root_cert_name);
     let account = json!({
         "apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
         // The waypoint's identity; it reads nothing from the API server.
@@ -415,7 +433,7 @@ pub fn render(s: &Settings, ns: &str, name: &str, uid: &str) -> Objects {
                         {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
                             "path": "istio-token", "audience": w.token_audience,
                             "expirationSeconds": 43200}}]}},
-                        {"name": "istiod-ca-cert", "configMap": {"name": w.root_cert_config_map}},
+                        {"name": "istiod-ca-cert", "configMap": {"name": root_cert_name}},
                     ],
                 },
             },
@@ -435,6 +453,7 @@ pub fn render(s: &Settings, ns: &str, name: &str, uid: &str) -> Objects {
         },
     });
     Objects {
+        root_cert,
         account,
         deployment,
         service,

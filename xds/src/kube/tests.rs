@@ -262,8 +262,12 @@ fn settings() -> deploy::Settings {
         },
         trust_domain: "td.test".into(),
         cluster_domain: "cluster.local".into(),
+        root_pem: ROOT_PEM.into(),
     }
 }
+
+/// Stands in for the mesh root's certificate.
+const ROOT_PEM: &str = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----";
 
 async fn start(api: &FakeApi) -> Source {
     let client = api.start().await;
@@ -413,7 +417,7 @@ fn condition<'a>(status_patch: &'a Patched, t: &str) -> &'a Value {
 }
 
 #[tokio::test]
-async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
+async fn a_listed_waypoint_gets_its_root_account_deployment_and_service() {
     let api = fake_api();
     api.serve_kind(
         GATEWAYS,
@@ -421,12 +425,13 @@ async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
         Duration::ZERO,
     );
     let _src = start(&api).await;
-    for (collection, kind) in [
-        ("serviceaccounts", "ServiceAccount"),
-        ("deployments", "Deployment"),
-        ("services", "Service"),
+    for (collection, kind, name) in [
+        ("configmaps", "ConfigMap", "waypoint-istio-ca-root-cert"),
+        ("serviceaccounts", "ServiceAccount", "waypoint"),
+        ("deployments", "Deployment", "waypoint"),
+        ("services", "Service", "waypoint"),
     ] {
-        let p = applied(&api, collection, "waypoint").await;
+        let p = applied(&api, collection, name).await;
         assert!(
             p.query
                 .contains(&format!("fieldManager={}", deploy::FIELD_MANAGER))
@@ -436,7 +441,7 @@ async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
         );
         let meta = &p.body["metadata"];
         assert_eq!(p.body["kind"], kind);
-        assert_eq!(meta["name"], "waypoint");
+        assert_eq!(meta["name"], name);
         assert_eq!(meta["namespace"], "shop");
         assert_eq!(
             meta["ownerReferences"],
@@ -446,6 +451,8 @@ async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
         );
         assert_eq!(meta["labels"][deploy::MANAGED_LABEL], deploy::MANAGED_VALUE);
     }
+    let root = applied(&api, "configmaps", "waypoint-istio-ca-root-cert").await;
+    assert_eq!(root.body["data"]["root-cert.pem"], format!("{ROOT_PEM}\n"));
     let d = applied(&api, "deployments", "waypoint").await.body;
     let a = args(&d);
     for want in [
@@ -460,6 +467,10 @@ async fn a_listed_waypoint_gets_its_account_deployment_and_service() {
     let pod = &d["spec"]["template"];
     assert_eq!(pod["spec"]["containers"][0]["image"], "mesh:test");
     assert_eq!(pod["spec"]["serviceAccountName"], "waypoint");
+    assert_eq!(
+        pod["spec"]["volumes"][1]["configMap"]["name"],
+        "waypoint-istio-ca-root-cert"
+    );
     let labels = &pod["metadata"]["labels"];
     assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], "waypoint");
     assert_eq!(labels["istio.io/dataplane-mode"], "none");
@@ -618,8 +629,9 @@ async fn a_refused_apply_is_retried_and_the_model_still_served() {
         .await;
 }
 
-/// The waypoint chart at its defaults for `shop/waypoint`, as
-/// `charts/test.py` renders it (and checks that this file is current).
+/// The waypoint chart at its defaults, given a root certificate, for
+/// `shop/waypoint`, as `charts/test.py` renders it (and checks that this
+/// file is current).
 const CHART: &str = include_str!("testdata/waypoint-chart.yaml");
 
 #[test]
@@ -630,7 +642,8 @@ fn the_objects_are_the_waypoint_charts() {
             (v["kind"].as_str().unwrap().to_string(), v)
         })
         .collect();
-    // The chart's defaults.
+    // The chart's defaults, and its root.
+    let chart_root = &chart["ConfigMap"]["data"]["root-cert.pem"];
     let s = deploy::Settings {
         waypoint: crate::WaypointDeployment {
             image: "ambient-mesh:0.1.0".into(),
@@ -638,6 +651,7 @@ fn the_objects_are_the_waypoint_charts() {
         },
         trust_domain: "cluster.local".into(),
         cluster_domain: "cluster.local".into(),
+        root_pem: chart_root.as_str().unwrap().into(),
     };
     let ours = deploy::render(&s, "shop", "waypoint", "uid-waypoint");
     let (d, cd) = (&ours.deployment["spec"], &chart["Deployment"]["spec"]);
@@ -659,6 +673,11 @@ fn the_objects_are_the_waypoint_charts() {
         }
     }
     assert_eq!(ours.service["spec"], chart["Service"]["spec"]);
+    assert_eq!(ours.root_cert["data"], chart["ConfigMap"]["data"]);
+    assert_eq!(
+        ours.root_cert["metadata"]["name"],
+        chart["ConfigMap"]["metadata"]["name"]
+    );
     assert_eq!(
         ours.account["automountServiceAccountToken"],
         chart["ServiceAccount"]["automountServiceAccountToken"]
