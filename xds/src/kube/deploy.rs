@@ -44,7 +44,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::model::{Gateway, GATEWAY_NAME_LABEL};
+use crate::model::{Gateway, GATEWAY_NAME_LABEL, WAYPOINT_CLASS};
 use crate::WaypointDeployment;
 
 /// The Gateways this controller deploys from.
@@ -73,18 +73,14 @@ pub struct Settings {
     pub root_pem: String,
 }
 
-/// Why a Gateway's waypoint could not be deployed.
+/// Why a Gateway's waypoint could not be deployed (this time).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Gateway {0}: {1}")]
-    Invalid(String, String),
-    #[error("Gateway {gateway}: {step}: {source}")]
-    Api {
-        gateway: String,
-        step: &'static str,
-        #[source]
-        source: kube::Error,
-    },
+#[error("Gateway {gateway}: {step}: {source}")]
+pub struct Error {
+    gateway: String,
+    step: &'static str,
+    #[source]
+    source: kube::Error,
 }
 
 struct Ctx {
@@ -138,18 +134,24 @@ fn retry(gw: Arc<DynamicObject>, e: &Error, ctx: Arc<Ctx>) -> Action {
 }
 
 async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let gw_key = key(&obj);
-    let invalid = |m: String| Error::Invalid(gw_key.clone(), m);
-    let gw: Gateway = serde_json::to_value(&*obj)
-        .and_then(serde_json::from_value)
-        .map_err(|e| invalid(e.to_string()))?;
-    if !gw.is_waypoint() || gw.is_deployed_by_hand() {
+    // Other classes are not ours, whatever their spec holds.
+    if obj.data["spec"]["gatewayClassName"] != WAYPOINT_CLASS {
         return Ok(Action::await_change());
     }
+    let gw_key = key(&obj);
     let m = &obj.metadata;
-    let (Some(ns), Some(name), Some(uid)) = (&m.namespace, &m.name, &m.uid) else {
-        return Err(invalid("no namespace, name or uid".into()));
+    let gw = serde_json::to_value(&*obj).and_then(serde_json::from_value::<Gateway>);
+    let (Ok(gw), Some(ns), Some(name), Some(uid)) = (gw, &m.namespace, &m.name, &m.uid) else {
+        // Retrying cannot help: it takes a change of the Gateway, which
+        // reconciles it again. (The model reports what is wrong with it.)
+        warn!(
+            "Gateway {gw_key}: not a Gateway with a name, namespace and uid; no waypoint deployed"
+        );
+        return Ok(Action::await_change());
     };
+    if gw.is_deployed_by_hand() {
+        return Ok(Action::await_change());
+    }
     let s = &ctx.settings;
     let applied = apply(&ctx.client, &gw_key, &render(s, ns, name, uid)).await;
     let hostname = format!("{name}.{ns}.svc.{}", s.cluster_domain);
@@ -182,7 +184,7 @@ pub struct Objects {
 async fn apply(client: &Client, gw: &str, o: &Objects) -> Result<Service, Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let failed = |step: &'static str| {
-        move |source: kube::Error| Error::Api {
+        move |source: kube::Error| Error {
             gateway: gw.to_string(),
             step,
             source,
@@ -310,7 +312,7 @@ async fn write_status(
             &Patch::Apply(&body),
         )
         .await
-        .map_err(|source| Error::Api {
+        .map_err(|source| Error {
             gateway: format!("{ns}/{name}"),
             step: "writing its status",
             source,
