@@ -20,6 +20,13 @@
 //!   retried (the pod still says `enabled`) rather than forgotten; peers
 //!   that still send HBONE in between fail until the annotation goes.
 //!
+//! A pod this agent enrolled that then goes away (deleted, or finished) is
+//! `del`eted from ztunnel too. Its CNI `DEL` normally does that, but the
+//! runtime may have sent it while the agent was still enrolling the pod
+//! (the pod deleted between the agent's read and ztunnel's add); without
+//! this second `del` ztunnel would keep serving a pod that is gone. A
+//! `del` of a pod ztunnel no longer has is a no-op.
+//!
 //! The annotation is the record of what is in place, so a restarted agent
 //! picks up where it was. Pods the plugin would never enroll are left
 //! alone: kube-system, host-network pods, pods with a sidecar, ztunnel, and
@@ -28,7 +35,7 @@
 //! patch) is logged once per pod and message, and retried on the next
 //! change or tick.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,6 +183,9 @@ pub struct Agent {
     done: HashMap<String, String>,
     /// The last failure logged per pod uid.
     reported: HashMap<String, String>,
+    /// The pods this agent handed to ztunnel and has not removed: `del`ed
+    /// once they are gone (see the module docs).
+    enrolled: HashSet<String>,
 }
 
 impl Agent {
@@ -188,6 +198,7 @@ impl Agent {
             host_netns,
             done: HashMap::new(),
             reported: HashMap::new(),
+            enrolled: HashSet::new(),
         }
     }
 
@@ -198,6 +209,7 @@ impl Agent {
         all: &[Arc<Pod>],
         namespace: impl Fn(&str) -> Option<Arc<Namespace>>,
     ) {
+        self.release_finished(all).await;
         // Forget pods that are gone.
         self.done
             .retain(|uid, _| all.iter().any(|p| p.metadata.uid.as_ref() == Some(uid)));
@@ -242,7 +254,35 @@ impl Agent {
         }
     }
 
-    async fn enroll(&self, pod: &Pod, ns: &Namespace, uid: &str) -> anyhow::Result<()> {
+    /// `del`s the pods this agent enrolled that are gone from `all` or
+    /// finished; one that fails stays, to be retried on the next pass.
+    async fn release_finished(&mut self, all: &[Arc<Pod>]) {
+        let finished = |uid: &String| {
+            let pod = all.iter().find(|p| p.metadata.uid.as_ref() == Some(uid));
+            let phase = pod.and_then(|p| p.status.as_ref()?.phase.as_deref());
+            pod.is_none() || matches!(phase, Some("Succeeded" | "Failed"))
+        };
+        let gone: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|u| finished(u))
+            .cloned()
+            .collect();
+        for uid in gone {
+            match self.del(&uid).await {
+                Ok(()) => {
+                    info!(
+                        uid,
+                        "pod enrolled by the agent is gone: removed from ztunnel"
+                    );
+                    self.enrolled.remove(&uid);
+                }
+                Err(e) => warn!(uid, "{e:#} (retrying)"),
+            }
+        }
+    }
+
+    async fn enroll(&mut self, pod: &Pod, ns: &Namespace, uid: &str) -> anyhow::Result<()> {
         let proc = &self.opts.proc_dir;
         let process = procfs::find_pod(proc, uid, self.host_netns)?
             .ok_or_else(|| anyhow!("no process of the pod under {} yet", proc.display()))?;
@@ -279,6 +319,7 @@ impl Agent {
         })
         .await
         .context("enrolling the pod with ztunnel")?;
+        self.enrolled.insert(uid.to_string());
         within(
             "the API server",
             api::mark_captured(&self.client, &namespace, &name),
@@ -286,8 +327,9 @@ impl Agent {
         .await
     }
 
-    async fn remove(&self, namespace: &str, name: &str, uid: &str) -> anyhow::Result<()> {
+    async fn remove(&mut self, namespace: &str, name: &str, uid: &str) -> anyhow::Result<()> {
         self.del(uid).await?;
+        self.enrolled.remove(uid);
         within(
             "the API server",
             api::unmark_captured(&self.client, namespace, name),

@@ -212,6 +212,71 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     assert_eq!(patches().len(), before);
 }
 
+/// A pod the agent enrolled is `del`eted from ztunnel once it is gone or
+/// finished, in case its CNI `DEL` came while the agent was enrolling it;
+/// pods the agent did not enroll are left to their `DEL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_agent_enrolled_leaves_ztunnel_when_it_is_gone() {
+    let mount = cgroup::mount();
+    let test_pod = TestPod::start(&mount, "ztcnigone", "aaaa-4bbb-8ccc-eeeeeeeeeeee").await;
+    let uid = test_pod.uid.clone();
+    let pods = BTreeMap::from([(
+        "mesh/app",
+        PodSpec {
+            labels: json!({}),
+            annotations: json!({}),
+            service_account: "sa-app",
+        },
+    )]);
+    let api_server = ApiServer::start("t", BTreeMap::new(), pods).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = api::client(&api_server.kubeconfig(dir.path(), "t"))
+        .await
+        .unwrap();
+    let socket = dir.path().join("ztunnel.sock");
+    let zt = FakeZtunnel::start(&socket);
+    let host_netns = procfs::own_netns().unwrap();
+    let mut agent = follow::Agent::new(
+        client,
+        options(&mount, socket, Duration::from_secs(1)),
+        host_netns,
+    );
+    let ambient = namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    let dels = || zt.dels.lock().unwrap().clone();
+
+    // Already annotated (the plugin enrolled it): gone, it is left alone.
+    let by_plugin = pod(&uid, "1", json!({CAPTURED: "enabled"}));
+    agent
+        .reconcile(&[by_plugin], |_| Some(ambient.clone()))
+        .await;
+    agent.reconcile(&[], |_| Some(ambient.clone())).await;
+    assert!(dels().is_empty(), "{:?}", dels());
+
+    // Enrolled by the agent, then finished: removed from ztunnel, once.
+    let p = pod(&uid, "2", json!({}));
+    agent.reconcile(&[p], |_| Some(ambient.clone())).await;
+    assert_eq!(zt.adds.lock().unwrap().len(), 1);
+    let mut finished = (*pod(&uid, "3", json!({CAPTURED: "enabled"}))).clone();
+    finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    let finished = Arc::new(finished);
+    agent
+        .reconcile(std::slice::from_ref(&finished), |_| Some(ambient.clone()))
+        .await;
+    assert_eq!(dels(), vec![uid.clone()]);
+    agent
+        .reconcile(&[finished], |_| Some(ambient.clone()))
+        .await;
+    agent.reconcile(&[], |_| Some(ambient.clone())).await;
+    assert_eq!(dels(), vec![uid.clone()], "once");
+
+    // Enrolled again, then deleted (gone from the watch).
+    let p = pod(&uid, "4", json!({}));
+    agent.reconcile(&[p], |_| Some(ambient.clone())).await;
+    assert_eq!(zt.adds.lock().unwrap().len(), 2);
+    agent.reconcile(&[], |_| Some(ambient.clone())).await;
+    assert_eq!(dels(), vec![uid.clone(), uid.clone()]);
+}
+
 /// A fake API server that lists and watches Pods and Namespaces the way
 /// kube-rs' watcher talks to a real one, and applies merge patches of a
 /// pod's annotations (sending the MODIFIED event a watch would get).

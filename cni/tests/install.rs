@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use support::{prev_result, ApiServer, FakeZtunnel, PodSpec};
+use support::{prev_result, status, ApiServer, FakeZtunnel, PodSpec};
+use ztunnel_cni::upgrade::{self, Stop};
 
 struct Node {
     dir: tempfile::TempDir,
@@ -47,6 +48,11 @@ impl Node {
 
     /// Starts the installer; `api_port` is KUBERNETES_SERVICE_PORT.
     fn install(&self, api_port: u16) -> Installer {
+        self.install_as(api_port, &[])
+    }
+
+    /// The installer with extra environment (its pod, from the downward API).
+    fn install_as(&self, api_port: u16, env: &[(&str, &str)]) -> Installer {
         let child = Command::new(env!("CARGO_BIN_EXE_ztunnel-cni-install"))
             .args(["--cni-bin-dir", self.bin.to_str().unwrap()])
             .args(["--cni-conf-dir", self.conf.to_str().unwrap()])
@@ -56,6 +62,7 @@ impl Node {
             .args(["--interval", "50ms"])
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
             .env("KUBERNETES_SERVICE_PORT", api_port.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()
@@ -437,6 +444,193 @@ async fn the_installed_plugin_reads_the_api_server_and_follows_token_rotation() 
     assert_eq!(
         std::fs::read(node.conf.join("10-calico.conflist")).unwrap(),
         CALICO.as_bytes()
+    );
+}
+
+const DS_PATH: &str = "/apis/apps/v1/namespaces/mesh-system/daemonsets/ztunnel-cni";
+
+/// Installer pod `name` of DaemonSet `ztunnel-cni` in `mesh-system` (and
+/// the DaemonSet, selecting `nodeSelector`) on the fake API server.
+fn installer_pod(api: &ApiServer, name: &str, node_selector: Value) {
+    let mut o = api.objects.lock().unwrap();
+    o.insert(
+        format!("/api/v1/namespaces/mesh-system/pods/{name}"),
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": "mesh-system",
+                                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                                     "name": "ztunnel-cni", "uid": "ds-1",
+                                                     "controller": true}]},
+                   "spec": {"containers": [{"name": "install"}]}}),
+        ),
+    );
+    o.insert(
+        DS_PATH.into(),
+        (
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                   "metadata": {"name": "ztunnel-cni", "namespace": "mesh-system", "uid": "ds-1"},
+                   "spec": {"selector": {"matchLabels": {"app": "ztunnel-cni"}},
+                            "template": {"metadata": {"labels": {"app": "ztunnel-cni"}},
+                                         "spec": {"nodeSelector": node_selector,
+                                                  "containers": [{"name": "install"}]}}}}),
+        ),
+    );
+}
+
+/// A rolling update stops the old installer before the new one starts: the
+/// plugin stays for pods created in between (they wait for the new
+/// installer's kubeconfig rather than start outside the mesh); the new
+/// installer takes it over; once the DaemonSet is being deleted, a stop
+/// removes it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_its_daemonset_leaves_the_plugin_for_the_next_installer() {
+    let api = ApiServer::start("token-1", BTreeMap::new(), BTreeMap::new()).await;
+    installer_pod(&api, "cni-old", json!({}));
+    installer_pod(&api, "cni-new", json!({}));
+    let node = Node::new();
+    std::fs::write(node.sa.join("ca.crt"), &api.ca_pem).unwrap();
+    // As the kubelet projects it: no newline (the agent's own client uses
+    // the file as it is).
+    std::fs::write(node.sa.join("token"), "token-1").unwrap();
+    std::fs::write(node.conf.join("10-calico.conflist"), CALICO).unwrap();
+    let as_pod = |name| [("POD_NAME", name), ("POD_NAMESPACE", "mesh-system")];
+
+    let old = node.install_as(api.port, &as_pod("cni-old"));
+    node.wait_for("10-calico.conflist", "chained", chained);
+    assert!(
+        old.terminate(),
+        "log:
+{}",
+        node.log()
+    );
+    let list: Value =
+        serde_json::from_slice(&std::fs::read(node.conf.join("10-calico.conflist")).unwrap())
+            .unwrap();
+    assert!(
+        chained(&list),
+        "entry removed during an update: {list}\nlog:\n{}",
+        node.log()
+    );
+    assert!(node.kubeconfig().exists() && node.plugin().exists());
+    assert!(
+        node.log()
+            .contains("DaemonSet mesh-system/ztunnel-cni is still there"),
+        "{}",
+        node.log()
+    );
+
+    let new = node.install_as(api.port, &as_pod("cni-new"));
+    // Takes the entry over (one, not two), as after any restart.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.wait_for("10-calico.conflist", "chained once", chained);
+    api.objects.lock().unwrap().get_mut(DS_PATH).unwrap().1["metadata"]["deletionTimestamp"] =
+        json!("2026-12-02T17:00:00Z");
+    assert!(
+        new.terminate(),
+        "log:
+{}",
+        node.log()
+    );
+    assert!(!node.kubeconfig().exists() && !node.plugin().exists());
+    let list: Value =
+        serde_json::from_slice(&std::fs::read(node.conf.join("10-calico.conflist")).unwrap())
+            .unwrap();
+    let calico: Value = serde_json::from_str(CALICO).unwrap();
+    assert_eq!(list, calico, "only our entry taken out");
+    assert!(
+        node.log()
+            .contains("DaemonSet mesh-system/ztunnel-cni is being deleted"),
+        "{}",
+        node.log()
+    );
+}
+
+/// The decision itself, against each answer the API server can give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_daemonset_still_running_here_keeps_the_plugin() {
+    let api = ApiServer::start("t", BTreeMap::new(), BTreeMap::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = ztunnel_cni::api::client(&api.kubeconfig(dir.path(), "t"))
+        .await
+        .unwrap();
+    installer_pod(&api, "cni-1", json!({"pool": "mesh"}));
+    let node = |labels: Value| {
+        api.objects.lock().unwrap().insert(
+            "/api/v1/nodes/node-1".into(),
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": "node-1", "labels": labels}}),
+            ),
+        );
+    };
+    let me = |pod: &str, node: Option<&str>| upgrade::Me {
+        namespace: "mesh-system".into(),
+        pod: pod.into(),
+        node: node.map(str::to_string),
+    };
+    let decide = |pod: &'static str, n: Option<&'static str>| {
+        let client = client.clone();
+        async move { upgrade::decide(&client, &me(pod, n)).await }
+    };
+    let removed = |s: Stop, why: &str| match s {
+        Stop::Remove(r) => assert!(r.contains(why), "{r:?} does not say {why:?}"),
+        Stop::Keep(r) => panic!("kept ({r}), expected a removal for {why:?}"),
+    };
+
+    node(json!({"pool": "mesh"}));
+    assert!(matches!(
+        decide("cni-1", Some("node-1")).await,
+        Stop::Keep(_)
+    ));
+    assert!(matches!(decide("cni-1", None).await, Stop::Keep(_)));
+    // The DaemonSet no longer selects this node.
+    node(json!({"pool": "batch"}));
+    removed(
+        decide("cni-1", Some("node-1")).await,
+        "no longer runs on node node-1",
+    );
+    node(json!({"pool": "mesh"}));
+    // Being deleted, gone, or unreadable.
+    let ds = api.objects.lock().unwrap().get(DS_PATH).cloned().unwrap();
+    let mut deleting = ds.clone();
+    deleting.1["metadata"]["deletionTimestamp"] = json!("2026-12-02T17:00:00Z");
+    api.objects.lock().unwrap().insert(DS_PATH.into(), deleting);
+    removed(decide("cni-1", Some("node-1")).await, "is being deleted");
+    api.objects.lock().unwrap().remove(DS_PATH);
+    removed(decide("cni-1", Some("node-1")).await, "is gone");
+    api.objects.lock().unwrap().insert(
+        DS_PATH.into(),
+        (403, status(403, "Forbidden", "daemonsets is forbidden")),
+    );
+    removed(
+        decide("cni-1", Some("node-1")).await,
+        "getting DaemonSet mesh-system/ztunnel-cni",
+    );
+    api.objects.lock().unwrap().insert(DS_PATH.into(), ds);
+    assert!(matches!(
+        decide("cni-1", Some("node-1")).await,
+        Stop::Keep(_)
+    ));
+    // Not run by a DaemonSet, or not found.
+    api.objects.lock().unwrap().insert(
+        "/api/v1/namespaces/mesh-system/pods/bare".into(),
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "bare", "namespace": "mesh-system"},
+                   "spec": {"containers": [{"name": "install"}]}}),
+        ),
+    );
+    removed(
+        decide("bare", Some("node-1")).await,
+        "not run by a DaemonSet",
+    );
+    removed(
+        decide("gone", Some("node-1")).await,
+        "getting this pod mesh-system/gone",
     );
 }
 

@@ -19,11 +19,11 @@
 //! On SIGTERM it removes its entry from the primary's config (restoring the
 //! primary's file byte for byte when nobody touched it since), then the
 //! kubeconfig, then the binary, and exits 0: pods created after that are
-//! not enrolled, rather than failing on a plugin that is gone. That
-//! includes the gap of a rolling upgrade of the DaemonSet (old installer
-//! gone, new one not yet started); pods started in it are enrolled by the
-//! next installer once they run. This is Istio's install-cni, minus its
-//! template and its sidecar-mode options.
+//! not enrolled, rather than failing on a plugin that is gone. Unless its
+//! DaemonSet is being updated (`--pod-name`, `--pod-namespace`; see
+//! `upgrade.rs`): then all stays in place, and pods created before the new
+//! installer starts wait for it instead of starting outside the mesh. This
+//! is Istio's install-cni, minus its template and its sidecar-mode options.
 //!
 //! With `--node-name` (the downward API's `spec.nodeName`) it is also
 //! Istio's node agent for running pods: they follow their ambient labels
@@ -47,7 +47,7 @@ use clap::Parser;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
-use ztunnel_cni::follow;
+use ztunnel_cni::{follow, upgrade};
 
 const KUBECONFIG_NAME: &str = "ztunnel-cni-kubeconfig";
 
@@ -91,6 +91,13 @@ struct Args {
     /// --cgroup-dir without a leading /host).
     #[arg(long)]
     host_cgroup_dir: Option<PathBuf>,
+    /// This installer's pod (the downward API's `metadata.name`) and
+    /// namespace: when both are given, a stop during an update of its
+    /// DaemonSet leaves the plugin in place (see `upgrade.rs`).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -206,11 +213,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    info!("stopping: removing the plugin from this node");
-    let uninstalled = node.uninstall();
+    let uninstalled = match stop_decision(&args, &node.server).await {
+        upgrade::Stop::Keep(why) => {
+            info!("stopping: leaving the plugin on this node for the next installer: {why}");
+            Ok(())
+        }
+        upgrade::Stop::Remove(why) => {
+            info!("stopping: removing the plugin from this node: {why}");
+            node.uninstall()
+        }
+    };
     match failed {
         Some(e) => Err(e.context("following pod labels")),
         None => uninstalled,
+    }
+}
+
+/// Whether to leave the plugin in place on the way out (see `upgrade.rs`).
+async fn stop_decision(args: &Args, server: &str) -> upgrade::Stop {
+    let (Some(pod), Some(namespace)) = (args.pod_name.clone(), args.pod_namespace.clone()) else {
+        return upgrade::Stop::Remove("no --pod-name and --pod-namespace to look up".into());
+    };
+    let me = upgrade::Me {
+        namespace,
+        pod,
+        node: args.node_name.clone(),
+    };
+    // Well within the pod's grace period (the chart's is 10 s).
+    const LIMIT: Duration = Duration::from_secs(5);
+    let decided = tokio::time::timeout(LIMIT, async {
+        let client = ztunnel_cni::api::client_in_cluster(server, &args.service_account_dir).await?;
+        anyhow::Ok(upgrade::decide(&client, &me).await)
+    });
+    match decided.await {
+        Ok(Ok(stop)) => stop,
+        Ok(Err(e)) => upgrade::Stop::Remove(format!("{e:#}")),
+        Err(_) => upgrade::Stop::Remove(format!("the API server did not answer within {LIMIT:?}")),
     }
 }
 

@@ -31,6 +31,9 @@ pub struct ApiServer {
     pub token: Arc<Mutex<String>>,
     /// The merge patches applied to pods: ("ns/name", patch).
     pub patches: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Answers to GETs of other paths (or overriding a pod's), with their
+    /// status codes: tests add, change and remove them as they go.
+    pub objects: Arc<Mutex<BTreeMap<String, (u16, Value)>>>,
 }
 
 /// Pod `ns/name`: labels, annotations, service account.
@@ -66,17 +69,24 @@ impl ApiServer {
         let token = Arc::new(Mutex::new(token.to_string()));
         let state = Arc::new((namespaces, pods));
         let patches = Arc::new(Mutex::new(Vec::new()));
-        let (h, t, p) = (hits.clone(), token.clone(), patches.clone());
+        let objects = Arc::new(Mutex::new(BTreeMap::new()));
+        let (h, t, p, o) = (
+            hits.clone(),
+            token.clone(),
+            patches.clone(),
+            objects.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
-                let (acceptor, h, t, p, state) = (
+                let (acceptor, h, t, p, o, state) = (
                     acceptor.clone(),
                     h.clone(),
                     t.clone(),
                     p.clone(),
+                    o.clone(),
                     state.clone(),
                 );
                 tokio::spawn(async move {
@@ -90,7 +100,7 @@ impl ApiServer {
                             .headers()
                             .get("authorization")
                             .is_some_and(|v| v.as_bytes() == want.as_bytes());
-                        let (state, p) = (state.clone(), p.clone());
+                        let (state, p, o) = (state.clone(), p.clone(), o.clone());
                         async move {
                             let method = req.method().clone();
                             let path = req.uri().path().to_string();
@@ -99,8 +109,13 @@ impl ApiServer {
                                 .get("content-type")
                                 .map(|v| v.to_str().unwrap().to_string());
                             let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let object = o.lock().unwrap().get(&path).cloned();
                             let (code, body) = if !authorized {
                                 (401, status(401, "Unauthorized", "Unauthorized"))
+                            } else if let (true, Some(answer)) =
+                                (method == hyper::Method::GET, object)
+                            {
+                                answer
                             } else if method == hyper::Method::GET {
                                 answer(&state.0, &state.1, &path)
                             } else if method == hyper::Method::PATCH {
@@ -131,6 +146,7 @@ impl ApiServer {
             hits,
             token,
             patches,
+            objects,
         }
     }
 
@@ -158,7 +174,7 @@ fn rustls_pki_types_key(der: Vec<u8>) -> rustls::pki_types::PrivateKeyDer<'stati
     rustls::pki_types::PrivateKeyDer::Pkcs8(der.into())
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Value {
+pub fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
            "message": message, "reason": reason, "code": code})
 }
