@@ -683,3 +683,49 @@ fn the_objects_are_the_waypoint_charts() {
         chart["ServiceAccount"]["automountServiceAccountToken"]
     );
 }
+
+#[tokio::test]
+async fn an_unchanged_status_is_not_written_again() {
+    let api = fake_api();
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    let _src = start(&api).await;
+    let status = format!("{}/status", object_path("gateways", "waypoint"));
+    let count = |suffix: &str| {
+        let n = api
+            .patches()
+            .iter()
+            .filter(|p| p.path.ends_with(suffix))
+            .count();
+        n
+    };
+    let first = api
+        .until_patched("the first status", |p| p.path.ends_with(&status))
+        .await;
+    // The API server's echo of that write: a change of the Gateway, which
+    // is reconciled (its objects applied again) but needs no status write.
+    let mut echo = gateway("waypoint", "istio-waypoint");
+    echo["status"] = first.body["status"].clone();
+    api.event(GATEWAYS, "MODIFIED", echo.clone()).await;
+    let services = object_path("services", "waypoint");
+    let wait = async {
+        while count(&services) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("the echo reconciled");
+    // Then a real change: its status is the second write. (One Gateway is
+    // reconciled at a time, so the echo's reconcile has ended by then.)
+    echo["metadata"]["generation"] = json!(2);
+    api.event(GATEWAYS, "MODIFIED", echo).await;
+    api.until_patched("the status of generation 2", |p| {
+        p.path.ends_with(&status) && condition(p, "Programmed")["observedGeneration"] == 2
+    })
+    .await;
+    assert_eq!(count(&status), 2, "{:#?}", api.patches());
+}
