@@ -84,12 +84,15 @@ where
             match ev {
                 // The store takes a (re)list whole at InitDone.
                 Ok(Event::Init | Event::InitApply(_)) => continue,
-                Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {}
+                Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => reported_absent = false,
                 Err(e) if not_served(&e) => {
-                    if !reported_absent {
-                        warn!("kubernetes: the API server does not serve {name} (CRD not installed?); none until it does");
-                        reported_absent = true;
+                    // Every backoff retry fails the same way: only the
+                    // first tells the model anything.
+                    if reported_absent {
+                        continue;
                     }
+                    warn!("kubernetes: the API server does not serve {name} (CRD not installed?); none until it does");
+                    reported_absent = true;
                 }
                 Err(e) => {
                     warn!("kubernetes watch ({name}): {e}");
