@@ -2,7 +2,7 @@
 # Idempotent machine set-up for this workspace (Debian 12, run as root).
 #
 # Installs only what is missing, one short line per step:
-#   - Debian packages: iproute2 tcpdump iptables nftables curl procps
+#   - Debian packages: iproute2 tcpdump iptables nftables curl procps make
 #     ca-certificates, nginx (or nginx-light; installed, never started),
 #     bpftool (skipped if the archive has none)
 #   - rustup components: rustfmt + clippy (stable); nightly toolchain with rust-src
@@ -54,7 +54,8 @@ apt_lists_present() {
   compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null
 }
 
-REQUIRED_PKGS=(iproute2 tcpdump iptables nftables curl procps ca-certificates python3 python3-venv openssl)
+# make: the waypoint's allocator (jemalloc) is built from C sources.
+REQUIRED_PKGS=(iproute2 tcpdump iptables nftables curl procps ca-certificates python3 python3-venv openssl make)
 missing=()
 for p in "${REQUIRED_PKGS[@]}"; do
   pkg_installed "$p" || missing+=("$p")
