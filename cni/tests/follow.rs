@@ -102,6 +102,48 @@ fn namespace(labels: Value) -> Arc<Namespace> {
     )
 }
 
+/// What the agent's passes are tested against: an API server holding pod
+/// `mesh/app` (account `sa-app`), a fake ztunnel, and the agent on both.
+struct Fakes {
+    api_server: ApiServer,
+    dir: tempfile::TempDir,
+    client: kube::Client,
+    zt: FakeZtunnel,
+    agent: follow::Agent,
+}
+
+impl Fakes {
+    async fn start(mount: &std::path::Path) -> Fakes {
+        let pods = BTreeMap::from([(
+            "mesh/app",
+            PodSpec {
+                labels: json!({}),
+                annotations: json!({}),
+                service_account: "sa-app",
+            },
+        )]);
+        let api_server = ApiServer::start("t", BTreeMap::new(), pods).await;
+        let dir = tempfile::tempdir().unwrap();
+        let client = api::client(&api_server.kubeconfig(dir.path(), "t"))
+            .await
+            .unwrap();
+        let socket = dir.path().join("ztunnel.sock");
+        let zt = FakeZtunnel::start(&socket);
+        let agent = follow::Agent::new(
+            client.clone(),
+            options(mount, socket, Duration::from_secs(1)),
+            procfs::own_netns().unwrap(),
+        );
+        Fakes {
+            api_server,
+            dir,
+            client,
+            zt,
+            agent,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     // The pod: a process in its own netns, in a pod-level cgroup.
@@ -110,27 +152,13 @@ async fn a_running_pod_joins_and_leaves_with_its_namespace_label() {
     let (uid, pod_dir) = (test_pod.uid.clone(), test_pod.pod_dir.clone());
     let pid = test_pod.child.id();
     let host_netns = procfs::own_netns().unwrap();
-
-    let pods = BTreeMap::from([(
-        "mesh/app",
-        PodSpec {
-            labels: json!({}),
-            annotations: json!({}),
-            service_account: "sa-app",
-        },
-    )]);
-    let api_server = ApiServer::start("t", BTreeMap::new(), pods).await;
-    let dir = tempfile::tempdir().unwrap();
-    let client = api::client(&api_server.kubeconfig(dir.path(), "t"))
-        .await
-        .unwrap();
-    let socket = dir.path().join("ztunnel.sock");
-    let zt = FakeZtunnel::start(&socket);
-    let mut agent = follow::Agent::new(
-        client.clone(),
-        options(&mount, socket, Duration::from_secs(1)),
-        host_netns,
-    );
+    let Fakes {
+        api_server,
+        dir,
+        client,
+        zt,
+        mut agent,
+    } = Fakes::start(&mount).await;
     let patches = || api_server.patches.lock().unwrap().clone();
 
     // The namespace gets the label: the running pod is enrolled, then
@@ -220,27 +248,9 @@ async fn a_pod_the_agent_enrolled_leaves_ztunnel_when_it_is_gone() {
     let mount = cgroup::mount();
     let test_pod = TestPod::start(&mount, "ztcnigone", "aaaa-4bbb-8ccc-eeeeeeeeeeee").await;
     let uid = test_pod.uid.clone();
-    let pods = BTreeMap::from([(
-        "mesh/app",
-        PodSpec {
-            labels: json!({}),
-            annotations: json!({}),
-            service_account: "sa-app",
-        },
-    )]);
-    let api_server = ApiServer::start("t", BTreeMap::new(), pods).await;
-    let dir = tempfile::tempdir().unwrap();
-    let client = api::client(&api_server.kubeconfig(dir.path(), "t"))
-        .await
-        .unwrap();
-    let socket = dir.path().join("ztunnel.sock");
-    let zt = FakeZtunnel::start(&socket);
-    let host_netns = procfs::own_netns().unwrap();
-    let mut agent = follow::Agent::new(
-        client,
-        options(&mount, socket, Duration::from_secs(1)),
-        host_netns,
-    );
+    // Whole: its temporary directory holds ztunnel's socket.
+    let mut fakes = Fakes::start(&mount).await;
+    let (zt, agent) = (&fakes.zt, &mut fakes.agent);
     let ambient = namespace(json!({"istio.io/dataplane-mode": "ambient"}));
     let dels = || zt.dels.lock().unwrap().clone();
 

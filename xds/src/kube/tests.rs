@@ -230,6 +230,17 @@ fn policy(name: &str, action: &str) -> Value {
 }
 
 /// Every kind the source watches, empty and quick, except as overridden.
+/// [`fake_api`] serving one Gateway `waypoint` of class `istio-waypoint`.
+fn fake_api_with_waypoint() -> FakeApi {
+    let api = fake_api();
+    api.serve_kind(
+        GATEWAYS,
+        vec![gateway("waypoint", "istio-waypoint")],
+        Duration::ZERO,
+    );
+    api
+}
+
 fn fake_api() -> FakeApi {
     let api = FakeApi::default();
     for path in [
@@ -418,12 +429,7 @@ fn condition<'a>(status_patch: &'a Patched, t: &str) -> &'a Value {
 
 #[tokio::test]
 async fn a_listed_waypoint_gets_its_root_account_deployment_and_service() {
-    let api = fake_api();
-    api.serve_kind(
-        GATEWAYS,
-        vec![gateway("waypoint", "istio-waypoint")],
-        Duration::ZERO,
-    );
+    let api = fake_api_with_waypoint();
     let _src = start(&api).await;
     for (collection, kind, name) in [
         ("configmaps", "ConfigMap", "waypoint-istio-ca-root-cert"),
@@ -483,12 +489,7 @@ async fn a_listed_waypoint_gets_its_root_account_deployment_and_service() {
 
 #[tokio::test]
 async fn the_status_is_written() {
-    let api = fake_api();
-    api.serve_kind(
-        GATEWAYS,
-        vec![gateway("waypoint", "istio-waypoint")],
-        Duration::ZERO,
-    );
+    let api = fake_api_with_waypoint();
     let _src = start(&api).await;
     let path = format!("{}/status", object_path("gateways", "waypoint"));
     let p = api
@@ -522,12 +523,7 @@ async fn a_waypoint_added_by_watch_is_deployed() {
 
 #[tokio::test]
 async fn a_changed_waypoint_is_applied_again() {
-    let api = fake_api();
-    api.serve_kind(
-        GATEWAYS,
-        vec![gateway("waypoint", "istio-waypoint")],
-        Duration::ZERO,
-    );
+    let api = fake_api_with_waypoint();
     let _src = start(&api).await;
     let status = format!("{}/status", object_path("gateways", "waypoint"));
     api.until_patched("the first status", |p| p.path.ends_with(&status))
@@ -686,12 +682,7 @@ fn the_objects_are_the_waypoint_charts() {
 
 #[tokio::test]
 async fn an_unchanged_status_is_not_written_again() {
-    let api = fake_api();
-    api.serve_kind(
-        GATEWAYS,
-        vec![gateway("waypoint", "istio-waypoint")],
-        Duration::ZERO,
-    );
+    let api = fake_api_with_waypoint();
     let _src = start(&api).await;
     let status = format!("{}/status", object_path("gateways", "waypoint"));
     let count = |suffix: &str| {
