@@ -92,8 +92,7 @@ struct Ctx {
 
 /// Starts the controller on the cluster's Gateways.
 pub fn spawn(client: Client, settings: Settings) {
-    let (group, version, kind) = GATEWAY;
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let ar = gateway_resource();
     let gateways = Api::<DynamicObject>::all_with(client.clone(), &ar);
     let ctx = Arc::new(Ctx {
         client,
@@ -113,6 +112,11 @@ pub fn spawn(client: Client, settings: Settings) {
             }
         });
     tokio::spawn(run);
+}
+
+fn gateway_resource() -> ApiResource {
+    let (group, version, kind) = GATEWAY;
+    ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
 }
 
 fn key(o: &DynamicObject) -> String {
@@ -153,7 +157,7 @@ async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let s = &ctx.settings;
-    let applied = apply(&ctx.client, &gw_key, &render(s, ns, name, uid)).await;
+    let applied = apply(&ctx.client, &gw_key, ns, &render(s, ns, name, uid)).await;
     let hostname = format!("{name}.{ns}.svc.{}", s.cluster_domain);
     let programmed = match &applied {
         Ok(svc) => Ok((hostname, address(svc, name, ns, &s.cluster_domain))),
@@ -181,7 +185,7 @@ pub struct Objects {
 /// Applies the root's ConfigMap, the ServiceAccount, the Deployment and
 /// the Service, in that order (the pods need the first two); returns the
 /// Service as stored.
-async fn apply(client: &Client, gw: &str, o: &Objects) -> Result<Service, Error> {
+async fn apply(client: &Client, gw: &str, ns: &str, o: &Objects) -> Result<Service, Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let failed = |step: &'static str| {
         move |source: kube::Error| Error {
@@ -196,28 +200,22 @@ async fn apply(client: &Client, gw: &str, o: &Objects) -> Result<Service, Error>
             .unwrap_or_default()
             .to_string()
     };
-    let ns = |v: &Value| {
-        v["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns(&o.root_cert));
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     config_maps
         .patch(&name(&o.root_cert), &pp, &Patch::Apply(&o.root_cert))
         .await
         .map_err(failed("applying its root certificate's ConfigMap"))?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns(&o.account));
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     accounts
         .patch(&name(&o.account), &pp, &Patch::Apply(&o.account))
         .await
         .map_err(failed("applying its ServiceAccount"))?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns(&o.deployment));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     deployments
         .patch(&name(&o.deployment), &pp, &Patch::Apply(&o.deployment))
         .await
         .map_err(failed("applying its Deployment"))?;
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns(&o.service));
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
     services
         .patch(&name(&o.service), &pp, &Patch::Apply(&o.service))
         .await
@@ -294,15 +292,14 @@ async fn write_status(
     if unchanged {
         return Ok(());
     }
-    let (group, version, kind) = GATEWAY;
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let ar = gateway_resource();
     let ns = gw.metadata.namespace.as_deref().unwrap_or_default();
     let name = gw.metadata.name.as_deref().unwrap_or_default();
     let mut status = json!({"conditions": conditions});
     if !addresses.is_empty() {
         status["addresses"] = json!(addresses);
     }
-    let body = json!({"apiVersion": ar.api_version, "kind": kind,
+    let body = json!({"apiVersion": ar.api_version, "kind": ar.kind,
         "metadata": {"name": name, "namespace": ns}, "status": status});
     let gateways: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     gateways
