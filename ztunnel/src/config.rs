@@ -139,13 +139,31 @@ pub struct Config {
     #[arg(long, value_parser = crate::inpod::parse_cidr)]
     pub inpod_exempt: Vec<ipnet::IpNet>,
 
-    /// Data-plane worker threads.
-    #[arg(long, env = "WORKER_THREADS", default_value_t = 2)]
-    pub worker_threads: usize,
+    /// Data-plane worker threads [default: half the CPUs this process may
+    /// run on, at least 1].
+    #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
+}
+
+/// Worker threads when none are configured: half the CPUs this process may
+/// run on (std counts its CPU affinity and cgroup CPU quota), at least one.
+///
+/// ztunnel shares its node with the workloads whose bytes it carries: every
+/// byte it moves is also written by a client and read by a server on the
+/// same cores. A worker per core made ztunnel's threads compete with them
+/// and wake each other (tokio unparks an idle sibling whenever it queues
+/// work), for nothing on a small node: on the 2-CPU bench machine, 6
+/// alternating quiet runs each of 2 workers against 1 gave one-stream
+/// throughput 0.283-0.296x against 0.299-0.336x direct and connection rate
+/// 0.208-0.215x against 0.226-0.239x, the round trip no worse (README,
+/// Benchmarks).
+pub fn default_worker_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 2).max(1)
 }
 
 #[cfg(test)]

@@ -254,7 +254,6 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
             .arg(&ca_cert)
             .arg("--ca-key")
             .arg(&ca_key)
-            .args(["--worker-threads", "2"])
             .env("RUST_LOG", "warn");
         let z = tb.spawn(node.netns(), cmd)?;
         wait_ready(&z, node.netns(), &format!("ztunnel {}", node.name()))?;

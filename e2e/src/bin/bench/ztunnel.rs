@@ -51,9 +51,9 @@ pub struct ZtunnelArgs {
     /// At most this many request/response round trips are recorded.
     #[arg(long, default_value_t = 50_000)]
     pub rr_max_round_trips: usize,
-    /// ztunnel's `--worker-threads`.
-    #[arg(long, default_value_t = 2)]
-    pub worker_threads: usize,
+    /// ztunnel's `--worker-threads` [default: ztunnel's own].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Hold /dev/cpu_dma_latency at 0 during the run (machine-wide, released
     /// at exit), so idle CPUs poll instead of halting. On VMs a halted vCPU
     /// takes tens of microseconds to wake, which otherwise dominates and
@@ -191,7 +191,7 @@ fn spawn_ztunnel(
     bin: &Path,
     state: &Path,
     ca: (&Path, &Path),
-    worker_threads: usize,
+    worker_threads: Option<usize>,
 ) -> Result<ChildGuard> {
     let mut cmd = Command::new(bin);
     cmd.args(["--node", node.name()])
@@ -201,11 +201,13 @@ fn spawn_ztunnel(
         .arg(ca.0)
         .arg("--ca-key")
         .arg(ca.1)
-        .args(["--worker-threads", &worker_threads.to_string()])
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
+    if let Some(n) = worker_threads {
+        cmd.args(["--worker-threads", &n.to_string()]);
+    }
     let child = tb
         .spawn(node.netns(), cmd)
         .with_context(|| format!("starting ztunnel on node {}", node.name()))?;
@@ -832,7 +834,13 @@ fn measure(
         }),
     );
     config.insert("no_deep_idle".into(), json!(args.no_deep_idle));
-    config.insert("ztunnel_worker_threads".into(), json!(args.worker_threads));
+    config.insert(
+        "ztunnel_worker_threads".into(),
+        match args.worker_threads {
+            Some(n) => json!(n),
+            None => json!("ztunnel's default (half the CPUs, at least 1)"),
+        },
+    );
     config.insert(
         "capture".into(),
         json!(format!(
