@@ -19,13 +19,13 @@ pub fn request_host(parts: &Parts) -> String {
     let raw = parts
         .uri
         .authority()
-        .map(|a| a.host().to_string())
+        .map(|a| a.host())
         .or_else(|| {
             parts
                 .headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| strip_port(h).to_string())
+                .map(strip_port)
         })
         .unwrap_or_default();
     raw.to_ascii_lowercase()

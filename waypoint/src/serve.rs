@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, LOCATION, TE, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, LOCATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -204,7 +204,7 @@ fn grpc_local(status: StatusCode, message: &'static str) -> Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", http::HeaderValue::from(code));
+    h.insert(GRPC_STATUS, http::HeaderValue::from(code));
     if let Ok(v) = http::HeaderValue::from_str(message.trim_end()) {
         h.insert("grpc-message", v);
     }
@@ -216,27 +216,49 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
-/// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
+/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`]
+/// looks at.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded: the ones the
+/// spec names, and those a `Connection` header nominates.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
+    // One pass over the names finds them (most messages have none, or
+    // only `connection: keep-alive`): cheaper than a hashed lookup per
+    // hop-by-hop name, and this runs twice per request.
+    let present: Vec<HeaderName> = h.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
+    for name in present {
+        if name == CONNECTION {
+            let nominated: Vec<HeaderName> = h
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                // Connection options, not header names (a `keep-alive`
+                // header goes anyway).
+                .filter(|n| {
+                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+            for n in nominated {
+                h.remove(n);
+            }
+        } else if name == TE && h.get_all(TE).iter().all(|v| v == "trailers") {
+            // `te: trailers` is end to end (gRPC needs it).
+            continue;
         }
-        h.remove(CONNECTION);
-    }
-    for n in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE] {
-        h.remove(n);
-    }
-    if h.get(TE).is_some_and(|v| v != "trailers") {
-        h.remove(TE);
+        h.remove(name);
     }
 }
 
@@ -244,18 +266,28 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// `x-forwarded-for`, `x-forwarded-proto`, and an `x-request-id` when the
 /// client sent none (for correlating logs across hops).
 fn add_forwarding_headers(h: &mut HeaderMap, ds: &Downstream) {
-    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", ds.src_ip)).ok(),
-        None => ds.xff.clone(),
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR, v);
+    // One lookup per header (`entry`): these names are not standard ones,
+    // so each lookup hashes the name.
+    match h.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            let appended = e
+                .get()
+                .to_str()
+                .ok()
+                .and_then(|prev| HeaderValue::from_str(&format!("{prev}, {}", ds.src_ip)).ok());
+            if let Some(v) = appended.or_else(|| ds.xff.clone()) {
+                e.insert(v);
+            }
+        }
+        Entry::Vacant(e) => {
+            if let Some(v) = ds.xff.clone() {
+                e.insert(v);
+            }
+        }
     }
     h.entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
-    if !h.contains_key(X_REQUEST_ID) {
-        h.insert(X_REQUEST_ID, request_id());
-    }
+    h.entry(X_REQUEST_ID).or_insert_with(request_id);
 }
 
 /// 128 random bits in hex.
@@ -330,11 +362,16 @@ pub async fn handle(
     }
     info.route = route;
     let status = resp.status();
-    let grpc = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // A trailers-only gRPC answer carries its status in the head.
+    let grpc = (info.protocol == "grpc")
+        .then(|| {
+            resp.headers()
+                .get(GRPC_STATUS)?
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        })
+        .flatten();
     let (rp, b) = resp.into_parts();
     let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
     Response::from_parts(rp, b)
@@ -465,5 +502,79 @@ fn redirect(r: &Redirect, route: &Route, parts: &http::request::Parts) -> Outcom
             Outcome::Ready(resp)
         }
         Err(_) => Outcome::Local(StatusCode::BAD_REQUEST, "-", "cannot build redirect\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive, x-secret"),
+            ("connection", "close"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn te_trailers_and_end_to_end_headers_stay() {
+        let mut h = headers(&[("te", "trailers"), ("content-type", "application/grpc")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "te"]);
+        let mut h = headers(&[("connection", "keep-alive"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-a"]);
+    }
+
+    #[test]
+    fn forwarding_headers_are_added_or_appended() {
+        let ds = Downstream::new(
+            None,
+            "10.0.0.7".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+            None,
+        );
+        let mut h = headers(&[]);
+        add_forwarding_headers(&mut h, &ds);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_REQUEST_ID].len(), 32);
+        let mut h = headers(&[
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "abc"),
+        ]);
+        add_forwarding_headers(&mut h, &ds);
+        assert_eq!(h[X_FORWARDED_FOR], "192.0.2.1, 10.0.0.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_REQUEST_ID], "abc");
     }
 }
