@@ -131,7 +131,10 @@ pub fn attach(
         if let Some(d) = f.data_ref() {
             rec.response_bytes += d.len() as u64;
         } else if let Some(t) = f.trailers_ref() {
-            if let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok()) {
+            if let Some(g) = t
+                .get(crate::serve::GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+            {
                 rec.grpc_status = Some(g.to_string());
             }
         }

@@ -216,7 +216,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`]
 /// looks at.
@@ -363,15 +363,14 @@ pub async fn handle(
     info.route = route;
     let status = resp.status();
     // A trailers-only gRPC answer carries its status in the head.
-    let grpc = (info.protocol == "grpc")
-        .then(|| {
-            resp.headers()
-                .get(GRPC_STATUS)?
-                .to_str()
-                .ok()
-                .map(str::to_string)
-        })
-        .flatten();
+    let grpc = match info.protocol {
+        "grpc" => resp
+            .headers()
+            .get(GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        _ => None,
+    };
     let (rp, b) = resp.into_parts();
     let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
     Response::from_parts(rp, b)
