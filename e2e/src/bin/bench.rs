@@ -26,6 +26,8 @@ mod httpload;
 mod load;
 #[path = "bench/procstat.rs"]
 mod procstat;
+#[path = "bench/relay.rs"]
+mod relay;
 #[path = "bench/report.rs"]
 mod report;
 #[path = "bench/waypoint.rs"]

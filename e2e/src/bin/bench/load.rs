@@ -357,12 +357,24 @@ fn churn_server(l: TcpListener, served: &AtomicU64, close: Close) {
 
 /// One stream for `duration`, `BULK_WRITE`-byte writes; the server's measure.
 pub fn bulk(netns: &str, src: IpAddr, servers: &Servers, duration: Duration) -> Result<BulkResult> {
+    bulk_to(netns, src, servers.bulk, servers, duration)
+}
+
+/// [`bulk`] to `dst`, something that passes the stream on to the bulk
+/// server (a relay).
+pub fn bulk_to(
+    netns: &str,
+    src: IpAddr,
+    dst: SocketAddr,
+    servers: &Servers,
+    duration: Duration,
+) -> Result<BulkResult> {
     let rx = servers
         .bulk_results
         .lock()
         .map_err(|_| anyhow::anyhow!("bulk results lock poisoned"))?;
     while rx.try_recv().is_ok() {}
-    let mut s = connect(netns, src, servers.bulk)?;
+    let mut s = connect(netns, src, dst)?;
     let buf = vec![0x5au8; BULK_WRITE];
     let deadline = Instant::now() + duration;
     let mut writes = 0u64;

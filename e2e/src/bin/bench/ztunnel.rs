@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::load::{self, stopped, Servers};
 use crate::procstat;
+use crate::relay;
 use crate::report::{self, Better, Machine, Process, Report, Row, Target, SCHEMA_VERSION};
 
 /// First of the three server ports (bulk, echo, churn).
@@ -29,6 +30,8 @@ const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";
 const EPHEMERAL_PORTS: &str = "20000 65000";
 const PAUSE: Duration = Duration::from_millis(500);
+/// Port of the plain relays on both nodes (see `relay.rs`).
+const RELAY_PORT: u16 = 5101;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ZtunnelArgs {
@@ -524,11 +527,13 @@ fn run_in(
             cpu_total: 0.0,
         });
     }
-    measure(&a, &client, &direct, &servers, args, duration, &mut zs)
+    measure(&a, &b, &client, &direct, &servers, args, duration, &mut zs)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure(
     a: &Node,
+    b: &Node,
     client: &e2e::Pod,
     direct: &e2e::Pod,
     servers: &Servers,
@@ -586,6 +591,21 @@ fn measure(
         bulk_m.gbit_per_s(),
         bulk_m.bytes / 1_000_000,
         bulk_m.elapsed
+    );
+
+    // --- bulk through two plain relays: the ceiling of a two-hop tunnel here
+    let relay_b = SocketAddr::new(IpAddr::V4(b.ipv4()), RELAY_PORT);
+    let relay_a = SocketAddr::new(paths.direct, RELAY_PORT);
+    relay::start(b.netns(), relay_b, servers.bulk)?;
+    relay::start(ns, relay_a, relay_b)?;
+    pause(PAUSE)?;
+    let bulk_r = load::bulk_to(ns, paths.direct, relay_a, servers, duration)
+        .context("bulk, plain relays")?;
+    eprintln!(
+        "bench: bulk plain relays: {:.2} Gbit/s ({} MB in {:.2?})",
+        bulk_r.gbit_per_s(),
+        bulk_r.bytes / 1_000_000,
+        bulk_r.elapsed
     );
 
     // --- request/response
@@ -814,7 +834,11 @@ fn measure(
     );
     config.insert(
         "bulk_bytes".into(),
-        json!({"baseline": bulk_d.bytes, "mesh": bulk_m.bytes}),
+        json!({"baseline": bulk_d.bytes, "mesh": bulk_m.bytes, "plain_relays": bulk_r.bytes}),
+    );
+    config.insert(
+        "bulk_plain_relays_gbit_per_s".into(),
+        json!(round3(bulk_r.gbit_per_s())),
     );
     config.insert("cps_workers".into(), json!(workers));
     config.insert(
@@ -883,6 +907,18 @@ fn measure(
          round trips. connections: connect, 1 byte each way, close; conn/s = completed / wall time. \
          RSS in MiB (2^20 bytes); CPU = utime+stime during the mesh measurements."
             .into(),
+    );
+    let per = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
+    notes.insert(
+        2,
+        format!(
+            "bulk ceiling: the same stream through two plain TCP relays on the mesh's path \
+             (one per node, read/write of up to 256 KiB, no TLS, no HTTP/2) ran at {:.2} Gbit/s, \
+             {:.3}x direct; the mesh reached {:.3}x of the relays",
+            bulk_r.gbit_per_s(),
+            per(bulk_r.gbit_per_s(), bulk_d.gbit_per_s()),
+            per(bulk_m.gbit_per_s(), bulk_r.gbit_per_s()),
+        ),
     );
 
     Ok(Report {
