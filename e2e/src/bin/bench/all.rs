@@ -219,8 +219,11 @@ impl Combined {
         let _ = writeln!(out, "# Benchmarks: all\n");
         let _ = writeln!(
             out,
-            "Machine: {} CPU(s), {}, kernel {}. Every benchmark ran in this one invocation, one after the other; each one's baseline and mesh figures come from the same run. Details per benchmark: `<name>.md`.\n",
-            self.machine.nproc, self.machine.cpu_model, self.machine.kernel
+            "Machine: {} CPU(s), {}, kernel {}, TCP congestion control {}. Every benchmark ran in this one invocation, one after the other; each one's baseline and mesh figures come from the same run. Details per benchmark: `<name>.md`.\n",
+            self.machine.nproc,
+            self.machine.cpu_model,
+            self.machine.kernel,
+            self.machine.tcp_congestion_control
         );
         let _ = writeln!(out, "| benchmark | ran | time |\n| --- | --- | ---: |");
         for r in &self.runs {

@@ -38,6 +38,11 @@ pub struct Machine {
     pub nproc: usize,
     pub kernel: String,
     pub cpu_model: String,
+    /// `net.ipv4.tcp_congestion_control`, which the test bed's namespaces
+    /// inherit. It moves the figures: BBR without an `fq` qdisc paces every
+    /// socket with kernel timers, and a tunnelled stream has three sockets
+    /// sending where a direct one has one.
+    pub tcp_congestion_control: String,
 }
 
 impl Machine {
@@ -57,10 +62,15 @@ impl Machine {
                     .map(|(_, v)| v.trim().to_string())
             })
             .unwrap_or_else(|| "unknown".into());
+        let tcp_congestion_control =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into());
         Machine {
             nproc,
             kernel,
             cpu_model,
+            tcp_congestion_control,
         }
     }
 }
@@ -269,13 +279,14 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} benchmark ({} vs {}) on {} x {}, kernel {}",
+            "{} benchmark ({} vs {}) on {} x {}, kernel {}, TCP congestion control {}",
             self.benchmark,
             self.mesh_label,
             self.baseline_label,
             self.machine.nproc,
             self.machine.cpu_model,
-            self.machine.kernel
+            self.machine.kernel,
+            self.machine.tcp_congestion_control
         );
         out.push('\n');
         let headers = [
@@ -324,10 +335,11 @@ impl Report {
         let _ = writeln!(out, "# Benchmark: {}\n", self.benchmark);
         let _ = writeln!(
             out,
-            "Machine: {} CPU(s), {}, kernel {}. Baseline: {}. Mesh: {}.\n",
+            "Machine: {} CPU(s), {}, kernel {}, TCP congestion control {}. Baseline: {}. Mesh: {}.\n",
             self.machine.nproc,
             self.machine.cpu_model,
             self.machine.kernel,
+            self.machine.tcp_congestion_control,
             self.baseline_label,
             self.mesh_label
         );
