@@ -60,7 +60,7 @@ step "training: bench waypoint (HTTP/1.1 and HTTP/2, reverse proxy and mesh)"
 target/release/bench waypoint --bin-dir "$OUT/gen-bin" --duration-secs 6 --rounds 1 \
   --out-dir "$OUT/training"
 step "training: bench ztunnel (bulk, request/response, connection churn)"
-target/release/bench ztunnel --ztunnel "$OUT/gen-bin/ztunnel" --duration-secs 4 \
+target/release/bench ztunnel --ztunnel "$OUT/gen-bin/ztunnel" --duration-secs 4 --rounds 1 \
   --out-dir "$OUT/training"
 shopt -s nullglob
 raw=("$PROFILES"/*.profraw)

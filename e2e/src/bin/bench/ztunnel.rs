@@ -45,6 +45,10 @@ pub struct ZtunnelArgs {
     /// The ztunnel binary [default: `ztunnel` next to this executable].
     #[arg(long, env = "ZTUNNEL_BIN")]
     pub ztunnel: Option<PathBuf>,
+    /// Rounds of every scenario (alternating which path goes first); the
+    /// medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Concurrent workers of the connection-churn load.
     #[arg(long, default_value_t = 4)]
     pub cps_workers: usize,
@@ -394,8 +398,14 @@ fn with_cpu<T>(
     for (z, b) in zts.iter_mut().zip(before) {
         let used = z.cpu()? - b;
         z.cpu_total += used;
+        let total = z
+            .cpu_by_scenario
+            .get(scenario)
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+            + used;
         z.cpu_by_scenario
-            .insert(scenario.into(), json!((used * 1000.0).round() / 1000.0));
+            .insert(scenario.into(), json!((total * 1000.0).round() / 1000.0));
     }
     for z in zts.iter() {
         z.ensure_running()?;
@@ -530,6 +540,92 @@ fn run_in(
     measure(&a, &b, &client, &direct, &servers, args, duration, &mut zs)
 }
 
+/// Which way a scenario's traffic goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Direct = 0,
+    Mesh = 1,
+    /// Two plain TCP relays on the mesh's path (`relay.rs`), bulk only.
+    Relays = 2,
+}
+
+impl Via {
+    fn label(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Mesh => "mesh",
+            Via::Relays => "plain relays",
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A path's bulk streams over the rounds: the median rate, total bytes.
+struct Bulk {
+    gbit_per_s: f64,
+    bytes: u64,
+}
+
+impl Bulk {
+    fn of(v: &[load::BulkResult]) -> Bulk {
+        Bulk {
+            gbit_per_s: median(v.iter().map(|r| r.gbit_per_s()).collect()),
+            bytes: v.iter().map(|r| r.bytes).sum(),
+        }
+    }
+}
+
+/// A path's ping-pongs over the rounds: median of each round's figures.
+struct Rr {
+    p50_us: f64,
+    p99_us: f64,
+    mean_us: f64,
+    max_us: f64,
+    round_trips: usize,
+}
+
+impl Rr {
+    fn of(v: &[load::RrResult]) -> Rr {
+        let med = |f: fn(&load::RrResult) -> f64| median(v.iter().map(f).collect());
+        Rr {
+            p50_us: med(|r| r.p50_us),
+            p99_us: med(|r| r.p99_us),
+            mean_us: med(|r| r.mean_us),
+            max_us: v.iter().map(|r| r.max_us).fold(0.0, f64::max),
+            round_trips: v.iter().map(|r| r.round_trips).sum(),
+        }
+    }
+}
+
+/// A path's connection churn over the rounds: the median rate, totals.
+struct Churn {
+    per_second: f64,
+    connections: u64,
+    errors: u64,
+}
+
+impl Churn {
+    fn of(v: &[load::ChurnResult]) -> Churn {
+        Churn {
+            per_second: median(v.iter().map(|r| r.per_second()).collect()),
+            connections: v.iter().map(|r| r.connections).sum(),
+            errors: v.iter().map(|r| r.errors).sum(),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn measure(
     a: &Node,
@@ -573,110 +669,105 @@ fn measure(
     let window_start = Instant::now();
     let (busy0, ours0) = (procstat::system_busy_seconds()?, ours(&[&*za, &*zb])?);
 
-    // --- bulk
-    pause(PAUSE)?;
-    let bulk_d = load::bulk(ns, paths.direct, servers, duration).context("bulk, direct")?;
-    eprintln!(
-        "bench: bulk direct: {:.2} Gbit/s ({} MB in {:.2?})",
-        bulk_d.gbit_per_s(),
-        bulk_d.bytes / 1_000_000,
-        bulk_d.elapsed
-    );
-    pause(PAUSE)?;
-    let bulk_m = with_cpu(&mut [&mut *za, &mut *zb], "bulk", || {
-        load::bulk(ns, paths.client, servers, duration).context("bulk, mesh")
-    })?;
-    eprintln!(
-        "bench: bulk mesh: {:.2} Gbit/s ({} MB in {:.2?})",
-        bulk_m.gbit_per_s(),
-        bulk_m.bytes / 1_000_000,
-        bulk_m.elapsed
-    );
-
-    // --- bulk through two plain relays: the ceiling of a two-hop tunnel here
+    // --- the scenarios, `rounds` times, alternating which path goes first
     let relay_b = SocketAddr::new(IpAddr::V4(b.ipv4()), RELAY_PORT);
     let relay_a = SocketAddr::new(paths.direct, RELAY_PORT);
     relay::start(b.netns(), relay_b, servers.bulk)?;
     relay::start(ns, relay_a, relay_b)?;
-    pause(PAUSE)?;
-    let bulk_r = load::bulk_to(ns, paths.direct, relay_a, servers, duration)
-        .context("bulk, plain relays")?;
-    eprintln!(
-        "bench: bulk plain relays: {:.2} Gbit/s ({} MB in {:.2?})",
-        bulk_r.gbit_per_s(),
-        bulk_r.bytes / 1_000_000,
-        bulk_r.elapsed
-    );
-
-    // --- request/response
-    pause(PAUSE)?;
     let max = args.rr_max_round_trips.max(1);
-    let rr_d = load::request_response(ns, paths.direct, servers.echo, duration, max)
-        .context("request/response, direct")?;
-    eprintln!(
-        "bench: rr direct: p50 {:.1} us, p99 {:.1} us ({} round trips)",
-        rr_d.p50_us, rr_d.p99_us, rr_d.round_trips
-    );
-    pause(PAUSE)?;
-    let rr_m = with_cpu(&mut [&mut *za, &mut *zb], "request_response", || {
-        load::request_response(ns, paths.client, servers.echo, duration, max)
-            .context("request/response, mesh")
-    })?;
-    eprintln!(
-        "bench: rr mesh: p50 {:.1} us, p99 {:.1} us ({} round trips)",
-        rr_m.p50_us, rr_m.p99_us, rr_m.round_trips
-    );
-
-    // --- connection churn
-    pause(PAUSE)?;
     let workers = args.cps_workers.max(1);
-    let cps_d = load::churn(
-        ns,
-        paths.direct,
-        servers,
-        args.churn_close,
-        duration,
-        workers,
-    )
-    .context("connections, direct")?;
-    eprintln!(
-        "bench: cps direct: {:.0} conn/s ({} ok, {} errors)",
-        cps_d.per_second(),
-        cps_d.connections,
-        cps_d.errors
-    );
-    pause(PAUSE)?;
+    let rounds = args.rounds.max(1);
     let mb_before = conn_metrics(&zb.node)?;
-    let served_before = servers.churn_served.load(Ordering::Relaxed);
-    let cps_m = with_cpu(&mut [&mut *za, &mut *zb], "connections", || {
-        load::churn(
-            ns,
-            paths.client,
-            servers,
-            args.churn_close,
-            duration,
-            workers,
-        )
-        .context("connections, mesh")
-    })?;
-    eprintln!(
-        "bench: cps mesh: {:.0} conn/s ({} ok, {} errors)",
-        cps_m.per_second(),
-        cps_m.connections,
-        cps_m.errors
-    );
-    for (label, r) in [("direct", &cps_d), ("mesh", &cps_m)] {
-        if r.errors > 0 {
-            let n = format!(
-                "connection churn ({label}): {} of {} connections failed; first error: {}",
-                r.errors,
-                r.errors + r.connections,
-                r.first_error.as_deref().unwrap_or("?")
+    let mut mesh_churn_served = 0;
+    let mut bulk: [Vec<load::BulkResult>; 3] = Default::default();
+    let mut rr: [Vec<load::RrResult>; 2] = Default::default();
+    let mut cps: [Vec<load::ChurnResult>; 2] = Default::default();
+    for round in 1..=rounds {
+        let in_order = |vias: &[Via]| -> Vec<Via> {
+            let mut v = vias.to_vec();
+            if round % 2 == 0 {
+                v.reverse();
+            }
+            v
+        };
+        for via in in_order(&[Via::Direct, Via::Mesh, Via::Relays]) {
+            pause(PAUSE)?;
+            let what = format!("bulk, {}", via.label());
+            let r = match via {
+                Via::Direct => load::bulk(ns, paths.direct, servers, duration),
+                Via::Mesh => with_cpu(&mut [&mut *za, &mut *zb], "bulk", || {
+                    load::bulk(ns, paths.client, servers, duration)
+                }),
+                Via::Relays => load::bulk_to(ns, paths.direct, relay_a, servers, duration),
+            }
+            .context(what)?;
+            eprintln!(
+                "bench: round {round}/{rounds}: bulk {}: {:.2} Gbit/s ({} MB in {:.2?})",
+                via.label(),
+                r.gbit_per_s(),
+                r.bytes / 1_000_000,
+                r.elapsed
             );
-            eprintln!("bench: WARNING: {n}");
-            notes.push(n);
+            bulk[via as usize].push(r);
+        }
+        for via in in_order(&[Via::Direct, Via::Mesh]) {
+            pause(PAUSE)?;
+            let what = format!("request/response, {}", via.label());
+            let r = match via {
+                Via::Mesh => with_cpu(&mut [&mut *za, &mut *zb], "request_response", || {
+                    load::request_response(ns, paths.client, servers.echo, duration, max)
+                }),
+                _ => load::request_response(ns, paths.direct, servers.echo, duration, max),
+            }
+            .context(what)?;
+            eprintln!(
+                "bench: round {round}/{rounds}: rr {}: p50 {:.1} us, p99 {:.1} us ({} round trips)",
+                via.label(),
+                r.p50_us,
+                r.p99_us,
+                r.round_trips
+            );
+            rr[via as usize].push(r);
+        }
+        for via in in_order(&[Via::Direct, Via::Mesh]) {
+            pause(PAUSE)?;
+            let what = format!("connections, {}", via.label());
+            let served_before = servers.churn_served.load(Ordering::Relaxed);
+            let churn = |src| load::churn(ns, src, servers, args.churn_close, duration, workers);
+            let r = match via {
+                Via::Mesh => with_cpu(&mut [&mut *za, &mut *zb], "connections", || {
+                    churn(paths.client)
+                }),
+                _ => churn(paths.direct),
+            }
+            .context(what)?;
+            if via == Via::Mesh {
+                mesh_churn_served += servers.churn_served.load(Ordering::Relaxed) - served_before;
+            }
+            eprintln!(
+                "bench: round {round}/{rounds}: cps {}: {:.0} conn/s ({} ok, {} errors)",
+                via.label(),
+                r.per_second(),
+                r.connections,
+                r.errors
+            );
+            if r.errors > 0 {
+                let n = format!(
+                    "connection churn ({}, round {round}): {} of {} connections failed; first error: {}",
+                    via.label(),
+                    r.errors,
+                    r.errors + r.connections,
+                    r.first_error.as_deref().unwrap_or("?")
+                );
+                eprintln!("bench: WARNING: {n}");
+                notes.push(n);
+            }
+            cps[via as usize].push(r);
         }
     }
+    let [bulk_d, bulk_m, bulk_r] = bulk.map(|v| Bulk::of(&v));
+    let [rr_d, rr_m] = rr.map(|v| Rr::of(&v));
+    let [cps_d, cps_m] = cps.map(|v| Churn::of(&v));
 
     // Everything else that ran meanwhile (other users of the machine, but
     // also kernel threads doing our softirq work) - a noise indicator.
@@ -702,11 +793,11 @@ fn measure(
     let mb_after = conn_metrics(&zb.node)?;
     notes.push(format!(
         "mesh churn: the client completed {} connections (+{} failed), the server answered {}, \
-         ztunnel b counted {:.0} opened",
+         ztunnel b counted {:.0} opened (besides each round's bulk stream and ping-pong)",
         cps_m.connections,
         cps_m.errors,
-        servers.churn_served.load(Ordering::Relaxed) - served_before,
-        mb_after.opened - mb_before.opened,
+        mesh_churn_served,
+        mb_after.opened - mb_before.opened - 2.0 * rounds as f64,
     ));
     let mut processes = Vec::new();
     for z in [&*za, &*zb] {
@@ -753,8 +844,8 @@ fn measure(
             "bulk",
             "throughput",
             "Gbit/s",
-            bulk_d.gbit_per_s(),
-            bulk_m.gbit_per_s(),
+            bulk_d.gbit_per_s,
+            bulk_m.gbit_per_s,
             Better::Higher,
         ),
         Row::new(
@@ -788,8 +879,8 @@ fn measure(
             "connections",
             "rate",
             "conn/s",
-            cps_d.per_second(),
-            cps_m.per_second(),
+            cps_d.per_second,
+            cps_m.per_second,
             Better::Higher,
         ),
     ];
@@ -820,6 +911,7 @@ fn measure(
 
     let mut config = Map::new();
     config.insert("duration_secs".into(), json!(duration.as_secs()));
+    config.insert("rounds".into(), json!(rounds));
     config.insert("bulk_write_bytes".into(), json!(load::BULK_WRITE));
     config.insert("rr_message_bytes".into(), json!(load::RR_SIZE));
     config.insert("rr_warmup_round_trips".into(), json!(load::RR_WARMUP));
@@ -838,7 +930,7 @@ fn measure(
     );
     config.insert(
         "bulk_plain_relays_gbit_per_s".into(),
-        json!(round3(bulk_r.gbit_per_s())),
+        json!(round3(bulk_r.gbit_per_s)),
     );
     config.insert("cps_workers".into(), json!(workers));
     config.insert(
@@ -902,11 +994,13 @@ fn measure(
     );
     notes.insert(
         1,
-        "bulk: bytes the server received after its first read / time from first to last read. \
-         request/response: 64-byte ping-pong on one TCP_NODELAY connection after 200 warm-up \
-         round trips. connections: connect, 1 byte each way, close; conn/s = completed / wall time. \
-         RSS in MiB (2^20 bytes); CPU = utime+stime during the mesh measurements."
-            .into(),
+        format!(
+            "each figure is the median of {rounds} round(s), alternating which path goes first. \
+             bulk: bytes the server received after its first read / time from first to last read. \
+             request/response: 64-byte ping-pong on one TCP_NODELAY connection after 200 warm-up \
+             round trips. connections: connect, 1 byte each way, close; conn/s = completed / wall \
+             time. RSS in MiB (2^20 bytes); CPU = utime+stime during the mesh measurements."
+        ),
     );
     let per = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
     notes.insert(
@@ -915,9 +1009,9 @@ fn measure(
             "bulk ceiling: the same stream through two plain TCP relays on the mesh's path \
              (one per node, read/write of up to 256 KiB, no TLS, no HTTP/2) ran at {:.2} Gbit/s, \
              {:.3}x direct; the mesh reached {:.3}x of the relays",
-            bulk_r.gbit_per_s(),
-            per(bulk_r.gbit_per_s(), bulk_d.gbit_per_s()),
-            per(bulk_m.gbit_per_s(), bulk_r.gbit_per_s()),
+            bulk_r.gbit_per_s,
+            per(bulk_r.gbit_per_s, bulk_d.gbit_per_s),
+            per(bulk_m.gbit_per_s, bulk_r.gbit_per_s),
         ),
     );
 
