@@ -288,15 +288,6 @@ fn enrolled_ms(log: &str, uid: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|n| n * scale)
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 pub fn run(args: &CaptureArgs) -> Result<Report> {
     let bin = locate_ztunnel(args.ztunnel.as_deref())?;
     let cni = bin.with_file_name("ztunnel-cni");
@@ -408,8 +399,8 @@ fn run_in(
             inside.push(ms);
         }
     }
-    let setup_wall_p50 = percentile(&mut wall, 0.5);
-    let setup_inside_p50 = percentile(&mut inside, 0.5);
+    let setup_wall_p50 = report::percentile(&mut wall, 0.5);
+    let setup_inside_p50 = report::percentile(&mut inside, 0.5);
     eprintln!(
         "bench: pod set-up p50: {setup_wall_p50:.1} ms (CNI ADD, process included), {setup_inside_p50:.1} ms inside ztunnel; max {:.1} / {:.1} ms",
         wall.last().copied().unwrap_or(0.0),
@@ -559,16 +550,16 @@ fn run_in(
             "bulk",
             "throughput",
             "Gbit/s",
-            percentile(&mut mi.gbit, 0.5),
-            percentile(&mut me.gbit, 0.5),
+            report::percentile(&mut mi.gbit, 0.5),
+            report::percentile(&mut me.gbit, 0.5),
             Better::Higher,
         ),
         Row::new(
             "request_response",
             "latency_p50",
             "us",
-            percentile(&mut mi.p50, 0.5),
-            percentile(&mut me.p50, 0.5),
+            report::percentile(&mut mi.p50, 0.5),
+            report::percentile(&mut me.p50, 0.5),
             Better::Lower,
         )
         .with_delta(),
@@ -576,8 +567,8 @@ fn run_in(
             "request_response",
             "latency_p99",
             "us",
-            percentile(&mut mi.p99, 0.5),
-            percentile(&mut me.p99, 0.5),
+            report::percentile(&mut mi.p99, 0.5),
+            report::percentile(&mut me.p99, 0.5),
             Better::Lower,
         )
         .with_delta(),
@@ -585,8 +576,8 @@ fn run_in(
             "connections",
             "rate",
             "conn/s",
-            percentile(&mut mi.cps, 0.5),
-            percentile(&mut me.cps, 0.5),
+            report::percentile(&mut mi.cps, 0.5),
+            report::percentile(&mut me.cps, 0.5),
             Better::Higher,
         ),
         Row::new(

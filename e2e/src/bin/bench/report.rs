@@ -454,3 +454,13 @@ fn md_table<const N: usize>(out: &mut String, headers: &[&str; N], rows: &[[Stri
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
 }
+
+/// The `p` quantile of `v` by nearest rank (sorts `v`); 0 if empty.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}

@@ -560,16 +560,7 @@ impl Via {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    report::percentile(&mut v, 0.5)
 }
 
 /// A path's bulk streams over the rounds: the median rate, total bytes.
