@@ -140,7 +140,7 @@ pub struct Config {
     pub inpod_exempt: Vec<ipnet::IpNet>,
 
     /// Data-plane worker threads [default: half the CPUs this process may
-    /// run on, at least 1].
+    /// run on, at least 1]. One runs on a single-threaded runtime.
     #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 

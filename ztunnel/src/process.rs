@@ -1,5 +1,5 @@
 //! Start-up shared by the mesh's binaries (ztunnel, waypoint): logging and
-//! the multi-threaded runtime, so every process logs and fails alike.
+//! the runtime, so every process logs and fails alike.
 
 use std::fs::File;
 use std::future::Future;
