@@ -7,6 +7,11 @@
 //! only builds for the BPF target, with nightly and build-std), so this is
 //! the same recipe pointed at the programs' own manifest.
 //!
+//! The nested build's target directory is shared by every build of this
+//! crate in one profile (see [`shared_target_dir`]): `cargo clippy` and
+//! `cargo build` with other features each run this script in an `OUT_DIR`
+//! of their own, and each nightly build of `core` took 300 MB and a minute.
+//!
 //! Needs what `scripts/setup.sh` installs: rustup's `nightly` with `rust-src`
 //! and `bpf-linker` on `PATH`.
 
@@ -25,7 +30,7 @@ fn main() {
             println!("cargo:rerun-if-changed={}", dir.join(sub).display());
         }
     }
-    let target_dir = out_dir.join("ebpf-target");
+    let target_dir = shared_target_dir(&out_dir);
     // The programs read kernel structs laid out for the host's arch.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let mut cmd = Command::new("rustup");
@@ -59,4 +64,29 @@ fn main() {
     let obj = target_dir.join("bpfel-unknown-none/release/capture");
     std::fs::copy(&obj, out_dir.join("capture"))
         .unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+}
+
+/// `<target>/<profile>/ebpf-programs` when `out_dir` is cargo's usual
+/// `<target>/<profile>/build/<crate>-<hash>/out`, else `out_dir` itself.
+/// Cargo's lock on the nested target directory serialises two builds that
+/// share it.
+fn shared_target_dir(out_dir: &std::path::Path) -> PathBuf {
+    let name = |p: Option<&std::path::Path>| {
+        p.and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let crate_dir = out_dir.parent();
+    let build_dir = crate_dir.and_then(|p| p.parent());
+    match build_dir.and_then(|p| p.parent()) {
+        Some(profile_dir)
+            if name(Some(out_dir)) == "out"
+                && name(crate_dir).starts_with("ztunnel-ebpf-")
+                && name(build_dir) == "build" =>
+        {
+            profile_dir.join("ebpf-programs")
+        }
+        _ => out_dir.join("ebpf-target"),
+    }
 }
