@@ -14,10 +14,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
-# A build and test run from scratch fills target/ with about 5.5 GiB (4 GiB
-# without incremental caches, as .ci/run builds; debug builds keep line
-# tables only, see Cargo.toml). Say so up front rather than fail half-way
-# with "No space left on device".
+# A build and test run from scratch fills target/ with about 5 GiB (under
+# 3 GiB as .ci/run builds, without incremental caches or debug info). Say
+# so up front rather than fail half-way with "No space left on device".
 avail_kib=$(df -Pk "$ROOT" | awk 'NR == 2 {print $4}')
 if [[ -n "$avail_kib" ]] && (( avail_kib < 6 * 1024 * 1024 )); then
   echo "test.sh: WARNING: $((avail_kib / 1024)) MiB free on $(df -P "$ROOT" | awk 'NR == 2 {print $6}');" \
