@@ -67,7 +67,7 @@ fn main() {
 }
 
 /// `<target>/<profile>/ebpf-programs` when `out_dir` is cargo's usual
-/// `<target>/<profile>/build/<crate>-<hash>/out`, else `out_dir` itself.
+/// `<target>/<profile>/build/<crate>-<hash>/out`, else `<out_dir>/ebpf-target`.
 /// Cargo's lock on the nested target directory serialises two builds that
 /// share it.
 fn shared_target_dir(out_dir: &std::path::Path) -> PathBuf {
