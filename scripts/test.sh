@@ -17,9 +17,9 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 # A build and test run from scratch fills target/ with about 5 GiB (under
 # 3 GiB as .ci/run builds, without incremental caches or debug info). Say
 # so up front rather than fail half-way with "No space left on device".
-avail_kib=$(df -Pk "$ROOT" | awk 'NR == 2 {print $4}')
-if [[ -n "$avail_kib" ]] && (( avail_kib < 6 * 1024 * 1024 )); then
-  echo "test.sh: WARNING: $((avail_kib / 1024)) MiB free on $(df -P "$ROOT" | awk 'NR == 2 {print $6}');" \
+read -r avail_kib mount < <(df -Pk "$ROOT" | awk 'NR == 2 {print $4, $6}') || true
+if [[ -n "${avail_kib:-}" ]] && (( avail_kib < 6 * 1024 * 1024 )); then
+  echo "test.sh: WARNING: $((avail_kib / 1024)) MiB free on $mount;" \
     "a build and test run from scratch needs about 6 GiB" >&2
 fi
 

@@ -16,7 +16,7 @@
 //! and `bpf-linker` on `PATH`.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -70,23 +70,17 @@ fn main() {
 /// `<target>/<profile>/build/<crate>-<hash>/out`, else `<out_dir>/ebpf-target`.
 /// Cargo's lock on the nested target directory serialises two builds that
 /// share it.
-fn shared_target_dir(out_dir: &std::path::Path) -> PathBuf {
-    let name = |p: Option<&std::path::Path>| {
-        p.and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .map(str::to_owned)
-            .unwrap_or_default()
-    };
+fn shared_target_dir(out_dir: &Path) -> PathBuf {
     let crate_dir = out_dir.parent();
-    let build_dir = crate_dir.and_then(|p| p.parent());
-    match build_dir.and_then(|p| p.parent()) {
-        Some(profile_dir)
-            if name(Some(out_dir)) == "out"
-                && name(crate_dir).starts_with("ztunnel-ebpf-")
-                && name(build_dir) == "build" =>
-        {
-            profile_dir.join("ebpf-programs")
-        }
+    let build_dir = crate_dir.and_then(Path::parent);
+    let usual = out_dir.ends_with("out")
+        && crate_dir
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ztunnel-ebpf-"))
+        && build_dir.is_some_and(|b| b.ends_with("build"));
+    match build_dir.and_then(Path::parent) {
+        Some(profile_dir) if usual => profile_dir.join("ebpf-programs"),
         _ => out_dir.join("ebpf-target"),
     }
 }
