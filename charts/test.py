@@ -1014,7 +1014,7 @@ def scenarios(root_cert: str) -> dict[str, dict[str, tuple[str, dict]]]:
                 "name": custom_cp, "replicas": 1, "trustDomain": "example.org",
                 "clusterDomain": "corp.local", "extraServerNames": ["xds.example.org"],
                 "auth": {"tokenAudience": "mesh-xds", "trustedNodeAccounts": [f"{custom_ns}/zt"]},
-                "maxCertTTL": "48h", "debounce": "50ms", "env": {"RUST_LOG": "debug"},
+                "maxCertTTL": "48h", "debounce": "50ms", "env": {"RUST_LOG": "debug"}, "logJSON": True,
                 "image": {"repository": "registry.example.org/mesh/ambient", "tag": "dev"},
                 "nodeSelector": {"kubernetes.io/os": "linux"},
                 "tolerations": [{"key": "mesh", "operator": "Exists"}],

@@ -3,8 +3,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::prelude::*;
 use xds::auth::Auth;
 use xds::{Config, Source};
 
@@ -99,6 +97,9 @@ struct Args {
     /// How long a deployed waypoint drains on SIGTERM.
     #[arg(long, value_parser = duration, default_value = "30s")]
     waypoint_drain_timeout: Duration,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOG_JSON")]
+    log_json: bool,
 }
 
 #[cfg(feature = "kube")]
@@ -125,15 +126,8 @@ async fn token_review(_: String, _: Vec<String>, _: String) -> anyhow::Result<Au
 }
 
 fn main() -> std::process::ExitCode {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer())
-        .with(filter)
-        .init();
     let a = Args::parse();
+    ztunnel::process::init_logging("xds", a.log_json);
     let waypoints = xds::WaypointDeployment {
         image: a.waypoint_image.clone(),
         xds_address: a.waypoint_xds_address.clone(),
