@@ -6,7 +6,7 @@
 //! its principals (who asks) match. The caller is the peer of the inbound
 //! HBONE connection: its SPIFFE identity is the principal.
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Uri};
 
 use crate::config::matcher::{HeaderMatch, StringMatcher};
 use crate::config::model::RbacAction;
@@ -47,7 +47,7 @@ pub struct Principal {
 pub struct AuthzRequest<'a> {
     pub source: Option<&'a Identity>,
     pub destination_port: u16,
-    pub http: Option<(&'a Method, &'a str, &'a HeaderMap)>,
+    pub http: Option<(&'a Method, &'a Uri, &'a HeaderMap)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -93,18 +93,18 @@ impl Permission {
             || !self.paths.is_empty()
             || !self.not_paths.is_empty()
             || !self.headers.is_empty();
-        let Some((method, path, headers)) = req.http else {
+        let Some((method, uri, headers)) = req.http else {
             // L7 conditions never match a TCP connection (Istio's rule:
             // such a rule cannot be enforced at L4).
             return !http_fields;
         };
-        let path = path.split('?').next().unwrap_or(path);
+        let path = uri.path();
         let in_list = |l: &[String]| l.iter().any(|m| m.eq_ignore_ascii_case(method.as_str()));
         (self.methods.is_empty() || in_list(&self.methods))
             && !in_list(&self.not_methods)
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
             && !self.not_paths.iter().any(|p| p.matches(path))
-            && self.headers.iter().all(|h| h.matches(method, headers))
+            && self.headers.iter().all(|h| h.matches(method, uri, headers))
     }
 }
 
@@ -175,16 +175,71 @@ mod tests {
             )],
         };
         let h = HeaderMap::new();
-        let req = |p: &'static str| AuthzRequest {
+        let (admin, public): (Uri, Uri) =
+            ("/admin/x?a=1".parse().unwrap(), "/public".parse().unwrap());
+        let req = |u| AuthzRequest {
             source: Some(&id),
             destination_port: 80,
-            http: Some((&Method::GET, p, &h)),
+            http: Some((&Method::GET, u, &h)),
         };
         let filters = [deny];
         assert!(matches!(
-            authorize(&filters, &req("/admin/x")),
+            authorize(&filters, &req(&admin)),
             Decision::Deny(_)
         ));
-        assert_eq!(authorize(&filters, &req("/public")), Decision::Allow);
+        assert_eq!(authorize(&filters, &req(&public)), Decision::Allow);
+    }
+
+    /// Istio writes `to.operation.hosts` as an `:authority` header match:
+    /// HTTP/2 carries it in the URI, HTTP/1.1 as `Host`.
+    #[test]
+    fn hosts_match_the_authority() {
+        use crate::config::matcher::{StringMatch, ValueMatch};
+        let deny = RbacFilter {
+            action: RbacAction::Deny,
+            policies: vec![(
+                "no-admin-host".into(),
+                RbacPolicy {
+                    permissions: vec![Permission {
+                        headers: vec![HeaderMatch {
+                            name: ":authority".into(),
+                            value: ValueMatch::String(StringMatcher {
+                                kind: StringMatch::Prefix("admin.example.com".into()),
+                                ignore_case: true,
+                            }),
+                            invert: false,
+                        }],
+                        ..Default::default()
+                    }],
+                    principals: vec![],
+                },
+            )],
+        };
+        let filters = [deny];
+        let decide = |uri: &str, host: Option<&str>| {
+            let uri: Uri = uri.parse().unwrap();
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert(http::header::HOST, host.parse().unwrap());
+            }
+            authorize(
+                &filters,
+                &AuthzRequest {
+                    source: None,
+                    destination_port: 80,
+                    http: Some((&Method::GET, &uri, &h)),
+                },
+            )
+        };
+        assert!(matches!(
+            decide("/", Some("Admin.example.com")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide("http://admin.example.com:8080/x", None),
+            Decision::Deny(_)
+        ));
+        assert_eq!(decide("/", Some("shop.example.com")), Decision::Allow);
+        assert_eq!(decide("http://shop.example.com/", None), Decision::Allow);
     }
 }

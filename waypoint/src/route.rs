@@ -87,7 +87,7 @@ pub fn select(table: &RouteTable, host: &str, parts: &Parts) -> Option<Arc<Route
             path_ok
                 && r.headers
                     .iter()
-                    .all(|h| h.matches(&parts.method, &parts.headers))
+                    .all(|h| h.matches(&parts.method, &parts.uri, &parts.headers))
                 && r.query.iter().all(|q| q.matches(query))
         })
         .cloned()

@@ -401,7 +401,7 @@ async fn route_and_run(
     let authz = AuthzRequest {
         source: ds.identity.as_ref(),
         destination_port: ds.dst.port(),
-        http: Some((&parts.method, parts.uri.path(), &parts.headers)),
+        http: Some((&parts.method, &parts.uri, &parts.headers)),
     };
     if let Decision::Deny(why) = rbac::authorize(&chain.rbac, &authz) {
         tracing::debug!(reason = %why, "request denied");

@@ -219,11 +219,6 @@ fn validation_names_the_field() {
             "needs a unit",
         ),
         (
-            "route_configurations: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: sometimes}}}]}]}]\nclusters: [{name: a}]",
-            "route_configurations[0].virtual_hosts[0].routes[0].route.retry_policy.retry_on",
-            "unsupported retry condition",
-        ),
-        (
             "route_configurations: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {weighted_clusters: {clusters: [{name: a, weight: 4294967295}, {name: a, weight: 1}]}}}]}]}]\nclusters: [{name: a}]",
             "route_configurations[0].virtual_hosts[0].routes[0].route.weighted_clusters",
             "add up to more than",
@@ -248,6 +243,18 @@ fn validation_names_the_field() {
     // Unknown fields are a parse error naming the place.
     let e = parse_yaml("clusters: [{name: a, colour: blue}]").unwrap_err();
     assert!(e.message.contains("colour"), "{e}");
+}
+
+/// istiod's default retry policy names conditions this proxy does not act
+/// on (`refused-stream`, gRPC's); like Envoy it takes the route and skips
+/// them, rather than refusing every route istiod sends.
+#[test]
+fn istiods_default_retry_policy_is_taken() {
+    let b = parse_yaml(
+        "route_configurations: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: 'connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes', retriable_status_codes: [503], num_retries: 2}}}]}]}]\nclusters: [{name: a}]",
+    )
+    .unwrap();
+    Store::empty().apply(&b).unwrap();
 }
 
 #[test]

@@ -165,6 +165,8 @@ spec:
   action: DENY
   rules:
   - to: [{operation: {paths: ["/admin*"]}}]
+  - to: [{operation: {hosts: ["*.DEFAULT.svc.cluster.local"], paths: ["/internal*"]}}]
+  - to: [{operation: {hosts: ["*.other.svc.cluster.local"], paths: ["/other*"]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -177,7 +179,7 @@ spec:
   - from: [{source: {namespaces: [default]}}]
     to: [{operation: {methods: [GET], paths: ["/public/*"]}}]
   - from: [{source: {principals: ["cluster.local/ns/default/sa/bad"]}}]
-    to: [{operation: {hosts: ["echo.example.com"]}}]
+    to: [{operation: {notPorts: ["8080"]}}]
   - from: [{source: {notNamespaces: [default]}}]
     when: [{key: "request.headers[x-pass]", values: ["yes"]}]
 "#;
@@ -185,13 +187,13 @@ spec:
 #[tokio::test]
 async fn l7_policies_deny_allow_and_report_what_they_skip() {
     let m = mesh(POLICIES).await;
-    // The unsupported `hosts` is reported, naming object and field; its
+    // The unsupported `notPorts` is reported, naming object and field; its
     // ALLOW rule is skipped, the others apply.
     let errors = m.server.snapshots.borrow().resources.errors.clone();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
         errors[0].contains("AuthorizationPolicy demo/who")
-            && errors[0].contains("spec.rules[2].to[0].operation.hosts")
+            && errors[0].contains("spec.rules[2].to[0].operation.notPorts")
             && errors[0].contains("skipped"),
         "{}",
         errors[0]
@@ -215,6 +217,10 @@ async fn l7_policies_deny_allow_and_report_what_they_skip() {
     let r = good.get("/admin/users", &[]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(m.backend.hits(), before);
+    // `hosts` match the request's authority (`Host` here), ignoring case:
+    // the DENY rules apply only with their hosts.
+    assert_eq!(good.get("/internal/x", &[]).await.status, 403);
+    assert_eq!(good.get("/other/x", &[]).await.status, 200);
     // The waypoint took every filter as sent.
     let l = xds::metrics::TypeLabel {
         type_url: mesh_proto::type_url::LISTENER.to_string(),

@@ -59,7 +59,10 @@ pub enum ValueMatch {
 }
 
 /// A header condition; several values of one header are joined with `,`
-/// before matching, as Envoy does. The method is the `:method` header.
+/// before matching, as Envoy does. The pseudo-headers are the request's
+/// own: `:method`, `:authority` (the URI's, else `Host`, which is where
+/// HTTP/1.1 carries it), `:path` (with the query) and `:scheme`. Istio
+/// writes an AuthorizationPolicy's `hosts` as an `:authority` match.
 #[derive(Clone, Debug)]
 pub struct HeaderMatch {
     pub name: String,
@@ -68,16 +71,27 @@ pub struct HeaderMatch {
 }
 
 impl HeaderMatch {
-    pub fn matches(&self, method: &http::Method, headers: &HeaderMap) -> bool {
-        let value: Option<String> = if self.name == ":method" {
-            Some(method.as_str().to_string())
-        } else {
-            let vals: Vec<&str> = headers
-                .get_all(self.name.as_str())
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            (!vals.is_empty()).then(|| vals.join(","))
+    pub fn matches(&self, method: &http::Method, uri: &http::Uri, headers: &HeaderMap) -> bool {
+        let value: Option<String> = match self.name.as_str() {
+            ":method" => Some(method.as_str().to_string()),
+            ":authority" | "host" => {
+                uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+                    headers
+                        .get(http::header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                })
+            }
+            ":path" => uri.path_and_query().map(|p| p.as_str().to_string()),
+            ":scheme" => Some(uri.scheme_str().unwrap_or("http").to_string()),
+            name => {
+                let vals: Vec<&str> = headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                (!vals.is_empty()).then(|| vals.join(","))
+            }
         };
         let m = match (&self.value, value) {
             (ValueMatch::Present(want), v) => v.is_some() == *want,

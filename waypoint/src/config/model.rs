@@ -448,8 +448,8 @@ pub struct Policy {
     pub principals: Vec<Principal>,
 }
 
-/// What is asked for. Every non-empty field must match (any entry of it);
-/// the `not_*` fields must not.
+/// What is asked for. Every non-empty field must match (any entry of it,
+/// but every entry of `headers`); the `not_*` fields must not.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Permission {

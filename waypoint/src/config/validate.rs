@@ -187,7 +187,11 @@ fn value_match(
 
 fn header_match(path: &str, h: &m::HeaderMatcher) -> Result<HeaderMatch, ConfigError> {
     let name = h.name.to_ascii_lowercase();
-    if name != ":method" && HeaderName::from_bytes(name.as_bytes()).is_err() {
+    let pseudo = matches!(
+        name.as_str(),
+        ":method" | ":authority" | ":path" | ":scheme"
+    );
+    if !pseudo && HeaderName::from_bytes(name.as_bytes()).is_err() {
         return err(path, format!("invalid header name {:?}", h.name));
     }
     Ok(HeaderMatch {
@@ -576,12 +580,11 @@ fn retry(path: &str, rp: &m::RetryPolicy) -> Result<Retry, ConfigError> {
             "connect-failure" => r.on_connect_failure = true,
             "reset" => r.on_reset = true,
             "retriable-status-codes" => r.status_codes = rp.retriable_status_codes.clone(),
-            other => {
-                return err(
-                    &format!("{path}.retry_on"),
-                    format!("unsupported retry condition {other:?}"),
-                )
-            }
+            // Others (`refused-stream`, gRPC's `unavailable`, `cancelled`,
+            // ... which istiod puts on every route) retry nothing here.
+            // Envoy, too, skips conditions it does not know: refusing the
+            // route would refuse the whole table.
+            _ => {}
         }
     }
     if let Some(b) = &rp.retry_back_off {

@@ -48,7 +48,10 @@ pub(super) async fn session(
         send(&tx, req).await?;
     }
     let req = cfg.request(ReceiverStream::new(rx))?;
+    // A full response for a large mesh can pass tonic's 4 MiB default;
+    // refusing it would fail the stream, and the next one, for good.
     let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
         .delta_aggregated_resources(req)
         .await
         .context("opening the delta ADS stream")?

@@ -156,7 +156,10 @@ pub(super) async fn session(
             .map_err(|_| anyhow!("request channel closed"))?;
     }
     let req = cfg.request(ReceiverStream::new(rx))?;
+    // A full response for a large mesh can pass tonic's 4 MiB default;
+    // refusing it would fail the stream, and the next one, for good.
     let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
         .stream_aggregated_resources(req)
         .await
         .context("opening the ADS stream")?

@@ -713,11 +713,9 @@ fn merge_permission(path: &str, a: &m::Permission, b: &m::Permission) -> Result<
         }
         Ok([x, y].concat())
     }
+    // Headers are all-of: an AND of header rules is their union.
     let mut headers = a.headers.clone();
     headers.extend(b.headers.iter().cloned());
-    if a.headers.len() + b.headers.len() > 1 {
-        return err(path, "an AND of several header rules cannot be expressed");
-    }
     Ok(m::Permission {
         methods: join(path, &a.methods, &b.methods)?,
         not_methods: [a.not_methods.clone(), b.not_methods.clone()].concat(),

@@ -7,14 +7,13 @@
 //! any-of, a source's fields all-of (and each field's values any-of); the
 //! same for `to` and operations; `when` conditions all-of.
 //!
-//! What the waypoint cannot enforce (hosts, notPorts, IP blocks, request
+//! What the waypoint cannot enforce (notPorts, IP blocks, request
 //! principals, namespace wildcards, path templates, most `when` keys) is
 //! reported naming the policy and field. An ALLOW rule needing it is
 //! skipped (it can never match: stricter); a DENY rule is applied without
 //! it (it denies more: stricter), as Istio does for ztunnel. The trees are
-//! shaped so the waypoint can flatten them (one header per permission,
-//! negations of methods, paths and single identities only): nothing here
-//! may be NACKed.
+//! shaped so the waypoint can flatten them (negations of methods, paths and
+//! single identities only): nothing here may be NACKed.
 
 use mesh_proto::envoy::config::listener::v3 as pl;
 use mesh_proto::envoy::config::rbac::v3 as prbac;
@@ -449,6 +448,30 @@ fn method(m: &str) -> Option<prbac::Permission> {
     })))
 }
 
+/// A host as Istio matches it: the `:authority`, case-insensitive, with
+/// or without a port; `*.suffix`, `prefix*` and `*` as wildcards.
+fn host(h: &str) -> Option<prbac::Permission> {
+    let name = match h {
+        "*" => ".+".to_string(),
+        _ if h.matches('*').count() > 1 => return None,
+        _ => match (h.strip_prefix('*'), h.strip_suffix('*')) {
+            (Some(s), _) => format!(".*{}", regex::escape(s)),
+            (_, Some(p)) => format!("{}.*", regex::escape(p)),
+            _ if h.contains('*') => return None,
+            _ => regex::escape(h),
+        },
+    };
+    Some(perm(prbac::permission::Rule::Header(pr::HeaderMatcher {
+        name: ":authority".into(),
+        header_match_specifier: Some(pr::header_matcher::HeaderMatchSpecifier::SafeRegexMatch(
+            pm::RegexMatcher {
+                regex: format!("(?i)(?:{name})(?::[0-9]+)?"),
+            },
+        )),
+        invert_match: false,
+    })))
+}
+
 fn path(p: &str) -> Option<prbac::Permission> {
     use pm::string_matcher::MatchPattern as P;
     let pattern = match value_pattern(p)? {
@@ -476,17 +499,17 @@ fn operation(
     unsupported: &mut Unsupported,
 ) -> prbac::Permission {
     use prbac::permission::Rule;
-    for (name, v) in [
-        ("hosts", &o.hosts),
-        ("notHosts", &o.not_hosts),
-        ("notPorts", &o.not_ports),
-    ] {
-        unsupported_if(format!("{field}.{name}"), !v.is_empty(), unsupported);
-    }
+    unsupported_if(
+        format!("{field}.notPorts"),
+        !o.not_ports.is_empty(),
+        unsupported,
+    );
     if layer == Layer::Tcp {
         for (name, v) in [
+            ("hosts", &o.hosts),
             ("methods", &o.methods),
             ("paths", &o.paths),
+            ("notHosts", &o.not_hosts),
             ("notMethods", &o.not_methods),
             ("notPaths", &o.not_paths),
         ] {
@@ -501,7 +524,8 @@ fn operation(
     }
     let mut all = Vec::new();
     for (name, values, f) in [
-        ("methods", &o.methods, method as fn(&str) -> _),
+        ("hosts", &o.hosts, host as fn(&str) -> _),
+        ("methods", &o.methods, method),
         ("paths", &o.paths, path),
         ("ports", &o.ports, port),
     ] {
@@ -512,7 +536,8 @@ fn operation(
         }
     }
     for (name, values, f) in [
-        ("notMethods", &o.not_methods, method as fn(&str) -> _),
+        ("notHosts", &o.not_hosts, host as fn(&str) -> _),
+        ("notMethods", &o.not_methods, method),
         ("notPaths", &o.not_paths, path),
     ] {
         if let Some(v) = any_of(&format!("{field}.{name}"), values, f, unsupported) {
@@ -628,7 +653,6 @@ fn rule(
                 .collect(),
         ));
     }
-    let mut headers = 0;
     for (i, c) in r.when.iter().enumerate() {
         let cf = format!("{field}.when[{i}]");
         let header = c
@@ -640,17 +664,11 @@ fn rule(
             Some(_) if layer == Layer::Tcp => {
                 unsupported.push((format!("{cf}.key"), HTTP_ONLY.into()))
             }
-            Some(name) if headers == 0 => {
-                headers += 1;
+            Some(name) => {
                 if let Some(p) = header_condition(&cf, name, c, unsupported) {
                     permissions.push(p);
                 }
             }
-            Some(_) => unsupported.push((
-                format!("{cf}.key"),
-                "more than one request.headers condition per rule is not supported on the waypoint"
-                    .into(),
-            )),
             None => unsupported.push((
                 format!("{cf}.key"),
                 format!(
