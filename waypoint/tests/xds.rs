@@ -1014,6 +1014,7 @@ async fn xds_rbac_filter_denies() {
             type_url::HTTP_RBAC,
             &rbac,
         ))),
+        ..Default::default()
     };
     let c1 = static_cluster("v1", v1.addr);
     cp.set(type_url::CLUSTER, "v1", &c1);

@@ -209,14 +209,34 @@ fn connection_manager(
     };
     let mut rbacs = Vec::new();
     for (k, f) in h.http_filters.iter().enumerate() {
-        let Some(hcm::http_filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
-            continue;
-        };
-        if tc.type_url == type_url::HTTP_RBAC {
-            let p = format!("{path}.http_filters[{k}].typed_config");
-            let r: phrbac::Rbac = any(&p, tc, type_url::HTTP_RBAC)?;
-            if let Some(rules) = &r.rules {
-                rbacs.push(rbac(&format!("{p}.rules"), rules)?);
+        let fpath = format!("{path}.http_filters[{k}]");
+        let tc = f
+            .config_type
+            .as_ref()
+            .map(|hcm::http_filter::ConfigType::TypedConfig(tc)| tc);
+        let ty = tc.map(filter_type);
+        match (tc, ty.as_deref()) {
+            (Some(tc), Some(type_url::HTTP_RBAC)) => {
+                let p = format!("{fpath}.typed_config");
+                let r: phrbac::Rbac = any(&p, tc, type_url::HTTP_RBAC)?;
+                // Without `rules` only `shadow_rules`: they log, never deny.
+                if let Some(rules) = &r.rules {
+                    rbacs.push(rbac(&format!("{p}.rules"), rules)?);
+                }
+            }
+            (_, Some(t)) if SKIPPED_HTTP_FILTERS.contains(&t) => {}
+            _ if f.is_optional || f.disabled => {}
+            (_, t) => {
+                // Serving without it could let through what it refuses
+                // (ext_authz for a CUSTOM policy, jwt_authn, ...).
+                return err(
+                    &fpath,
+                    format!(
+                        "HTTP filter {:?} ({}) is not supported; mark it is_optional to serve without it",
+                        f.name,
+                        t.unwrap_or("no typed_config")
+                    ),
+                );
             }
         }
     }
@@ -227,6 +247,41 @@ fn connection_manager(
         max_request_headers_kb: h.max_request_headers_kb,
         rbac: rbacs,
     })
+}
+
+/// HTTP filters istiod puts in a waypoint's chain that change nothing this
+/// proxy decides: routing (done anyway), CORS and fault (per route here),
+/// and telemetry.
+const SKIPPED_HTTP_FILTERS: &[&str] = &[
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    type_url::HTTP_FAULT,
+    "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    "type.googleapis.com/io.istio.http.peer_metadata.Config",
+    "type.googleapis.com/stats.PluginConfig",
+    "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+];
+
+/// `udpa.type.v1.TypedStruct` and `xds.type.v3.TypedStruct`: a filter's
+/// config as JSON-like struct; only the type it stands for is read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+}
+
+/// The type of a filter's config, looking through a `TypedStruct`.
+fn filter_type(tc: &prost_types::Any) -> String {
+    const TYPED_STRUCTS: [&str; 2] = [
+        "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type.googleapis.com/xds.type.v3.TypedStruct",
+    ];
+    if TYPED_STRUCTS.contains(&tc.type_url.as_str()) {
+        if let Ok(t) = TypedStruct::decode(tc.value.as_slice()) {
+            return t.type_url;
+        }
+    }
+    tc.type_url.clone()
 }
 
 pub fn route_configuration(rc: &pr::RouteConfiguration) -> Result<m::RouteConfiguration> {
@@ -1155,6 +1210,91 @@ mod tests {
         assert_eq!(
             e.path,
             "rules.policies[\"q\"].permissions[0].and_rules.rules[1]"
+        );
+    }
+
+    /// A filter this proxy does not implement is refused unless optional
+    /// or disabled: serving without ext_authz or jwt_authn would let
+    /// through what they refuse. istiod's telemetry and routing filters,
+    /// also inside a TypedStruct, are skipped.
+    #[test]
+    fn unknown_http_filters_are_refused() {
+        let any = |t: &str, value: Vec<u8>| {
+            Some(hcm::http_filter::ConfigType::TypedConfig(
+                prost_types::Any {
+                    type_url: t.into(),
+                    value,
+                },
+            ))
+        };
+        let filter = |name: &str, t: &str| hcm::HttpFilter {
+            name: name.into(),
+            config_type: any(t, Vec::new()),
+            ..Default::default()
+        };
+        let ext_authz = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+        let peer_metadata = TypedStruct {
+            type_url: "type.googleapis.com/io.istio.http.peer_metadata.Config".into(),
+        };
+        let hcm_with = |filters| hcm::HttpConnectionManager {
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: "r".into(),
+                },
+            )),
+            http_filters: filters,
+            ..Default::default()
+        };
+        let istiod = hcm_with(vec![
+            hcm::HttpFilter {
+                name: "istio.metadata_exchange".into(),
+                config_type: any(
+                    "type.googleapis.com/udpa.type.v1.TypedStruct",
+                    peer_metadata.encode_to_vec(),
+                ),
+                ..Default::default()
+            },
+            filter("istio.stats", "type.googleapis.com/stats.PluginConfig"),
+            filter(
+                "envoy.filters.http.router",
+                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            ),
+        ]);
+        connection_manager("h", &istiod, String::new(), &mut Vec::new()).unwrap();
+        let e = connection_manager(
+            "h",
+            &hcm_with(vec![filter("envoy.filters.http.ext_authz", ext_authz)]),
+            String::new(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "h.http_filters[0]");
+        assert!(e.message.contains("ext_authz"), "{}", e.message);
+        for optional in [
+            hcm::HttpFilter {
+                is_optional: true,
+                ..filter("x", ext_authz)
+            },
+            hcm::HttpFilter {
+                disabled: true,
+                ..filter("x", ext_authz)
+            },
+        ] {
+            connection_manager(
+                "h",
+                &hcm_with(vec![optional]),
+                String::new(),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        }
+        // A filter from ECDS (no typed_config here) is refused too.
+        let ecds = hcm::HttpFilter {
+            name: "from-ecds".into(),
+            ..Default::default()
+        };
+        assert!(
+            connection_manager("h", &hcm_with(vec![ecds]), String::new(), &mut Vec::new()).is_err()
         );
     }
 

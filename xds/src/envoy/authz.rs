@@ -149,6 +149,7 @@ pub(super) fn http_filters(bound: &[Bound], gateway: &str, service: &str) -> Vec
                 type_url::HTTP_RBAC,
                 &phrbac::Rbac { rules: Some(rules) },
             ))),
+            ..Default::default()
         })
         .collect()
 }
