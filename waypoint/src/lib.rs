@@ -38,6 +38,7 @@ pub mod h2io;
 pub mod idle;
 pub mod inbound;
 pub mod metrics;
+pub mod path;
 pub mod plaintext;
 pub mod rbac;
 pub mod record;

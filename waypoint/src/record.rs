@@ -90,10 +90,13 @@ impl Drop for Record {
             destination_workload: dst.workload.clone(),
             destination_workload_namespace: dst.namespace.clone(),
             destination_principal: dst.principal.clone(),
-            destination_service: match i.authority.as_str() {
-                "" => "unknown".into(),
-                _ => std::mem::take(&mut i.authority),
-            },
+            // From the configuration, never from the client's Host: that
+            // would let any client add series without bound.
+            destination_service: i
+                .cluster
+                .as_ref()
+                .map(|c| service_of_cluster(&c.name).to_string())
+                .unwrap_or_else(|| "unknown".into()),
             destination_cluster: "unknown",
             request_protocol: i.protocol,
             response_code: self.status.as_u16(),
@@ -107,6 +110,16 @@ impl Drop for Record {
             req_bytes,
             self.response_bytes,
         );
+    }
+}
+
+/// The Service of an Istio cluster name (`outbound|80||echo.demo.svc.cluster.local`),
+/// or the name itself.
+fn service_of_cluster(name: &str) -> &str {
+    let mut parts = name.splitn(4, '|');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("outbound" | "inbound"), Some(_), Some(_), Some(host)) if !host.is_empty() => host,
+        _ => name,
     }
 }
 
@@ -141,4 +154,22 @@ pub fn attach(
         f
     })
     .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn service_of_cluster() {
+        use super::service_of_cluster as s;
+        assert_eq!(
+            s("outbound|80||echo.demo.svc.cluster.local"),
+            "echo.demo.svc.cluster.local"
+        );
+        assert_eq!(
+            s("outbound|80|v1|echo.demo.svc.cluster.local"),
+            "echo.demo.svc.cluster.local"
+        );
+        assert_eq!(s("backend"), "backend");
+        assert_eq!(s("a|b"), "a|b");
+    }
 }

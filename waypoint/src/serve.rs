@@ -398,6 +398,9 @@ async fn route_and_run(
             )
         }
     };
+    if let Some(outcome) = normalize_path(&chain.path, &mut parts) {
+        return (None, outcome);
+    }
     let authz = AuthzRequest {
         source: ds.identity.as_ref(),
         destination_port: ds.dst.port(),
@@ -445,6 +448,51 @@ async fn route_and_run(
         }
     };
     (Some(route), outcome)
+}
+
+/// Applies the chain's path normalization to the request, which policy,
+/// routing and the backend then all see; or the answer when the path is
+/// refused (400) or the client is sent to the normalized one (307).
+fn normalize_path(
+    n: &crate::path::PathNormalization,
+    parts: &mut http::request::Parts,
+) -> Option<Outcome> {
+    use crate::path::Normalized;
+    use std::borrow::Cow;
+    let pq = parts.uri.path_and_query().filter(|_| !n.is_noop())?;
+    let new = match n.apply(pq.as_str()) {
+        Normalized::Forward(Cow::Borrowed(_)) => return None,
+        Normalized::Forward(Cow::Owned(p)) => p,
+        Normalized::Reject(why) => {
+            tracing::debug!(path = %pq, reason = why, "request path refused");
+            return Some(Outcome::Local(
+                StatusCode::BAD_REQUEST,
+                "-",
+                "Bad Request\n",
+            ));
+        }
+        Normalized::Redirect(location) => {
+            let mut resp = local(StatusCode::TEMPORARY_REDIRECT, "");
+            if let Ok(v) = http::HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(LOCATION, v);
+            }
+            return Some(Outcome::Ready(resp));
+        }
+    };
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = new.parse().ok();
+    match http::Uri::from_parts(uri) {
+        Ok(u) if u.path_and_query().is_some() => {
+            parts.uri = u;
+            None
+        }
+        // Only valid path bytes are ever produced; refuse rather than guess.
+        _ => Some(Outcome::Local(
+            StatusCode::BAD_REQUEST,
+            "-",
+            "Bad Request\n",
+        )),
+    }
 }
 
 fn redirect(r: &Redirect, route: &Route, parts: &http::request::Parts) -> Outcome {

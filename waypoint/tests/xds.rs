@@ -964,6 +964,23 @@ async fn new_route_name_warms(api: ApiType) {
     assert_eq!(c.get("/c", &[]).await.body, "v2 /c");
     assert_eq!(store.get().source.route_configurations.len(), 1);
     assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+
+    // A bad listener is refused even while its routes are still missing:
+    // ACKed, it would fail only once they came, and never be resent.
+    let mut bad = listener_rds("echo3", vec![]);
+    bad.filter_chains[0]
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .prefix_ranges[0]
+        .address_prefix = "not-an-address".into();
+    cp.set(type_url::LISTENER, "waypoint", &bad);
+    eventually("the bad listener NACKed", || {
+        let n = cp.nacks().len();
+        async move { n > 0 }
+    })
+    .await;
+    assert_eq!(c.get("/d", &[]).await.body, "v2 /d");
 }
 
 async fn c_get(ca: &Arc<dyn ztunnel::identity::CaClient>, wp: &Running, path: &str) -> u16 {

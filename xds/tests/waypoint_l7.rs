@@ -216,7 +216,16 @@ async fn l7_policies_deny_allow_and_report_what_they_skip() {
     let before = m.backend.hits();
     let r = good.get("/admin/users", &[]).await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // Paths are normalized first, as istiod asks Envoy to: the policy sees
+    // the path the backend would act on.
+    for disguised in ["/x/../admin/users", "/%61dmin", "/./admin"] {
+        let r = good.get(disguised, &[]).await;
+        assert_eq!(r.status, 403, "{disguised}: {}", r.body);
+    }
     assert_eq!(m.backend.hits(), before);
+    let r = good.get("/x/../public/%61", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "echo /public/a");
     // `hosts` match the request's authority (`Host` here), ignoring case:
     // the DENY rules apply only with their hosts.
     assert_eq!(good.get("/internal/x", &[]).await.status, 403);

@@ -91,6 +91,25 @@ pub struct HttpConnectionManager {
     /// RBAC filters in order (Istio emits a DENY one, then an ALLOW one).
     #[serde(default)]
     pub rbac: Vec<Rbac>,
+    /// RFC 3986 normalization of request paths before policy and routing
+    /// (`waypoint::path`). Off unless set, as in Envoy; Istio sets it.
+    #[serde(default)]
+    pub normalize_path: bool,
+    #[serde(default)]
+    pub merge_slashes: bool,
+    /// What `%2F` and `%5C` in a path do.
+    #[serde(default)]
+    pub path_with_escaped_slashes_action: EscapedSlashesAction,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EscapedSlashesAction {
+    #[default]
+    KeepUnchanged,
+    RejectRequest,
+    UnescapeAndRedirect,
+    UnescapeAndForward,
 }
 
 /// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy` with its

@@ -85,6 +85,7 @@ pub enum ChainKind {
 pub struct HttpChain {
     pub codec: CodecType,
     pub max_header_bytes: usize,
+    pub path: crate::path::PathNormalization,
     pub rbac: Vec<RbacFilter>,
     pub routes: Arc<RouteTable>,
 }

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::matcher::{self, HeaderMatch, QueryMatch, StringMatch, ValueMatch};
 use super::model::{self as m, Bootstrap, Denominator, RedirectResponseCode};
 use super::runtime::*;
+use crate::path::EscapedSlashes;
 use crate::rbac::{self, RbacFilter, RbacPolicy};
 
 /// Why a configuration was rejected: where, and what is wrong there.
@@ -693,6 +694,20 @@ fn chain(
                 codec: h.codec_type,
                 max_header_bytes: h.max_request_headers_kb.unwrap_or(60).clamp(1, 8192) as usize
                     * 1024,
+                path: crate::path::PathNormalization {
+                    normalize: h.normalize_path,
+                    merge_slashes: h.merge_slashes,
+                    escaped_slashes: match h.path_with_escaped_slashes_action {
+                        m::EscapedSlashesAction::KeepUnchanged => EscapedSlashes::Keep,
+                        m::EscapedSlashesAction::RejectRequest => EscapedSlashes::Reject,
+                        m::EscapedSlashesAction::UnescapeAndRedirect => {
+                            EscapedSlashes::UnescapeAndRedirect
+                        }
+                        m::EscapedSlashesAction::UnescapeAndForward => {
+                            EscapedSlashes::UnescapeAndForward
+                        }
+                    },
+                },
                 rbac: rbac_filters(&format!("{hp}.rbac"), &h.rbac)?,
                 routes,
             }))

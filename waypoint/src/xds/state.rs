@@ -383,6 +383,16 @@ impl State {
             self.store.set_synced(true);
             info!(type_url = %u.type_url, version = %u.version, "xDS configuration applied");
         } else {
+            // Warming: still check what has come, taking what is missing as
+            // empty. A bad resource ACKed now would only fail once its
+            // references arrive, and the server never resends what it saw
+            // ACKed: every later update would then be refused.
+            if let Ok(Assembled {
+                bootstrap: Some(b), ..
+            }) = next.assemble(&|_, _| true)
+            {
+                crate::config::compile(&b).map_err(|e| explain(&b, &e))?;
+            }
             debug!(type_url = %u.type_url, "xDS configuration warming: waiting for referenced resources");
         }
         self.cache = next;

@@ -240,12 +240,23 @@ fn connection_manager(
             }
         }
     }
+    use hcm::http_connection_manager::PathWithEscapedSlashesAction as A;
     Ok(m::HttpConnectionManager {
         stat_prefix: h.stat_prefix.clone(),
         codec_type,
         route_config_name,
         max_request_headers_kb: h.max_request_headers_kb,
         rbac: rbacs,
+        normalize_path: h.normalize_path.unwrap_or(false),
+        merge_slashes: h.merge_slashes,
+        path_with_escaped_slashes_action: match h.path_with_escaped_slashes_action() {
+            A::ImplementationSpecificDefault | A::KeepUnchanged => {
+                m::EscapedSlashesAction::KeepUnchanged
+            }
+            A::RejectRequest => m::EscapedSlashesAction::RejectRequest,
+            A::UnescapeAndRedirect => m::EscapedSlashesAction::UnescapeAndRedirect,
+            A::UnescapeAndForward => m::EscapedSlashesAction::UnescapeAndForward,
+        },
     })
 }
 

@@ -220,6 +220,9 @@ pub fn translate(opts: &Options, model: &Model) -> Output {
                             },
                         )),
                         http_filters: authz::http_filters(&policies, &gw, &svc),
+                        // Istio's default (`pathNormalization: BASE`): policy
+                        // and routes judge the path the backend acts on.
+                        normalize_path: Some(true),
                         ..Default::default()
                     };
                     // Undeclared: HTTP only when sniffed as HTTP.
@@ -640,5 +643,6 @@ spec:
         };
         let h = hcm::HttpConnectionManager::decode(h.value.as_slice()).unwrap();
         assert_eq!(h.http_filters.len(), 2);
+        assert_eq!(h.normalize_path, Some(true));
     }
 }
