@@ -6,7 +6,9 @@
 //! snapshot is diffed against that: changed resources are sent, vanished
 //! ones listed in `removed_resources`. Snapshots carry the names changed
 //! since the previous one, so a stream that saw the previous snapshot only
-//! looks at those. A stream resuming with `initial_resource_versions` is
+//! looks at those (one that skipped a snapshot compares everything, delta
+//! and SotW alike). A delta client subscribing to `*` late is sent all it
+//! does not hold yet. A stream resuming with `initial_resource_versions` is
 //! sent only what differs from what it already has (versions are content
 //! hashes, stable across restarts). Bursts coalesce twice: the translator
 //! debounces, and a stream busy sending simply sees the latest snapshot.
@@ -178,7 +180,57 @@ struct Watch {
 /// Resources to send and names to remove.
 type Diff = (Vec<Arc<Resource>>, Vec<String>);
 
+/// What a request's (un)subscriptions call for comparing now; the set
+/// holds names newly subscribed to, sent even when the client has them.
+#[derive(Debug, PartialEq)]
+enum Compare {
+    /// Nothing new is wanted.
+    Nothing,
+    /// Only the names subscribed to.
+    Names(HashSet<String>),
+    /// Everything the client may see: a new watch, or a late `*`
+    /// subscription (a wildcard client must get what does not change too).
+    All(HashSet<String>),
+}
+
 impl Watch {
+    /// Applies one request's `subscribe` and `unsubscribe` lists (`first`:
+    /// the watch's first request, where no names means wildcard).
+    fn subscribe(&mut self, first: bool, subscribe: &[String], unsubscribe: &[String]) -> Compare {
+        let was_wildcard = self.wildcard;
+        if first && subscribe.is_empty() {
+            self.wildcard = true;
+        }
+        let mut force = HashSet::new();
+        for n in subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(n.clone());
+                force.insert(n.clone());
+            }
+        }
+        for n in unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(n);
+            }
+        }
+        if !unsubscribe.is_empty() {
+            // The client forgets what it no longer wants.
+            let (wildcard, names) = (self.wildcard, &self.names);
+            self.known.retain(|k| wildcard || names.contains(k));
+        }
+        if first || (self.wildcard && !was_wildcard) {
+            Compare::All(force)
+        } else if !force.is_empty() {
+            Compare::Names(force)
+        } else {
+            Compare::Nothing
+        }
+    }
+
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
     }
@@ -389,59 +441,43 @@ impl AdsServer {
                     }
                     let first = !watches.contains_key(&t);
                     let w = watches.entry(t.clone()).or_default();
-                    let mut force = HashSet::new();
                     if first {
                         w.known = Known::from_versions(
                             req.initial_resource_versions
                                 .iter()
                                 .map(|(k, v)| (Arc::from(k.as_str()), parse_version(v))),
                         );
-                        if req.resource_names_subscribe.is_empty() {
-                            w.wildcard = true;
+                    }
+                    let compare = w.subscribe(
+                        first,
+                        &req.resource_names_subscribe,
+                        &req.resource_names_unsubscribe,
+                    );
+                    match compare {
+                        Compare::All(force) if first && force.is_empty()
+                            && w.holds_nothing_wants_all() && !Scope::is_scoped(&t) =>
+                        {
+                            // A new client: everything, as encoded for all.
+                            let res = visible(&cur, &t, gateway.as_deref());
+                            w.known.rebase(res, cur.generation);
+                            let chunks = cur.first_sync(&t).iter().map(|run| {
+                                let mut r = EncodedResources::default();
+                                r.push_run(run);
+                                r
+                            }).collect();
+                            self.send_chunks(&tx, &t, cur.generation, &mut nonce, chunks, vec![]).await?;
                         }
-                    }
-                    for n in &req.resource_names_subscribe {
-                        if n == "*" {
-                            w.wildcard = true;
-                        } else {
-                            w.names.insert(n.clone());
-                            force.insert(n.clone());
+                        Compare::All(force) => {
+                            let res = visible(&cur, &t, gateway.as_deref());
+                            let (send, removed) = w.diff_all(&res, cur.generation, &force);
+                            self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
                         }
-                    }
-                    let mut dropped = false;
-                    for n in &req.resource_names_unsubscribe {
-                        if n == "*" {
-                            w.wildcard = false;
-                        } else {
-                            w.names.remove(n);
+                        Compare::Names(force) => {
+                            let res = visible(&cur, &t, gateway.as_deref());
+                            let (send, removed) = w.diff_names(&res, std::iter::empty(), &force);
+                            self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
                         }
-                        dropped = true;
-                    }
-                    if dropped {
-                        // The client forgets what it no longer wants.
-                        let (wildcard, names) = (w.wildcard, &w.names);
-                        w.known.retain(|k| wildcard || names.contains(k));
-                    }
-                    if first && force.is_empty() && w.holds_nothing_wants_all()
-                        && !Scope::is_scoped(&t)
-                    {
-                        // A new client: everything, as encoded for all.
-                        let res = visible(&cur, &t, gateway.as_deref());
-                        w.known.rebase(res, cur.generation);
-                        let chunks = cur.first_sync(&t).iter().map(|run| {
-                            let mut r = EncodedResources::default();
-                            r.push_run(run);
-                            r
-                        }).collect();
-                        self.send_chunks(&tx, &t, cur.generation, &mut nonce, chunks, vec![]).await?;
-                    } else if first || !force.is_empty() {
-                        let res = visible(&cur, &t, gateway.as_deref());
-                        let (send, removed) = if first {
-                            w.diff_all(&res, cur.generation, &force)
-                        } else {
-                            w.diff_names(&res, std::iter::empty(), &force)
-                        };
-                        self.send_delta(&tx, &t, cur.generation, &mut nonce, send, removed).await?;
+                        Compare::Nothing => {}
                     }
                 }
                 r = snaps.changed() => {
@@ -591,10 +627,17 @@ impl AdsServer {
                 }
                 r = snaps.changed() => {
                     if r.is_err() { break }
-                    cur = snaps.borrow_and_update().clone();
+                    let next = snaps.borrow_and_update().clone();
+                    // `changed` is relative to the snapshot just before
+                    // `next`: if this stream skipped one (published back to
+                    // back), its changes are not in there, so every type
+                    // is touched.
+                    let contiguous = next.generation == cur.generation + 1;
+                    cur = next;
+                    let changed = cur.changed.as_ref().filter(|_| contiguous);
                     let gateway = node.as_deref().and_then(|n| gateway_in(&cur, &node_id, n));
                     for (t, names) in &watches {
-                        let touched = match &cur.changed {
+                        let touched = match changed {
                             Some(ch) => ch.iter().any(|(ct, n)| ct == t
                                 && (names.is_empty() || names.iter().any(|x| **x == **n))),
                             None => true,
@@ -678,6 +721,12 @@ impl AggregatedDiscoveryService for AdsServer {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use mesh_proto::discovery::encoded::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+    use mesh_proto::discovery::{DeltaDiscoveryResponse, DiscoveryResponse as SotwResponse};
+    use mesh_proto::type_url::{ADDRESS, AUTHORIZATION};
 
     use super::*;
 
@@ -750,11 +799,29 @@ mod tests {
             .collect()
     }
 
+    /// The diff a request's (un)subscriptions call for, as the delta
+    /// stream computes it.
+    fn on_request(
+        w: &mut Watch,
+        first: bool,
+        subscribe: &[&str],
+        unsubscribe: &[&str],
+        snap: &Arc<Named>,
+        generation: u64,
+    ) -> Diff {
+        let list = |l: &[&str]| l.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        match w.subscribe(first, &list(subscribe), &list(unsubscribe)) {
+            Compare::All(force) => w.diff_all(snap, generation, &force),
+            Compare::Names(force) => w.diff_names(snap, std::iter::empty(), &force),
+            Compare::Nothing => (vec![], vec![]),
+        }
+    }
+
     /// Random streams (wildcard or named, new or resuming) through random
-    /// snapshots, contiguous or skipped, subscriptions and unsubscriptions:
-    /// what the client holds after applying every diff is what the stream
-    /// believes it holds, and, but after a late `*` subscription (which
-    /// sends nothing until the next full compare), exactly what it wants.
+    /// snapshots, contiguous or skipped, subscriptions and unsubscriptions
+    /// (of names and of `*`): what the client holds after applying every
+    /// diff is what the stream believes it holds, and exactly what it
+    /// wants.
     #[test]
     fn client_holds_what_the_stream_believes() {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -768,22 +835,17 @@ mod tests {
                 w.known =
                     Known::from_versions(client.iter().map(|(k, v)| (Arc::from(k.as_str()), *v)));
             }
-            let mut force = HashSet::new();
+            let mut subscribe = Vec::new();
             if rng.below(2) == 0 {
-                w.wildcard = true;
-            } else {
                 for _ in 0..=rng.below(3) {
-                    let n = rng.name().to_string();
-                    w.names.insert(n.clone());
-                    force.insert(n);
+                    subscribe.push(rng.name());
                 }
             }
             let mut generation = 1;
             let first = evolve(&mut rng, &Named::new());
             let mut snap = Arc::new(evolve(&mut rng, &first));
-            let d = w.diff_all(&snap, generation, &force);
+            let d = on_request(&mut w, true, &subscribe, &[], &snap, generation);
             apply(&mut client, &d);
-            let mut exact = true;
             for step in 0..40 {
                 let ctx = format!("trial {trial} step {step}");
                 let d = match rng.below(8) {
@@ -799,31 +861,17 @@ mod tests {
                         let next = Arc::new(evolve(&mut rng, &between));
                         let d = w.diff_all(&next, generation + 2, &HashSet::new());
                         (snap, generation) = (next, generation + 2);
-                        exact = true;
                         d
                     }
-                    4 => {
-                        let n = rng.name().to_string();
-                        w.names.insert(n.clone());
-                        w.diff_names(&snap, std::iter::empty(), &HashSet::from([n]))
-                    }
+                    4 => on_request(&mut w, false, &[rng.name()], &[], &snap, generation),
                     5 | 6 => {
-                        if rng.below(3) == 0 {
-                            w.wildcard = false;
-                        } else {
-                            let n = rng.name();
-                            w.names.remove(n);
-                        }
+                        let n = if rng.below(3) == 0 { "*" } else { rng.name() };
+                        let d = on_request(&mut w, false, &[], &[n], &snap, generation);
                         let (wildcard, names) = (w.wildcard, &w.names);
-                        w.known.retain(|k| wildcard || names.contains(k));
                         client.retain(|k, _| wildcard || names.contains(k));
-                        (vec![], vec![])
+                        d
                     }
-                    _ => {
-                        exact &= w.wildcard;
-                        w.wildcard = true;
-                        (vec![], vec![])
-                    }
+                    _ => on_request(&mut w, false, &["*"], &[], &snap, generation),
                 };
                 apply(&mut client, &d);
                 let believed: BTreeMap<String, u64> = NAMES
@@ -831,11 +879,32 @@ mod tests {
                     .filter_map(|n| Some((n.to_string(), w.known.get(n)?)))
                     .collect();
                 assert_eq!(client, believed, "{ctx}");
-                if exact {
-                    assert_eq!(client, wanted(&w, &snap), "{ctx}");
-                }
+                assert_eq!(client, wanted(&w, &snap), "{ctx}");
             }
         }
+    }
+
+    /// A client that subscribed by name and then to `*` is sent everything
+    /// else it may see, though nothing changed.
+    #[test]
+    fn a_late_wildcard_subscription_sends_everything() {
+        let snap: Arc<Named> = Arc::new(
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| (Arc::from(*n), resource(n, 1)))
+                .collect(),
+        );
+        let mut w = Watch::default();
+        let (send, _) = on_request(&mut w, true, &["a"], &[], &snap, 1);
+        assert_eq!(send.len(), 1);
+        let (send, removed) = on_request(&mut w, false, &["*"], &[], &snap, 1);
+        let names: Vec<&str> = send.iter().map(|r| &*r.name).collect();
+        assert_eq!(names, ["b", "c"], "`a` is held already");
+        assert!(removed.is_empty());
+        assert!(w.known.in_sync_with(1));
+        // Already wildcard: nothing more.
+        let again = w.subscribe(false, &["*".to_string()], &[]);
+        assert_eq!(again, Compare::Nothing);
     }
 
     /// A new wildcard client's first sync is the snapshot in name order,
@@ -860,5 +929,156 @@ mod tests {
         // Nothing changed: nothing to send.
         let (send, removed) = w.diff_all(&snap, 6, &HashSet::new());
         assert!(send.is_empty() && removed.is_empty());
+    }
+
+    // ---------------------------------------------------------- served
+
+    /// Resources of `type_url`, each name's body its version.
+    fn named(type_url: &'static str, entries: &[(&str, i64)]) -> Arc<Named> {
+        Arc::new(
+            entries
+                .iter()
+                .map(|(n, v)| {
+                    let body = prost_types::Duration {
+                        seconds: *v,
+                        nanos: 0,
+                    };
+                    let r = crate::translate::resource(type_url, n.to_string(), &body);
+                    (r.name.clone(), r)
+                })
+                .collect(),
+        )
+    }
+
+    fn resources(by_type: &[(&'static str, Arc<Named>)]) -> Resources {
+        Resources {
+            by_type: by_type.iter().cloned().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// An ADS server (plain HTTP/2, no authentication) serving what `snaps`
+    /// publishes, and a client of it.
+    async fn serve(
+        snaps: watch::Receiver<Arc<Snapshot>>,
+    ) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let ads = AdsServer {
+            snapshots: snaps,
+            auth: Auth::insecure(),
+            metrics: Arc::new(Metrics::default()),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(ads))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AggregatedDiscoveryServiceClient::new(ch)
+    }
+
+    fn node() -> Option<Node> {
+        Some(Node {
+            id: "node-a".into(),
+            ..Default::default()
+        })
+    }
+
+    async fn next<T>(st: &mut Streaming<T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(5), st.message())
+            .await
+            .unwrap_or_else(|_| panic!("no response with {what}"))
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Two snapshots published back to back (the stream sees only the
+    /// second): the first's removal still reaches a SotW client, though
+    /// the second changed only another type.
+    #[tokio::test]
+    async fn sotw_gets_the_changes_of_a_skipped_snapshot() {
+        let s1 = Snapshot::first(resources(&[
+            (ADDRESS, named(ADDRESS, &[("a", 1), ("b", 1)])),
+            (AUTHORIZATION, named(AUTHORIZATION, &[("p", 1)])),
+        ]));
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(s1));
+        let mut client = serve(snap_rx).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(mesh_proto::discovery::DiscoveryRequest {
+            node: node(),
+            type_url: ADDRESS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut st = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let r: SotwResponse = next(&mut st, "the first sync").await;
+        assert_eq!((r.version_info.as_str(), r.resources.len()), ("1", 2));
+
+        // No await between the two: the stream wakes to the second only.
+        let s1 = snap_tx.borrow().clone();
+        let s2 = Snapshot::next(
+            &s1,
+            resources(&[
+                (ADDRESS, named(ADDRESS, &[("b", 1)])),
+                (AUTHORIZATION, named(AUTHORIZATION, &[("p", 1)])),
+            ]),
+            HashSet::from([(ADDRESS, Arc::from("a"))]),
+        );
+        let s3 = Snapshot::next(
+            &s2,
+            resources(&[
+                (ADDRESS, named(ADDRESS, &[("b", 1)])),
+                (AUTHORIZATION, named(AUTHORIZATION, &[("p", 2)])),
+            ]),
+            HashSet::from([(AUTHORIZATION, Arc::from("p"))]),
+        );
+        snap_tx.send_replace(Arc::new(s2));
+        snap_tx.send_replace(Arc::new(s3));
+        let r = next(&mut st, "`a` removed").await;
+        assert_eq!((r.version_info.as_str(), r.resources.len()), ("3", 1));
+    }
+
+    /// A delta client that subscribed to a name, then to `*`, is sent the
+    /// rest though nothing changed.
+    #[tokio::test]
+    async fn delta_late_wildcard_gets_everything() {
+        let s1 = Snapshot::first(resources(&[(
+            ADDRESS,
+            named(ADDRESS, &[("a", 1), ("b", 1), ("c", 1)]),
+        )]));
+        let (_snap_tx, snap_rx) = watch::channel(Arc::new(s1));
+        let mut client = serve(snap_rx).await;
+        let (tx, rx) = mpsc::channel(4);
+        let sub = |names: &[&str]| DeltaDiscoveryRequest {
+            node: node(),
+            type_url: ADDRESS.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        tx.send(sub(&["a"])).await.unwrap();
+        let mut st = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let names = |r: &DeltaDiscoveryResponse| -> Vec<String> {
+            r.resources.iter().map(|r| r.name.clone()).collect()
+        };
+        let r = next(&mut st, "`a`").await;
+        assert_eq!(names(&r), ["a"]);
+        tx.send(sub(&["*"])).await.unwrap();
+        let r = next(&mut st, "the rest after `*`").await;
+        assert_eq!(names(&r), ["b", "c"]);
+        assert!(r.removed_resources.is_empty());
     }
 }

@@ -3,7 +3,9 @@
 //! the caller runs on and whether it is a node agent or a workload:
 //!
 //! - **Token file** (`--tokens`): one `<node> <token>` pair per line (`#`
-//!   comments). Every holder is the node agent of its node.
+//!   comments). Every holder is the node agent of its node. A file with
+//!   no pairs is an error, not "no authentication": only
+//!   `--insecure-no-auth` turns it off.
 //! - **TokenReview** (`--token-review`, feature `kube`): the caller's
 //!   projected service-account token is checked with the Kubernetes API
 //!   (`authentication.k8s.io/v1` TokenReview, audience `istio-ca` by
@@ -57,14 +59,12 @@ impl Auth {
         Auth::default()
     }
 
+    /// `(node, token)` pairs. Never insecure: with no pairs nobody gets
+    /// in (only [`Auth::insecure`] believes callers unchecked).
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
         let tokens: HashMap<_, _> = pairs.into_iter().map(|(node, tok)| (tok, node)).collect();
         Auth {
-            how: if tokens.is_empty() {
-                How::Insecure
-            } else {
-                How::Tokens(tokens)
-            },
+            how: How::Tokens(tokens),
         }
     }
 
@@ -82,6 +82,14 @@ impl Auth {
                 (Some(node), Some(tok), None) => pairs.push((node.to_string(), tok.to_string())),
                 _ => bail!("{}:{}: expected `<node> <token>`", path.display(), i + 1),
             }
+        }
+        if pairs.is_empty() {
+            // A file emptied by mistake must not turn authentication off.
+            bail!(
+                "token file {} holds no `<node> <token>` lines; \
+                 use --insecure-no-auth to run without authentication",
+                path.display()
+            );
         }
         Ok(Auth::from_pairs(pairs))
     }
@@ -456,5 +464,29 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn a_token_file_without_tokens_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["", "\n  \n", "# node-1 s3cret\n  # more\n"] {
+            let p = dir.path().join("tokens");
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", Auth::load(&p).unwrap_err());
+            assert!(e.contains(&p.display().to_string()), "{text:?}: {e}");
+            assert!(e.contains("no `<node> <token>`"), "{text:?}: {e}");
+        }
+        let p = dir.path().join("tokens");
+        std::fs::write(&p, "# agents\nnode-1 s3cret\n").unwrap();
+        assert!(!Auth::load(&p).unwrap().is_insecure());
+    }
+
+    #[tokio::test]
+    async fn no_pairs_lets_nobody_in() {
+        let a = Auth::from_pairs([]);
+        assert!(!a.is_insecure());
+        let e = a.authenticate(&md("Bearer anything")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(a.authenticate(&MetadataMap::new()).await.is_err());
     }
 }

@@ -103,10 +103,12 @@ impl CaService {
                 )));
             }
         }
+        // Whatever was asked or defaulted, never past the maximum.
         let ttl = match req.validity_duration {
             d if d <= 0 => self.default_ttl,
-            d => Duration::from_secs(d as u64).min(self.max_ttl),
-        };
+            d => Duration::from_secs(d as u64),
+        }
+        .min(self.max_ttl);
         let leaf = self
             .ca
             .sign_csr(pem.contents(), &identity, ttl)
@@ -176,5 +178,42 @@ mod tests {
         };
         let e = svc.create(Some(agent), req(wp)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+
+    /// Seconds the issued leaf certificate is valid for.
+    fn lifetime(resp: &IstioCertificateResponse) -> i64 {
+        let der = pem::parse(&resp.cert_chain[0]).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(der.contents()).unwrap();
+        let v = cert.validity();
+        v.not_after.timestamp() - v.not_before.timestamp()
+    }
+
+    #[test]
+    fn the_lifetime_never_exceeds_the_maximum() {
+        let max = 600;
+        let svc = CaService {
+            ca: Arc::new(LocalCa::generate("cluster.local").unwrap()),
+            auth: Auth::insecure(),
+            snapshots: watch::channel(Arc::new(Snapshot::default())).1,
+            metrics: Arc::new(Metrics::default()),
+            max_ttl: Duration::from_secs(max),
+            // Configured above the maximum.
+            default_ttl: Duration::from_secs(24 * 3600),
+        };
+        let id = "spiffe://cluster.local/ns/demo/sa/echo";
+        for asked in [0, -5, 3600, 300] {
+            let req = IstioCertificateRequest {
+                csr: csr_pem(id),
+                validity_duration: asked,
+                metadata: None,
+            };
+            let got = lifetime(&svc.create(None, req).unwrap());
+            let want = if asked == 300 { 300 } else { max as i64 };
+            // The CA backdates not_before a minute for clock skew.
+            assert!(
+                (want..=want + 120).contains(&got),
+                "asked {asked}s: got {got}s, want {want}s"
+            );
+        }
     }
 }

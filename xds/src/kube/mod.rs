@@ -5,7 +5,16 @@
 //! `~/.kube/config`). On every change the reflector stores are turned into
 //! the same [`Model`] the manifest directory produces, each object through
 //! the same [`validate`]; an invalid object is reported as
-//! `cluster: Kind ns/name: field ...` and skipped.
+//! `cluster: Kind/ns/name: field ...`.
+//!
+//! # An invalid edit keeps the last valid version
+//! As the manifest source does, an object whose current version is
+//! invalid stays in the model as its last valid one (an object never valid
+//! is left out): editing a DENY policy into a broken form must not lift
+//! the DENY. The last valid version of each object is kept until the
+//! object leaves its store; a version is only stood in for by one of the
+//! same `uid`, so an object deleted and re-created broken between two
+//! models does not come back.
 //!
 //! # Nothing is served from a partial view
 //! [`run`] returns only once every kind has been listed in full, with the
@@ -22,6 +31,7 @@
 //! Beside the model, [`deploy`] deploys a waypoint for every Gateway of
 //! class `istio-waypoint`, as istiod does.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -148,6 +158,9 @@ struct Stores {
     accounts: Store<ServiceAccount>,
     /// In [`DYNAMIC_KINDS`]' order.
     dynamic: Vec<(&'static str, Store<DynamicObject>)>,
+    /// Object id (`Kind/ns/name`) -> its last valid version, for while
+    /// the current one is invalid.
+    last_valid: HashMap<String, Object>,
 }
 
 impl Stores {
@@ -178,13 +191,15 @@ impl Stores {
             slices,
             accounts,
             dynamic,
+            last_valid: HashMap::new(),
         };
         (stores, listed)
     }
 
     /// The model of what the stores hold now, and what was wrong with the
-    /// objects left out of it.
-    fn model(&self) -> (Model, Vec<String>) {
+    /// objects whose current version is invalid (their last valid version,
+    /// if any, is in the model instead).
+    fn model(&mut self) -> (Model, Vec<String>) {
         let mut objs: Vec<Object> = Vec::new();
         objs.extend(self.namespaces.state().into_iter().map(Object::Namespace));
         objs.extend(self.pods.state().into_iter().map(Object::Pod));
@@ -197,44 +212,71 @@ impl Stores {
                 .map(Object::ServiceAccount),
         );
         let mut errs = Vec::new();
+        // (id, uid, index of its error) of every object whose current
+        // version is invalid.
+        let mut invalid: Vec<(String, Option<String>, usize)> = Vec::new();
         for (kind, store) in &self.dynamic {
             for p in store.state() {
+                let m = &p.metadata;
+                let id = format!(
+                    "{kind}/{}/{}",
+                    m.namespace.as_deref().unwrap_or("default"),
+                    m.name.as_deref().unwrap_or_default()
+                );
                 // Through YAML values, exactly as the manifest source types it.
-                match serde_json::to_value(&*p)
+                let err = match serde_json::to_value(&*p)
                     .map_err(|e| e.to_string())
                     .and_then(|v| serde_yaml::to_value(v).map_err(|e| e.to_string()))
                 {
                     Ok(v) => match parse_object(v) {
-                        Ok(Some(o)) => objs.push(o),
-                        Ok(None) => {}
-                        Err(e) => errs.push(format!(
-                            "cluster: {kind} {}: field {}: {}",
-                            p.metadata.name.clone().unwrap_or_default(),
-                            e.field,
-                            e.message
-                        )),
+                        Ok(Some(o)) => {
+                            objs.push(o);
+                            continue;
+                        }
+                        Ok(None) => continue,
+                        Err(e) => format!("field {}: {}", e.field, e.message),
                     },
-                    Err(e) => errs.push(format!("cluster: {kind}: {e}")),
-                }
+                    Err(e) => e,
+                };
+                invalid.push((id.clone(), m.uid.clone(), errs.len()));
+                errs.push(format!("cluster: {id}: {err}"));
             }
         }
         let mut good = Vec::new();
+        let mut seen = HashSet::new();
         for mut o in objs {
             match validate(&mut o) {
-                Ok(()) => good.push(o),
-                Err(e) => errs.push(format!(
-                    "cluster: {}: field {}: {}",
-                    o.id(),
-                    e.field,
-                    e.message
-                )),
+                Ok(()) => {
+                    let id = o.id();
+                    seen.insert(id.clone());
+                    self.last_valid.insert(id, o.clone());
+                    good.push(o);
+                }
+                Err(e) => {
+                    let id = o.id();
+                    invalid.push((id.clone(), o.meta().uid.clone(), errs.len()));
+                    errs.push(format!("cluster: {id}: field {}: {}", e.field, e.message));
+                }
             }
         }
+        for (id, uid, err) in invalid {
+            // The same object (not one re-created under its name) keeps
+            // its last valid version.
+            if let Some(o) = self.last_valid.get(&id).filter(|o| o.meta().uid == uid) {
+                if let Some(e) = errs.get_mut(err) {
+                    e.push_str(" (its last valid version stays in force)");
+                }
+                good.push(o.clone());
+                seen.insert(id);
+            }
+        }
+        // Objects gone from their store are forgotten.
+        self.last_valid.retain(|id, _| seen.contains(id));
         (Model::from_objects(good), errs)
     }
 
     /// Builds the model, reports its errors and publishes it.
-    fn publish(&self, tx: &watch::Sender<Arc<Model>>, errors: &ErrorList, metrics: &Metrics) {
+    fn publish(&mut self, tx: &watch::Sender<Arc<Model>>, errors: &ErrorList, metrics: &Metrics) {
         let (model, errs) = self.model();
         for e in &errs {
             warn!("{e}");
@@ -291,7 +333,7 @@ pub async fn run_with(
 ) {
     deploy::spawn(client.clone(), waypoints);
     let (kick, mut kicked) = mpsc::channel(1);
-    let (stores, listed) = Stores::start(&client, &kick);
+    let (mut stores, listed) = Stores::start(&client, &kick);
     all_listed(listed).await;
     stores.publish(&tx, &errors, &metrics);
     info!("kubernetes: every kind listed, first model published");

@@ -386,6 +386,79 @@ async fn an_invalid_object_is_reported_and_the_rest_kept() {
     );
 }
 
+/// [`policy`] with a `uid`, as the API server gives every object.
+fn policy_uid(name: &str, action: &str, uid: &str) -> Value {
+    let mut p = policy(name, action);
+    p["metadata"]["uid"] = json!(uid);
+    p
+}
+
+fn action(m: &Model, key: &str) -> Option<String> {
+    let p = m.policies.get(key)?;
+    Some(
+        serde_json::to_value(&p.spec).unwrap()["action"]
+            .as_str()?
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn an_invalid_edit_keeps_the_last_valid_version() {
+    let api = fake_api();
+    let deny = policy_uid("deny-other", "DENY", "uid-1");
+    api.serve_kind(POLICIES, vec![deny], Duration::ZERO);
+    let mut src = start(&api).await;
+    assert_eq!(
+        action(&src.models.borrow(), "shop/deny-other").as_deref(),
+        Some("DENY")
+    );
+
+    // Edited into an invalid form; then another policy added, so the model
+    // that has it was built after the edit (one watch, in order).
+    let broken = policy_uid("deny-other", "PERMIT", "uid-1");
+    api.event(POLICIES, "MODIFIED", broken.clone()).await;
+    api.event(POLICIES, "ADDED", policy_uid("later", "ALLOW", "uid-2"))
+        .await;
+    src.until("the later policy", |m| {
+        m.policies.contains_key("shop/later")
+    })
+    .await;
+    let m = src.models.borrow().clone();
+    assert_eq!(
+        action(&m, "shop/deny-other").as_deref(),
+        Some("DENY"),
+        "the DENY was lifted by an invalid edit: {:?}",
+        m.policies.keys()
+    );
+    let errs = src.errors.lock().unwrap().clone();
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("AuthorizationPolicy/shop/deny-other") && e.contains("last valid")),
+        "{errs:?}"
+    );
+
+    // Deleted: gone, and its last valid version forgotten, so re-created
+    // broken (a new uid) it is not served.
+    api.event(POLICIES, "DELETED", broken).await;
+    src.until("the policy deleted", |m| {
+        !m.policies.contains_key("shop/deny-other")
+    })
+    .await;
+    let recreated = policy_uid("deny-other", "PERMIT", "uid-3");
+    api.event(POLICIES, "ADDED", recreated).await;
+    api.event(POLICIES, "ADDED", policy_uid("last", "ALLOW", "uid-4"))
+        .await;
+    src.until("the last policy", |m| m.policies.contains_key("shop/last"))
+        .await;
+    assert!(!src.models.borrow().policies.contains_key("shop/deny-other"));
+    let errs = src.errors.lock().unwrap().clone();
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("AuthorizationPolicy/shop/deny-other") && !e.contains("last valid")),
+        "{errs:?}"
+    );
+}
+
 // ------------------------------------------------------------ waypoint deployment
 
 const SHOP: &str = "/namespaces/shop/";
