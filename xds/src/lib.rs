@@ -164,6 +164,7 @@ async fn translator(
     mut models: watch::Receiver<Arc<Model>>,
     tx: watch::Sender<Arc<Snapshot>>,
     mut tr: translate::Translator,
+    opts: translate::Options,
     debounce: Duration,
 ) {
     loop {
@@ -179,9 +180,15 @@ async fn translator(
         })
         .await
         else {
-            // The translation panicked: a bug, not input. Start afresh.
-            tracing::error!("translation failed");
-            return;
+            // The translation panicked: a bug, not input. Start afresh,
+            // from nothing, on the same model; meanwhile the last snapshot
+            // stays served. Giving up would freeze every update.
+            tracing::error!("translation failed; retranslating everything");
+            tr = translate::Translator::new(opts.clone());
+            models.mark_changed();
+            // Should it panic again on this model, not in a tight loop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         };
         tr = back;
         let t1 = t0.elapsed();
@@ -251,7 +258,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         tracing::warn!("{e}");
     }
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snap));
-    tokio::spawn(translator(model_rx, snap_tx, tr, cfg.debounce));
+    tokio::spawn(translator(
+        model_rx,
+        snap_tx,
+        tr,
+        cfg.translate.clone(),
+        cfg.debounce,
+    ));
 
     let (cert_pem, key_pem) =
         ca.sign_server(&cfg.server_names, Duration::from_secs(365 * 86400))?;
@@ -276,6 +289,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        // A client gone without a FIN (node lost, partition) is found out
+        // by its unanswered PINGs: its stream and the snapshot it holds go.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(
             AggregatedDiscoveryServiceServer::new(ads)
                 .max_encoding_message_size(usize::MAX)
