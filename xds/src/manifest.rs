@@ -569,7 +569,7 @@ enum Change {
 /// `notify` names paths under the absolute form of the directory (`abs`);
 /// they are put back under `dir` as given, the form the files are kept in.
 fn classify(dir: &Path, abs: &Path, ev: notify::Result<notify::Event>) -> Option<Change> {
-    use notify::event::{AccessKind, AccessMode, EventKind};
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
     let ev = match ev {
         Ok(ev) => ev,
         Err(e) => {
@@ -583,6 +583,11 @@ fn classify(dir: &Path, abs: &Path, ev: notify::Result<notify::Event>) -> Option
     match ev.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
         EventKind::Access(_) => return None,
+        // A write in place: the file is read once its writer closes it
+        // (`cp`, `cat >` and many editors truncate, then write). Read at
+        // the first write, a half-written or empty file would drop its
+        // objects, DENY policies included, until the next event.
+        EventKind::Modify(ModifyKind::Data(_)) => return None,
         _ => {}
     }
     let mut paths = Vec::new();
@@ -827,6 +832,29 @@ mod tests {
         std::fs::remove_dir_all(dir.join("sub")).unwrap();
         until(&mut rx, "deleted directory", |m| app(m, "p3").is_none()).await;
         assert!(app(&rx.borrow(), "p2").is_some());
+    }
+
+    /// Truncated and rewritten in place, the file's objects never drop out
+    /// while its writer still holds it.
+    #[tokio::test]
+    async fn a_file_rewritten_in_place_is_read_once_closed() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("a.yaml"), pod("p1", "v1", "10.0.0.1")).unwrap();
+        let (mut rx, _) = start(dir).await;
+        until(&mut rx, "initial read", |m| app(m, "p1").is_some()).await;
+        let mut f = std::fs::File::create(dir.join("a.yaml")).unwrap();
+        f.write_all(b"# being written\n").unwrap();
+        f.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(app(&rx.borrow(), "p1").as_deref(), Some("v1"));
+        f.write_all(pod("p1", "v2", "10.0.0.1").as_bytes()).unwrap();
+        drop(f);
+        until(&mut rx, "the closed file", |m| {
+            app(m, "p1").as_deref() == Some("v2")
+        })
+        .await;
     }
 
     async fn errors_until(errors: &ErrorList, what: &str, f: impl Fn(&[String]) -> bool) {
