@@ -253,6 +253,51 @@ fn service_account(p: &Pod) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// The pod's workload name as istiod derives it (`GetDeployMetaFromPod`),
+/// for the `*_workload` metric labels: its controller's name, where a
+/// ReplicaSet whose name ends in the pod's `pod-template-hash` stands for
+/// its Deployment and a Job named `<name>-<8 to 10 digits>` for its
+/// CronJob; the pod's own name when nothing controls it.
+fn workload_name(p: &Pod) -> String {
+    let pod_name = p.metadata.name.clone().unwrap_or_default();
+    let Some(owner) = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod_name;
+    };
+    let hash = p
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+        .filter(|h| !h.is_empty());
+    match (owner.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => owner
+            .name
+            .strip_suffix(hash.as_str())
+            .and_then(|n| n.strip_suffix('-'))
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&owner.name)
+            .to_string(),
+        ("Job", _) => match owner.name.rsplit_once('-') {
+            Some((cron, stamp))
+                if !cron.is_empty()
+                    && (8..=10).contains(&stamp.len())
+                    && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_string()
+            }
+            _ => owner.name.clone(),
+        },
+        _ if owner.name.is_empty() => pod_name,
+        _ => owner.name.clone(),
+    }
+}
+
 /// The SPIFFE identity of a pod, as the CA will check it.
 pub fn pod_identity(opts: &Options, p: &Pod) -> String {
     format!(
@@ -1136,7 +1181,7 @@ impl Translator {
                 .cloned()
                 .unwrap_or_else(|| "latest".into()),
             workload_type: wl::WorkloadType::Pod as i32,
-            workload_name: name.clone(),
+            workload_name: workload_name(p),
             services,
             authorization_policies,
             status: if ready {
@@ -1381,6 +1426,59 @@ mod tests {
         assert_eq!(
             r.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash,
             again.get(mesh_proto::type_url::ADDRESS).unwrap()["Kubernetes//Pod/mesh/a"].hash
+        );
+    }
+
+    #[test]
+    fn workload_name_is_the_controller_as_istiod_names_it() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let owned = |kind: &str, owner: &str, hash: Option<&str>, controller: bool| {
+            let labels: Vec<(&str, &str)> =
+                hash.map(|h| ("pod-template-hash", h)).into_iter().collect();
+            let Object::Pod(mut p) = pod("ns", "the-pod", "10.0.0.1", &labels) else {
+                unreachable!()
+            };
+            Arc::make_mut(&mut p).metadata.owner_references = Some(vec![OwnerReference {
+                kind: kind.into(),
+                name: owner.into(),
+                controller: Some(controller),
+                ..Default::default()
+            }]);
+            p
+        };
+        let cases = [
+            // A Deployment's pod: its ReplicaSet's name without the hash.
+            (
+                owned("ReplicaSet", "echo-5d8f9c7b4", Some("5d8f9c7b4"), true),
+                "echo",
+            ),
+            // A bare ReplicaSet (no hash label), a StatefulSet: the owner.
+            (owned("ReplicaSet", "rs", None, true), "rs"),
+            (owned("StatefulSet", "db", None, true), "db"),
+            // A CronJob's Job, and a plain Job.
+            (owned("Job", "backup-28930140", None, true), "backup"),
+            (owned("Job", "migrate", None, true), "migrate"),
+            // Owned, but not by a controller: the pod itself.
+            (
+                owned("ReplicaSet", "echo-5d8f9c7b4", Some("5d8f9c7b4"), false),
+                "the-pod",
+            ),
+        ];
+        for (p, want) in cases {
+            assert_eq!(workload_name(&p), want);
+        }
+        let Object::Pod(bare) = pod("ns", "the-pod", "10.0.0.1", &[]) else {
+            unreachable!()
+        };
+        assert_eq!(workload_name(&bare), "the-pod");
+        // And it is what the Workload carries, with the cluster.
+        let r = translate(&Options::default(), &model());
+        let wl::address::Type::Workload(a) = decode(&r, "Kubernetes//Pod/mesh/a") else {
+            panic!("not a workload")
+        };
+        assert_eq!(
+            (a.workload_name.as_str(), a.cluster_id.as_str()),
+            ("a", "Kubernetes")
         );
     }
 

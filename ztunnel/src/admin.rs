@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -13,12 +14,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::debug;
 
-use crate::proxy::ProxyInputs;
+use crate::proxy::{accept_loop, Drain, ProxyInputs};
 use crate::state::file::LoadStatus;
 
 pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
@@ -37,28 +39,68 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {what} on {addr}"))
 }
 
-/// Serves `handler` over HTTP/1.1 on `listener` until the process ends.
+/// How much of the process one admin listener may take: these ports face
+/// whoever can reach them, so a stuck or malicious client must not hold
+/// connections (or file descriptors) for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A client has this long to send each request's headers (including
+    /// the wait for the next request on a kept-alive connection).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 32,
+        }
+    }
+}
+
+/// Serves `handler` over HTTP/1.1 on `listener` until the process ends,
+/// with the default [`Limits`].
 pub fn serve(listener: TcpListener, handler: Handler) {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+    serve_with(listener, handler, Limits::default());
+}
+
+/// [`serve`] with explicit limits.
+pub fn serve_with(listener: TcpListener, handler: Handler, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Admin endpoints outlive the data-plane drain (readiness must keep
+    // answering "not ready"), so they get a drain of their own that never
+    // stops; `accept_loop` gives the back-off on accept errors.
+    let drain = Drain::default();
+    tokio::spawn(accept_loop(
+        listener,
+        "admin",
+        drain,
+        move |stream, peer| {
             let handler = handler.clone();
-            tokio::spawn(async move {
+            // Taken at accept time, so that a full server refuses at once.
+            let slot = slots.clone().try_acquire_owned();
+            async move {
+                let Ok(_slot) = slot else {
+                    debug!(%peer, "too many admin connections; closing");
+                    return;
+                };
                 let svc = service_fn(move |req| {
                     let resp = handler(&req);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 if let Err(e) = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await
                 {
-                    debug!(error = %e, "admin connection error");
+                    debug!(%peer, error = %e, "admin connection error");
                 }
-            });
-        }
-    });
+            }
+        },
+    ));
 }
 
 pub fn admin_handler(pi: Arc<ProxyInputs>, state_status: LoadStatus) -> Handler {

@@ -43,6 +43,26 @@ pub struct TcpLabels {
 
 const UNKNOWN: &str = "unknown";
 
+/// Istio's `response_flags`: why a connection was not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlags {
+    None,
+    /// Denied by an authorization policy.
+    Deny,
+    /// The upstream connection could not be established.
+    ConnectFailure,
+}
+
+impl ResponseFlags {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::ConnectFailure => "CONNECT",
+        }
+    }
+}
+
 fn or_unknown(s: Option<&str>) -> String {
     s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string()
 }
@@ -78,7 +98,7 @@ impl TcpLabels {
         let principal = |id: Option<&Identity>| or_unknown(id.map(|i| i.to_string()).as_deref());
         TcpLabels {
             reporter,
-            source_workload: or_unknown(src.map(|w| w.name.as_str())),
+            source_workload: or_unknown(src.map(Workload::metrics_name)),
             source_canonical_service: or_unknown(src.map(|w| w.canonical_name.as_str())),
             source_canonical_revision: or_unknown(src.map(|w| w.canonical_revision.as_str())),
             source_workload_namespace: or_unknown(src.map(|w| w.namespace.as_str())),
@@ -88,11 +108,11 @@ impl TcpLabels {
                 src.and_then(|w| w.labels.get("version"))
                     .map(String::as_str),
             ),
-            source_cluster: or_unknown(src.map(|_| "Kubernetes")),
+            source_cluster: or_unknown(src.map(Workload::cluster)),
             destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
             destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
             destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-            destination_workload: or_unknown(dst.map(|w| w.name.as_str())),
+            destination_workload: or_unknown(dst.map(Workload::metrics_name)),
             destination_canonical_service: or_unknown(dst.map(|w| w.canonical_name.as_str())),
             destination_canonical_revision: or_unknown(dst.map(|w| w.canonical_revision.as_str())),
             destination_workload_namespace: or_unknown(dst.map(|w| w.namespace.as_str())),
@@ -102,9 +122,9 @@ impl TcpLabels {
                 dst.and_then(|w| w.labels.get("version"))
                     .map(String::as_str),
             ),
-            destination_cluster: or_unknown(dst.map(|_| "Kubernetes")),
+            destination_cluster: or_unknown(dst.map(Workload::cluster)),
             request_protocol: "tcp",
-            response_flags: "-",
+            response_flags: ResponseFlags::None.as_str(),
             connection_security_policy: if mtls { "mutual_tls" } else { "unknown" },
         }
     }
@@ -192,6 +212,15 @@ impl Metrics {
         c
     }
 
+    /// Counts a connection refused with `flags`: opened under `labels`,
+    /// and closed under the same labels with `flags` set, as Istio's
+    /// ztunnel does (its byte counters are never created: it moved none).
+    pub fn count_refused(&self, mut labels: TcpLabels, flags: ResponseFlags) {
+        self.opened.get_or_create(&labels).inc();
+        labels.response_flags = flags.as_str();
+        self.closed.get_or_create(&labels).inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -226,5 +255,155 @@ mod tests {
             text.contains("destination_workload=\"a\"") && text.contains("} 2"),
             "{text}"
         );
+    }
+
+    /// Runs `f` with the access log captured; returns what was logged.
+    fn capture_log(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn parties<'a>(id: &'a Identity) -> crate::proxy::connection::Parties<'a> {
+        crate::proxy::connection::Parties {
+            src: "10.0.0.1:4711".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            src_workload: None,
+            src_identity: Some(id),
+            dst_workload: None,
+            dst_identity: None,
+            service: None,
+            mtls: true,
+        }
+    }
+
+    #[test]
+    fn a_connection_dropped_without_its_close_is_still_closed_and_logged() {
+        use crate::proxy::connection::ConnectionRecord;
+        let m = std::sync::Arc::new(Metrics::new());
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let labels = parties(&id).labels("destination");
+        let log = capture_log(|| {
+            let record = ConnectionRecord::open(&m, "destination", parties(&id));
+            record.counters.add_from_client(3);
+            // The drain timeout ends the task: the record is dropped.
+            drop(record);
+        });
+        assert_eq!(m.opened.get_or_create(&labels).get(), 1);
+        assert_eq!(m.closed.get_or_create(&labels).get(), 1);
+        assert!(
+            log.contains("connection complete")
+                && log.contains("bytes_recv=3")
+                && log.contains("cut by the drain timeout"),
+            "{log}"
+        );
+        // A close recorded explicitly is not recorded again on drop.
+        let log = capture_log(|| {
+            ConnectionRecord::open(&m, "destination", parties(&id)).close(Ok(()));
+        });
+        assert_eq!(m.closed.get_or_create(&labels).get(), 2);
+        assert_eq!(log.matches("connection complete").count(), 1, "{log}");
+    }
+
+    #[test]
+    fn refused_connections_count_with_istio_response_flags() {
+        use crate::proxy::connection::record_refused;
+        let m = Metrics::new();
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let log = capture_log(|| {
+            for flags in [ResponseFlags::Deny, ResponseFlags::ConnectFailure] {
+                record_refused(
+                    &m,
+                    "destination",
+                    parties(&id),
+                    flags,
+                    std::time::Instant::now(),
+                    "no ALLOW policy matched",
+                );
+            }
+        });
+        let text = m.encode();
+        let opened = |flags: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+                .filter(|l| l.contains(&format!("response_flags=\"{flags}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        let closed = |flags: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
+                .filter(|l| l.contains(&format!("response_flags=\"{flags}\"")))
+                .filter(|l| l.contains("source_principal=\"spiffe://cluster.local/ns/ns/sa/sa\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        // As Istio: opened without a flag, closed with it.
+        assert_eq!(opened("-"), 2, "{text}");
+        assert_eq!(closed("DENY"), 1, "{text}");
+        assert_eq!(closed("CONNECT"), 1, "{text}");
+        assert_eq!(closed("-"), 0, "{text}");
+        assert!(
+            log.contains("connection refused")
+                && log.contains("response_flags=\"DENY\"")
+                && log.contains("src.identity=spiffe://cluster.local/ns/ns/sa/sa")
+                && log.contains("no ALLOW policy matched"),
+            "{log}"
+        );
+    }
+
+    fn pod(name: &str, workload_name: &str, cluster_id: &str) -> Workload {
+        Workload {
+            uid: format!("c//Pod/ns/{name}"),
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            trust_domain: "cluster.local".into(),
+            node: "n".into(),
+            addresses: vec![],
+            protocol: Default::default(),
+            status: Default::default(),
+            labels: Default::default(),
+            services: vec![],
+            authorization_policies: vec![],
+            canonical_name: "echo".into(),
+            canonical_revision: "v1".into(),
+            workload_name: workload_name.into(),
+            cluster_id: cluster_id.into(),
+            waypoint: None,
+        }
+    }
+
+    #[test]
+    fn workload_labels_name_the_controller_and_cluster_as_istio_does() {
+        let src = pod("client-7d4b9c-x2x9q", "client", "east");
+        let dst = pod("echo-0", "", "");
+        let l = TcpLabels::new("source", Some(&src), None, Some(&dst), None, None, true);
+        assert_eq!(l.source_workload, "client");
+        assert_eq!(l.source_cluster, "east");
+        // Not known: the pod name and Istio's default cluster.
+        assert_eq!(l.destination_workload, "echo-0");
+        assert_eq!(l.destination_cluster, "Kubernetes");
+        let none = TcpLabels::new("source", None, None, None, None, None, true);
+        assert_eq!(none.source_workload, "unknown");
+        assert_eq!(none.source_cluster, "unknown");
     }
 }

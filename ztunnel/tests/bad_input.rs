@@ -13,11 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
-use ztunnel::identity::{Identity, LocalCa, SecretManager};
-
-fn hbone_addr(c: &Cluster) -> SocketAddr {
-    SocketAddr::new(std::net::IpAddr::V4(c.echo.ipv4()), 15008)
-}
 
 fn still_serving(c: &Cluster) {
     let mut s = c
@@ -44,34 +39,6 @@ fn garbage_on_hbone_port_is_rejected_and_serving_continues() {
         c.zb().log().contains("TLS handshake failed")
     });
     still_serving(&c);
-}
-
-async fn connect_tls(
-    c: &Cluster,
-    cfg: rustls::ClientConfig,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let std = e2e::tcp_connect_in(c.a.netns(), hbone_addr(c))?;
-    std.set_nonblocking(true)?;
-    let tcp = tokio::net::TcpStream::from_std(std)?;
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ztunnel::tls::server_name(c.echo.ipv4().into()), tcp)
-        .await
-}
-
-/// A client config presenting `client`'s certificate from the shared root.
-async fn client_config(c: &Cluster) -> rustls::ClientConfig {
-    let ca = LocalCa::from_pem(
-        &std::fs::read_to_string(&c.ca_cert).unwrap(),
-        &std::fs::read_to_string(&c.ca_key).unwrap(),
-    )
-    .unwrap();
-    let secrets = SecretManager::new(Arc::new(ca), Duration::from_secs(3600));
-    let cert = secrets
-        .fetch(&Identity::new("cluster.local", "default", "client"))
-        .await
-        .unwrap();
-    cert.client_config(vec![Identity::new("cluster.local", "default", "echo")])
-        .unwrap()
 }
 
 #[tokio::test]
@@ -276,4 +243,102 @@ fn malformed_state_file_at_start_fails_with_a_clear_error() {
         err.contains("broken.yaml") && err.contains("workloads[0].addresses[0]"),
         "{err}"
     );
+}
+
+/// An admin server on loopback answering 200 to everything.
+async fn admin_on_loopback(limits: ztunnel::admin::Limits) -> SocketAddr {
+    let l = ztunnel::admin::bind("127.0.0.1:0".parse().unwrap(), "test admin")
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let handler: ztunnel::admin::Handler =
+        Arc::new(|_| http::Response::new(http_body_util::Full::new(Bytes::from_static(b"ok"))));
+    ztunnel::admin::serve_with(l, handler, limits);
+    addr
+}
+
+/// Whether the server ends the connection (EOF or reset) within `within`,
+/// whatever it answers first.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    tokio::time::timeout(within, s.read_to_end(&mut buf))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn admin_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let addr = admin_on_loopback(ztunnel::admin::Limits {
+        header_read_timeout: Duration::from_millis(300),
+        max_connections: 4,
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Headers without their final empty line.
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(5)).await,
+        "a client that never finished its headers kept its connection"
+    );
+    // One that sends nothing at all goes the same way.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn admin_connections_beyond_the_limit_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let addr = admin_on_loopback(ztunnel::admin::Limits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 2,
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(5)).await,
+        "a connection beyond the limit was kept"
+    );
+    // A slot frees when a held connection ends; a real request is served.
+    drop(held.pop());
+    wait_until_async(Duration::from_secs(5), || async {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            return false;
+        };
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), read).await,
+            Ok(Ok(_))
+        ) && String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out");
 }

@@ -60,3 +60,36 @@ fn sigterm_drains_open_connections_then_exits() {
     }
     assert!(c.za().log().contains("draining"));
 }
+
+#[test]
+fn connections_cut_by_the_drain_timeout_are_still_logged() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options {
+        extra_args: vec!["--drain-timeout".into(), "1s".into()],
+        ..Default::default()
+    });
+    let mut open = c.socks(&c.client, c.vip()).unwrap();
+    echo_roundtrip(&mut open, b"before").unwrap();
+    for z in [c.za(), c.zb()] {
+        z.signal(Signal::SIGTERM).unwrap();
+    }
+    // The connection stays open past the timeout: both ztunnels cut it.
+    for z in [c.za(), c.zb()] {
+        z.wait_exit_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("ztunnel did not exit after the drain timeout");
+    }
+    for (z, direction) in [(c.za(), "outbound"), (c.zb(), "inbound")] {
+        let log = z.log();
+        assert!(
+            log.lines().any(|l| l.contains("connection complete")
+                && l.contains(direction)
+                && l.contains("bytes_sent=6")
+                && l.contains("cut by the drain timeout")),
+            "{log}"
+        );
+    }
+    drop(open);
+}

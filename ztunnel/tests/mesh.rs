@@ -262,6 +262,134 @@ fn allow_and_deny_policies_hold() {
 }
 
 #[test]
+fn denied_and_failed_connections_are_counted_with_response_flags() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options {
+        policies: DENY_CLIENT_TO_ECHO.into(),
+        ..Default::default()
+    });
+    // Denied by node b's policy.
+    assert_eq!(c.socks(&c.client, c.vip()).unwrap_err(), 2);
+    // Nothing listens on the echo pod's port 9: node b cannot connect.
+    let closed_port = SocketAddr::new(IpAddr::V4(c.echo.ipv4()), 9);
+    assert!(c.socks(&c.other, closed_port).is_err());
+    // Nor can node a reach a plain (non-mesh) pod's closed port.
+    let plain_closed = SocketAddr::new(IpAddr::V4(c.plain.ipv4()), 9);
+    assert!(c.socks(&c.other, plain_closed).is_err());
+
+    let closed = "istio_tcp_connections_closed_total";
+    let (src, dst) = ("reporter=\"source\"", "reporter=\"destination\"");
+    let (deny, connect) = ("response_flags=\"DENY\"", "response_flags=\"CONNECT\"");
+    let client_p = "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"";
+    let other_p = "source_principal=\"spiffe://cluster.local/ns/default/sa/other\"";
+    let echo_p = "destination_principal=\"spiffe://cluster.local/ns/default/sa/echo\"";
+    let echo_svc = "destination_service=\"echo.default.svc.cluster.local\"";
+    let plain_w = "destination_workload=\"plain\"";
+    let expected: [(&str, &[&str]); 5] = [
+        // The receiving side, with the labels it knew at that point.
+        ("b", &[dst, deny, client_p, echo_p, echo_svc]),
+        ("b", &[dst, connect, other_p, echo_p]),
+        // The sending side: the peer's refusal, and both failures to
+        // connect (through the tunnel, and plain TCP, which has no
+        // identities).
+        ("a", &[src, deny, client_p, echo_p, echo_svc]),
+        ("a", &[src, connect, other_p, echo_p]),
+        ("a", &[src, connect, "source_workload=\"other\"", plain_w]),
+    ];
+    wait_until(
+        Duration::from_secs(5),
+        "refusals in both nodes' metrics",
+        || {
+            let (ma, mb) = (c.metrics(&c.a), c.metrics(&c.b));
+            expected.iter().all(|(node, needles)| {
+                let m = if *node == "a" { &ma } else { &mb };
+                counter(m, closed, needles) == 1
+            })
+        },
+    );
+    // Opened as Istio counts them, without a flag; nothing opened or closed
+    // is left without its close.
+    for (m, reporter) in [
+        (c.metrics(&c.a), "source"),
+        (c.metrics(&c.b), "destination"),
+    ] {
+        let r = format!("reporter=\"{reporter}\"");
+        let opened = counter(&m, "istio_tcp_connections_opened_total", &[&r]);
+        assert_eq!(opened, counter(&m, closed, &[&r]), "{m}");
+        assert_eq!(
+            counter(
+                &m,
+                "istio_tcp_connections_opened_total",
+                &[&r, "response_flags=\"DENY\""]
+            ),
+            0
+        );
+    }
+    // Each refusal keeps its access-log line, now naming both parties.
+    let log = c.zb().log();
+    assert!(
+        log.lines().any(|l| l.contains("connection refused")
+            && l.contains("response_flags=\"DENY\"")
+            && l.contains("spiffe://cluster.local/ns/default/sa/client")
+            && l.contains("denied by policy default/deny-client")),
+        "{log}"
+    );
+    let log = c.za().log();
+    assert!(
+        log.lines().any(|l| l.contains("connection refused")
+            && l.contains("response_flags=\"CONNECT\"")
+            && l.contains(&plain_closed.to_string())),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn inbound_access_log_names_the_real_client_address() {
+    if !root_or_skip() {
+        return;
+    }
+    let c = Cluster::start(Options::default());
+    let tls = connect_tls(&c, client_config(&c).await).await.unwrap();
+    let peer = tls.get_ref().0.local_addr().unwrap();
+    let (mut sender, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    // One tunnel with no Forwarded header, one whose header has a port.
+    for forwarded in [None, Some("for=\"10.244.1.77:4711\"")] {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(c.echo_addr().to_string());
+        if let Some(f) = forwarded {
+            req = req.header("forwarded", f);
+        }
+        let (resp, mut send) = sender.send_request(req.body(()).unwrap(), false).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        send.send_data(bytes::Bytes::from_static(b"hi"), true)
+            .unwrap();
+        let mut body = resp.into_body();
+        while let Some(d) = body.data().await {
+            if d.is_err() {
+                break;
+            }
+        }
+    }
+    // The HBONE connection's own address when nothing else is known; the
+    // forwarded address and port when the peer sent them.
+    for addr in [peer.to_string(), "10.244.1.77:4711".to_string()] {
+        let needle = format!("src.addr={addr} ");
+        wait_until(Duration::from_secs(5), &needle, || {
+            c.zb()
+                .log()
+                .lines()
+                .any(|l| l.contains("connection complete") && l.contains(&needle))
+        });
+    }
+    assert!(!c.zb().log().contains(&format!("src.addr={}:0 ", peer.ip())));
+}
+
+#[test]
 fn policy_change_closes_open_connections_it_no_longer_allows() {
     if !root_or_skip() {
         return;
@@ -406,6 +534,19 @@ fn plaintext_inbound_and_outbound_capture_with_redirect() {
     );
     wait_until(Duration::from_secs(5), "denial in the log", || {
         c.zb().log().contains("src.addr=172.30.0.1")
+    });
+    // ...and counted as Istio does: closed with response_flags DENY.
+    wait_until(Duration::from_secs(5), "denial in the metrics", || {
+        counter(
+            &c.metrics(&c.b),
+            "istio_tcp_connections_closed_total",
+            &[
+                "reporter=\"destination\"",
+                "response_flags=\"DENY\"",
+                "connection_security_policy=\"unknown\"",
+                "destination_workload=\"echo\"",
+            ],
+        ) == 1
     });
 }
 

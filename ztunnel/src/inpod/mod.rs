@@ -505,9 +505,9 @@ async fn outbound_loop(pi: Arc<ProxyInputs>, listener: TcpListener, who: Arc<(St
                     );
                 };
                 let src = SocketAddr::new(ip, peer.port());
-                match outbound::connect_captured(&pi, src, dst, &stream).await {
-                    Ok(out) => out.serve(&mut stream).await,
-                    Err(e) => log_refused("outbound", src, dst, &e.to_string()),
+                // A failure has been logged (and counted) by `connect_captured`.
+                if let Ok(out) = outbound::connect_captured(&pi, src, dst, &stream).await {
+                    out.serve(&mut stream).await;
                 }
             }
         },

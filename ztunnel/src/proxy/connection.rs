@@ -15,26 +15,26 @@ use tracing::info;
 
 use super::copy::ByteCounters;
 use crate::identity::Identity;
-use crate::metrics::{Metrics, ServiceRef, TcpLabels};
+use crate::metrics::{Metrics, ResponseFlags, ServiceRef, TcpLabels};
 use crate::rbac::{self, Decision};
 use crate::state::{Snapshot, Store, Workload};
 
 /// One connection's metrics and access-log state, from the moment it is
-/// established to its close.
+/// established to its close. Its close is recorded exactly once: by
+/// [`ConnectionRecord::close`], or, for a connection cut without one (the
+/// drain timeout ended it, or its task was aborted), when it is dropped.
 pub struct ConnectionRecord {
     start: Instant,
-    direction: &'static str,
-    src: SocketAddr,
-    dst: SocketAddr,
-    src_identity: Option<Identity>,
-    dst_identity: Option<Identity>,
-    src_workload: Option<String>,
-    dst_workload: Option<String>,
-    service: Option<String>,
+    log: LogFields,
     /// `istio_tcp_connections_closed_total` of this connection's labels.
     closed: Counter,
     pub counters: ByteCounters,
+    recorded: bool,
 }
+
+/// The access-log `error` of a connection that ended without its close
+/// being recorded.
+pub const ENDED_UNFINISHED: &str = "closed: cut by the drain timeout or aborted";
 
 /// The parties of a connection, as far as they are known.
 pub struct Parties<'a> {
@@ -48,24 +48,36 @@ pub struct Parties<'a> {
     pub mtls: bool,
 }
 
-impl ConnectionRecord {
-    /// `reporter` is Istio's: "source" for outbound, "destination" for
-    /// inbound.
-    pub fn open(metrics: &Arc<Metrics>, reporter: &'static str, p: Parties<'_>) -> Self {
-        let labels = TcpLabels::new(
+impl Parties<'_> {
+    /// The Istio labels of a connection between these parties.
+    pub(crate) fn labels(&self, reporter: &'static str) -> TcpLabels {
+        TcpLabels::new(
             reporter,
-            p.src_workload,
-            p.src_identity,
-            p.dst_workload,
-            p.dst_identity,
-            p.service,
-            p.mtls,
-        );
-        let tcp = metrics.tcp(labels);
-        tcp.opened.inc();
-        let counters = ByteCounters::new(tcp.received_bytes.clone(), tcp.sent_bytes.clone());
-        ConnectionRecord {
-            start: Instant::now(),
+            self.src_workload,
+            self.src_identity,
+            self.dst_workload,
+            self.dst_identity,
+            self.service,
+            self.mtls,
+        )
+    }
+}
+
+/// What an access-log line names besides bytes and outcome.
+struct LogFields {
+    direction: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    src_identity: Option<Identity>,
+    dst_identity: Option<Identity>,
+    src_workload: Option<String>,
+    dst_workload: Option<String>,
+    service: Option<String>,
+}
+
+impl LogFields {
+    fn new(reporter: &'static str, p: &Parties<'_>) -> Self {
+        LogFields {
             direction: if reporter == "source" {
                 "outbound"
             } else {
@@ -82,26 +94,49 @@ impl ConnectionRecord {
                 .dst_workload
                 .map(|w| format!("{}/{}", w.namespace, w.name)),
             service: p.service.map(|s| s.hostname.clone()),
+        }
+    }
+}
+
+impl ConnectionRecord {
+    /// `reporter` is Istio's: "source" for outbound, "destination" for
+    /// inbound.
+    pub fn open(metrics: &Arc<Metrics>, reporter: &'static str, p: Parties<'_>) -> Self {
+        let tcp = metrics.tcp(p.labels(reporter));
+        tcp.opened.inc();
+        let counters = ByteCounters::new(tcp.received_bytes.clone(), tcp.sent_bytes.clone());
+        ConnectionRecord {
+            start: Instant::now(),
+            log: LogFields::new(reporter, &p),
             closed: tcp.closed,
             counters,
+            recorded: false,
         }
     }
 
     /// Counts the close and writes the access-log line.
-    pub fn close(self, result: Result<(), String>) {
+    pub fn close(mut self, result: Result<(), String>) {
+        self.record(result);
+    }
+
+    fn record(&mut self, result: Result<(), String>) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         self.closed.inc();
         let bytes = self.counters.totals();
         let error = result.err();
+        let l = &self.log;
         info!(
             target: "access",
-            direction = self.direction,
-            src.addr = %self.src,
-            src.workload = %OrDash(self.src_workload.as_ref()),
-            src.identity = %OrDash(self.src_identity.as_ref()),
-            dst.addr = %self.dst,
-            dst.service = %OrDash(self.service.as_ref()),
-            dst.workload = %OrDash(self.dst_workload.as_ref()),
-            dst.identity = %OrDash(self.dst_identity.as_ref()),
+            direction = l.direction,
+            src.addr = %l.src,
+            src.workload = %OrDash(l.src_workload.as_ref()),
+            src.identity = %OrDash(l.src_identity.as_ref()),
+            dst.addr = %l.dst,
+            dst.service = %OrDash(l.service.as_ref()),
+            dst.workload = %OrDash(l.dst_workload.as_ref()),
+            dst.identity = %OrDash(l.dst_identity.as_ref()),
             bytes_sent = bytes.to_client,
             bytes_recv = bytes.from_client,
             duration_ms = self.start.elapsed().as_millis() as u64,
@@ -109,6 +144,46 @@ impl ConnectionRecord {
             "connection complete"
         );
     }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(Err(ENDED_UNFINISHED.to_string()));
+        }
+    }
+}
+
+/// Records a connection refused once its parties were known: denied by
+/// policy ([`ResponseFlags::Deny`]) or unable to reach its upstream
+/// ([`ResponseFlags::ConnectFailure`]). As Istio does, it counts as opened
+/// and closed, the close with `flags` in `response_flags`, and it gets a
+/// `connection refused` access-log line. `start` is when handling began.
+pub fn record_refused(
+    metrics: &Metrics,
+    reporter: &'static str,
+    p: Parties<'_>,
+    flags: ResponseFlags,
+    start: Instant,
+    reason: &str,
+) {
+    metrics.count_refused(p.labels(reporter), flags);
+    let l = LogFields::new(reporter, &p);
+    info!(
+        target: "access",
+        direction = l.direction,
+        src.addr = %l.src,
+        src.workload = %OrDash(l.src_workload.as_ref()),
+        src.identity = %OrDash(l.src_identity.as_ref()),
+        dst.addr = %l.dst,
+        dst.service = %OrDash(l.service.as_ref()),
+        dst.workload = %OrDash(l.dst_workload.as_ref()),
+        dst.identity = %OrDash(l.dst_identity.as_ref()),
+        duration_ms = start.elapsed().as_millis() as u64,
+        response_flags = flags.as_str(),
+        error = reason,
+        "connection refused"
+    );
 }
 
 /// A value, or "-" for none, formatted straight into the log line.
@@ -123,8 +198,9 @@ impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
     }
 }
 
-/// Logs a connection refused before it was established (denied, or no
-/// route), so that every connection attempt leaves one line.
+/// Logs a connection refused before its parties were known (no route, no
+/// original destination, a malformed request), so that every connection
+/// attempt leaves one line. Istio counts no metrics for these either.
 pub fn log_refused(direction: &'static str, src: SocketAddr, dst: SocketAddr, reason: &str) {
     info!(target: "access", direction, src.addr = %src, dst.addr = %dst, error = reason, "connection refused");
 }

@@ -5,7 +5,7 @@
 //! window keeps a single flow from stalling on WINDOW_UPDATE round trips,
 //! and the connection window leaves room for several such flows.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,13 +108,42 @@ pub async fn serve(
 }
 
 /// The client address in a `Forwarded: for=...` header.
-pub fn parse_forwarded_for(v: &str) -> Option<std::net::IpAddr> {
-    v.split(';')
-        .flat_map(|p| p.split(','))
-        .filter_map(|p| p.trim().strip_prefix("for="))
-        .map(|s| s.trim_matches('"'))
-        .map(|s| s.trim_start_matches('[').split(']').next().unwrap_or(s))
-        .find_map(|s| s.parse().ok())
+pub fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
+    parse_forwarded_for_addr(v).map(|(ip, _)| ip)
+}
+
+/// The client address in a `Forwarded: for=...` header (RFC 7239), with
+/// its port when the header gives one: `for=10.0.0.1`,
+/// `for="10.0.0.1:4711"`, `for="[fd00::1]:4711"`. The first `for` that is
+/// an address wins; `unknown` and obfuscated names are skipped.
+pub fn parse_forwarded_for_addr(v: &str) -> Option<(IpAddr, Option<u16>)> {
+    v.split([';', ','])
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("for").then_some(v)
+        })
+        .find_map(|v| parse_node(v.trim().trim_matches('"')))
+}
+
+/// One RFC 7239 node: an IPv4 address or a bracketed IPv6 one, optionally
+/// followed by `:port` (a non-numeric, obfuscated port is ignored). A bare
+/// IPv6 address, which some senders write, is taken as well.
+fn parse_node(s: &str) -> Option<(IpAddr, Option<u16>)> {
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0);
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        let ip: Ipv6Addr = ip.parse().ok()?;
+        let port = match after {
+            "" => None,
+            _ => port(after.strip_prefix(':')?),
+        };
+        return Some((IpAddr::V6(ip), port));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some((ip, None));
+    }
+    let (ip, p) = s.rsplit_once(':')?;
+    Some((IpAddr::V4(ip.parse::<Ipv4Addr>().ok()?), port(p)))
 }
 
 #[cfg(test)]
@@ -132,5 +161,48 @@ mod tests {
             Some("fd00::1".parse().unwrap())
         );
         assert_eq!(parse_forwarded_for("for=unknown"), None);
+    }
+
+    #[test]
+    fn forwarded_with_ports() {
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(parse_forwarded_for_addr("for=10.0.0.1"), Some((v4, None)));
+        assert_eq!(
+            parse_forwarded_for_addr("for=\"10.0.0.1:4711\""),
+            Some((v4, Some(4711)))
+        );
+        assert_eq!(
+            parse_forwarded_for_addr("proto=https;For=\"[fd00::1]:4711\""),
+            Some((v6, Some(4711)))
+        );
+        assert_eq!(
+            parse_forwarded_for_addr("for=\"[fd00::1]\""),
+            Some((v6, None))
+        );
+        assert_eq!(parse_forwarded_for_addr("for=fd00::1"), Some((v6, None)));
+        // The IP is what policy sees, with or without a port.
+        assert_eq!(parse_forwarded_for("for=\"10.0.0.1:4711\""), Some(v4));
+        // Obfuscated parts and unknown nodes are skipped, never a panic.
+        assert_eq!(
+            parse_forwarded_for_addr("for=\"10.0.0.1:_abc\""),
+            Some((v4, None))
+        );
+        assert_eq!(
+            parse_forwarded_for_addr("for=unknown, for=10.0.0.1"),
+            Some((v4, None))
+        );
+        for bad in [
+            "",
+            "for=",
+            "for=\"[fd00::1\"",
+            "for=[::1]x",
+            "for=1.2.3.4:99999:1",
+            "=",
+            "for",
+        ] {
+            let _ = parse_forwarded_for_addr(bad);
+        }
+        assert_eq!(parse_forwarded_for_addr("for=[zz]:1"), None);
     }
 }

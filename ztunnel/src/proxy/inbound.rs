@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::anyhow;
 use bytes::Bytes;
@@ -22,12 +23,12 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::connection::{log_refused, ConnectionRecord, Parties};
+use super::connection::{log_refused, record_refused, ConnectionRecord, Parties};
 use super::copy::copy_hbone;
 use super::hbone::{self, H2Stream};
 use super::{accept_loop, ProxyInputs};
 use crate::identity::Identity;
-use crate::metrics::ServiceRef;
+use crate::metrics::{ResponseFlags, ServiceRef};
 use crate::rbac::{self, Decision};
 use crate::socket::canonical;
 use crate::state::{Protocol, Workload};
@@ -81,6 +82,25 @@ async fn serve_connection(
     .await
 }
 
+/// Who the tunnelled connection comes from. The original client is in the
+/// Forwarded header, which only a verified peer in our trust domain can
+/// have set; its port only if the header carries one. Without the header,
+/// or when the client is the HBONE peer itself (in-pod mode dials from the
+/// pod's address), the HBONE connection's own address is the real one.
+fn client_addr(req: &Request<h2::RecvStream>, peer: SocketAddr) -> SocketAddr {
+    let forwarded = req
+        .headers()
+        .get(hbone::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(hbone::parse_forwarded_for_addr)
+        .map(|(ip, port)| (canonical(SocketAddr::new(ip, 0)).ip(), port));
+    match forwarded {
+        Some((ip, Some(port))) => SocketAddr::new(ip, port),
+        Some((ip, None)) if ip != peer.ip() => SocketAddr::new(ip, 0),
+        _ => peer,
+    }
+}
+
 struct StreamContext {
     peer: SocketAddr,
     src_id: Identity,
@@ -101,6 +121,7 @@ async fn serve_stream(
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
+    let start = Instant::now();
     if req.method() != Method::CONNECT {
         debug!(peer = %ctx.peer, method = %req.method(), "non-CONNECT request on HBONE");
         return status(&mut respond, StatusCode::BAD_REQUEST);
@@ -117,15 +138,8 @@ async fn serve_stream(
             return status(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
-    // The original client: from the Forwarded header, which only a verified
-    // peer in our trust domain can have set.
-    let src_ip = req
-        .headers()
-        .get(hbone::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(hbone::parse_forwarded_for)
-        .unwrap_or(ctx.peer.ip());
-    let src = SocketAddr::new(src_ip, 0);
+    let src = client_addr(&req, ctx.peer);
+    let src_ip = src.ip();
     if !ctx.dst_w.addresses.contains(&target.ip()) {
         log_refused(
             "inbound",
@@ -148,17 +162,41 @@ async fn serve_stream(
         dst_ip: target.ip(),
         dst_port: target.port(),
     };
+    let src_w = snap.workload_by_ip(src_ip).cloned();
+    let dst_id = dst_w.identity();
+    let service: Option<ServiceRef> = snap
+        .service_for_port(&dst_w, target.port())
+        .map(|s| s.as_ref().into());
+    let parties = || Parties {
+        src,
+        dst: target,
+        src_workload: src_w.as_deref(),
+        src_identity: Some(&ctx.src_id),
+        dst_workload: Some(&dst_w),
+        dst_identity: Some(&dst_id),
+        service: service.as_ref(),
+        mtls: true,
+    };
     if let Decision::Deny(why) = rbac::authorize(snap.policies_for(&dst_w), &conn) {
-        log_refused("inbound", src, target, &format!("{} ({})", why, ctx.src_id));
+        record_refused(
+            &pi.metrics,
+            "destination",
+            parties(),
+            ResponseFlags::Deny,
+            start,
+            &format!("{} ({})", why, ctx.src_id),
+        );
         return status(&mut respond, StatusCode::UNAUTHORIZED);
     }
     let mut upstream = match pi.connect(target).await {
         Ok(s) => s,
         Err(e) => {
-            log_refused(
-                "inbound",
-                src,
-                target,
+            record_refused(
+                &pi.metrics,
+                "destination",
+                parties(),
+                ResponseFlags::ConnectFailure,
+                start,
                 &format!("upstream connect failed: {e}"),
             );
             return status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -177,25 +215,7 @@ async fn serve_stream(
             return;
         }
     };
-    let src_w = snap.workload_by_ip(src_ip).cloned();
-    let dst_id = dst_w.identity();
-    let service: Option<ServiceRef> = snap
-        .service_for_port(&dst_w, target.port())
-        .map(|s| s.as_ref().into());
-    let record = ConnectionRecord::open(
-        &pi.metrics,
-        "destination",
-        Parties {
-            src,
-            dst: target,
-            src_workload: src_w.as_deref(),
-            src_identity: Some(&ctx.src_id),
-            dst_workload: Some(&dst_w),
-            dst_identity: Some(&dst_id),
-            service: service.as_ref(),
-            mtls: true,
-        },
-    );
+    let record = ConnectionRecord::open(&pi.metrics, "destination", parties());
     let guard = pi.tracker.track(conn, dst_w.uid.clone());
     let stream = H2Stream {
         send,

@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::connection::{log_refused, ConnectionRecord, Parties};
+use super::connection::{log_refused, record_refused, ConnectionRecord, Parties};
 use super::copy::copy_tcp;
 use super::{accept_loop, ProxyInputs};
-use crate::metrics::ServiceRef;
+use crate::metrics::{ResponseFlags, ServiceRef};
 use crate::rbac::{self, Decision};
 use crate::socket::canonical;
 
@@ -41,6 +42,7 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
 }
 
 async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let start = Instant::now();
     let snap = pi.store.snapshot();
     let Some(dst_w) = snap
         .workload_by_ip(dst.ip())
@@ -60,39 +62,37 @@ async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, ds
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    if let Decision::Deny(why) = rbac::authorize(snap.policies_for(&dst_w), &conn) {
-        return log_refused("inbound", src, dst, &why);
-    }
-    let mut upstream = match pi.connect(dst).await {
-        Ok(s) => s,
-        Err(e) => {
-            return log_refused(
-                "inbound",
-                src,
-                dst,
-                &format!("upstream connect failed: {e}"),
-            )
-        }
-    };
     let src_w = snap.workload_by_ip(src.ip()).cloned();
     let dst_id = dst_w.identity();
     let service: Option<ServiceRef> = snap
         .service_for_port(&dst_w, dst.port())
         .map(|s| s.as_ref().into());
-    let record = ConnectionRecord::open(
-        &pi.metrics,
-        "destination",
-        Parties {
-            src,
-            dst,
-            src_workload: src_w.as_deref(),
-            src_identity: None,
-            dst_workload: Some(&dst_w),
-            dst_identity: Some(&dst_id),
-            service: service.as_ref(),
-            mtls: false,
-        },
-    );
+    let parties = || Parties {
+        src,
+        dst,
+        src_workload: src_w.as_deref(),
+        src_identity: None,
+        dst_workload: Some(&dst_w),
+        dst_identity: Some(&dst_id),
+        service: service.as_ref(),
+        mtls: false,
+    };
+    let refused = |flags, reason: &str| {
+        record_refused(&pi.metrics, "destination", parties(), flags, start, reason)
+    };
+    if let Decision::Deny(why) = rbac::authorize(snap.policies_for(&dst_w), &conn) {
+        return refused(ResponseFlags::Deny, &why);
+    }
+    let mut upstream = match pi.connect(dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            return refused(
+                ResponseFlags::ConnectFailure,
+                &format!("upstream connect failed: {e}"),
+            )
+        }
+    };
+    let record = ConnectionRecord::open(&pi.metrics, "destination", parties());
     let guard = pi.tracker.track(conn, dst_w.uid.clone());
     let result = tokio::select! {
         r = copy_tcp(&mut stream, &mut upstream, &record.counters) => r.map_err(|e| e.to_string()),

@@ -28,6 +28,7 @@
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -35,12 +36,12 @@ use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use super::connection::{log_refused, ConnectionRecord, Parties};
+use super::connection::{log_refused, record_refused, ConnectionRecord, Parties};
 use super::copy::{copy_hbone, copy_tcp};
 use super::hbone::H2Stream;
 use super::pool::{PoolKey, StreamGuard, TunnelError};
 use super::{accept_loop, ProxyInputs};
-use crate::metrics::ServiceRef;
+use crate::metrics::{ResponseFlags, ServiceRef};
 use crate::socket::canonical;
 use crate::state::{Protocol, Snapshot, Waypoint, Workload};
 
@@ -204,15 +205,24 @@ fn first_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
     }
 }
 
+/// Sets up the upstream side and accounts for a failure: one that happened
+/// once the parties were known (the tunnel or connection could not be
+/// opened, or the peer's policy refused it) is counted in the metrics with
+/// its response flag; any other is logged. Callers only map the error.
 async fn connect_from(
     pi: &ProxyInputs,
     src: SocketAddr,
     dst: SocketAddr,
     client: Option<&TcpStream>,
 ) -> Result<Outbound, OutboundError> {
+    let start = Instant::now();
     let snap = pi.store.snapshot();
     let src_w = snap.workload_by_ip(src.ip()).cloned();
-    let route = route(&snap, src_w.as_deref(), dst)?;
+    let refused_early = |e: OutboundError| {
+        log_refused("outbound", src, dst, &e.to_string());
+        e
+    };
+    let route = route(&snap, src_w.as_deref(), dst).map_err(refused_early)?;
     // Over HBONE: to a waypoint replica if there is a waypoint, else to the
     // destination workload's node; the peer must prove the identity of
     // whichever it is.
@@ -223,34 +233,72 @@ async fn connect_from(
         }
         _ => Vec::new(),
     };
-    match hbone_peers.first() {
-        Some(_) => {
-            let src_w = src_w
-                .filter(|w| w.node == pi.node && w.protocol == Protocol::Hbone)
-                .ok_or_else(|| {
-                    OutboundError::Denied(format!(
-                        "source {} is not a mesh workload on node {}; it has no identity to tunnel to {dst} with",
-                        src.ip(),
-                        pi.node
-                    ))
-                })?;
-            let src_id = src_w.identity();
-            let first = match client {
-                Some(c) => first_bytes(c)
-                    .context("the client's connection failed before the tunnel opened")
-                    .map_err(OutboundError::Failed)?,
-                None => Bytes::new(),
-            };
-            let (dst_w, dst_id, stream, guard) = open_tunnel(
-                pi,
-                &src_id,
-                &hbone_peers,
-                route.target,
+    if hbone_peers.is_empty() {
+        let parties = || Parties {
+            src,
+            dst: route.target,
+            src_workload: src_w.as_deref(),
+            src_identity: None,
+            dst_workload: route.dst.as_deref(),
+            dst_identity: None,
+            service: route.service.as_ref(),
+            mtls: false,
+        };
+        let tcp = match pi.connect(route.target).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                let e = anyhow::Error::new(e).context(format!("connecting to {}", route.target));
+                let e = OutboundError::Failed(e);
+                record_refused(
+                    &pi.metrics,
+                    "source",
+                    parties(),
+                    ResponseFlags::ConnectFailure,
+                    start,
+                    &e.to_string(),
+                );
+                return Err(e);
+            }
+        };
+        return Ok(Outbound {
+            upstream: Upstream::Tcp(tcp),
+            record: ConnectionRecord::open(&pi.metrics, "source", parties()),
+        });
+    }
+    let src_w = src_w
+        .filter(|w| w.node == pi.node && w.protocol == Protocol::Hbone)
+        .ok_or_else(|| {
+            refused_early(OutboundError::Denied(format!(
+                "source {} is not a mesh workload on node {}; it has no identity to tunnel to {dst} with",
                 src.ip(),
-                first.clone(),
-            )
-            .await?;
-            let record = ConnectionRecord::open(
+                pi.node
+            )))
+        })?;
+    let src_id = src_w.identity();
+    let first = match client {
+        Some(c) => first_bytes(c)
+            .context("the client's connection failed before the tunnel opened")
+            .map_err(|e| refused_early(OutboundError::Failed(e)))?,
+        None => Bytes::new(),
+    };
+    let tunnel = open_tunnel(
+        pi,
+        &src_id,
+        &hbone_peers,
+        route.target,
+        src.ip(),
+        first.clone(),
+    )
+    .await;
+    let (dst_w, dst_id, stream, guard) = match tunnel {
+        Ok(t) => t,
+        Err(TunnelFailure { peer, error }) => {
+            let dst_id = peer.as_ref().map(|w| w.identity());
+            let flags = match error {
+                OutboundError::Denied(_) => ResponseFlags::Deny,
+                _ => ResponseFlags::ConnectFailure,
+            };
+            record_refused(
                 &pi.metrics,
                 "source",
                 Parties {
@@ -258,44 +306,43 @@ async fn connect_from(
                     dst: route.target,
                     src_workload: Some(&src_w),
                     src_identity: Some(&src_id),
-                    dst_workload: Some(&dst_w),
-                    dst_identity: Some(&dst_id),
+                    dst_workload: peer.as_deref(),
+                    dst_identity: dst_id.as_ref(),
                     service: route.service.as_ref(),
                     mtls: true,
                 },
+                flags,
+                start,
+                &error.to_string(),
             );
-            record.counters.add_from_client(first.len() as u64);
-            Ok(Outbound {
-                upstream: Upstream::Hbone(stream, guard),
-                record,
-            })
+            return Err(error);
         }
-        None => {
-            let tcp = pi
-                .connect(route.target)
-                .await
-                .with_context(|| format!("connecting to {}", route.target))
-                .map_err(OutboundError::Failed)?;
-            let record = ConnectionRecord::open(
-                &pi.metrics,
-                "source",
-                Parties {
-                    src,
-                    dst: route.target,
-                    src_workload: src_w.as_deref(),
-                    src_identity: None,
-                    dst_workload: route.dst.as_deref(),
-                    dst_identity: None,
-                    service: route.service.as_ref(),
-                    mtls: false,
-                },
-            );
-            Ok(Outbound {
-                upstream: Upstream::Tcp(tcp),
-                record,
-            })
-        }
-    }
+    };
+    let record = ConnectionRecord::open(
+        &pi.metrics,
+        "source",
+        Parties {
+            src,
+            dst: route.target,
+            src_workload: Some(&src_w),
+            src_identity: Some(&src_id),
+            dst_workload: Some(&dst_w),
+            dst_identity: Some(&dst_id),
+            service: route.service.as_ref(),
+            mtls: true,
+        },
+    );
+    record.counters.add_from_client(first.len() as u64);
+    Ok(Outbound {
+        upstream: Upstream::Hbone(stream, guard),
+        record,
+    })
+}
+
+/// Why no tunnel could be opened, and the (last) peer that was asked.
+struct TunnelFailure {
+    peer: Option<Arc<Workload>>,
+    error: OutboundError,
 }
 
 /// Opens an HBONE tunnel to `target` through the first of `peers` that
@@ -318,7 +365,7 @@ async fn open_tunnel(
         H2Stream,
         StreamGuard,
     ),
-    OutboundError,
+    TunnelFailure,
 > {
     let mut last = None;
     for (i, (dst_w, next_hop)) in peers.iter().enumerate() {
@@ -336,24 +383,36 @@ async fn open_tunnel(
             Ok((stream, guard)) => return Ok((dst_w.clone(), dst_id, stream, guard)),
             Err(e) => {
                 if let Some(TunnelError::Denied) = e.downcast_ref::<TunnelError>() {
-                    return Err(OutboundError::Denied(format!(
-                        "{dst_id} refused {src_id} to {target}"
-                    )));
+                    return Err(TunnelFailure {
+                        peer: Some(dst_w.clone()),
+                        error: OutboundError::Denied(format!(
+                            "{dst_id} refused {src_id} to {target}"
+                        )),
+                    });
                 }
                 if i + 1 < peers.len() {
                     debug!(peer = %next_hop, workload = %dst_w.uid, error = %format!("{e:#}"),
                         "HBONE peer failed; trying the next replica");
                 }
-                last = Some(e);
+                last = Some((dst_w.clone(), e));
             }
         }
     }
-    let e = last.unwrap_or_else(|| anyhow::anyhow!("no HBONE peer to {target}"));
-    Err(OutboundError::Failed(if peers.len() > 1 {
+    let Some((peer, e)) = last else {
+        return Err(TunnelFailure {
+            peer: None,
+            error: OutboundError::NoRoute(format!("no HBONE peer to {target}")),
+        });
+    };
+    let e = if peers.len() > 1 {
         e.context(format!("all {} waypoint replicas failed", peers.len()))
     } else {
         e
-    }))
+    };
+    Err(TunnelFailure {
+        peer: Some(peer),
+        error: OutboundError::Failed(e),
+    })
 }
 
 impl Outbound {
@@ -405,11 +464,8 @@ pub async fn run(pi: Arc<ProxyInputs>, listener: TcpListener) {
 }
 
 async fn handle(pi: Arc<ProxyInputs>, mut stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
-    match connect_captured(&pi, src, dst, &stream).await {
-        Ok(out) => out.serve(&mut stream).await,
-        Err(e) => {
-            debug!(%src, %dst, error = %e, "outbound connection failed");
-            log_refused("outbound", src, dst, &e.to_string());
-        }
+    // A failure has been logged (and counted) by `connect_captured`.
+    if let Ok(out) = connect_captured(&pi, src, dst, &stream).await {
+        out.serve(&mut stream).await;
     }
 }

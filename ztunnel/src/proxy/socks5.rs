@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use super::connection::log_refused;
 use super::outbound::{self, OutboundError};
 use super::{accept_loop, ProxyInputs};
 use crate::socket::canonical;
@@ -79,7 +78,6 @@ async fn handle(
                 OutboundError::NoRoute(_) => Reply::HostUnreachable,
                 OutboundError::Failed(_) => Reply::GeneralFailure,
             };
-            log_refused("outbound", src, dst, &e.to_string());
             reply(&mut stream, code).await?;
             Ok(())
         }

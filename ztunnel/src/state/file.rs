@@ -238,6 +238,10 @@ impl LocalConfig {
                     .get("version")
                     .cloned()
                     .unwrap_or_else(|| "latest".into()),
+                // The file names pods only; metrics use the pod name and
+                // the default cluster.
+                workload_name: String::new(),
+                cluster_id: String::new(),
                 name: w.name,
                 namespace: w.namespace,
                 service_account: w.service_account,

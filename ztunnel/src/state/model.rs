@@ -45,14 +45,41 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     pub canonical_name: String,
     pub canonical_revision: String,
+    /// The workload's controller as Istio names it (a pod's Deployment,
+    /// say); empty if unknown. Metrics fall back to `name`.
+    pub workload_name: String,
+    /// The cluster the workload runs in; empty if unknown. Metrics fall
+    /// back to Istio's default, "Kubernetes".
+    pub cluster_id: String,
     /// The waypoint traffic addressed to this workload goes through
     /// (`istio.workload.Workload.waypoint`).
     pub waypoint: Option<Waypoint>,
 }
 
+/// The cluster Istio reports when a workload does not name one.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 impl Workload {
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// `workload_name`, or the pod name when that is not known.
+    pub fn metrics_name(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+
+    /// `cluster_id`, or Istio's default when that is not known.
+    pub fn cluster(&self) -> &str {
+        if self.cluster_id.is_empty() {
+            DEFAULT_CLUSTER_ID
+        } else {
+            &self.cluster_id
+        }
     }
 }
 

@@ -11,8 +11,9 @@
 //! in force. When the stream breaks, the client reconnects with
 //! exponential backoff and resumes with `initial_resource_versions`, so the
 //! server sends only what changed meanwhile (and removals); the data plane
-//! keeps its state throughout. `synced` turns true after the first full
-//! sync of both types, and readiness waits for it.
+//! keeps its state throughout. `synced` turns true once a full response of
+//! each type has been accepted (a NACKed one does not count), and
+//! readiness waits for it.
 
 mod translate;
 
@@ -273,7 +274,7 @@ async fn stream_once(
     trust_domain: &str,
     cache: &mut Cache,
     store: &Store,
-    on_response: &mut (dyn FnMut(&str) + Send),
+    on_accepted: &mut (dyn FnMut(&str) + Send),
 ) -> anyhow::Result<()> {
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
@@ -292,38 +293,14 @@ async fn stream_once(
     cp.authorize(&mut req)?;
     let mut inbound = client.delta_aggregated_resources(req).await?.into_inner();
     info!(address = %cp.address, "xDS stream open");
+    // Types with a NACKed chunk in the response being received: its last
+    // chunk does not complete a sync.
+    let mut failed_chunks = HashSet::new();
     while let Some(resp) = inbound.message().await? {
-        // A chunk of a larger response (see the server's `send_delta`) is
-        // translated resource by resource and kept; the snapshot is built
-        // once, at the last chunk.
-        let partial = resp.system_version_info.ends_with("/partial");
-        let result = Cache::stage(&resp, trust_domain).and_then(|st| {
-            if partial {
-                return Ok((st, None));
-            }
-            let snap = cache.snapshot(&st)?;
-            Ok((st, Some(snap)))
-        });
-        let error_detail = match result {
-            Ok((st, snap)) => {
-                cache.commit(st);
-                if let Some(snap) = snap {
-                    store.replace(snap);
-                }
-                None
-            }
-            Err(e) => {
-                warn!(type_url = %resp.type_url, nonce = %resp.nonce, "rejecting xDS response (NACK): {e:#}");
-                Some(RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message: format!("{e:#}"),
-                    details: vec![],
-                })
-            }
-        };
-        // A first sync may come in chunks; only the last counts as synced.
-        if !partial {
-            on_response(&resp.type_url);
+        let (error_detail, synced) =
+            apply_response(&resp, trust_domain, cache, store, &mut failed_chunks);
+        if synced {
+            on_accepted(&resp.type_url);
         }
         tx.send(DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
@@ -335,6 +312,56 @@ async fn stream_once(
         .map_err(|_| anyhow!("request channel closed"))?;
     }
     Ok(())
+}
+
+/// Applies one response to the cache and the store. Returns the NACK to
+/// send (`None`: ACK) and whether the response completes a sync of its
+/// type: only an accepted response does, and for a response in chunks
+/// only its last chunk, when none before it was rejected either.
+fn apply_response(
+    resp: &DeltaDiscoveryResponse,
+    trust_domain: &str,
+    cache: &mut Cache,
+    store: &Store,
+    failed_chunks: &mut HashSet<String>,
+) -> (Option<RpcStatus>, bool) {
+    // A chunk of a larger response (see the server's `send_delta`) is
+    // translated resource by resource and kept; the snapshot is built
+    // once, at the last chunk.
+    let partial = resp.system_version_info.ends_with("/partial");
+    let result = Cache::stage(resp, trust_domain).and_then(|st| {
+        if partial {
+            return Ok((st, None));
+        }
+        let snap = cache.snapshot(&st)?;
+        Ok((st, Some(snap)))
+    });
+    let error_detail = match result {
+        Ok((st, snap)) => {
+            cache.commit(st);
+            if let Some(snap) = snap {
+                store.replace(snap);
+            }
+            None
+        }
+        Err(e) => {
+            warn!(type_url = %resp.type_url, nonce = %resp.nonce, "rejecting xDS response (NACK): {e:#}");
+            Some(RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message: format!("{e:#}"),
+                details: vec![],
+            })
+        }
+    };
+    if partial {
+        if error_detail.is_some() {
+            failed_chunks.insert(resp.type_url.clone());
+        }
+        return (error_detail, false);
+    }
+    let earlier_chunk_failed = failed_chunks.remove(&resp.type_url);
+    let synced = error_detail.is_none() && !earlier_chunk_failed;
+    (error_detail, synced)
 }
 
 /// The control plane's CA (`IstioCertificateService`), asked on behalf of
@@ -487,5 +514,42 @@ mod tests {
         let snap = apply(&mut cache, &response(vec![], vec!["a".into()])).unwrap();
         assert!(snap.workloads.is_empty());
         assert!(cache.addresses.is_empty());
+    }
+
+    #[test]
+    fn only_accepted_responses_count_as_synced() {
+        let store = Store::new();
+        let mut cache = Cache::default();
+        let mut failed = HashSet::new();
+        let mut garbage = workload_resource("d", vec![10, 0, 0, 4]);
+        garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+        let (nack, synced) = apply_response(
+            &response(vec![garbage.clone()], vec![]),
+            "cluster.local",
+            &mut cache,
+            &store,
+            &mut failed,
+        );
+        assert!(nack.is_some());
+        assert!(!synced, "a NACKed response must not mark the type synced");
+
+        // A response in chunks whose first chunk was rejected: the last
+        // chunk, good on its own, does not complete the sync either.
+        let mut chunk = response(vec![garbage], vec![]);
+        chunk.system_version_info = "v1/partial".into();
+        let (nack, synced) =
+            apply_response(&chunk, "cluster.local", &mut cache, &store, &mut failed);
+        assert!(nack.is_some() && !synced);
+        let last = response(vec![workload_resource("a", vec![10, 0, 0, 1])], vec![]);
+        let (nack, synced) =
+            apply_response(&last, "cluster.local", &mut cache, &store, &mut failed);
+        assert!(nack.is_none());
+        assert!(!synced, "a sync with a rejected chunk is incomplete");
+
+        // An accepted response counts.
+        let (nack, synced) =
+            apply_response(&last, "cluster.local", &mut cache, &store, &mut failed);
+        assert!(nack.is_none() && synced);
+        assert_eq!(store.snapshot().workloads.len(), 1);
     }
 }

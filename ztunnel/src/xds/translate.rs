@@ -161,6 +161,8 @@ fn workload(w: &wl::Workload, trust_domain: &str) -> anyhow::Result<Workload> {
         authorization_policies: w.authorization_policies.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
+        workload_name: w.workload_name.clone(),
+        cluster_id: w.cluster_id.clone(),
         waypoint: waypoint(w.waypoint.as_ref())?,
     })
 }
@@ -349,5 +351,22 @@ mod tests {
             hbone_mtls_port: 0,
         };
         assert!(waypoint(Some(&bad_ip)).is_err());
+    }
+
+    #[test]
+    fn workload_name_and_cluster_are_kept() {
+        let w = wl::Workload {
+            uid: "Kubernetes//Pod/ns/echo-5d8f9-abcde".into(),
+            name: "echo-5d8f9-abcde".into(),
+            namespace: "ns".into(),
+            workload_name: "echo".into(),
+            cluster_id: "east".into(),
+            ..Default::default()
+        };
+        let w = workload(&w, "cluster.local").unwrap();
+        assert_eq!(w.workload_name, "echo");
+        assert_eq!(w.cluster_id, "east");
+        assert_eq!(w.metrics_name(), "echo");
+        assert_eq!(w.cluster(), "east");
     }
 }

@@ -8,12 +8,13 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 pub use e2e::mesh::http_get;
 use e2e::{ChildGuard, Node, Pod, Testbed};
-use ztunnel::identity::LocalCa;
+use ztunnel::identity::{Identity, LocalCa, SecretManager};
 
 pub const ECHO_PORT: u16 = 8080;
 pub const VIP: &str = "10.96.0.10";
@@ -364,4 +365,38 @@ pub fn read_all(s: &mut TcpStream) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// Node b's HBONE address for the echo pod.
+pub fn hbone_addr(c: &Cluster) -> SocketAddr {
+    SocketAddr::new(std::net::IpAddr::V4(c.echo.ipv4()), 15008)
+}
+
+/// A TLS connection from node a to node b's HBONE port.
+pub async fn connect_tls(
+    c: &Cluster,
+    cfg: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let std = e2e::tcp_connect_in(c.a.netns(), hbone_addr(c))?;
+    std.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(std)?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ztunnel::tls::server_name(c.echo.ipv4().into()), tcp)
+        .await
+}
+
+/// A client config presenting `client`'s certificate from the shared root.
+pub async fn client_config(c: &Cluster) -> rustls::ClientConfig {
+    let ca = LocalCa::from_pem(
+        &std::fs::read_to_string(&c.ca_cert).unwrap(),
+        &std::fs::read_to_string(&c.ca_key).unwrap(),
+    )
+    .unwrap();
+    let secrets = SecretManager::new(Arc::new(ca), Duration::from_secs(3600));
+    let cert = secrets
+        .fetch(&Identity::new("cluster.local", "default", "client"))
+        .await
+        .unwrap();
+    cert.client_config(vec![Identity::new("cluster.local", "default", "echo")])
+        .unwrap()
 }
