@@ -449,19 +449,25 @@ fn method(m: &str) -> Option<prbac::Permission> {
     })))
 }
 
+/// Istio's value forms (`exact`, `prefix*`, `*suffix`, `*`) as a regex;
+/// `None` for other wildcards.
+fn wildcard_regex(v: &str) -> Option<String> {
+    Some(match v {
+        "*" => ".*".to_string(),
+        _ if v.matches('*').count() > 1 => return None,
+        _ => match (v.strip_prefix('*'), v.strip_suffix('*')) {
+            (Some(s), _) => format!(".*{}", regex::escape(s)),
+            (_, Some(p)) => format!("{}.*", regex::escape(p)),
+            _ if v.contains('*') => return None,
+            _ => regex::escape(v),
+        },
+    })
+}
+
 /// A host as Istio matches it: the `:authority`, case-insensitive, with
 /// or without a port; `*.suffix`, `prefix*` and `*` as wildcards.
 fn host(h: &str) -> Option<prbac::Permission> {
-    let name = match h {
-        "*" => ".+".to_string(),
-        _ if h.matches('*').count() > 1 => return None,
-        _ => match (h.strip_prefix('*'), h.strip_suffix('*')) {
-            (Some(s), _) => format!(".*{}", regex::escape(s)),
-            (_, Some(p)) => format!("{}.*", regex::escape(p)),
-            _ if h.contains('*') => return None,
-            _ => regex::escape(h),
-        },
-    };
+    let name = wildcard_regex(h)?;
     Some(perm(prbac::permission::Rule::Header(pr::HeaderMatcher {
         name: ":authority".into(),
         header_match_specifier: Some(pr::header_matcher::HeaderMatchSpecifier::SafeRegexMatch(
@@ -592,18 +598,7 @@ fn header_condition(
             let alts = any_of(
                 &format!("{field}.notValues"),
                 &c.not_values,
-                |v| {
-                    Some(match v {
-                        "*" => ".*".to_string(),
-                        _ if v.matches('*').count() > 1 => return None,
-                        _ => match (v.strip_prefix('*'), v.strip_suffix('*')) {
-                            (Some(s), _) => format!(".*{}", regex::escape(s)),
-                            (_, Some(p)) => format!("{}.*", regex::escape(p)),
-                            _ if v.contains('*') => return None,
-                            _ => regex::escape(v),
-                        },
-                    })
-                },
+                wildcard_regex,
                 unsupported,
             )?;
             let regex = format!("(?:{})", alts.join("|"));

@@ -98,6 +98,29 @@ impl LogFields {
     }
 }
 
+impl LogFields {
+    /// The access-log line: `bytes` is (to the client, from the client).
+    fn write(&self, what: &str, start: Instant, bytes: (u64, u64), flags: &str, error: &str) {
+        info!(
+            target: "access",
+            direction = self.direction,
+            src.addr = %self.src,
+            src.workload = %OrDash(self.src_workload.as_ref()),
+            src.identity = %OrDash(self.src_identity.as_ref()),
+            dst.addr = %self.dst,
+            dst.service = %OrDash(self.service.as_ref()),
+            dst.workload = %OrDash(self.dst_workload.as_ref()),
+            dst.identity = %OrDash(self.dst_identity.as_ref()),
+            bytes_sent = bytes.0,
+            bytes_recv = bytes.1,
+            duration_ms = start.elapsed().as_millis() as u64,
+            response_flags = flags,
+            error,
+            "{what}"
+        );
+    }
+}
+
 impl ConnectionRecord {
     /// `reporter` is Istio's: "source" for outbound, "destination" for
     /// inbound.
@@ -125,23 +148,12 @@ impl ConnectionRecord {
         }
         self.closed.inc();
         let bytes = self.counters.totals();
-        let error = result.err();
-        let l = &self.log;
-        info!(
-            target: "access",
-            direction = l.direction,
-            src.addr = %l.src,
-            src.workload = %OrDash(l.src_workload.as_ref()),
-            src.identity = %OrDash(l.src_identity.as_ref()),
-            dst.addr = %l.dst,
-            dst.service = %OrDash(l.service.as_ref()),
-            dst.workload = %OrDash(l.dst_workload.as_ref()),
-            dst.identity = %OrDash(l.dst_identity.as_ref()),
-            bytes_sent = bytes.to_client,
-            bytes_recv = bytes.from_client,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            error = error.as_deref().unwrap_or("-"),
-            "connection complete"
+        self.log.write(
+            "connection complete",
+            self.start,
+            (bytes.to_client, bytes.from_client),
+            "-",
+            result.as_ref().err().map_or("-", String::as_str),
         );
     }
 }
@@ -168,22 +180,7 @@ pub fn record_refused(
     reason: &str,
 ) {
     metrics.count_refused(p.labels(reporter), flags);
-    let l = LogFields::new(reporter, &p);
-    info!(
-        target: "access",
-        direction = l.direction,
-        src.addr = %l.src,
-        src.workload = %OrDash(l.src_workload.as_ref()),
-        src.identity = %OrDash(l.src_identity.as_ref()),
-        dst.addr = %l.dst,
-        dst.service = %OrDash(l.service.as_ref()),
-        dst.workload = %OrDash(l.dst_workload.as_ref()),
-        dst.identity = %OrDash(l.dst_identity.as_ref()),
-        duration_ms = start.elapsed().as_millis() as u64,
-        response_flags = flags.as_str(),
-        error = reason,
-        "connection refused"
-    );
+    LogFields::new(reporter, &p).write("connection refused", start, (0, 0), flags.as_str(), reason);
 }
 
 /// A value, or "-" for none, formatted straight into the log line.

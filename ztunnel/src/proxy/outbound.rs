@@ -290,6 +290,16 @@ async fn connect_from(
         first.clone(),
     )
     .await;
+    let parties = |dst_workload, dst_identity| Parties {
+        src,
+        dst: route.target,
+        src_workload: Some(&src_w),
+        src_identity: Some(&src_id),
+        dst_workload,
+        dst_identity,
+        service: route.service.as_ref(),
+        mtls: true,
+    };
     let (dst_w, dst_id, stream, guard) = match tunnel {
         Ok(t) => t,
         Err(TunnelFailure { peer, error }) => {
@@ -301,16 +311,7 @@ async fn connect_from(
             record_refused(
                 &pi.metrics,
                 "source",
-                Parties {
-                    src,
-                    dst: route.target,
-                    src_workload: Some(&src_w),
-                    src_identity: Some(&src_id),
-                    dst_workload: peer.as_deref(),
-                    dst_identity: dst_id.as_ref(),
-                    service: route.service.as_ref(),
-                    mtls: true,
-                },
+                parties(peer.as_deref(), dst_id.as_ref()),
                 flags,
                 start,
                 &error.to_string(),
@@ -318,20 +319,8 @@ async fn connect_from(
             return Err(error);
         }
     };
-    let record = ConnectionRecord::open(
-        &pi.metrics,
-        "source",
-        Parties {
-            src,
-            dst: route.target,
-            src_workload: Some(&src_w),
-            src_identity: Some(&src_id),
-            dst_workload: Some(&dst_w),
-            dst_identity: Some(&dst_id),
-            service: route.service.as_ref(),
-            mtls: true,
-        },
-    );
+    let record =
+        ConnectionRecord::open(&pi.metrics, "source", parties(Some(&dst_w), Some(&dst_id)));
     record.counters.add_from_client(first.len() as u64);
     Ok(Outbound {
         upstream: Upstream::Hbone(stream, guard),
