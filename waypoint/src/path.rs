@@ -57,7 +57,7 @@ impl PathNormalization {
         }
         let mut out = Cow::Borrowed(path);
         let mut redirect = false;
-        if has_escaped_slash(path) {
+        if self.escaped_slashes != EscapedSlashes::Keep && has_escaped_slash(path) {
             match self.escaped_slashes {
                 EscapedSlashes::Keep => {}
                 EscapedSlashes::Reject => return Normalized::Reject("escaped slash in the path"),
@@ -67,7 +67,10 @@ impl PathNormalization {
                 }
             }
         }
-        if self.normalize {
+        // Most paths have nothing to normalize: no escape, backslash or
+        // dot segment. Those skip the rebuild (this runs on every request).
+        let plain = !out.contains(['%', '\\']) && !out.contains("/.");
+        if self.normalize && !plain {
             match canonical(&out) {
                 Some(p) => {
                     if p != out {
@@ -90,8 +93,11 @@ impl PathNormalization {
 
 fn has_escaped_slash(path: &str) -> bool {
     path.as_bytes().windows(3).any(|w| {
-        w[0] == b'%' && (w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'))
-            || w[0] == b'%' && (w[1] == b'5' && w[2].eq_ignore_ascii_case(&b'c'))
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f') | (b'5', b'c')
+            )
     })
 }
 
