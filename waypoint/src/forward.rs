@@ -2,26 +2,25 @@
 //! and host, then attempt, retrying per the route's policy within its
 //! timeout, and mirror a copy where asked.
 //!
-//! The request body is buffered (up to [`MAX_BUFFERED_BODY`]) only when a
-//! retry or a mirror may need to send it again; otherwise it streams.
+//! The request body always streams; when a retry or a mirror may need to
+//! send it again, it goes through a [`Replay`], which keeps a copy of its
+//! first [`REPLAY_LIMIT`] bytes.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route, WeightedCluster};
 use crate::record::RequestInfo;
+use crate::replay::{Replay, ReplayBody, REPLAY_LIMIT};
+use crate::request_end::{self, RequestEnd};
 use crate::upstream::affinity::Affinity;
 use crate::upstream::{Attempt, Body, SendError, Upstream};
-
-pub const MAX_BUFFERED_BODY: usize = 4 * 1024 * 1024;
 
 /// What forwarding produced: an upstream response, or a status to answer
 /// locally with an Envoy-style response flag.
@@ -30,10 +29,6 @@ pub enum Outcome {
     /// A response made here (direct response, redirect).
     Ready(Response<Body>),
     Local(StatusCode, &'static str, &'static str),
-}
-
-fn full(b: Bytes) -> Body {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn pick_cluster(f: &Forward) -> &WeightedCluster {
@@ -69,8 +64,9 @@ pub fn rewrite_path(route: &Route, f: &Forward, path: &str) -> String {
 }
 
 enum ReqBody {
-    Streaming(Incoming),
-    Buffered(Bytes),
+    Streaming(Body),
+    /// The first attempt's body, and the way to the others.
+    Replayable(Replay, ReplayBody),
 }
 
 fn retriable_status(r: &Retry, s: StatusCode) -> bool {
@@ -152,52 +148,36 @@ pub async fn forward(
     let downstream_h2 = parts.version == http::Version::HTTP_2;
 
     let needs_copy = f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
-    let counter = info.request_bytes.clone();
+    let (body, end) = request_end::watch(body, info.request_bytes.clone());
     let body = if needs_copy {
-        match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
-            Ok(c) => {
-                let b = c.to_bytes();
-                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
-                ReqBody::Buffered(b)
+        let (replay, first) = Replay::new(body, REPLAY_LIMIT);
+        for (mc, fraction) in &f.mirrors {
+            if fastrand::f64() >= *fraction {
+                continue;
             }
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return Outcome::Local(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "-",
-                    "request body too large to buffer for retry\n",
-                )
+            if let Some(copy) = replay.mirror() {
+                mirror(upstream, mc.clone(), &parts, copy, downstream_h2);
             }
-            Err(_) => return Outcome::Local(StatusCode::BAD_REQUEST, "DC", "request body error\n"),
         }
+        ReqBody::Replayable(replay, first)
     } else {
         ReqBody::Streaming(body)
     };
-
-    if let ReqBody::Buffered(b) = &body {
-        for (mc, fraction) in &f.mirrors {
-            if fastrand::f64() < *fraction {
-                mirror(upstream, mc.clone(), &parts, b.clone(), downstream_h2);
-            }
-        }
-    }
 
     let attempts = attempt_all(
         upstream,
         &cluster,
         f,
         parts,
-        body,
+        (body, &end),
         downstream_h2,
         info,
         affinity,
     );
     let result = match f.timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
-            Ok(r) => r,
-            Err(_) => {
+        Some(t) => match end.within(t, attempts).await {
+            Some(r) => r,
+            None => {
                 return Outcome::Local(
                     StatusCode::GATEWAY_TIMEOUT,
                     "UT",
@@ -255,68 +235,66 @@ async fn attempt_all(
     cluster: &ClusterConfig,
     f: &Forward,
     mut parts: Parts,
-    body: ReqBody,
+    (body, end): (ReqBody, &RequestEnd),
     downstream_h2: bool,
     info: &mut RequestInfo,
     affinity: Option<&Affinity>,
 ) -> Result<Attempt, SendError> {
     let body = match body {
         ReqBody::Streaming(b) => {
-            let counter = info.request_bytes.clone();
-            let counted = b
-                .map_frame(move |fr| {
-                    if let Some(d) = fr.data_ref() {
-                        counter.fetch_add(d.len() as u64, Ordering::Relaxed);
-                    }
-                    fr
-                })
-                .map_err(Into::into)
-                .boxed_unsync();
             info.attempts = 1;
             // Sent once: the request itself goes, not a copy.
             parts.extensions = http::Extensions::new();
-            let req = Request::from_parts(parts, counted);
+            let req = Request::from_parts(parts, b);
             return upstream
                 .send(cluster, req, downstream_h2, None, affinity)
                 .await;
         }
-        ReqBody::Buffered(b) => b,
+        ReqBody::Replayable(replay, first) => (replay, first),
+    };
+    let (replay, first) = body;
+    // Mirrors read alongside the attempts, so what is kept stays for them.
+    let done = |replay: &Replay| {
+        if f.mirrors.is_empty() {
+            replay.stop_keeping();
+        }
     };
     let Some(retry) = &f.retry else {
         info.attempts = 1;
+        done(&replay);
+        let req = copy_request(&parts, first.boxed_unsync());
         return upstream
-            .send(
-                cluster,
-                copy_request(&parts, full(body)),
-                downstream_h2,
-                None,
-                affinity,
-            )
+            .send(cluster, req, downstream_h2, None, affinity)
             .await;
     };
+    let mut body = first;
     let mut avoid = None;
     let mut n = 0;
     loop {
         info.attempts = n + 1;
-        let req = copy_request(&parts, full(body.clone()));
+        let req = copy_request(&parts, body.boxed_unsync());
         let sent = upstream.send(cluster, req, downstream_h2, avoid, affinity);
         let res = match retry.per_try_timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => Err(SendError::Timeout),
-            },
+            Some(t) => end.within(t, sent).await.unwrap_or(Err(SendError::Timeout)),
             None => sent.await,
         };
         let again = match &res {
             Ok(a) => retriable_status(retry, a.response.status()),
             Err(e) => retriable_error(retry, e),
         };
-        if !again || n >= retry.num_retries {
+        // The next attempt's body, if the client's can still be sent again
+        // (Envoy's "retry overflow" otherwise: this outcome stands).
+        let next = (again && n < retry.num_retries)
+            .then(|| replay.attempt())
+            .flatten();
+        let Some(next) = next else {
             if n > 0 && again {
                 info.flags = "URX";
             }
+            done(&replay);
             return res;
-        }
+        };
+        body = next;
         avoid = match &res {
             Ok(a) => Some(a.endpoint.config.address),
             Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
@@ -334,12 +312,12 @@ fn mirror(
     upstream: &Arc<Upstream>,
     cluster: Arc<ClusterConfig>,
     parts: &Parts,
-    body: Bytes,
+    body: ReplayBody,
     downstream_h2: bool,
 ) {
     // Not on the client connection's own upstream (no affinity): it runs
     // alongside.
-    let mut req = copy_request(parts, full(body));
+    let mut req = copy_request(parts, body.boxed_unsync());
     if let Some(host) = req
         .headers()
         .get(http::header::HOST)

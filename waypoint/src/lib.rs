@@ -42,6 +42,8 @@ pub mod path;
 pub mod plaintext;
 pub mod rbac;
 pub mod record;
+pub mod replay;
+pub mod request_end;
 pub mod route;
 pub mod serve;
 pub mod sniff;

@@ -332,6 +332,8 @@ impl<'a> Builder<'a> {
                 r#match: Some(route_match(&HttpRouteMatch::default())),
                 action: Some(pr::route::Action::Route(pr::RouteAction {
                     cluster_specifier: Some(pr::route_action::ClusterSpecifier::Cluster(c)),
+                    // No timeout, as istiod sends (see `timeout_and_retry`).
+                    timeout: Some(duration(0)),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -345,25 +347,22 @@ impl<'a> Builder<'a> {
 /// `request` bounds the whole exchange (retries included); `backendRequest`
 /// bounds each try: the retry policy's per-try timeout, or, without
 /// retries, the one try there is (so it also bounds the route). A zero
-/// duration means no timeout, as in Gateway API.
+/// duration means no timeout, as in Gateway API; without one the route
+/// gets an explicit zero, as istiod sends, since Envoy's default (15 s)
+/// would cut long uploads, downloads and streaming calls.
 fn timeout_and_retry(
     rule: &HttpRouteRule,
 ) -> (Option<prost_types::Duration>, Option<pr::RetryPolicy>) {
     let t = rule.timeouts.as_ref();
     let positive = |v: Option<&String>| v.and_then(|v| parse_duration(v)).filter(|d| *d > 0);
-    let request = t.and_then(|t| t.request.as_ref());
-    let zero_request = request.and_then(|v| parse_duration(v)) == Some(0);
-    let request = positive(request);
+    let request = positive(t.and_then(|t| t.request.as_ref()));
     let backend = positive(t.and_then(|t| t.backend_request.as_ref()));
     let Some(r) = &rule.retry else {
         let bound = match (request, backend) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        return (
-            bound.map(duration).or(zero_request.then(|| duration(0))),
-            None,
-        );
+        return (Some(duration(bound.unwrap_or(0))), None);
     };
     // Istio's defaults: 503 is retried; two attempts.
     let codes = if r.codes.is_empty() {
@@ -388,10 +387,7 @@ fn timeout_and_retry(
         retriable_status_codes: codes,
         retry_back_off: backoff,
     };
-    (
-        request.map(duration).or(zero_request.then(|| duration(0))),
-        Some(policy),
-    )
+    (Some(duration(request.unwrap_or(0))), Some(policy))
 }
 
 /// Sort key of a route by Gateway API match precedence: exact paths, then
@@ -472,7 +468,11 @@ mod tests {
         // 0s: no timeout at all.
         let (t, _) = timeout_and_retry(&rule("{timeouts: {request: 0s}}"));
         assert_eq!(t, d(0, 0));
-        assert_eq!(timeout_and_retry(&rule("{}")), (None, None));
+        // None given: an explicit zero, as istiod sends (Envoy's default
+        // would be 15 s).
+        assert_eq!(timeout_and_retry(&rule("{}")), (d(0, 0), None));
+        let (t, _) = timeout_and_retry(&rule("{retry: {}}"));
+        assert_eq!(t, d(0, 0));
     }
 
     #[test]
