@@ -10,21 +10,29 @@
 //! lookup (foldhash, randomly seeded per process, rather than SipHash,
 //! which showed in profiles): the four metrics' handles are cached per
 //! label set, and the
-//! labels that describe a peer (workload, namespace, principal) are built
-//! once per downstream connection or endpoint and shared ([`PeerLabels`]).
+//! labels that describe a peer (workload, namespace, principal, canonical
+//! service) are built once per downstream connection or endpoint and
+//! shared ([`PeerLabels`]). Labels that follow from others (the service's
+//! name and namespace, from its host) or never vary here (the source's
+//! canonical service, app, version, cluster) are only written out when
+//! the metrics are encoded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::fmt;
+use std::sync::{Arc, LazyLock, RwLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{
+    EncodeLabelKey, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::config::runtime::WorkloadMetadata;
 use ztunnel::identity::Identity;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub reporter: &'static str,
     pub source_workload: Arc<String>,
@@ -33,6 +41,8 @@ pub struct RequestLabels {
     pub destination_workload: Arc<String>,
     pub destination_workload_namespace: Arc<String>,
     pub destination_principal: Arc<String>,
+    pub destination_canonical: Arc<Canonical>,
+    /// A service host (`name.ns.svc.<domain>`), or `unknown`.
     pub destination_service: String,
     pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
@@ -43,7 +53,7 @@ pub struct RequestLabels {
 }
 
 /// Istio's labels of the TCP metrics: a connection's peers.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     pub reporter: &'static str,
     pub source_workload: Arc<String>,
@@ -52,11 +62,152 @@ pub struct TcpLabels {
     pub destination_workload: Arc<String>,
     pub destination_workload_namespace: Arc<String>,
     pub destination_principal: Arc<String>,
+    pub destination_canonical: Arc<Canonical>,
     pub destination_service: String,
     pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+}
+
+/// The labels the two label sets share.
+struct Common<'a> {
+    reporter: &'a str,
+    source_workload: &'a str,
+    source_workload_namespace: &'a str,
+    source_principal: &'a str,
+    destination_workload: &'a str,
+    destination_workload_namespace: &'a str,
+    destination_principal: &'a str,
+    destination_canonical: &'a Canonical,
+    destination_service: &'a str,
+    destination_cluster: &'a str,
+    request_protocol: &'a str,
+}
+
+fn label(e: &mut LabelSetEncoder, key: &str, value: &impl EncodeLabelValue) -> fmt::Result {
+    let mut l = e.encode_label();
+    let mut k = l.encode_label_key()?;
+    EncodeLabelKey::encode(&key, &mut k)?;
+    let mut v = k.encode_label_value()?;
+    EncodeLabelValue::encode(value, &mut v)?;
+    v.finish()
+}
+
+impl Common<'_> {
+    fn encode(&self, e: &mut LabelSetEncoder) -> fmt::Result {
+        let (service_name, service_namespace) = service_name_namespace(self.destination_service);
+        label(e, "reporter", &self.reporter)?;
+        label(e, "source_workload", &self.source_workload)?;
+        label(
+            e,
+            "source_workload_namespace",
+            &self.source_workload_namespace,
+        )?;
+        label(e, "source_principal", &self.source_principal)?;
+        // A client is known by its certificate alone: what Istio's
+        // waypoint reports without the client's peer metadata.
+        label(e, "source_canonical_service", &"unknown")?;
+        label(e, "source_canonical_revision", &"latest")?;
+        label(e, "source_app", &"unknown")?;
+        label(e, "source_version", &"unknown")?;
+        label(e, "source_cluster", &"unknown")?;
+        label(e, "destination_workload", &self.destination_workload)?;
+        label(
+            e,
+            "destination_workload_namespace",
+            &self.destination_workload_namespace,
+        )?;
+        label(e, "destination_principal", &self.destination_principal)?;
+        // Endpoint metadata carries no app or version: Istio reports
+        // these unknown from a waypoint too.
+        label(e, "destination_app", &"unknown")?;
+        label(e, "destination_version", &"unknown")?;
+        label(e, "destination_service", &self.destination_service)?;
+        label(e, "destination_service_name", &service_name)?;
+        label(e, "destination_service_namespace", &service_namespace)?;
+        label(
+            e,
+            "destination_canonical_service",
+            &self.destination_canonical.service.as_str(),
+        )?;
+        label(
+            e,
+            "destination_canonical_revision",
+            &self.destination_canonical.revision.as_str(),
+        )?;
+        label(e, "destination_cluster", &self.destination_cluster)?;
+        label(e, "request_protocol", &self.request_protocol)
+    }
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, mut e: LabelSetEncoder) -> fmt::Result {
+        Common {
+            reporter: self.reporter,
+            source_workload: &self.source_workload,
+            source_workload_namespace: &self.source_workload_namespace,
+            source_principal: &self.source_principal,
+            destination_workload: &self.destination_workload,
+            destination_workload_namespace: &self.destination_workload_namespace,
+            destination_principal: &self.destination_principal,
+            destination_canonical: &self.destination_canonical,
+            destination_service: &self.destination_service,
+            destination_cluster: self.destination_cluster,
+            request_protocol: self.request_protocol,
+        }
+        .encode(&mut e)?;
+        label(&mut e, "response_code", &self.response_code)?;
+        label(&mut e, "grpc_response_status", &self.grpc_response_status)?;
+        label(&mut e, "response_flags", &self.response_flags)?;
+        label(
+            &mut e,
+            "connection_security_policy",
+            &self.connection_security_policy,
+        )
+    }
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, mut e: LabelSetEncoder) -> fmt::Result {
+        Common {
+            reporter: self.reporter,
+            source_workload: &self.source_workload,
+            source_workload_namespace: &self.source_workload_namespace,
+            source_principal: &self.source_principal,
+            destination_workload: &self.destination_workload,
+            destination_workload_namespace: &self.destination_workload_namespace,
+            destination_principal: &self.destination_principal,
+            destination_canonical: &self.destination_canonical,
+            destination_service: &self.destination_service,
+            destination_cluster: self.destination_cluster,
+            request_protocol: self.request_protocol,
+        }
+        .encode(&mut e)?;
+        label(&mut e, "response_flags", &self.response_flags)?;
+        label(
+            &mut e,
+            "connection_security_policy",
+            &self.connection_security_policy,
+        )
+    }
+}
+
+/// Istio's `destination_service_name` and `destination_service_namespace`
+/// of a service host: a Kubernetes Service's `name.ns.svc.<domain>` gives
+/// both; any other host (a ServiceEntry's, a cluster Istio did not name)
+/// is its own name, in no known namespace.
+pub fn service_name_namespace(host: &str) -> (&str, &str) {
+    let mut parts = host.splitn(4, '.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        _ if host.is_empty() => ("unknown", "unknown"),
+        (Some(name), Some(ns), Some("svc"), Some(domain))
+            if !name.is_empty() && !ns.is_empty() && !domain.is_empty() =>
+        {
+            (name, ns)
+        }
+        _ => (host, "unknown"),
+    }
 }
 
 /// The TCP metrics; a connection is counted opened when its upstream is
@@ -77,10 +228,36 @@ pub struct PeerLabels {
     pub workload: Arc<String>,
     pub namespace: Arc<String>,
     pub principal: Arc<String>,
+    /// Known only of destinations, from their endpoint metadata.
+    pub canonical: Arc<Canonical>,
+}
+
+/// Istio's canonical service and revision of a workload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Canonical {
+    pub service: String,
+    pub revision: String,
+}
+
+impl Canonical {
+    /// Shared: every source has it.
+    fn unknown() -> Arc<Canonical> {
+        static UNKNOWN: LazyLock<Arc<Canonical>> = LazyLock::new(|| {
+            Arc::new(Canonical {
+                service: "unknown".into(),
+                revision: "unknown".into(),
+            })
+        });
+        UNKNOWN.clone()
+    }
+}
+
+fn unknown(s: Option<&str>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or("unknown").to_string()
 }
 
 fn or_unknown(s: Option<&str>) -> Arc<String> {
-    Arc::new(s.filter(|s| !s.is_empty()).unwrap_or("unknown").to_string())
+    Arc::new(unknown(s))
 }
 
 impl PeerLabels {
@@ -91,19 +268,26 @@ impl PeerLabels {
             workload: or_unknown(id.map(|s| s.service_account.as_str())),
             namespace: or_unknown(id.map(|s| s.namespace.as_str())),
             principal: or_unknown(id.map(ToString::to_string).as_deref()),
+            canonical: Canonical::unknown(),
         }
     }
 
-    /// An endpoint known by its metadata.
+    /// An endpoint known by its metadata: `workload` and `namespace` as
+    /// [`WorkloadMetadata::parse`] reads them.
     pub fn destination(
         workload: Option<&str>,
         namespace: Option<&str>,
         id: Option<&Identity>,
     ) -> Self {
+        let w = WorkloadMetadata::parse(workload, namespace);
         PeerLabels {
-            workload: or_unknown(workload),
-            namespace: or_unknown(namespace),
+            workload: or_unknown(w.name),
+            namespace: or_unknown(w.namespace),
             principal: or_unknown(id.map(ToString::to_string).as_deref()),
+            canonical: Arc::new(Canonical {
+                service: unknown(w.canonical_service),
+                revision: unknown(w.canonical_revision),
+            }),
         }
     }
 
@@ -245,5 +429,112 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn service_name_and_namespace_of_a_host() {
+        let s = service_name_namespace;
+        assert_eq!(s("echo.demo.svc.cluster.local"), ("echo", "demo"));
+        assert_eq!(s("echo.demo.svc.example.org"), ("echo", "demo"));
+        // Not a Kubernetes Service's host: the host is the name.
+        assert_eq!(s("api.example.com"), ("api.example.com", "unknown"));
+        assert_eq!(s("echo.demo.svc"), ("echo.demo.svc", "unknown"));
+        assert_eq!(
+            s(".demo.svc.cluster.local"),
+            (".demo.svc.cluster.local", "unknown")
+        );
+        assert_eq!(s("backend"), ("backend", "unknown"));
+        assert_eq!(s("unknown"), ("unknown", "unknown"));
+        assert_eq!(s(""), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn destination_labels_from_istios_endpoint_metadata() {
+        let d = PeerLabels::destination(Some("echo-v1;demo;echo;v1;Kubernetes"), None, None);
+        assert_eq!(
+            (d.workload.as_str(), d.namespace.as_str()),
+            ("echo-v1", "demo")
+        );
+        assert_eq!(
+            *d.canonical,
+            Canonical {
+                service: "echo".into(),
+                revision: "v1".into()
+            }
+        );
+        let old = PeerLabels::destination(Some("echo-v1"), Some("demo"), None);
+        assert_eq!(
+            (old.workload.as_str(), old.namespace.as_str()),
+            ("echo-v1", "demo")
+        );
+        assert_eq!(*old.canonical, *Canonical::unknown());
+        let bad = PeerLabels::destination(Some("a;b"), Some("demo"), None);
+        assert_eq!(
+            (bad.workload.as_str(), bad.namespace.as_str()),
+            ("unknown", "unknown")
+        );
+    }
+
+    #[test]
+    fn encoded_labels_include_istios_derived_and_fixed_ones() {
+        let m = Metrics::new();
+        let src = PeerLabels::source(None);
+        // Built twice: equal labels in separate Arcs are one series.
+        for _ in 0..2 {
+            let dst = PeerLabels::destination(Some("echo-v1;demo;echo;v1;Kubernetes"), None, None);
+            let labels = RequestLabels {
+                reporter: "waypoint",
+                source_workload: src.workload.clone(),
+                source_workload_namespace: src.namespace.clone(),
+                source_principal: src.principal.clone(),
+                destination_workload: dst.workload,
+                destination_workload_namespace: dst.namespace,
+                destination_principal: dst.principal,
+                destination_canonical: dst.canonical,
+                destination_service: "echo.demo.svc.cluster.local".into(),
+                destination_cluster: "unknown",
+                request_protocol: "http",
+                response_code: 200,
+                grpc_response_status: String::new(),
+                response_flags: "-",
+                connection_security_policy: "mutual_tls",
+            };
+            m.record(labels, 1.0, 0, 0);
+        }
+        let out = m.encode();
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let line = lines[0];
+        assert!(line.ends_with(" 2"), "{line}");
+        for want in [
+            "reporter=\"waypoint\"",
+            "source_canonical_service=\"unknown\"",
+            "source_canonical_revision=\"latest\"",
+            "source_app=\"unknown\"",
+            "source_version=\"unknown\"",
+            "source_cluster=\"unknown\"",
+            "destination_workload=\"echo-v1\"",
+            "destination_workload_namespace=\"demo\"",
+            "destination_service=\"echo.demo.svc.cluster.local\"",
+            "destination_service_name=\"echo\"",
+            "destination_service_namespace=\"demo\"",
+            "destination_canonical_service=\"echo\"",
+            "destination_canonical_revision=\"v1\"",
+            "destination_app=\"unknown\"",
+            "destination_version=\"unknown\"",
+            "response_code=\"200\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(line.contains(want), "{want} in {line}");
+        }
     }
 }

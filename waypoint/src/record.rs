@@ -90,6 +90,7 @@ impl Drop for Record {
             destination_workload: dst.workload.clone(),
             destination_workload_namespace: dst.namespace.clone(),
             destination_principal: dst.principal.clone(),
+            destination_canonical: dst.canonical.clone(),
             // From the configuration, never from the client's Host: that
             // would let any client add series without bound.
             destination_service: i

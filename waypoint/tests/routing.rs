@@ -12,8 +12,8 @@ async fn routes_http1_over_hbone_and_counts_it() {
     let v1 = backend("v1").await;
     let yaml = config(
         "[]",
-        "          - match: {prefix: /}\n            route: {cluster: v1}\n",
-        &cluster("v1", &[v1.addr], ""),
+        &format!("          - match: {{prefix: /}}\n            route: {{cluster: \"{ECHO}\"}}\n"),
+        &istio_cluster(ECHO, v1.addr, "echo-v1;default;echo;v1;Kubernetes"),
     );
     let wp = waypoint(ca.clone(), &yaml, "waypoint").await;
     let c = client(ca, "client", &wp);
@@ -45,8 +45,89 @@ async fn routes_http1_over_hbone_and_counts_it() {
         line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""),
         "{line}"
     );
+    // Istio's labels for dashboards: the Service from the cluster name,
+    // the destination from Istio's endpoint metadata, the source as
+    // Istio's waypoint reports a client without peer metadata.
+    has_istio_labels(line);
     assert!(metrics.contains("istio_request_duration_milliseconds_bucket"));
     assert!(metrics.contains("istio_response_bytes_sum"));
+}
+
+const ECHO: &str = "outbound|80||echo.default.svc.cluster.local";
+
+/// A cluster of one endpoint with Istio's `workload` metadata.
+fn istio_cluster(name: &str, at: std::net::SocketAddr, workload: &str) -> String {
+    format!(
+        r#"  - name: "{name}"
+    load_assignment:
+      endpoints:
+        - lb_endpoints:
+            - endpoint: {{address: {{socket_address: {{address: "{}", port_value: {}}}}}}}
+              metadata: {{workload: "{workload}"}}
+"#,
+        at.ip(),
+        at.port()
+    )
+}
+
+fn has_istio_labels(line: &str) {
+    for want in [
+        "source_workload=\"client\"",
+        "source_canonical_service=\"unknown\"",
+        "source_canonical_revision=\"latest\"",
+        "source_app=\"unknown\"",
+        "source_version=\"unknown\"",
+        "source_cluster=\"unknown\"",
+        "destination_workload=\"echo-v1\"",
+        "destination_workload_namespace=\"default\"",
+        "destination_service=\"echo.default.svc.cluster.local\"",
+        "destination_service_name=\"echo\"",
+        "destination_service_namespace=\"default\"",
+        "destination_canonical_service=\"echo\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_app=\"unknown\"",
+        "destination_version=\"unknown\"",
+    ] {
+        assert!(line.contains(want), "{want} in {line}");
+    }
+}
+
+#[tokio::test]
+async fn opaque_tcp_is_counted_with_istios_labels() {
+    let ca = ca();
+    let echo = backend("echo").await;
+    let yaml = format!(
+        r#"listeners:
+  - name: waypoint
+    filter_chains:
+      - filter_chain_match: {{destination_port: {port}, prefix_ranges: ["{ip}/32"]}}
+        tcp_proxy: {{cluster: "{ECHO}"}}
+clusters:
+{cluster}"#,
+        port = echo.addr.port(),
+        ip = echo.addr.ip(),
+        cluster = istio_cluster(ECHO, echo.addr, "echo-v1;default;echo;v1;Kubernetes"),
+    );
+    let wp = waypoint(ca.clone(), &yaml, "waypoint").await;
+    let c = client(ca, "client", &wp);
+    let io = c.tunnel(&echo.addr.to_string()).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/raw")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&mut s, req).await.body, "echo /raw");
+    let metrics = admin_get(&wp, "/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .expect("istio_tcp_connections_opened_total");
+    assert!(line.contains("request_protocol=\"tcp\""), "{line}");
+    has_istio_labels(line);
 }
 
 #[tokio::test]

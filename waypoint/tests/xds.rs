@@ -1051,3 +1051,55 @@ async fn xds_rbac_filter_denies() {
     assert_eq!(c_get(&ca, &wp, "/public").await, 200);
     assert_eq!(v1.state.seen.lock().unwrap().len(), 1);
 }
+
+/// Endpoint metadata as istiod sends it (`istio.workload` in its
+/// `name;ns;canonical service;revision;cluster` encoding) labels the
+/// metrics.
+#[tokio::test]
+async fn xds_istio_endpoint_metadata_labels_the_metrics() {
+    let ca = ca();
+    let v1 = backend("v1").await;
+    let cp = ControlPlane::start().await;
+    let wp = xds_waypoint(ca.clone(), &cp, ApiType::DeltaGrpc).await;
+    let mut c1 = static_cluster("v1", v1.addr);
+    let workload = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(
+            "echo-v1;default;echo;v1;Kubernetes".into(),
+        )),
+    };
+    let istio = prost_types::Struct {
+        fields: [("workload".to_string(), workload)].into(),
+    };
+    c1.load_assignment.as_mut().unwrap().endpoints[0].lb_endpoints[0].metadata =
+        Some(core::Metadata {
+            filter_metadata: [("istio".to_string(), istio)].into(),
+            ..Default::default()
+        });
+    cp.set(type_url::CLUSTER, "v1", &c1);
+    cp.set(
+        type_url::ROUTE_CONFIGURATION,
+        "echo",
+        &routes(vec![split(100, 0)]),
+    );
+    cp.set(type_url::LISTENER, "waypoint", &listener());
+    let store = wp.proxy.store.clone();
+    eventually("first config", || {
+        let s = store.clone();
+        async move { s.synced() }
+    })
+    .await;
+    assert_eq!(c_get(&ca, &wp, "/x").await, 200);
+    let metrics = admin_get(&wp, "/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{"))
+        .expect("istio_requests_total");
+    for want in [
+        "destination_workload=\"echo-v1\"",
+        "destination_workload_namespace=\"default\"",
+        "destination_canonical_service=\"echo\"",
+        "destination_canonical_revision=\"v1\"",
+    ] {
+        assert!(line.contains(want), "{want} in {line}");
+    }
+}

@@ -258,7 +258,7 @@ fn service_account(p: &Pod) -> String {
 /// ReplicaSet whose name ends in the pod's `pod-template-hash` stands for
 /// its Deployment and a Job named `<name>-<8 to 10 digits>` for its
 /// CronJob; the pod's own name when nothing controls it.
-fn workload_name(p: &Pod) -> String {
+pub(crate) fn workload_name(p: &Pod) -> String {
     let pod_name = p.metadata.name.clone().unwrap_or_default();
     let Some(owner) = p
         .metadata

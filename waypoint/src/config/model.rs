@@ -594,6 +594,8 @@ pub struct EndpointMetadata {
     pub identity: Option<String>,
     #[serde(default)]
     pub hbone_port: Option<u16>,
+    /// Istio's `name;namespace;canonical service;canonical revision;cluster`,
+    /// or a bare name with `namespace` beside it.
     #[serde(default)]
     pub workload: Option<String>,
     #[serde(default)]

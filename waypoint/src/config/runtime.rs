@@ -227,6 +227,118 @@ pub struct EndpointConfig {
     /// In the mesh: reached over HBONE, accepting only this identity.
     pub identity: Option<Identity>,
     pub hbone_port: u16,
+    /// As the metadata says it: see [`WorkloadMetadata::parse`].
     pub workload: Option<String>,
     pub namespace: Option<String>,
+}
+
+/// An endpoint's workload as its `istio` metadata names it; `None` where
+/// it does not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadMetadata<'a> {
+    pub name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub canonical_service: Option<&'a str>,
+    pub canonical_revision: Option<&'a str>,
+}
+
+impl<'a> WorkloadMetadata<'a> {
+    /// `workload` in Istio's encoding, `name;namespace;canonical
+    /// service;canonical revision;cluster` (istiod's, and our control
+    /// plane's), or a bare name with the namespace in `namespace` (our
+    /// control plane's before it). As Istio's proxy reads it, fewer than
+    /// five fields say nothing and an empty field is not known; the cluster
+    /// is not read, as `destination_cluster` does not come from it.
+    pub fn parse(workload: Option<&'a str>, namespace: Option<&'a str>) -> Self {
+        let some = |s: &'a str| Some(s).filter(|s| !s.is_empty());
+        let Some(w) = workload.and_then(some) else {
+            return WorkloadMetadata {
+                namespace: namespace.and_then(some),
+                ..Default::default()
+            };
+        };
+        if !w.contains(';') {
+            // Names cannot hold a `;`: this is the bare form.
+            return WorkloadMetadata {
+                name: Some(w),
+                namespace: namespace.and_then(some),
+                ..Default::default()
+            };
+        }
+        let f: Vec<&str> = w.splitn(6, ';').collect();
+        if f.len() < 5 {
+            return WorkloadMetadata::default();
+        }
+        WorkloadMetadata {
+            name: some(f[0]),
+            namespace: some(f[1]),
+            canonical_service: some(f[2]),
+            canonical_revision: some(f[3]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkloadMetadata as W;
+
+    #[test]
+    fn workload_metadata_in_istios_encoding() {
+        let want = W {
+            name: Some("echo-v1"),
+            namespace: Some("demo"),
+            canonical_service: Some("echo"),
+            canonical_revision: Some("v1"),
+        };
+        assert_eq!(
+            W::parse(Some("echo-v1;demo;echo;v1;Kubernetes"), None),
+            want
+        );
+        // Istio's encoding wins over a `namespace` beside it; more fields
+        // than five are ignored, as Istio's proxy does.
+        assert_eq!(
+            W::parse(Some("echo-v1;demo;echo;v1;Kubernetes;x"), Some("other")),
+            want
+        );
+        // Empty fields are not known.
+        assert_eq!(
+            W::parse(Some("echo-v1;;;;"), None),
+            W {
+                name: Some("echo-v1"),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn workload_metadata_in_the_bare_form() {
+        assert_eq!(
+            W::parse(Some("echo-v1"), Some("demo")),
+            W {
+                name: Some("echo-v1"),
+                namespace: Some("demo"),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            W::parse(None, Some("demo")),
+            W {
+                namespace: Some("demo"),
+                ..Default::default()
+            }
+        );
+        assert_eq!(W::parse(Some(""), Some("")), W::default());
+        assert_eq!(W::parse(None, None), W::default());
+    }
+
+    #[test]
+    fn workload_metadata_garbage_says_nothing() {
+        for g in [";", "a;b", "a;;;b", "a;b;c;d", "ü;ñ"] {
+            assert_eq!(W::parse(Some(g), Some("demo")), W::default(), "{g:?}");
+        }
+        assert_eq!(W::parse(Some(";;;;"), None), W::default());
+        // Odd bytes are values like any other (and never a panic).
+        let odd = W::parse(Some("\u{0};é;;;"), None);
+        assert_eq!((odd.name, odd.namespace), (Some("\u{0}"), Some("é")));
+    }
 }

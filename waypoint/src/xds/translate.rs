@@ -1036,7 +1036,8 @@ fn load_assignment(path: &str, a: &pe::ClusterLoadAssignment) -> Result<m::Clust
 }
 
 /// `filter_metadata["istio"]`: `identity`, `hbone_port`, `workload`,
-/// `namespace` (the model's endpoint metadata, same keys).
+/// `namespace` (the model's endpoint metadata, same keys; `workload` kept
+/// as sent, Istio's `name;ns;...` or a bare name, read for the metrics).
 fn endpoint_metadata(path: &str, md: Option<&core::Metadata>) -> Result<m::EndpointMetadata> {
     use prost_types::value::Kind;
     let mut out = m::EndpointMetadata::default();

@@ -1,5 +1,6 @@
 //! A Service port's endpoints as an Envoy ClusterLoadAssignment: the
-//! selected pods' IPs and target ports, with Istio's endpoint metadata.
+//! selected pods' IPs and target ports, with Istio's endpoint metadata
+//! (`workload` in istiod's encoding, which Istio's telemetry reads).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,9 @@ use mesh_proto::envoy::config::core::v3 as core;
 use mesh_proto::envoy::config::endpoint::v3 as pe;
 
 use super::{string_value, Builder};
-use crate::translate::{pod_identity, reached_over_hbone, resolve_target_port};
+use crate::translate::{
+    pod_identity, reached_over_hbone, resolve_target_port, workload_name, Options,
+};
 
 impl Builder<'_> {
     pub(super) fn endpoints(
@@ -40,11 +43,7 @@ impl Builder<'_> {
                     continue;
                 }
                 let mut fields = BTreeMap::new();
-                fields.insert(
-                    "workload".into(),
-                    string_value(p.metadata.name.as_deref().unwrap_or_default()),
-                );
-                fields.insert("namespace".into(), string_value(ns));
+                fields.insert("workload".into(), string_value(&workload(self.opts, p)));
                 // An identity means "reach over HBONE" to the waypoint;
                 // pods not captured are plain TCP.
                 if reached_over_hbone(self.model, p) {
@@ -88,4 +87,31 @@ fn selects(selector: &BTreeMap<String, String>, p: &Pod) -> bool {
     selector
         .iter()
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// Istio's endpoint `workload` metadata, as istiod writes it:
+/// `name;namespace;canonical service;canonical revision;cluster id`.
+fn workload(opts: &Options, p: &Pod) -> String {
+    let name = workload_name(p);
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    let labels = p.metadata.labels.as_ref();
+    let label = |keys: [&str; 3]| {
+        keys.iter()
+            .find_map(|k| labels.and_then(|l| l.get(*k)))
+            .map(String::as_str)
+    };
+    // Istio's canonical-service rules.
+    let service = label([
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ])
+    .unwrap_or(&name);
+    let revision = label([
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or("latest");
+    format!("{name};{ns};{service};{revision};{}", opts.cluster_id)
 }

@@ -16,8 +16,10 @@
 //!   route sending everything to the Service itself.
 //! - Cluster `outbound|port||host` (EDS) for every Service a route sends
 //!   to, and its ClusterLoadAssignment: the selected pods' IPs and target
-//!   ports, with `filter_metadata["istio"]` carrying the workload and, for
-//!   pods in the mesh (reached over HBONE), `identity` and `hbone_port`.
+//!   ports, with `filter_metadata["istio"]` carrying the workload in
+//!   istiod's encoding (`name;ns;canonical service;canonical
+//!   revision;cluster`, for Istio's metric labels) and, for pods in the
+//!   mesh (reached over HBONE), `identity` and `hbone_port`.
 //!
 //! - AuthorizationPolicies targeting the Gateway or a Service become RBAC
 //!   HTTP filters of the HTTP chains and network RBAC filters (L4 fields
@@ -644,5 +646,91 @@ spec:
         let h = hcm::HttpConnectionManager::decode(h.value.as_slice()).unwrap();
         assert_eq!(h.http_filters.len(), 2);
         assert_eq!(h.normalize_path, Some(true));
+    }
+
+    /// The endpoints' `workload` metadata is istiod's encoding, with
+    /// Istio's canonical-service rules and the Deployment as workload.
+    #[test]
+    fn endpoint_metadata_is_istios_workload_encoding() {
+        use mesh_proto::envoy::config::endpoint::v3 as pe;
+        let pod = |name: &str, ip: &str, labels: &str, owner: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{tier: web, {labels}}}\n  ownerReferences: [{owner}]\nspec: {{containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let rs = "{apiVersion: apps/v1, kind: ReplicaSet, name: echo-v1-5d8f9c7b4, uid: u, controller: true}";
+        let mut text = String::from(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}], selector: {tier: web}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#,
+        );
+        // Istio's own labels first, then app.kubernetes.io, then app and
+        // version; else the workload's name and "latest".
+        text += &pod(
+            "echo-v1-5d8f9c7b4-abcde",
+            "10.244.0.1",
+            "app: echo, version: v1, pod-template-hash: 5d8f9c7b4, service.istio.io/canonical-name: shop, service.istio.io/canonical-revision: r1, app.kubernetes.io/name: n",
+            rs,
+        );
+        text += &pod(
+            "b",
+            "10.244.0.2",
+            "app: a, version: v, app.kubernetes.io/name: kname, app.kubernetes.io/version: kv",
+            "",
+        );
+        text += &pod("c", "10.244.0.3", "app: echo, version: v3", "");
+        text += &pod("d", "10.244.0.4", "role: db", "");
+        let (objs, errs) = crate::manifest::parse_file(&text, "t.yaml").unwrap();
+        assert!(errs.is_empty(), "{errs:?}");
+        let model = Model::from_objects(objs);
+        let opts = Options {
+            cluster_id: "east".into(),
+            ..Options::default()
+        };
+        let out = translate(&opts, &model).resources;
+        let cla = pe::ClusterLoadAssignment::decode(
+            out[3].1["outbound|80||echo.demo.svc.cluster.local"]
+                .value
+                .clone(),
+        )
+        .unwrap();
+        let got: BTreeMap<String, String> = cla.endpoints[0]
+            .lb_endpoints
+            .iter()
+            .map(|e| {
+                let Some(pe::lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!("{e:?}")
+                };
+                let ip = ep
+                    .address
+                    .as_ref()
+                    .unwrap()
+                    .socket_address
+                    .as_ref()
+                    .unwrap();
+                let istio = &e.metadata.as_ref().unwrap().filter_metadata["istio"].fields;
+                let Some(prost_types::value::Kind::StringValue(w)) = &istio["workload"].kind else {
+                    panic!("{istio:?}")
+                };
+                (ip.address.clone(), w.clone())
+            })
+            .collect();
+        let want = BTreeMap::from([
+            ("10.244.0.1".into(), "echo-v1;demo;shop;r1;east".into()),
+            ("10.244.0.2".into(), "b;demo;kname;kv;east".into()),
+            ("10.244.0.3".into(), "c;demo;echo;v3;east".into()),
+            ("10.244.0.4".into(), "d;demo;d;latest;east".into()),
+        ]);
+        assert_eq!(got, want);
     }
 }
