@@ -151,7 +151,13 @@ pub async fn forward(
     let (body, end) = request_end::watch(body, info.request_bytes.clone());
     let body = if needs_copy {
         let (replay, first) = Replay::new(body, REPLAY_LIMIT);
-        for (mc, fraction) in &f.mirrors {
+        // A protocol switch is not mirrored: the shadow's tunnel would have
+        // no client.
+        let mirrors = match crate::upstream::is_upgrade(&parts.headers) {
+            true => &[][..],
+            false => &f.mirrors[..],
+        };
+        for (mc, fraction) in mirrors {
             if fastrand::f64() >= *fraction {
                 continue;
             }

@@ -15,6 +15,17 @@
 //! hyper answers malformed HTTP/1.1 with 400 and oversized headers with
 //! 431; an HTTP/2 protocol error resets that stream or connection only.
 //!
+//! WebSocket (an HTTP/1.1 request with `Connection: upgrade` and
+//! `Upgrade: websocket`, as Istio's `upgrade_configs` allow) goes through
+//! the same steps with its upgrade headers kept, and upstream over HTTP/1.1
+//! whatever the cluster speaks. When the backend answers 101, the client
+//! gets the 101 and the connection's task then copies bytes both ways
+//! between the two switched connections until either ends; any other answer
+//! is passed back as usual. Other upgrades (e.g. `h2c`) are not honoured:
+//! their headers are dropped as hop-by-hop and the request goes on as a
+//! plain one, which a server may always do (RFC 9110 7.8). HTTP/2's
+//! extended CONNECT is not supported.
+//!
 //! An HTTP/1.1 connection's task also drives the upstream connections its
 //! requests use ([`crate::upstream::affinity`]), so a request crosses the
 //! proxy without being handed to another task.
@@ -22,6 +33,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +46,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -90,10 +103,11 @@ pub async fn serve_http<I>(proxy: Arc<Proxy>, io: I, ds: Arc<Downstream>, chain:
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let max_buf = chain.max_header_bytes.max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .max_buf_size(chain.max_header_bytes.max(8192))
+        .max_buf_size(max_buf)
         // Kept per connection instead (`crate::idle`): hyper's costs a
         // timer per request.
         .header_read_timeout(None);
@@ -102,15 +116,11 @@ where
         .max_header_list_size(chain.max_header_bytes as u32)
         .max_concurrent_streams(1000)
         .timer(hyper_util::rt::TokioTimer::new());
-    let builder = match chain.codec {
-        CodecType::Auto => builder,
-        CodecType::Http1 => builder.http1_only(),
-        CodecType::Http2 => builder.http2_only(),
-    };
-    let stop = proxy.drain.stop.clone();
+    let conn_proxy = proxy.clone();
     let conn_ds = ds.clone();
     let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
     let affinity = Arc::new(Affinity::new(driver));
+    let conn_affinity = affinity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let ds = ds.clone();
@@ -122,9 +132,57 @@ where
             async move { Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await) },
         )
     });
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let io = TokioIo::new(io);
+    // HTTP/1.1 with upgrades (WebSocket). hyper-util's upgradeable
+    // connection always sniffs the protocol, so a chain fixed to HTTP/1.1
+    // gets hyper's own HTTP/1.1 connection instead.
+    match chain.codec {
+        CodecType::Auto => {
+            let c = builder.serve_connection_with_upgrades(io, svc);
+            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
+        }
+        CodecType::Http1 => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.max_buf_size(max_buf).header_read_timeout(None);
+            let c = h1.serve_connection(io, svc).with_upgrades();
+            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
+        }
+        CodecType::Http2 => {
+            let builder = builder.http2_only();
+            let c = builder.serve_connection(io, svc);
+            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
+        }
+    }
+    // A request switched protocols: hyper has handed the connection over.
+    if let Some(tunnel) = conn_affinity.take_upgraded() {
+        tunnel.await;
+    }
+}
+
+/// Drives `conn` (hyper's connection future; `shutdown_conn` starts its
+/// graceful shutdown) until it ends, with the upstream connections its
+/// requests open (`new_upstreams`), the drain and the header-read timeout.
+async fn drive_connection<C, E>(
+    proxy: &Proxy,
+    ds: &Downstream,
+    new_upstreams: tokio::sync::mpsc::UnboundedReceiver<affinity::ConnFuture>,
+    conn: C,
+    mut shutdown_conn: impl FnMut(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
-    let stopped = stop.cancelled();
+    let stopped = proxy.drain.stop.cancelled();
     tokio::pin!(stopped);
     let header_timer = tokio::time::sleep(HEADER_READ_TIMEOUT);
     tokio::pin!(header_timer);
@@ -144,7 +202,7 @@ where
                 shutdown.store(true, Relaxed);
             }
             while !shutdown.load(Relaxed) && header_timer.as_mut().poll(cx).is_ready() {
-                if watch.idle(&conn_ds.activity) {
+                if watch.idle(&ds.activity) {
                     tracing::debug!("no request head within the header-read timeout: closing");
                     shutdown.store(true, Relaxed);
                 } else {
@@ -161,7 +219,7 @@ where
                 // Finish the request in progress (HTTP/1.1) or the open
                 // streams (HTTP/2, after a GOAWAY), then close.
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                shutdown_conn(conn.as_mut());
             }
             conn.as_mut().poll(cx)
         },
@@ -169,6 +227,23 @@ where
     .await;
     if let Err(e) = res {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// Joins the client's switched connection to the backend's, copying both
+/// ways until either ends; a failure ends the tunnel, logged at debug.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol switch not completed");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((to_up, to_down)) => tracing::debug!(to_up, to_down, "upgraded connection closed"),
+        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
     }
 }
 
@@ -262,6 +337,29 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The `Upgrade` value of an HTTP/1.1 WebSocket upgrade request (one
+/// `Upgrade: websocket`, nominated by `Connection`; case-insensitive), the
+/// only upgrade passed on, as Istio configures Envoy.
+fn websocket_upgrade(version: http::Version, h: &HeaderMap) -> Option<HeaderValue> {
+    if version != http::Version::HTTP_11 {
+        return None;
+    }
+    let mut values = h.get_all(UPGRADE).iter();
+    let v = values.next()?;
+    let websocket =
+        values.next().is_none() && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket");
+    (websocket && crate::upstream::is_upgrade(h)).then(|| v.clone())
+}
+
+/// Puts back what [`strip_hop_by_hop`] took from an upgrade: only the
+/// upgrade itself goes on in `Connection`.
+fn keep_upgrade(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(v) = upgrade {
+        h.insert(UPGRADE, v);
+    }
+}
+
 /// What Envoy adds on the way upstream: the client's address appended to
 /// `x-forwarded-for`, `x-forwarded-proto`, and an `x-request-id` when the
 /// client sent none (for correlating logs across hops).
@@ -318,11 +416,14 @@ fn protocol(req: &Request<Incoming>) -> &'static str {
 pub async fn handle(
     proxy: Arc<Proxy>,
     ds: Arc<Downstream>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     affinity: Option<&Affinity>,
 ) -> Response<Body> {
     ds.activity.start(req.version());
     let protocol = protocol(&req);
+    // Taken now: forwarding does not carry the request's extensions on.
+    let upgrade =
+        websocket_upgrade(req.version(), req.headers()).map(|v| (v, hyper::upgrade::on(&mut req)));
     let (parts, body) = req.into_parts();
     let mut info = RequestInfo {
         start: Instant::now(),
@@ -338,8 +439,46 @@ pub async fn handle(
         attempts: 0,
         request_bytes: Arc::new(AtomicU64::new(0)),
     };
-    let (route, resp) = route_and_run(&proxy, &ds, parts, body, &mut info, affinity).await;
+    let (route, resp) = route_and_run(
+        &proxy,
+        &ds,
+        parts,
+        body,
+        &mut info,
+        affinity,
+        upgrade.as_ref().map(|u| &u.0),
+    )
+    .await;
     let mut resp = match resp {
+        Outcome::Upstream(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            match upgrade {
+                Some((_, down)) => {
+                    let up = hyper::upgrade::on(&mut r);
+                    let (mut rp, b) = r.into_parts();
+                    let value = rp.headers.get(UPGRADE).cloned();
+                    strip_hop_by_hop(&mut rp.headers);
+                    keep_upgrade(&mut rp.headers, value);
+                    let t = Box::pin(tunnel(down, up));
+                    match affinity {
+                        Some(a) => a.set_upgraded(t),
+                        None => {
+                            proxy.drain.connections.spawn(t);
+                        }
+                    }
+                    Response::from_parts(rp, b.map_err(Into::into).boxed_unsync())
+                }
+                // A switch the client did not ask for: it could not follow.
+                None => {
+                    if info.flags == "-" {
+                        info.flags = "UPE";
+                    }
+                    local(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream switched protocols unasked\n",
+                    )
+                }
+            }
+        }
         Outcome::Upstream(r) => {
             let (mut rp, b) = r.into_parts();
             strip_hop_by_hop(&mut rp.headers);
@@ -383,6 +522,7 @@ async fn route_and_run(
     body: Incoming,
     info: &mut RequestInfo,
     affinity: Option<&Affinity>,
+    upgrade: Option<&HeaderValue>,
 ) -> (Option<Arc<Route>>, Outcome) {
     let cfg = proxy.store.get();
     let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
@@ -420,6 +560,9 @@ async fn route_and_run(
         );
     };
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(v) = upgrade {
+        keep_upgrade(&mut parts.headers, Some(v.clone()));
+    }
     add_forwarding_headers(&mut parts.headers, ds);
     if let Some(fault) = &route.fault {
         if let Some((d, p)) = fault.delay {
@@ -599,6 +742,48 @@ mod tests {
         let mut h = headers(&[("connection", "keep-alive"), ("x-a", "1")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["x-a"]);
+    }
+
+    #[test]
+    fn websocket_upgrades_keep_only_the_upgrade() {
+        use http::Version;
+        let mut h = headers(&[
+            ("connection", "keep-alive, Upgrade, x-secret"),
+            ("upgrade", "WebSocket"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "k"),
+        ]);
+        let v = websocket_upgrade(Version::HTTP_11, &h).unwrap();
+        assert_eq!(v, "WebSocket");
+        strip_hop_by_hop(&mut h);
+        keep_upgrade(&mut h, Some(v));
+        assert_eq!(names(&h), ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[UPGRADE], "WebSocket");
+
+        let ws = |pairs: &[(&str, &str)], v| websocket_upgrade(v, &headers(pairs)).is_some();
+        let up = [("connection", "upgrade"), ("upgrade", "websocket")];
+        assert!(ws(&up, Version::HTTP_11));
+        assert!(!ws(&up, Version::HTTP_10));
+        // Not nominated by `Connection`, or another protocol: not passed on.
+        assert!(!ws(&[("upgrade", "websocket")], Version::HTTP_11));
+        assert!(!ws(
+            &[("connection", "keep-alive"), ("upgrade", "websocket")],
+            Version::HTTP_11
+        ));
+        assert!(!ws(
+            &[("connection", "upgrade"), ("upgrade", "h2c")],
+            Version::HTTP_11
+        ));
+        assert!(!ws(
+            &[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("upgrade", "h2c")
+            ],
+            Version::HTTP_11
+        ));
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! at once when that happens while it is polling, instead of going back to
 //! the scheduler (which would queue the task behind every other task on
 //! the worker, several times per request), and leaves the other side be.
+//!
+//! A request that switched protocols (WebSocket) ends the HTTP exchange on
+//! both connections: the upstream one leaves the set once hyper has handed
+//! it to the response's `OnUpgrade` (it is never put back in `idle`), and
+//! the tunnel joining the two ([`Affinity::set_upgraded`]) is run by the
+//! downstream connection's task once hyper has let go of that connection.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,6 +43,8 @@ pub struct Affinity {
     pub driver: UnboundedSender<ConnFuture>,
     /// Idle senders by endpoint.
     pub idle: Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    /// The tunnel of a request that switched protocols.
+    upgraded: Mutex<Option<ConnFuture>>,
 }
 
 impl Affinity {
@@ -44,7 +52,19 @@ impl Affinity {
         Affinity {
             driver,
             idle: Mutex::new(HashMap::new()),
+            upgraded: Mutex::new(None),
         }
+    }
+
+    /// Keeps the tunnel of a request that switched protocols, for the
+    /// connection's task to run after hyper's server hands the connection
+    /// over: so it stays on that task (counted as open, drained as one).
+    pub fn set_upgraded(&self, tunnel: ConnFuture) {
+        *self.upgraded.lock().expect("affinity lock") = Some(tunnel);
+    }
+
+    pub fn take_upgraded(&self) -> Option<ConnFuture> {
+        self.upgraded.lock().expect("affinity lock").take()
     }
 
     /// An idle, ready sender to `addr`, if this connection has one.

@@ -1,6 +1,12 @@
 //! Sending a request to a cluster: pick an endpoint ([`balancer`]), reach
 //! it ([`connector`]: HBONE or TCP), speak HTTP/1.1 or HTTP/2 to it with
 //! hyper's pooled client, and report the outcome back to the balancer.
+//!
+//! A request asking to switch protocols (`Connection: upgrade`, which
+//! `serve` only lets through for WebSocket) goes over HTTP/1.1 whatever the
+//! cluster's protocol, as HTTP/2 has no classic upgrade; after a 101 its
+//! connection belongs to the tunnel (`hyper::upgrade::on` on the response)
+//! and never goes back to a pool.
 
 pub mod affinity;
 pub mod balancer;
@@ -11,8 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{CONNECTION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -73,7 +80,8 @@ impl Upstream {
     /// One attempt: an endpoint of `cluster` (not `avoid` if there is a
     /// choice) gets `req` (origin-form URI, the host in `Host`). HTTP/1.1
     /// goes on `affinity`'s connections when there is one (the downstream
-    /// HTTP/1.1 connection's own), else through the shared pool.
+    /// HTTP/1.1 connection's own), else through the shared pool (a request
+    /// asking to switch protocols: on a connection of its own).
     pub async fn send(
         &self,
         cluster: &ClusterConfig,
@@ -97,11 +105,13 @@ impl Upstream {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let h2 = match cluster.protocol {
-            UpstreamProtocol::Http1 => false,
-            UpstreamProtocol::Http2 => true,
-            UpstreamProtocol::UseDownstream => downstream_h2,
-        };
+        let upgrade = is_upgrade(req.headers());
+        let h2 = !upgrade
+            && match cluster.protocol {
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::UseDownstream => downstream_h2,
+            };
         let address = ep.address;
         let absolute = |authority: Authority| {
             Uri::builder()
@@ -137,6 +147,10 @@ impl Upstream {
             *req.uri_mut() = Uri::from(pq.clone());
             *req.version_mut() = http::Version::HTTP_11;
             self.send_affine(aff, address, &target(), req).await
+        } else if upgrade {
+            *req.uri_mut() = Uri::from(pq.clone());
+            *req.version_mut() = http::Version::HTTP_11;
+            Box::pin(self.send_dedicated(address, &target(), req)).await
         } else {
             // hyper's pool dials by URI: tell the connector what the
             // endpoint's address needs.
@@ -199,8 +213,28 @@ impl Upstream {
             .send_request(req)
             .await
             .map_err(|e| SendError::Reset(address, error_chain(&e)))?;
-        aff.put(address, sender);
+        // After a 101 the connection is the tunnel's.
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            aff.put(address, sender);
+        }
         Ok(resp)
+    }
+
+    /// A request asking to switch protocols, without a downstream
+    /// connection's own upstream (a mirror): on a connection of its own,
+    /// outside hyper's pool, so a switched connection is never reused.
+    async fn send_dedicated(
+        &self,
+        address: SocketAddr,
+        target: &Target,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let (mut sender, conn) = self.open_http1(address, target).await?;
+        tokio::spawn(conn);
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Reset(address, error_chain(&e)))
     }
 }
 
@@ -212,6 +246,26 @@ impl Upstream {
         address: SocketAddr,
         target: &Target,
     ) -> Result<hyper::client::conn::http1::SendRequest<Body>, SendError> {
+        let (s, conn) = self.open_http1(address, target).await?;
+        if let Err(e) = aff.driver.send(conn) {
+            // The downstream connection is gone; drive it here.
+            tokio::spawn(e.0);
+        }
+        Ok(s)
+    }
+
+    /// A new upstream HTTP/1.1 connection and the future driving it.
+    async fn open_http1(
+        &self,
+        address: SocketAddr,
+        target: &Target,
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<Body>,
+            affinity::ConnFuture,
+        ),
+        SendError,
+    > {
         let io = self
             .dialer
             .dial_to(address, target)
@@ -220,15 +274,24 @@ impl Upstream {
         let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect(address, error_chain(&e)))?;
+        // With upgrades: after a 101 the future ends, handing the
+        // connection to the response's `OnUpgrade` (without, hyper fails it).
         let conn: affinity::ConnFuture = Box::pin(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
-        if let Err(e) = aff.driver.send(conn) {
-            // The downstream connection is gone; drive it here.
-            tokio::spawn(e.0);
-        }
-        Ok(s)
+        Ok((s, conn))
     }
+}
+
+/// Whether `h` asks to switch protocols: an `Upgrade` header, nominated by
+/// `Connection` (tokens case-insensitive).
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(UPGRADE)
+        && h.get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
