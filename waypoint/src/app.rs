@@ -170,6 +170,7 @@ pub fn build(p: Parts) -> Arc<Proxy> {
         store: p.store,
         upstream: Arc::new(Upstream::new(dialer, Arc::new(Balancer::default()))),
         metrics: Arc::new(Metrics::new()),
+        peers: ztunnel::state::Store::new(),
         drain: ztunnel::proxy::Drain::default(),
     })
 }
@@ -266,20 +267,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 id.service_account, id.namespace, id.namespace
             )
         });
-        crate::xds::spawn(
-            crate::xds::XdsConfig {
-                address: address.clone(),
-                root_cert: args.xds_root_cert.clone(),
-                server_name: args.xds_server_name.clone(),
-                token_file: args.xds_token_file.clone(),
-                node_id,
-                node_name: args.xds_node_name.clone(),
-                node_cluster: id.service_account.clone(),
-                warming_timeout: args.xds_warming_timeout,
-                api_type: args.xds_api_type,
-            },
-            store.clone(),
-        );
+        let cfg = crate::xds::XdsConfig {
+            address: address.clone(),
+            root_cert: args.xds_root_cert.clone(),
+            server_name: args.xds_server_name.clone(),
+            token_file: args.xds_token_file.clone(),
+            node_id,
+            node_name: args.xds_node_name.clone(),
+            node_cluster: id.service_account.clone(),
+            warming_timeout: args.xds_warming_timeout,
+            api_type: args.xds_api_type,
+        };
+        crate::peers::discover(&cfg, &id.trust_domain, proxy.peers.clone())?;
+        crate::xds::spawn(cfg, store.clone());
     }
     let running = prepare(proxy, hbone.local_addr()?, admin).await?;
     crate::workers::start(&running.proxy, args.worker_threads, hbone, plaintext)?;
@@ -326,7 +326,7 @@ fn certificate_authority(args: &Args) -> anyhow::Result<Arc<dyn CaClient>> {
     };
     let ca = ztunnel::xds::RemoteCa::new(ztunnel::xds::ControlPlane {
         address: address.clone(),
-        root_cert,
+        root_cert: Some(root_cert),
         server_name,
         token_file: args.xds_token_file.clone(),
     })?;

@@ -129,7 +129,13 @@ async fn serve_stream(
         debug!(%target, "no filter chain for this destination");
         return status(&mut respond, StatusCode::NOT_FOUND);
     };
-    let ds = Arc::new(Downstream::new(Some(src_id), src_ip, target, None));
+    let ds = Arc::new(Downstream::new(
+        &proxy.peers,
+        Some(src_id),
+        src_ip,
+        target,
+        None,
+    ));
     match &chain.kind {
         ChainKind::Http(http) => {
             let http = http.clone();
@@ -169,7 +175,13 @@ async fn sniff_and_serve(
         }
     };
     let io = crate::sniff::Prefixed::new(prefix, io);
-    let ds = Arc::new(Downstream::new(Some(src_id), src_ip, target, protocol));
+    let ds = Arc::new(Downstream::new(
+        &proxy.peers,
+        Some(src_id),
+        src_ip,
+        target,
+        protocol,
+    ));
     let kind = match proxy.store.get().chain_for_protocol(target, protocol) {
         Some(c) => match &c.kind {
             ChainKind::Http(h) => ChainKind::Http(h.clone()),

@@ -39,6 +39,7 @@ pub mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod path;
+pub mod peers;
 pub mod plaintext;
 pub mod rbac;
 pub mod record;
@@ -64,6 +65,8 @@ pub struct Proxy {
     pub store: Arc<config::Store>,
     pub upstream: Arc<upstream::Upstream>,
     pub metrics: Arc<metrics::Metrics>,
+    /// The mesh's workloads, to tell who a client is ([`peers`]).
+    pub peers: Arc<ztunnel::state::Store>,
     /// Graceful shutdown: stop accepting, GOAWAY, let open requests end.
     pub drain: ztunnel::proxy::Drain,
 }
@@ -79,6 +82,7 @@ impl Proxy {
             store: self.store.clone(),
             upstream: Arc::new(self.upstream.fresh()),
             metrics: self.metrics.clone(),
+            peers: self.peers.clone(),
             // A child token: a connection checks it on every turn of its
             // task, which locks the token's state; shared by every worker,
             // that lock bounced between cores.

@@ -31,6 +31,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::runtime::WorkloadMetadata;
 use ztunnel::identity::Identity;
+use ztunnel::state::Workload;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
@@ -41,10 +42,10 @@ pub struct RequestLabels {
     pub destination_workload: Arc<String>,
     pub destination_workload_namespace: Arc<String>,
     pub destination_principal: Arc<String>,
+    pub source_canonical: Arc<Canonical>,
     pub destination_canonical: Arc<Canonical>,
     /// A service host (`name.ns.svc.<domain>`), or `unknown`.
     pub destination_service: String,
-    pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub grpc_response_status: String,
@@ -62,9 +63,9 @@ pub struct TcpLabels {
     pub destination_workload: Arc<String>,
     pub destination_workload_namespace: Arc<String>,
     pub destination_principal: Arc<String>,
+    pub source_canonical: Arc<Canonical>,
     pub destination_canonical: Arc<Canonical>,
     pub destination_service: String,
-    pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
@@ -79,9 +80,9 @@ struct Common<'a> {
     destination_workload: &'a str,
     destination_workload_namespace: &'a str,
     destination_principal: &'a str,
+    source_canonical: &'a Canonical,
     destination_canonical: &'a Canonical,
     destination_service: &'a str,
-    destination_cluster: &'a str,
     request_protocol: &'a str,
 }
 
@@ -105,13 +106,12 @@ impl Common<'_> {
             &self.source_workload_namespace,
         )?;
         label(e, "source_principal", &self.source_principal)?;
-        // A client is known by its certificate alone: what Istio's
-        // waypoint reports without the client's peer metadata.
-        label(e, "source_canonical_service", &"unknown")?;
-        label(e, "source_canonical_revision", &"latest")?;
-        label(e, "source_app", &"unknown")?;
-        label(e, "source_version", &"unknown")?;
-        label(e, "source_cluster", &"unknown")?;
+        let src = self.source_canonical;
+        label(e, "source_canonical_service", &src.service.as_str())?;
+        label(e, "source_canonical_revision", &src.revision.as_str())?;
+        label(e, "source_app", &src.app.as_str())?;
+        label(e, "source_version", &src.version.as_str())?;
+        label(e, "source_cluster", &src.cluster.as_str())?;
         label(e, "destination_workload", &self.destination_workload)?;
         label(
             e,
@@ -119,24 +119,15 @@ impl Common<'_> {
             &self.destination_workload_namespace,
         )?;
         label(e, "destination_principal", &self.destination_principal)?;
-        // Endpoint metadata carries no app or version: Istio reports
-        // these unknown from a waypoint too.
-        label(e, "destination_app", &"unknown")?;
-        label(e, "destination_version", &"unknown")?;
+        let dst = self.destination_canonical;
+        label(e, "destination_app", &dst.app.as_str())?;
+        label(e, "destination_version", &dst.version.as_str())?;
         label(e, "destination_service", &self.destination_service)?;
         label(e, "destination_service_name", &service_name)?;
         label(e, "destination_service_namespace", &service_namespace)?;
-        label(
-            e,
-            "destination_canonical_service",
-            &self.destination_canonical.service.as_str(),
-        )?;
-        label(
-            e,
-            "destination_canonical_revision",
-            &self.destination_canonical.revision.as_str(),
-        )?;
-        label(e, "destination_cluster", &self.destination_cluster)?;
+        label(e, "destination_canonical_service", &dst.service.as_str())?;
+        label(e, "destination_canonical_revision", &dst.revision.as_str())?;
+        label(e, "destination_cluster", &dst.cluster.as_str())?;
         label(e, "request_protocol", &self.request_protocol)
     }
 }
@@ -151,9 +142,9 @@ impl EncodeLabelSet for RequestLabels {
             destination_workload: &self.destination_workload,
             destination_workload_namespace: &self.destination_workload_namespace,
             destination_principal: &self.destination_principal,
+            source_canonical: &self.source_canonical,
             destination_canonical: &self.destination_canonical,
             destination_service: &self.destination_service,
-            destination_cluster: self.destination_cluster,
             request_protocol: self.request_protocol,
         }
         .encode(&mut e)?;
@@ -178,9 +169,9 @@ impl EncodeLabelSet for TcpLabels {
             destination_workload: &self.destination_workload,
             destination_workload_namespace: &self.destination_workload_namespace,
             destination_principal: &self.destination_principal,
+            source_canonical: &self.source_canonical,
             destination_canonical: &self.destination_canonical,
             destination_service: &self.destination_service,
-            destination_cluster: self.destination_cluster,
             request_protocol: self.request_protocol,
         }
         .encode(&mut e)?;
@@ -228,24 +219,42 @@ pub struct PeerLabels {
     pub workload: Arc<String>,
     pub namespace: Arc<String>,
     pub principal: Arc<String>,
-    /// Known only of destinations, from their endpoint metadata.
     pub canonical: Arc<Canonical>,
 }
 
-/// Istio's canonical service and revision of a workload.
+/// Istio's canonical service and revision of a workload, and the labels
+/// told with them: app, version, cluster.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Canonical {
     pub service: String,
     pub revision: String,
+    pub app: String,
+    pub version: String,
+    pub cluster: String,
 }
 
 impl Canonical {
-    /// Shared: every source has it.
+    /// A destination without metadata.
     fn unknown() -> Arc<Canonical> {
         static UNKNOWN: LazyLock<Arc<Canonical>> = LazyLock::new(|| {
             Arc::new(Canonical {
                 service: "unknown".into(),
                 revision: "unknown".into(),
+                app: "unknown".into(),
+                version: "unknown".into(),
+                cluster: "unknown".into(),
+            })
+        });
+        UNKNOWN.clone()
+    }
+
+    /// A client known by its certificate alone: what Istio's waypoint
+    /// reports without the client's peer metadata.
+    fn unknown_source() -> Arc<Canonical> {
+        static UNKNOWN: LazyLock<Arc<Canonical>> = LazyLock::new(|| {
+            Arc::new(Canonical {
+                revision: "latest".into(),
+                ..(*Canonical::unknown()).clone()
             })
         });
         UNKNOWN.clone()
@@ -268,12 +277,37 @@ impl PeerLabels {
             workload: or_unknown(id.map(|s| s.service_account.as_str())),
             namespace: or_unknown(id.map(|s| s.namespace.as_str())),
             principal: or_unknown(id.map(ToString::to_string).as_deref()),
-            canonical: Canonical::unknown(),
+            canonical: Canonical::unknown_source(),
+        }
+    }
+
+    /// A client known by the control plane's workload discovery (`id`:
+    /// its certificate's identity, if it has one). App and version are
+    /// its canonical service and revision, as Istio's waypoint derives
+    /// them from the same source.
+    pub fn source_workload(w: &Workload, id: Option<&Identity>) -> Self {
+        let service = unknown(Some(&w.canonical_name));
+        let revision = Some(w.canonical_revision.as_str())
+            .filter(|r| !r.is_empty())
+            .unwrap_or("latest")
+            .to_string();
+        PeerLabels {
+            workload: or_unknown(Some(w.metrics_name())),
+            namespace: or_unknown(Some(&w.namespace)),
+            principal: or_unknown(id.map(ToString::to_string).as_deref()),
+            canonical: Arc::new(Canonical {
+                app: service.clone(),
+                version: revision.clone(),
+                service,
+                revision,
+                cluster: w.cluster().to_string(),
+            }),
         }
     }
 
     /// An endpoint known by its metadata: `workload` and `namespace` as
-    /// [`WorkloadMetadata::parse`] reads them.
+    /// [`WorkloadMetadata::parse`] reads them. Its app and version are
+    /// not in it: Istio reports them unknown from a waypoint too.
     pub fn destination(
         workload: Option<&str>,
         namespace: Option<&str>,
@@ -287,6 +321,8 @@ impl PeerLabels {
             canonical: Arc::new(Canonical {
                 service: unknown(w.canonical_service),
                 revision: unknown(w.canonical_revision),
+                cluster: unknown(w.cluster),
+                ..(*Canonical::unknown()).clone()
             }),
         }
     }
@@ -462,11 +498,13 @@ mod tests {
             ("echo-v1", "demo")
         );
         assert_eq!(
-            *d.canonical,
-            Canonical {
-                service: "echo".into(),
-                revision: "v1".into()
-            }
+            (
+                d.canonical.service.as_str(),
+                d.canonical.revision.as_str(),
+                d.canonical.cluster.as_str(),
+                d.canonical.app.as_str()
+            ),
+            ("echo", "v1", "Kubernetes", "unknown")
         );
         let old = PeerLabels::destination(Some("echo-v1"), Some("demo"), None);
         assert_eq!(
@@ -496,9 +534,9 @@ mod tests {
                 destination_workload: dst.workload,
                 destination_workload_namespace: dst.namespace,
                 destination_principal: dst.principal,
+                source_canonical: src.canonical.clone(),
                 destination_canonical: dst.canonical,
                 destination_service: "echo.demo.svc.cluster.local".into(),
-                destination_cluster: "unknown",
                 request_protocol: "http",
                 response_code: 200,
                 grpc_response_status: String::new(),
@@ -531,6 +569,7 @@ mod tests {
             "destination_canonical_revision=\"v1\"",
             "destination_app=\"unknown\"",
             "destination_version=\"unknown\"",
+            "destination_cluster=\"Kubernetes\"",
             "response_code=\"200\"",
             "connection_security_policy=\"mutual_tls\"",
         ] {

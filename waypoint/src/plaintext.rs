@@ -48,6 +48,12 @@ pub async fn serve_accepted(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAd
         Some(ChainKind::Http(h)) => h.clone(),
         _ => return,
     };
-    let ds = Arc::new(Downstream::new(None, canonical(peer).ip(), local, None));
+    let ds = Arc::new(Downstream::new(
+        &proxy.peers,
+        None,
+        canonical(peer).ip(),
+        local,
+        None,
+    ));
     serve_http(proxy, stream, ds, chain).await;
 }

@@ -90,6 +90,7 @@ impl Drop for Record {
             destination_workload: dst.workload.clone(),
             destination_workload_namespace: dst.namespace.clone(),
             destination_principal: dst.principal.clone(),
+            source_canonical: src.canonical.clone(),
             destination_canonical: dst.canonical.clone(),
             // From the configuration, never from the client's Host: that
             // would let any client add series without bound.
@@ -98,7 +99,6 @@ impl Drop for Record {
                 .as_ref()
                 .map(|c| service_of_cluster(&c.name).to_string())
                 .unwrap_or_else(|| "unknown".into()),
-            destination_cluster: "unknown",
             request_protocol: i.protocol,
             response_code: self.status.as_u16(),
             grpc_response_status: self.grpc_status.take().unwrap_or_default(),

@@ -80,14 +80,16 @@ pub struct Downstream {
 }
 
 impl Downstream {
+    /// `peers`: the mesh's workloads, which may tell who the client is.
     pub fn new(
+        peers: &ztunnel::state::Store,
         identity: Option<Identity>,
         src_ip: IpAddr,
         dst: SocketAddr,
         protocol: Option<&'static str>,
     ) -> Self {
         Downstream {
-            source_labels: PeerLabels::source(identity.as_ref()),
+            source_labels: crate::peers::source_labels(peers, identity.as_ref(), src_ip),
             xff: HeaderValue::from_str(&src_ip.to_string()).ok(),
             identity,
             src_ip,
@@ -789,6 +791,7 @@ mod tests {
     #[test]
     fn forwarding_headers_are_added_or_appended() {
         let ds = Downstream::new(
+            &ztunnel::state::Store::new(),
             None,
             "10.0.0.7".parse().unwrap(),
             "10.0.0.1:80".parse().unwrap(),

@@ -84,10 +84,10 @@ async fn pipe<D>(
         destination_workload: dst.workload,
         destination_workload_namespace: dst.namespace,
         destination_principal: dst.principal,
+        source_canonical: src.canonical.clone(),
         destination_canonical: dst.canonical,
         // `outbound|port|subset|host`: the Service's host.
         destination_service: name.rsplit('|').next().unwrap_or(name).to_string(),
-        destination_cluster: "unknown",
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: "mutual_tls",

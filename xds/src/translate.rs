@@ -1154,6 +1154,7 @@ impl Translator {
             Some(&labels),
             labels.contains_key(GATEWAY_NAME_LABEL),
         );
+        let workload_name = workload_name(p);
         let w = wl::Workload {
             waypoint,
             uid: uid.clone(),
@@ -1173,7 +1174,8 @@ impl Translator {
                 .or_else(|| labels.get("app.kubernetes.io/name"))
                 .or_else(|| labels.get("app"))
                 .cloned()
-                .unwrap_or_else(|| name.clone()),
+                // Istio's default: the workload (a pod's Deployment).
+                .unwrap_or_else(|| workload_name.clone()),
             canonical_revision: labels
                 .get("service.istio.io/canonical-revision")
                 .or_else(|| labels.get("app.kubernetes.io/version"))
@@ -1181,7 +1183,7 @@ impl Translator {
                 .cloned()
                 .unwrap_or_else(|| "latest".into()),
             workload_type: wl::WorkloadType::Pod as i32,
-            workload_name: workload_name(p),
+            workload_name,
             services,
             authorization_policies,
             status: if ready {

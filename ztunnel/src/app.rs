@@ -35,11 +35,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let control_plane = |address: &str| -> anyhow::Result<ControlPlane> {
         Ok(ControlPlane {
             address: address.to_string(),
-            root_cert: cfg
-                .xds_root_cert
-                .clone()
-                .or_else(|| cfg.ca_cert.clone())
-                .context("the control plane needs --xds-root-cert (or --ca-cert)")?,
+            root_cert: Some(
+                cfg.xds_root_cert
+                    .clone()
+                    .or_else(|| cfg.ca_cert.clone())
+                    .context("the control plane needs --xds-root-cert (or --ca-cert)")?,
+            ),
             server_name: cfg.xds_server_name.clone(),
             token_file: cfg.xds_token_file.clone(),
         })

@@ -240,6 +240,7 @@ pub struct WorkloadMetadata<'a> {
     pub namespace: Option<&'a str>,
     pub canonical_service: Option<&'a str>,
     pub canonical_revision: Option<&'a str>,
+    pub cluster: Option<&'a str>,
 }
 
 impl<'a> WorkloadMetadata<'a> {
@@ -247,8 +248,7 @@ impl<'a> WorkloadMetadata<'a> {
     /// service;canonical revision;cluster` (istiod's, and our control
     /// plane's), or a bare name with the namespace in `namespace` (our
     /// control plane's before it). As Istio's proxy reads it, fewer than
-    /// five fields say nothing and an empty field is not known; the cluster
-    /// is not read, as `destination_cluster` does not come from it.
+    /// five fields say nothing and an empty field is not known.
     pub fn parse(workload: Option<&'a str>, namespace: Option<&'a str>) -> Self {
         let some = |s: &'a str| Some(s).filter(|s| !s.is_empty());
         let Some(w) = workload.and_then(some) else {
@@ -274,6 +274,7 @@ impl<'a> WorkloadMetadata<'a> {
             namespace: some(f[1]),
             canonical_service: some(f[2]),
             canonical_revision: some(f[3]),
+            cluster: some(f[4]),
         }
     }
 }
@@ -289,6 +290,7 @@ mod tests {
             namespace: Some("demo"),
             canonical_service: Some("echo"),
             canonical_revision: Some("v1"),
+            cluster: Some("Kubernetes"),
         };
         assert_eq!(
             W::parse(Some("echo-v1;demo;echo;v1;Kubernetes"), None),

@@ -46,20 +46,20 @@ pub async fn start_waypoint_over(server: &xds::Running, api_type: ApiType) -> In
         pool_max_streams: 100,
         store: store.clone(),
     });
-    spawn(
-        XdsConfig {
-            address: format!("https://{}", server.addr),
-            root_cert: Some(root),
-            server_name: Some("localhost".into()),
-            token_file: Some(token),
-            node_id: "router~10.244.1.99~wp-1.demo~demo.svc.cluster.local".into(),
-            node_name: Some("node-a".into()),
-            node_cluster: "waypoint".into(),
-            warming_timeout: Duration::from_secs(15),
-            api_type,
-        },
-        store.clone(),
-    );
+    let cfg = XdsConfig {
+        address: format!("https://{}", server.addr),
+        root_cert: Some(root),
+        server_name: Some("localhost".into()),
+        token_file: Some(token),
+        node_id: "router~10.244.1.99~wp-1.demo~demo.svc.cluster.local".into(),
+        node_name: Some("node-a".into()),
+        node_cluster: "waypoint".into(),
+        warming_timeout: Duration::from_secs(15),
+        api_type,
+    };
+    // As `waypoint::app::run` does: workloads on a stream of their own.
+    waypoint::peers::discover(&cfg, crate::wcommon::TD, proxy.peers.clone()).unwrap();
+    spawn(cfg, store.clone());
     let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let wp = start(proxy, hbone, vec![admin]).await.unwrap();

@@ -48,31 +48,34 @@ pub use translate::Address;
 /// How to reach and authenticate to the control plane.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
-    /// `https://host:port`.
+    /// `https://host:port` (`http://` without `root_cert`: plaintext, for
+    /// a waypoint told so).
     pub address: String,
     /// PEM root the server certificate must chain to.
-    pub root_cert: PathBuf,
-    /// Name expected in the server certificate.
+    pub root_cert: Option<PathBuf>,
+    /// Name expected in the server certificate (empty: the address's host).
     pub server_name: String,
     /// File holding this node's bearer token (re-read on each connect).
     pub token_file: Option<PathBuf>,
 }
 
 impl ControlPlane {
-    /// A lazily connecting TLS channel.
+    /// A lazily connecting channel: TLS with `root_cert`, else plaintext.
     pub fn channel(&self) -> anyhow::Result<Channel> {
-        let root = std::fs::read_to_string(&self.root_cert)
-            .with_context(|| format!("reading control-plane root {}", self.root_cert.display()))?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(root))
-            .domain_name(self.server_name.clone());
-        Ok(Endpoint::from_shared(self.address.clone())
+        let mut ep = Endpoint::from_shared(self.address.clone())
             .with_context(|| format!("control-plane address {:?}", self.address))?
-            .tls_config(tls)
-            .context("control-plane TLS")?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy())
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        if let Some(root_cert) = &self.root_cert {
+            let root = std::fs::read_to_string(root_cert)
+                .with_context(|| format!("reading control-plane root {}", root_cert.display()))?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+            if !self.server_name.is_empty() {
+                tls = tls.domain_name(self.server_name.clone());
+            }
+            ep = ep.tls_config(tls).context("control-plane TLS")?;
+        }
+        Ok(ep.connect_lazy())
     }
 
     fn authorize<T>(&self, req: &mut tonic::Request<T>) -> anyhow::Result<()> {
