@@ -315,6 +315,20 @@ mod tests {
                 && log.contains("cut by the drain timeout"),
             "{log}"
         );
+        // Outbound, the client's bytes are the ones sent on (Istio's
+        // orientation).
+        let log = capture_log(|| {
+            let record = ConnectionRecord::open(&m, "source", parties(&id));
+            record.counters.add_from_client(5);
+            record.counters.add_to_client(7);
+            record.close(Ok(()));
+        });
+        assert!(
+            log.contains("direction=\"outbound\"")
+                && log.contains("bytes_sent=5")
+                && log.contains("bytes_recv=7"),
+            "{log}"
+        );
         // A close recorded explicitly is not recorded again on drop.
         let log = capture_log(|| {
             ConnectionRecord::open(&m, "destination", parties(&id)).close(Ok(()));

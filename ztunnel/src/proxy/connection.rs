@@ -100,7 +100,14 @@ impl LogFields {
 
 impl LogFields {
     /// The access-log line: `bytes` is (to the client, from the client).
+    /// Istio's ztunnel logs them from the reporter's side: inbound,
+    /// `bytes_sent` went to the client; outbound, `bytes_sent` is what the
+    /// client sent on (to its destination).
     fn write(&self, what: &str, start: Instant, bytes: (u64, u64), flags: &str, error: &str) {
+        let (sent, recv) = match self.direction {
+            "outbound" => (bytes.1, bytes.0),
+            _ => bytes,
+        };
         info!(
             target: "access",
             direction = self.direction,
@@ -111,8 +118,8 @@ impl LogFields {
             dst.service = %OrDash(self.service.as_ref()),
             dst.workload = %OrDash(self.dst_workload.as_ref()),
             dst.identity = %OrDash(self.dst_identity.as_ref()),
-            bytes_sent = bytes.0,
-            bytes_recv = bytes.1,
+            bytes_sent = sent,
+            bytes_recv = recv,
             duration_ms = start.elapsed().as_millis() as u64,
             response_flags = flags,
             error,

@@ -56,7 +56,7 @@ impl ByteCounters {
         self.conn_received.inc_by(n);
     }
 
-    fn add_to_client(&self, n: u64) {
+    pub(crate) fn add_to_client(&self, n: u64) {
         self.sent.inc_by(n);
         self.conn_sent.inc_by(n);
     }
