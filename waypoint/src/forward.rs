@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route, WeightedCluster};
 use crate::record::RequestInfo;
-use crate::replay::{Replay, ReplayBody, REPLAY_LIMIT};
+use crate::replay::{Replay, REPLAY_LIMIT};
 use crate::request_end::{self, RequestEnd};
 use crate::upstream::affinity::Affinity;
 use crate::upstream::{Attempt, Body, SendError, Upstream};
@@ -66,7 +66,7 @@ pub fn rewrite_path(route: &Route, f: &Forward, path: &str) -> String {
 enum ReqBody {
     Streaming(Body),
     /// The first attempt's body, and the way to the others.
-    Replayable(Replay, ReplayBody),
+    Resendable(Resend, Body),
 }
 
 fn retriable_status(r: &Retry, s: StatusCode) -> bool {
@@ -150,7 +150,14 @@ pub async fn forward(
     let needs_copy = f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
     let (body, end) = request_end::watch(body, info.request_bytes.clone());
     let body = if needs_copy {
-        let (replay, first) = Replay::new(body, REPLAY_LIMIT);
+        let (resend, first) = match end {
+            // Nothing to keep (most requests).
+            RequestEnd::Now => (Resend::Empty, body),
+            RequestEnd::Later(_) => {
+                let (replay, first) = Replay::new(body, REPLAY_LIMIT);
+                (Resend::Replay(replay), first.boxed_unsync())
+            }
+        };
         // A protocol switch is not mirrored: the shadow's tunnel would have
         // no client.
         let mirrors = match crate::upstream::is_upgrade(&parts.headers) {
@@ -161,11 +168,11 @@ pub async fn forward(
             if fastrand::f64() >= *fraction {
                 continue;
             }
-            if let Some(copy) = replay.mirror() {
+            if let Some(copy) = resend.mirror() {
                 mirror(upstream, mc.clone(), &parts, copy, downstream_h2);
             }
         }
-        ReqBody::Replayable(replay, first)
+        ReqBody::Resendable(resend, first)
     } else {
         ReqBody::Streaming(body)
     };
@@ -225,6 +232,45 @@ pub async fn forward(
     }
 }
 
+/// A request body to send again: none at all, or the client's kept by a
+/// [`Replay`].
+enum Resend {
+    Empty,
+    Replay(Replay),
+}
+
+impl Resend {
+    /// The body of another attempt (earlier attempts' bodies fail from
+    /// now on), if it can still be sent.
+    fn attempt(&self) -> Option<Body> {
+        match self {
+            Resend::Empty => Some(empty()),
+            Resend::Replay(r) => r.attempt().map(BodyExt::boxed_unsync),
+        }
+    }
+
+    /// The body of a mirror, read alongside the attempts.
+    fn mirror(&self) -> Option<Body> {
+        match self {
+            Resend::Empty => Some(empty()),
+            Resend::Replay(r) => r.mirror().map(BodyExt::boxed_unsync),
+        }
+    }
+
+    /// No more attempts or mirrors will be made.
+    fn stop_keeping(&self) {
+        if let Resend::Replay(r) = self {
+            r.stop_keeping();
+        }
+    }
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// The request for one attempt (the client's extensions stay here).
 fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     let mut r = Request::new(body);
@@ -256,19 +302,19 @@ async fn attempt_all(
                 .send(cluster, req, downstream_h2, None, affinity)
                 .await;
         }
-        ReqBody::Replayable(replay, first) => (replay, first),
+        ReqBody::Resendable(resend, first) => (resend, first),
     };
-    let (replay, first) = body;
+    let (resend, first) = body;
     // Mirrors read alongside the attempts, so what is kept stays for them.
-    let done = |replay: &Replay| {
+    let done = |resend: &Resend| {
         if f.mirrors.is_empty() {
-            replay.stop_keeping();
+            resend.stop_keeping();
         }
     };
     let Some(retry) = &f.retry else {
         info.attempts = 1;
-        done(&replay);
-        let req = copy_request(&parts, first.boxed_unsync());
+        done(&resend);
+        let req = copy_request(&parts, first);
         return upstream
             .send(cluster, req, downstream_h2, None, affinity)
             .await;
@@ -278,7 +324,7 @@ async fn attempt_all(
     let mut n = 0;
     loop {
         info.attempts = n + 1;
-        let req = copy_request(&parts, body.boxed_unsync());
+        let req = copy_request(&parts, body);
         let sent = upstream.send(cluster, req, downstream_h2, avoid, affinity);
         let res = match retry.per_try_timeout {
             Some(t) => end.within(t, sent).await.unwrap_or(Err(SendError::Timeout)),
@@ -291,13 +337,13 @@ async fn attempt_all(
         // The next attempt's body, if the client's can still be sent again
         // (Envoy's "retry overflow" otherwise: this outcome stands).
         let next = (again && n < retry.num_retries)
-            .then(|| replay.attempt())
+            .then(|| resend.attempt())
             .flatten();
         let Some(next) = next else {
             if n > 0 && again {
                 info.flags = "URX";
             }
-            done(&replay);
+            done(&resend);
             return res;
         };
         body = next;
@@ -318,12 +364,12 @@ fn mirror(
     upstream: &Arc<Upstream>,
     cluster: Arc<ClusterConfig>,
     parts: &Parts,
-    body: ReplayBody,
+    body: Body,
     downstream_h2: bool,
 ) {
     // Not on the client connection's own upstream (no affinity): it runs
     // alongside.
-    let mut req = copy_request(parts, body.boxed_unsync());
+    let mut req = copy_request(parts, body);
     if let Some(host) = req
         .headers()
         .get(http::header::HOST)
