@@ -177,28 +177,32 @@ pub async fn forward(
         ReqBody::Streaming(body)
     };
 
-    let attempts = attempt_all(
-        upstream,
-        &cluster,
-        f,
-        parts,
-        (body, &end),
-        downstream_h2,
-        info,
-        affinity,
-    );
-    let result = match f.timeout {
-        Some(t) => match end.within(t, attempts).await {
-            Some(r) => r,
-            None => {
-                return Outcome::Local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "UT",
-                    "upstream request timeout\n",
-                )
-            }
-        },
-        None => attempts.await,
+    // Pinned in place, here (see `RequestEnd::within`); the block ends the
+    // borrows it holds.
+    let result = {
+        let mut attempts = std::pin::pin!(attempt_all(
+            upstream,
+            &cluster,
+            f,
+            parts,
+            (body, &end),
+            downstream_h2,
+            info,
+            affinity,
+        ));
+        match f.timeout {
+            Some(t) => match end.within(t, attempts.as_mut()).await {
+                Some(r) => r,
+                None => {
+                    return Outcome::Local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout\n",
+                    )
+                }
+            },
+            None => attempts.await,
+        }
     };
     match result {
         Ok(mut a) => {
@@ -325,9 +329,12 @@ async fn attempt_all(
     loop {
         info.attempts = n + 1;
         let req = copy_request(&parts, body);
-        let sent = upstream.send(cluster, req, downstream_h2, avoid, affinity);
+        let mut sent = std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
         let res = match retry.per_try_timeout {
-            Some(t) => end.within(t, sent).await.unwrap_or(Err(SendError::Timeout)),
+            Some(t) => end
+                .within(t, sent.as_mut())
+                .await
+                .unwrap_or(Err(SendError::Timeout)),
             None => sent.await,
         };
         let again = match &res {

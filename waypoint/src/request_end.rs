@@ -31,8 +31,10 @@ pub enum RequestEnd {
 
 impl RequestEnd {
     /// Runs `f` for at most `t` after the request has ended; `None` when
-    /// the time ran out.
-    pub async fn within<F: Future>(&self, t: Duration, f: F) -> Option<F::Output> {
+    /// the time ran out. `f` comes pinned by the caller: taken by value it
+    /// would be stored twice in this future (as argument and in the
+    /// select), and a request's future is copied whole into its box.
+    pub async fn within<F: Future>(&self, t: Duration, f: Pin<&mut F>) -> Option<F::Output> {
         let deadline = async {
             if let RequestEnd::Later(rx) = self {
                 // An error: the body was dropped, which also ends it.
