@@ -33,57 +33,33 @@ use crate::config::runtime::WorkloadMetadata;
 use ztunnel::identity::Identity;
 use ztunnel::state::Workload;
 
+/// Istio's labels of the request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
-    pub source_workload: Arc<String>,
-    pub source_workload_namespace: Arc<String>,
-    pub source_principal: Arc<String>,
-    pub destination_workload: Arc<String>,
-    pub destination_workload_namespace: Arc<String>,
-    pub destination_principal: Arc<String>,
-    pub source_canonical: Arc<Canonical>,
-    pub destination_canonical: Arc<Canonical>,
-    /// A service host (`name.ns.svc.<domain>`), or `unknown`.
-    pub destination_service: String,
-    pub request_protocol: &'static str,
+    pub peers: PeerPair,
     pub response_code: u16,
     pub grpc_response_status: String,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
 
-/// Istio's labels of the TCP metrics: a connection's peers.
+/// Istio's labels of the TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: Arc<String>,
-    pub source_workload_namespace: Arc<String>,
-    pub source_principal: Arc<String>,
-    pub destination_workload: Arc<String>,
-    pub destination_workload_namespace: Arc<String>,
-    pub destination_principal: Arc<String>,
-    pub source_canonical: Arc<Canonical>,
-    pub destination_canonical: Arc<Canonical>,
-    pub destination_service: String,
-    pub request_protocol: &'static str,
+    pub peers: PeerPair,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
 
-/// The labels the two label sets share.
-struct Common<'a> {
-    reporter: &'a str,
-    source_workload: &'a str,
-    source_workload_namespace: &'a str,
-    source_principal: &'a str,
-    destination_workload: &'a str,
-    destination_workload_namespace: &'a str,
-    destination_principal: &'a str,
-    source_canonical: &'a Canonical,
-    destination_canonical: &'a Canonical,
-    destination_service: &'a str,
-    request_protocol: &'a str,
+/// The labels both label sets carry: who talked to whom, through which
+/// service, reported by the waypoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PeerPair {
+    pub source: PeerLabels,
+    pub destination: PeerLabels,
+    /// A service host (`name.ns.svc.<domain>`), or `unknown`.
+    pub destination_service: String,
+    pub request_protocol: &'static str,
 }
 
 fn label(e: &mut LabelSetEncoder, key: &str, value: &impl EncodeLabelValue) -> fmt::Result {
@@ -95,59 +71,39 @@ fn label(e: &mut LabelSetEncoder, key: &str, value: &impl EncodeLabelValue) -> f
     v.finish()
 }
 
-impl Common<'_> {
+impl PeerPair {
     fn encode(&self, e: &mut LabelSetEncoder) -> fmt::Result {
-        let (service_name, service_namespace) = service_name_namespace(self.destination_service);
-        label(e, "reporter", &self.reporter)?;
-        label(e, "source_workload", &self.source_workload)?;
-        label(
-            e,
-            "source_workload_namespace",
-            &self.source_workload_namespace,
-        )?;
-        label(e, "source_principal", &self.source_principal)?;
-        let src = self.source_canonical;
-        label(e, "source_canonical_service", &src.service.as_str())?;
-        label(e, "source_canonical_revision", &src.revision.as_str())?;
-        label(e, "source_app", &src.app.as_str())?;
-        label(e, "source_version", &src.version.as_str())?;
-        label(e, "source_cluster", &src.cluster.as_str())?;
-        label(e, "destination_workload", &self.destination_workload)?;
-        label(
-            e,
-            "destination_workload_namespace",
-            &self.destination_workload_namespace,
-        )?;
-        label(e, "destination_principal", &self.destination_principal)?;
-        let dst = self.destination_canonical;
-        label(e, "destination_app", &dst.app.as_str())?;
-        label(e, "destination_version", &dst.version.as_str())?;
+        let (service_name, service_namespace) = service_name_namespace(&self.destination_service);
+        let (src, dst) = (&self.source, &self.destination);
+        label(e, "reporter", &"waypoint")?;
+        label(e, "source_workload", &src.workload.as_str())?;
+        label(e, "source_workload_namespace", &src.namespace.as_str())?;
+        label(e, "source_principal", &src.principal.as_str())?;
+        let c = &src.canonical;
+        label(e, "source_canonical_service", &c.service.as_str())?;
+        label(e, "source_canonical_revision", &c.revision.as_str())?;
+        label(e, "source_app", &c.app.as_str())?;
+        label(e, "source_version", &c.version.as_str())?;
+        label(e, "source_cluster", &c.cluster.as_str())?;
+        label(e, "destination_workload", &dst.workload.as_str())?;
+        label(e, "destination_workload_namespace", &dst.namespace.as_str())?;
+        label(e, "destination_principal", &dst.principal.as_str())?;
+        let c = &dst.canonical;
+        label(e, "destination_app", &c.app.as_str())?;
+        label(e, "destination_version", &c.version.as_str())?;
         label(e, "destination_service", &self.destination_service)?;
         label(e, "destination_service_name", &service_name)?;
         label(e, "destination_service_namespace", &service_namespace)?;
-        label(e, "destination_canonical_service", &dst.service.as_str())?;
-        label(e, "destination_canonical_revision", &dst.revision.as_str())?;
-        label(e, "destination_cluster", &dst.cluster.as_str())?;
+        label(e, "destination_canonical_service", &c.service.as_str())?;
+        label(e, "destination_canonical_revision", &c.revision.as_str())?;
+        label(e, "destination_cluster", &c.cluster.as_str())?;
         label(e, "request_protocol", &self.request_protocol)
     }
 }
 
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, mut e: LabelSetEncoder) -> fmt::Result {
-        Common {
-            reporter: self.reporter,
-            source_workload: &self.source_workload,
-            source_workload_namespace: &self.source_workload_namespace,
-            source_principal: &self.source_principal,
-            destination_workload: &self.destination_workload,
-            destination_workload_namespace: &self.destination_workload_namespace,
-            destination_principal: &self.destination_principal,
-            source_canonical: &self.source_canonical,
-            destination_canonical: &self.destination_canonical,
-            destination_service: &self.destination_service,
-            request_protocol: self.request_protocol,
-        }
-        .encode(&mut e)?;
+        self.peers.encode(&mut e)?;
         label(&mut e, "response_code", &self.response_code)?;
         label(&mut e, "grpc_response_status", &self.grpc_response_status)?;
         label(&mut e, "response_flags", &self.response_flags)?;
@@ -161,20 +117,7 @@ impl EncodeLabelSet for RequestLabels {
 
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, mut e: LabelSetEncoder) -> fmt::Result {
-        Common {
-            reporter: self.reporter,
-            source_workload: &self.source_workload,
-            source_workload_namespace: &self.source_workload_namespace,
-            source_principal: &self.source_principal,
-            destination_workload: &self.destination_workload,
-            destination_workload_namespace: &self.destination_workload_namespace,
-            destination_principal: &self.destination_principal,
-            source_canonical: &self.source_canonical,
-            destination_canonical: &self.destination_canonical,
-            destination_service: &self.destination_service,
-            request_protocol: self.request_protocol,
-        }
-        .encode(&mut e)?;
+        self.peers.encode(&mut e)?;
         label(&mut e, "response_flags", &self.response_flags)?;
         label(
             &mut e,
@@ -214,7 +157,7 @@ pub struct TcpMetrics {
 }
 
 /// One side of a request as its labels name it; `unknown` where not known.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PeerLabels {
     pub workload: Arc<String>,
     pub namespace: Arc<String>,
@@ -527,17 +470,12 @@ mod tests {
         for _ in 0..2 {
             let dst = PeerLabels::destination(Some("echo-v1;demo;echo;v1;Kubernetes"), None, None);
             let labels = RequestLabels {
-                reporter: "waypoint",
-                source_workload: src.workload.clone(),
-                source_workload_namespace: src.namespace.clone(),
-                source_principal: src.principal.clone(),
-                destination_workload: dst.workload,
-                destination_workload_namespace: dst.namespace,
-                destination_principal: dst.principal,
-                source_canonical: src.canonical.clone(),
-                destination_canonical: dst.canonical,
-                destination_service: "echo.demo.svc.cluster.local".into(),
-                request_protocol: "http",
+                peers: PeerPair {
+                    source: src.clone(),
+                    destination: dst,
+                    destination_service: "echo.demo.svc.cluster.local".into(),
+                    request_protocol: "http",
+                },
                 response_code: 200,
                 grpc_response_status: String::new(),
                 response_flags: "-",

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 
 use crate::config::runtime::{ClusterConfig, Route};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, PeerPair, RequestLabels};
 use crate::serve::Downstream;
 use crate::upstream::balancer::EndpointState;
 use crate::upstream::Body;
@@ -83,23 +83,18 @@ impl Drop for Record {
             None => &self.metrics.unknown_destination,
         };
         let labels = RequestLabels {
-            reporter: "waypoint",
-            source_workload: src.workload.clone(),
-            source_workload_namespace: src.namespace.clone(),
-            source_principal: src.principal.clone(),
-            destination_workload: dst.workload.clone(),
-            destination_workload_namespace: dst.namespace.clone(),
-            destination_principal: dst.principal.clone(),
-            source_canonical: src.canonical.clone(),
-            destination_canonical: dst.canonical.clone(),
-            // From the configuration, never from the client's Host: that
-            // would let any client add series without bound.
-            destination_service: i
-                .cluster
-                .as_ref()
-                .map(|c| service_of_cluster(&c.name).to_string())
-                .unwrap_or_else(|| "unknown".into()),
-            request_protocol: i.protocol,
+            peers: PeerPair {
+                source: src.clone(),
+                destination: dst.clone(),
+                // From the configuration, never from the client's Host: that
+                // would let any client add series without bound.
+                destination_service: i
+                    .cluster
+                    .as_ref()
+                    .map(|c| service_of_cluster(&c.name).to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                request_protocol: i.protocol,
+            },
             response_code: self.status.as_u16(),
             grpc_response_status: self.grpc_status.take().unwrap_or_default(),
             response_flags: i.flags,

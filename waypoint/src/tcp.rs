@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use crate::config::runtime::{EndpointConfig, TcpChain};
-use crate::metrics::{PeerLabels, TcpLabels};
+use crate::metrics::{PeerLabels, PeerPair, TcpLabels};
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::serve::Downstream;
 use crate::upstream::balancer::Outcome;
@@ -74,21 +74,15 @@ async fn pipe<D>(
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let src = &ds.source_labels;
     let name = &chain.cluster.name;
     let labels = TcpLabels {
-        reporter: "waypoint",
-        source_workload: src.workload.clone(),
-        source_workload_namespace: src.namespace.clone(),
-        source_principal: src.principal.clone(),
-        destination_workload: dst.workload,
-        destination_workload_namespace: dst.namespace,
-        destination_principal: dst.principal,
-        source_canonical: src.canonical.clone(),
-        destination_canonical: dst.canonical,
-        // `outbound|port|subset|host`: the Service's host.
-        destination_service: name.rsplit('|').next().unwrap_or(name).to_string(),
-        request_protocol: "tcp",
+        peers: PeerPair {
+            source: ds.source_labels.clone(),
+            destination: dst,
+            // `outbound|port|subset|host`: the Service's host.
+            destination_service: name.rsplit('|').next().unwrap_or(name).to_string(),
+            request_protocol: "tcp",
+        },
         response_flags: "-",
         connection_security_policy: "mutual_tls",
     };

@@ -14,57 +14,6 @@ use std::sync::Arc;
 use waypoint::app::Running as Waypoint;
 use ztunnel::identity::CaClient;
 
-/// The echo Service (ClusterIP 10.96.0.10, as the client dials), its one
-/// pod outside the mesh (plain TCP to the loopback backend), the waypoint
-/// Gateway `wp` and its pod `wp-1` on node-a.
-fn manifests(backend_port: u16, extra: &str) -> String {
-    format!(
-        r#"{ns}---
-apiVersion: v1
-kind: Pod
-metadata:
-  name: echo-1
-  namespace: demo
-  labels: {{app: echo, istio.io/dataplane-mode: none}}
-spec:
-  nodeName: node-b
-  serviceAccountName: echo
-  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {backend_port}}}]}}]
-status:
-  podIP: 127.0.0.1
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: wp-1
-  namespace: demo
-  labels: {{gateway.networking.k8s.io/gateway-name: wp}}
-spec:
-  nodeName: node-a
-  serviceAccountName: wp
-  containers: [{{name: waypoint, image: waypoint}}]
-status:
-  podIP: 10.244.1.99
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: demo, labels: {{istio.io/use-waypoint: wp}}}}
-spec:
-  selector: {{app: echo}}
-  clusterIP: 10.96.0.10
-  ports: [{{port: 80, targetPort: http}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: wp, namespace: demo}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
-{extra}"#,
-        ns = common::NS
-    )
-}
-
 struct Mesh {
     server: xds::Running,
     wp: Waypoint,
@@ -73,7 +22,7 @@ struct Mesh {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-/// The control plane serving `manifests(.., extra)`, and a waypoint
+/// The control plane serving `common::waypoint_mesh(.., extra)`, and a waypoint
 /// configured by it (as pod `wp-1` on node-a), ready.
 async fn mesh(extra: &str) -> Mesh {
     let backend = wcommon::backend("echo").await;
@@ -81,7 +30,7 @@ async fn mesh(extra: &str) -> Mesh {
     common::write(
         dir.path(),
         "mesh.yaml",
-        &manifests(backend.addr.port(), extra),
+        &common::waypoint_mesh("127.0.0.1", backend.addr.port(), extra),
     );
     let server = common::start(dir.path()).await;
     let w = in_process_waypoint::start_waypoint(&server).await;

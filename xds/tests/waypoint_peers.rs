@@ -11,77 +11,30 @@ mod wcommon;
 
 use std::net::IpAddr;
 
-/// The echo Service with its one pod outside the mesh (127.0.0.2, where
-/// the backend listens), the waypoint Gateway `wp` and its pod, and the
-/// client: a Deployment's pod `shell` at 127.0.0.1 (the address the test
-/// clients' tunnels name as their source), service account `sleep`.
-fn manifests(backend_port: u16) -> String {
-    format!(
-        r#"{ns}---
+/// The client: a Deployment's pod `shell` at 127.0.0.1 (the address the
+/// test clients' tunnels name as their source), service account `sleep`;
+/// the echo pod is at 127.0.0.2, where the backend listens.
+const CLIENT: &str = r#"---
 apiVersion: v1
 kind: Namespace
 metadata:
   name: default
-  labels: {{istio.io/dataplane-mode: ambient}}
+  labels: {istio.io/dataplane-mode: ambient}
 ---
 apiVersion: v1
 kind: Pod
 metadata:
   name: shell-5d8f7c9b4-x2x9z
   namespace: default
-  labels: {{app: shell, version: v2, pod-template-hash: 5d8f7c9b4}}
-  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: shell-5d8f7c9b4, uid: rs-1, controller: true}}]
+  labels: {app: shell, version: v2, pod-template-hash: 5d8f7c9b4}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: shell-5d8f7c9b4, uid: rs-1, controller: true}]
 spec:
   nodeName: node-a
   serviceAccountName: sleep
-  containers: [{{name: app, image: app}}]
+  containers: [{name: app, image: app}]
 status:
   podIP: 127.0.0.1
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: echo-1
-  namespace: demo
-  labels: {{app: echo, istio.io/dataplane-mode: none}}
-spec:
-  nodeName: node-b
-  serviceAccountName: echo
-  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {backend_port}}}]}}]
-status:
-  podIP: 127.0.0.2
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: wp-1
-  namespace: demo
-  labels: {{gateway.networking.k8s.io/gateway-name: wp}}
-spec:
-  nodeName: node-a
-  serviceAccountName: wp
-  containers: [{{name: waypoint, image: waypoint}}]
-status:
-  podIP: 10.244.1.99
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: demo, labels: {{istio.io/use-waypoint: wp}}}}
-spec:
-  selector: {{app: echo}}
-  clusterIP: 10.96.0.10
-  ports: [{{port: 80, targetPort: http}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: wp, namespace: demo}}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
-"#,
-        ns = common::NS
-    )
-}
+"#;
 
 /// The `istio_requests_total` line whose labels include `with`.
 fn requests_line(metrics: &str, with: &str) -> Option<String> {
@@ -95,7 +48,8 @@ fn requests_line(metrics: &str, with: &str) -> Option<String> {
 async fn a_client_is_named_by_its_workload() {
     let backend = wcommon::backend_at("echo", "127.0.0.2:0".parse().unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
-    common::write(dir.path(), "mesh.yaml", &manifests(backend.addr.port()));
+    let mesh = common::waypoint_mesh("127.0.0.2", backend.addr.port(), CLIENT);
+    common::write(dir.path(), "mesh.yaml", &mesh);
     let server = common::start(dir.path()).await;
     let w = in_process_waypoint::start_waypoint(&server).await;
     let client_ip: IpAddr = "127.0.0.1".parse().unwrap();

@@ -184,3 +184,54 @@ pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The echo Service (ClusterIP 10.96.0.10, as the client dials), its one
+/// pod outside the mesh at `echo_ip` (plain TCP to the loopback backend),
+/// the waypoint Gateway `wp` and its pod `wp-1` on node-a; then `extra`.
+pub fn waypoint_mesh(echo_ip: &str, backend_port: u16, extra: &str) -> String {
+    format!(
+        r#"{ns}---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo-1
+  namespace: demo
+  labels: {{app: echo, istio.io/dataplane-mode: none}}
+spec:
+  nodeName: node-b
+  serviceAccountName: echo
+  containers: [{{name: app, image: app, ports: [{{name: http, containerPort: {backend_port}}}]}}]
+status:
+  podIP: {echo_ip}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: wp-1
+  namespace: demo
+  labels: {{gateway.networking.k8s.io/gateway-name: wp}}
+spec:
+  nodeName: node-a
+  serviceAccountName: wp
+  containers: [{{name: waypoint, image: waypoint}}]
+status:
+  podIP: 10.244.1.99
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: demo, labels: {{istio.io/use-waypoint: wp}}}}
+spec:
+  selector: {{app: echo}}
+  clusterIP: 10.96.0.10
+  ports: [{{port: 80, targetPort: http}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: wp, namespace: demo}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+{extra}"#,
+        ns = NS
+    )
+}
