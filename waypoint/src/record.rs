@@ -4,7 +4,8 @@
 //!
 //! The record rides inside the response body's frame mapper: it counts
 //! bytes (and picks up `grpc-status` from trailers) as frames pass, and
-//! its `Drop` writes everything out.
+//! its `Drop` writes everything out. A request that switched protocols
+//! hands its record to the tunnel instead ([`TunnelRecord`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -150,6 +151,31 @@ pub fn attach(
         f
     })
     .boxed_unsync()
+}
+
+/// The record of a request that switched protocols (WebSocket): written
+/// when its tunnel ends, so its duration and bytes cover the tunnel.
+pub struct TunnelRecord(Record);
+
+impl TunnelRecord {
+    /// Bytes the tunnel carried: to the backend, and to the client.
+    pub fn add(&mut self, to_upstream: u64, to_client: u64) {
+        self.0
+            .info
+            .request_bytes
+            .fetch_add(to_upstream, Ordering::Relaxed);
+        self.0.response_bytes += to_client;
+    }
+}
+
+pub fn for_tunnel(metrics: Arc<Metrics>, info: RequestInfo, status: StatusCode) -> TunnelRecord {
+    TunnelRecord(Record {
+        info,
+        status,
+        grpc_status: None,
+        response_bytes: 0,
+        metrics,
+    })
 }
 
 #[cfg(test)]

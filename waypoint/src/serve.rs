@@ -234,7 +234,8 @@ async fn drive_connection<C, E>(
 
 /// Joins the client's switched connection to the backend's, copying both
 /// ways until either ends; a failure ends the tunnel, logged at debug.
-async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+/// `rec` is written when it ends, with the bytes each way.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade, mut rec: record::TunnelRecord) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(both) => both,
         Err(e) => {
@@ -244,7 +245,10 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
     };
     let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((to_up, to_down)) => tracing::debug!(to_up, to_down, "upgraded connection closed"),
+        Ok((to_up, to_down)) => {
+            rec.add(to_up, to_down);
+            tracing::debug!(to_up, to_down, "upgraded connection closed")
+        }
         Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
     }
 }
@@ -451,22 +455,17 @@ pub async fn handle(
         upgrade.as_ref().map(|u| &u.0),
     )
     .await;
+    // The two sides of a protocol switch, once the backend agreed to it.
+    let mut switched = None;
     let mut resp = match resp {
         Outcome::Upstream(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
             match upgrade {
                 Some((_, down)) => {
-                    let up = hyper::upgrade::on(&mut r);
+                    switched = Some((down, hyper::upgrade::on(&mut r)));
                     let (mut rp, b) = r.into_parts();
                     let value = rp.headers.get(UPGRADE).cloned();
                     strip_hop_by_hop(&mut rp.headers);
                     keep_upgrade(&mut rp.headers, value);
-                    let t = Box::pin(tunnel(down, up));
-                    match affinity {
-                        Some(a) => a.set_upgraded(t),
-                        None => {
-                            proxy.drain.connections.spawn(t);
-                        }
-                    }
                     Response::from_parts(rp, b.map_err(Into::into).boxed_unsync())
                 }
                 // A switch the client did not ask for: it could not follow.
@@ -513,6 +512,19 @@ pub async fn handle(
         _ => None,
     };
     let (rp, b) = resp.into_parts();
+    if let Some((down, up)) = switched {
+        // Recorded when the tunnel ends, with its bytes, as Envoy records
+        // an upgraded stream.
+        let rec = record::for_tunnel(proxy.metrics.clone(), info, status);
+        let t = Box::pin(tunnel(down, up, rec));
+        match affinity {
+            Some(a) => a.set_upgraded(t),
+            None => {
+                proxy.drain.connections.spawn(t);
+            }
+        }
+        return Response::from_parts(rp, b);
+    }
     let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
     Response::from_parts(rp, b)
 }

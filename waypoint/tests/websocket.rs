@@ -187,7 +187,8 @@ async fn websocket_through(cluster_extra: &str) {
     assert_eq!(h["sec-websocket-version"], "13");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
 
-    // Recorded as any request, with the 101.
+    // Recorded as any request, with the 101, once the tunnel has ended:
+    // its bytes count (the greeting, the ping and the large echo).
     let mut metrics = String::new();
     for _ in 0..200 {
         metrics = admin_get(&wp, "/metrics").await;
@@ -202,6 +203,15 @@ async fn websocket_through(cluster_extra: &str) {
             .any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"101\"")),
         "{metrics}"
     );
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("response_code=\"101\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} for the 101:\n{metrics}"))
+    };
+    assert_eq!(sum("istio_request_bytes_sum{"), 200_004.0);
+    assert_eq!(sum("istio_response_bytes_sum{"), 200_010.0);
 }
 
 #[tokio::test]
