@@ -42,8 +42,13 @@ pub fn discover(cfg: &XdsConfig, trust_domain: &str, peers: Arc<Store>) -> anyho
         server_name: cfg.server_name.clone().unwrap_or_default(),
         token_file: cfg.token_file.clone(),
     };
-    // The name a node token is checked against, as for the main stream.
-    let node = cfg.node_name.clone().unwrap_or_else(|| cfg.node_id.clone());
+    // Named as on the main stream: the pod's node id (which istiod
+    // parses), and the node a token is checked against.
+    let node = ztunnel::xds::ClientNode {
+        id: cfg.node_id.clone(),
+        node_name: cfg.node_name.clone().unwrap_or_else(|| cfg.node_id.clone()),
+        user_agent: "waypoint",
+    };
     let (synced, _) = tokio::sync::watch::channel(false);
     ztunnel::xds::spawn(cp, node, trust_domain.to_string(), peers, synced)
         .context("starting workload discovery")

@@ -50,7 +50,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(addr) = &cfg.xds_address {
         xds::spawn(
             control_plane(addr)?,
-            cfg.node.clone(),
+            xds::ClientNode::ztunnel(&cfg.node),
             cfg.trust_domain.clone(),
             store.clone(),
             synced_tx,

@@ -203,26 +203,50 @@ struct Staged {
 
 const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
 
-fn node(name: &str) -> Node {
-    let mut md = prost_types::Struct::default();
-    md.fields.insert(
-        "NODE_NAME".into(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(name.into())),
-        },
-    );
-    Node {
-        id: name.to_string(),
-        metadata: Some(md),
-        user_agent_name: "ztunnel".into(),
-        ..Default::default()
+/// How a client names itself in its streams' first request.
+#[derive(Clone, Debug)]
+pub struct ClientNode {
+    /// `Node.id`.
+    pub id: String,
+    /// The node it runs on (`Node.metadata.NODE_NAME`), which a node token
+    /// is checked against.
+    pub node_name: String,
+    pub user_agent: &'static str,
+}
+
+impl ClientNode {
+    /// A ztunnel: named by its node.
+    pub fn ztunnel(node: &str) -> Self {
+        ClientNode {
+            id: node.to_string(),
+            node_name: node.to_string(),
+            user_agent: "ztunnel",
+        }
+    }
+
+    fn to_proto(&self) -> Node {
+        let mut md = prost_types::Struct::default();
+        md.fields.insert(
+            "NODE_NAME".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(
+                    self.node_name.clone(),
+                )),
+            },
+        );
+        Node {
+            id: self.id.clone(),
+            metadata: Some(md),
+            user_agent_name: self.user_agent.into(),
+            ..Default::default()
+        }
     }
 }
 
 /// Runs the ADS client until the process ends.
 pub fn spawn(
     cp: ControlPlane,
-    node_name: String,
+    node: ClientNode,
     trust_domain: String,
     store: Arc<Store>,
     synced: watch::Sender<bool>,
@@ -237,7 +261,7 @@ pub fn spawn(
             let r = stream_once(
                 &cp,
                 channel.clone(),
-                &node_name,
+                &node,
                 &trust_domain,
                 &mut cache,
                 &store,
@@ -273,7 +297,7 @@ pub fn spawn(
 async fn stream_once(
     cp: &ControlPlane,
     channel: Channel,
-    node_name: &str,
+    node: &ClientNode,
     trust_domain: &str,
     cache: &mut Cache,
     store: &Store,
@@ -284,7 +308,7 @@ async fn stream_once(
     let (tx, rx) = mpsc::channel(8);
     for (i, t) in TYPES.iter().enumerate() {
         tx.send(DeltaDiscoveryRequest {
-            node: (i == 0).then(|| node(node_name)),
+            node: (i == 0).then(|| node.to_proto()),
             type_url: t.to_string(),
             initial_resource_versions: cache.versions(t),
             ..Default::default()
