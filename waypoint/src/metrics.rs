@@ -127,6 +127,16 @@ impl EncodeLabelSet for TcpLabels {
     }
 }
 
+/// The Service of an Istio cluster name (`outbound|80||echo.demo.svc.cluster.local`),
+/// or the name itself.
+pub fn service_of_cluster(name: &str) -> &str {
+    let mut parts = name.splitn(4, '|');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("outbound" | "inbound"), Some(_), Some(_), Some(host)) if !host.is_empty() => host,
+        _ => name,
+    }
+}
+
 /// Istio's `destination_service_name` and `destination_service_namespace`
 /// of a service host: a Kubernetes Service's `name.ns.svc.<domain>` gives
 /// both; any other host (a ServiceEntry's, a cluster Istio did not name)
@@ -415,6 +425,21 @@ impl Metrics {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn service_of_cluster() {
+        use super::service_of_cluster as s;
+        assert_eq!(
+            s("outbound|80||echo.demo.svc.cluster.local"),
+            "echo.demo.svc.cluster.local"
+        );
+        assert_eq!(
+            s("outbound|80|v1|echo.demo.svc.cluster.local"),
+            "echo.demo.svc.cluster.local"
+        );
+        assert_eq!(s("backend"), "backend");
+        assert_eq!(s("a|b"), "a|b");
+    }
 
     #[test]
     fn service_name_and_namespace_of_a_host() {

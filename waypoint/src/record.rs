@@ -92,7 +92,7 @@ impl Drop for Record {
                 destination_service: i
                     .cluster
                     .as_ref()
-                    .map(|c| service_of_cluster(&c.name).to_string())
+                    .map(|c| crate::metrics::service_of_cluster(&c.name).to_string())
                     .unwrap_or_else(|| "unknown".into()),
                 request_protocol: i.protocol,
             },
@@ -107,16 +107,6 @@ impl Drop for Record {
             req_bytes,
             self.response_bytes,
         );
-    }
-}
-
-/// The Service of an Istio cluster name (`outbound|80||echo.demo.svc.cluster.local`),
-/// or the name itself.
-fn service_of_cluster(name: &str) -> &str {
-    let mut parts = name.splitn(4, '|');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("outbound" | "inbound"), Some(_), Some(_), Some(host)) if !host.is_empty() => host,
-        _ => name,
     }
 }
 
@@ -176,22 +166,4 @@ pub fn for_tunnel(metrics: Arc<Metrics>, info: RequestInfo, status: StatusCode) 
         response_bytes: 0,
         metrics,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn service_of_cluster() {
-        use super::service_of_cluster as s;
-        assert_eq!(
-            s("outbound|80||echo.demo.svc.cluster.local"),
-            "echo.demo.svc.cluster.local"
-        );
-        assert_eq!(
-            s("outbound|80|v1|echo.demo.svc.cluster.local"),
-            "echo.demo.svc.cluster.local"
-        );
-        assert_eq!(s("backend"), "backend");
-        assert_eq!(s("a|b"), "a|b");
-    }
 }

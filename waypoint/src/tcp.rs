@@ -79,8 +79,7 @@ async fn pipe<D>(
         peers: PeerPair {
             source: ds.source_labels.clone(),
             destination: dst,
-            // `outbound|port|subset|host`: the Service's host.
-            destination_service: name.rsplit('|').next().unwrap_or(name).to_string(),
+            destination_service: crate::metrics::service_of_cluster(name).to_string(),
             request_protocol: "tcp",
         },
         response_flags: "-",

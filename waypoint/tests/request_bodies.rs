@@ -17,7 +17,6 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use waypoint::app::Running;
@@ -39,22 +38,9 @@ async fn body_backend() -> (SocketAddr, Arc<Seen>) {
     let addr = l.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
     let st = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
-                    async move { Ok::<_, Infallible>(answer(&st, req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
+    serve(l, move |req| {
+        let st = st.clone();
+        async move { answer(&st, req).await }
     });
     (addr, seen)
 }

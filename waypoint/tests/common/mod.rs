@@ -98,6 +98,35 @@ impl Backend {
 
 type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// Answers every request on every connection `l` accepts with `answer`
+/// (HTTP/1.1 or HTTP/2), in the background.
+pub fn serve<F, Fut, B>(l: TcpListener, answer: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let out = answer(req);
+                    async move { Ok::<_, Infallible>(out.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
 /// A backend answering `<name> <path>`; `x-delay-ms` delays the answer;
 /// gRPC requests get a gRPC answer (`grpc-status: 0` trailer) naming the
 /// backend and the method.
@@ -111,24 +140,9 @@ pub async fn backend_at(name: &str, at: SocketAddr) -> Backend {
     let state = Arc::new(BackendState::default());
     let st = state.clone();
     let n = name.to_string();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let st = st.clone();
-            let n = n.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
-                    let n = n.clone();
-                    async move { Ok::<_, Infallible>(answer(&n, &st, req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
+    serve(l, move |req| {
+        let (st, n) = (st.clone(), n.clone());
+        async move { answer(&n, &st, req).await }
     });
     Backend {
         name: name.to_string(),
