@@ -160,9 +160,10 @@ pub async fn forward(
         };
         // A protocol switch is not mirrored: the shadow's tunnel would have
         // no client.
-        let mirrors = match crate::upstream::is_upgrade(&parts.headers) {
-            true => &[][..],
-            false => &f.mirrors[..],
+        let mirrors = if crate::upstream::is_upgrade(&parts.headers) {
+            &[][..]
+        } else {
+            &f.mirrors[..]
         };
         for (mc, fraction) in mirrors {
             if fastrand::f64() >= *fraction {
@@ -296,7 +297,7 @@ async fn attempt_all(
     info: &mut RequestInfo,
     affinity: Option<&Affinity>,
 ) -> Result<Attempt, SendError> {
-    let body = match body {
+    let (resend, first) = match body {
         ReqBody::Streaming(b) => {
             info.attempts = 1;
             // Sent once: the request itself goes, not a copy.
@@ -308,7 +309,6 @@ async fn attempt_all(
         }
         ReqBody::Resendable(resend, first) => (resend, first),
     };
-    let (resend, first) = body;
     // Mirrors read alongside the attempts, so what is kept stays for them.
     let done = |resend: &Resend| {
         if f.mirrors.is_empty() {
