@@ -13,7 +13,7 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use crate::config::runtime::{ClusterConfig, Forward, PathMatch, Retry, Route, WeightedCluster};
 use crate::record::RequestInfo;
@@ -25,7 +25,8 @@ use crate::upstream::{Attempt, Body, SendError, Upstream};
 /// What forwarding produced: an upstream response, or a status to answer
 /// locally with an Envoy-style response flag.
 pub enum Outcome {
-    Upstream(Response<Incoming>),
+    /// The backend's response (its body limited by the route timeout).
+    Upstream(Response<Body>),
     /// A response made here (direct response, redirect).
     Ready(Response<Body>),
     Local(StatusCode, &'static str, &'static str),
@@ -178,7 +179,9 @@ pub async fn forward(
         ReqBody::Streaming(body)
     };
 
-    // Pinned in place, here (see `RequestEnd::within`); the block ends the
+    // The route timeout's, for the response head and then its body.
+    let mut deadline = f.timeout.map(|t| end.deadline(t));
+    // Pinned in place, here (see `Deadline::bound`); the block ends the
     // borrows it holds.
     let result = {
         let mut attempts = std::pin::pin!(attempt_all(
@@ -191,8 +194,8 @@ pub async fn forward(
             info,
             affinity,
         ));
-        match f.timeout {
-            Some(t) => match end.within(t, attempts.as_mut()).await {
+        match &mut deadline {
+            Some(d) => match d.bound(attempts.as_mut()).await {
                 Some(r) => r,
                 None => {
                     return Outcome::Local(
@@ -210,7 +213,16 @@ pub async fn forward(
             info.endpoint = Some(a.endpoint);
             // The route's come after (where local replies get them too).
             picked.response_headers.apply(a.response.headers_mut());
-            Outcome::Upstream(a.response)
+            // A switched protocol's tunnel is not a response body: it
+            // outlives the route timeout.
+            let limited = deadline.filter(|_| {
+                a.response.status() != StatusCode::SWITCHING_PROTOCOLS
+                    && !a.response.body().is_end_stream()
+            });
+            Outcome::Upstream(a.response.map(|b| match limited {
+                Some(d) => d.limit(b),
+                None => b.map_err(Into::into).boxed_unsync(),
+            }))
         }
         Err(e) => match e {
             SendError::NoEndpoint(_) => Outcome::Local(
@@ -332,7 +344,8 @@ async fn attempt_all(
         let mut sent = std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
         let res = match retry.per_try_timeout {
             Some(t) => end
-                .within(t, sent.as_mut())
+                .deadline(t)
+                .bound(sent.as_mut())
                 .await
                 .unwrap_or(Err(SendError::Timeout)),
             None => sent.await,

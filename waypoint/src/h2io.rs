@@ -108,3 +108,14 @@ impl AsyncWrite for H2Io {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Dropped, the stream ends as a dropped TCP socket does (a FIN, not a
+/// reset): what was written still reaches the client, and h2 then resets
+/// the client's side, if still open, with NO_ERROR (RFC 9113 8.1: the
+/// response is complete). hyper drops its connection without shutting it
+/// down when it closes after a response (`Connection: close`).
+impl Drop for H2Io {
+    fn drop(&mut self) {
+        let _ = self.send.send_data(Bytes::new(), true);
+    }
+}

@@ -2,7 +2,7 @@
 //! written once, when the response body ends (or is abandoned), so the
 //! duration and byte counts cover the whole exchange.
 //!
-//! The record rides inside the response body's frame mapper: it counts
+//! The record rides inside the response body ([`attach`]): it counts
 //! bytes (and picks up `grpc-status` from trailers) as frames pass, and
 //! its `Drop` writes everything out. A request that switched protocols
 //! hands its record to the tunnel instead ([`TunnelRecord`]).
@@ -11,15 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Frame;
+use hyper::body::{Frame, SizeHint};
 
 use crate::config::runtime::{ClusterConfig, Route};
 use crate::metrics::{Metrics, PeerPair, RequestLabels};
+use crate::request_end::RouteTimeout;
 use crate::serve::Downstream;
 use crate::upstream::balancer::EndpointState;
+use crate::upstream::connector::BoxError;
 use crate::upstream::Body;
 
 /// What is known of a request by the time its response starts. Shared
@@ -118,29 +123,63 @@ pub fn attach(
     grpc_status: Option<String>,
     body: Body,
 ) -> Body {
-    let mut rec = Record {
-        info,
-        status,
-        grpc_status,
-        response_bytes: 0,
-        metrics,
-    };
-    body.map_frame(move |f: Frame<Bytes>| {
-        // Names `rec` whole, so the closure owns it (and its Drop).
-        let rec = &mut rec;
-        if let Some(d) = f.data_ref() {
-            rec.response_bytes += d.len() as u64;
-        } else if let Some(t) = f.trailers_ref() {
-            if let Some(g) = t
-                .get(crate::serve::GRPC_STATUS)
-                .and_then(|v| v.to_str().ok())
-            {
-                rec.grpc_status = Some(g.to_string());
-            }
-        }
-        f
-    })
+    Recorded {
+        inner: body,
+        rec: Record {
+            info,
+            status,
+            grpc_status,
+            response_bytes: 0,
+            metrics,
+        },
+    }
     .boxed_unsync()
+}
+
+/// A response body with its request's record: counts the bytes, picks up
+/// `grpc-status` from trailers, and notes a body cut by the route timeout.
+struct Recorded {
+    inner: Body,
+    rec: Record,
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let rec = &mut this.rec;
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    rec.response_bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    if let Some(g) = t
+                        .get(crate::serve::GRPC_STATUS)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        rec.grpc_status = Some(g.to_string());
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) if e.is::<RouteTimeout>() => rec.info.flags = "UT",
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The record of a request that switched protocols (WebSocket): written

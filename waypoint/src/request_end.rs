@@ -6,6 +6,14 @@
 //! the [`RequestEnd`] when the body ends (or fails, or is dropped unread:
 //! the request is over either way). A body that is empty from the start
 //! (most requests) needs no signal at all.
+//!
+//! A [`Deadline`] runs out a given time after that. The route timeout's
+//! covers the whole response, as Envoy's does: the same deadline bounds
+//! the wait for the response head and then the response body
+//! ([`Deadline::limit`]), which ends with [`RouteTimeout`] if the backend
+//! has not finished by then (a stream that outlives it is reset). A
+//! per-try timeout covers its attempt up to the response head only: once
+//! the response has started there is nothing left to retry.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,23 +38,83 @@ pub enum RequestEnd {
 }
 
 impl RequestEnd {
-    /// Runs `f` for at most `t` after the request has ended; `None` when
-    /// the time ran out. `f` comes pinned by the caller: taken by value it
-    /// would be stored twice in this future (as argument and in the
-    /// select), and a request's future is copied whole into its box.
-    pub async fn within<F: Future>(&self, t: Duration, f: Pin<&mut F>) -> Option<F::Output> {
-        let deadline = async {
-            if let RequestEnd::Later(rx) = self {
+    /// A deadline `t` after the request has ended.
+    pub fn deadline(&self, t: Duration) -> Deadline {
+        let end = self.clone();
+        Deadline(Box::pin(async move {
+            if let RequestEnd::Later(mut rx) = end {
                 // An error: the body was dropped, which also ends it.
-                let _ = rx.clone().wait_for(|ended| *ended).await;
+                let _ = rx.wait_for(|ended| *ended).await;
             }
             tokio::time::sleep(t).await;
-        };
+        }))
+    }
+}
+
+/// A time limit that starts when the request ends (see
+/// [`RequestEnd::deadline`]). Boxed: only routes with a timeout make one,
+/// so it costs the others nothing in their request's future.
+pub struct Deadline(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl Deadline {
+    /// Runs `f` until the deadline; `None` when the deadline came first.
+    /// `f` comes pinned by the caller: taken by value it would be stored
+    /// twice in this future (as argument and in the select), and a
+    /// request's future is copied whole into its box.
+    pub async fn bound<F: Future>(&mut self, f: Pin<&mut F>) -> Option<F::Output> {
         tokio::select! {
             biased;
             out = f => Some(out),
-            () = deadline => None,
+            () = self.0.as_mut() => None,
         }
+    }
+
+    /// `body`, ended with [`RouteTimeout`] if it is not complete by the
+    /// deadline.
+    pub fn limit(self, body: Incoming) -> Body {
+        Limited {
+            inner: body,
+            deadline: self,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// How a response body ends when the route's timeout passes before the
+/// backend has finished it. The client sees its stream reset (HTTP/2) or
+/// its connection closed (HTTP/1.1); telemetry flags it `UT`.
+#[derive(Debug, thiserror::Error)]
+#[error("route timeout passed before the response was complete")]
+pub struct RouteTimeout;
+
+struct Limited {
+    inner: Incoming,
+    deadline: Deadline,
+}
+
+impl hyper::body::Body for Limited {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.0.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(RouteTimeout)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

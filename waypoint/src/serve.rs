@@ -21,10 +21,11 @@
 //! whatever the cluster speaks. When the backend answers 101, the client
 //! gets the 101 and the connection's task then copies bytes both ways
 //! between the two switched connections until either ends; any other answer
-//! is passed back as usual. Other upgrades (e.g. `h2c`) are not honoured:
-//! their headers are dropped as hop-by-hop and the request goes on as a
-//! plain one, which a server may always do (RFC 9110 7.8). HTTP/2's
-//! extended CONNECT is not supported.
+//! is passed back as usual. An `h2c` upgrade is not honoured: its headers
+//! are dropped as hop-by-hop and the request goes on as a plain one, which
+//! a server may always do (RFC 9110 7.8). Any other upgrade is refused
+//! with 403 and the connection closed, as Envoy does. HTTP/2's extended
+//! CONNECT is not supported.
 //!
 //! An HTTP/1.1 connection's task also drives the upstream connections its
 //! requests use ([`crate::upstream::affinity`]), so a request crosses the
@@ -357,6 +358,30 @@ fn websocket_upgrade(version: http::Version, h: &HeaderMap) -> Option<HeaderValu
     (websocket && crate::upstream::is_upgrade(h)).then(|| v.clone())
 }
 
+/// Whether `h` asks to switch to a protocol other than WebSocket (which
+/// [`websocket_upgrade`] lets through) and `h2c`. Envoy refuses those
+/// with 403, as Istio configures no other upgrade, and closes the
+/// connection: bytes of the other protocol may follow the request, and
+/// read as HTTP they could smuggle requests past policy. An `h2c` upgrade
+/// is only dropped (its headers are hop-by-hop), as Envoy does, since a
+/// server may always ignore one.
+fn refused_upgrade(h: &HeaderMap) -> bool {
+    crate::upstream::is_upgrade(h)
+        && !h
+            .get_all(UPGRADE)
+            .iter()
+            .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"))
+}
+
+/// Envoy's answer to a refused upgrade: 403, empty, and the connection
+/// closes after it.
+fn upgrade_refused() -> Response<Body> {
+    let mut r = local(StatusCode::FORBIDDEN, "");
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// Puts back what [`strip_hop_by_hop`] took from an upgrade: only the
 /// upgrade itself goes on in `Connection`.
 fn keep_upgrade(h: &mut HeaderMap, upgrade: Option<HeaderValue>) {
@@ -466,7 +491,7 @@ pub async fn handle(
                     let value = rp.headers.get(UPGRADE).cloned();
                     strip_hop_by_hop(&mut rp.headers);
                     keep_upgrade(&mut rp.headers, value);
-                    Response::from_parts(rp, b.map_err(Into::into).boxed_unsync())
+                    Response::from_parts(rp, b)
                 }
                 // A switch the client did not ask for: it could not follow.
                 None => {
@@ -480,10 +505,9 @@ pub async fn handle(
                 }
             }
         }
-        Outcome::Upstream(r) => {
-            let (mut rp, b) = r.into_parts();
-            strip_hop_by_hop(&mut rp.headers);
-            Response::from_parts(rp, b.map_err(Into::into).boxed_unsync())
+        Outcome::Upstream(mut r) => {
+            strip_hop_by_hop(r.headers_mut());
+            r
         }
         Outcome::Ready(r) => r,
         Outcome::Local(status, flag, body) => {
@@ -573,6 +597,9 @@ async fn route_and_run(
             Outcome::Local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
         );
     };
+    if upgrade.is_none() && refused_upgrade(&parts.headers) {
+        return (Some(route), Outcome::Ready(upgrade_refused()));
+    }
     strip_hop_by_hop(&mut parts.headers);
     if let Some(v) = upgrade {
         keep_upgrade(&mut parts.headers, Some(v.clone()));

@@ -3,7 +3,14 @@
 
 mod common;
 
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
 use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 
 #[tokio::test]
 async fn request_timeout_gives_504() {
@@ -22,6 +29,83 @@ async fn request_timeout_gives_504() {
     let r = c.get("/", &[("x-delay-ms", "3000")]).await;
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(c.get("/", &[]).await.status, 200);
+}
+
+/// A backend whose answer to `/stall/<ms>` is a head and a first chunk at
+/// once, the last chunk `<ms>` later.
+async fn trickling_backend() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    serve(l, |req: Request<Incoming>| async move {
+        let ms: u64 = req.uri().path()[7..].parse().unwrap();
+        let chunks = futures::stream::unfold(0, move |n| async move {
+            match n {
+                0 => Some((Ok::<_, Infallible>(Frame::data(Bytes::from("first "))), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Some((Ok(Frame::data(Bytes::from("last"))), 2))
+                }
+                _ => None,
+            }
+        });
+        Response::new(StreamBody::new(chunks))
+    });
+    addr
+}
+
+/// The route timeout spans the whole response, as Envoy's: a body still
+/// coming when it passes is cut (the client gets the head, then an error),
+/// and the request is flagged `UT` with the status the client saw.
+#[tokio::test]
+async fn the_route_timeout_cuts_a_response_body_still_coming() {
+    let ca = ca();
+    let addr = trickling_backend().await;
+    let routes = "          - match: {prefix: /}
+            route: {cluster: trickle, timeout: 0.4s}
+";
+    let wp = waypoint(
+        ca.clone(),
+        &config("[]", routes, &cluster("trickle", &[addr], "")),
+        "waypoint",
+    )
+    .await;
+    let c = client(ca, "client", &wp);
+    let get = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .header("host", "echo.default.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // In time: untouched.
+    let mut h1 = c.h1(VIP).await;
+    assert_eq!(send(&mut h1, get("/stall/50")).await.body, "first last");
+    // Not in time, over HTTP/1.1 and over HTTP/2.
+    let started = std::time::Instant::now();
+    let resp = h1.send_request(get("/stall/5000")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err());
+    let mut h2 = c.h2(VIP).await;
+    let resp = h2
+        .send_request(get("http://echo.default.svc.cluster.local/stall/5000"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    assert!(body.frame().await.unwrap().is_err());
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let metrics = admin_get(&wp, "/metrics").await;
+    let cut = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(r#"response_flags="UT""#)
+                && l.contains(r#"response_code="200""#)
+        })
+        .unwrap_or_else(|| panic!("no cut request in:\n{metrics}"));
+    assert!(cut.ends_with(" 2"), "{cut}");
 }
 
 #[tokio::test]

@@ -346,7 +346,7 @@ async fn a_backend_refusing_the_upgrade_is_passed_back() {
 }
 
 #[tokio::test]
-async fn other_upgrades_are_forwarded_as_plain_requests() {
+async fn an_h2c_upgrade_is_dropped_and_other_upgrades_are_refused() {
     let ca = ca();
     let (addr, seen) = ws_backend().await;
     let yaml = config("[]", &route_to("ws"), &cluster("ws", &[addr], ""));
@@ -364,6 +364,15 @@ async fn other_upgrades_are_forwarded_as_plain_requests() {
     for gone in ["upgrade", "connection", "http2-settings"] {
         assert!(h.get(gone).is_none(), "{gone} forwarded: {h:?}");
     }
+    // Any other protocol: 403, as Envoy answers, without reaching the
+    // backend, and the connection closes (what follows may not be HTTP).
+    let mut s = h1_upgradable(&c).await;
+    let r = send(&mut s, upgrade_request("/ws", "Upgrade", "foo/2")).await;
+    assert_eq!(r.status.as_u16(), 403);
+    assert_eq!(r.headers["connection"], "close");
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.ready()).await;
+    assert!(matches!(closed, Ok(Err(_))), "connection still open");
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
 /// A destination-side HBONE terminator passing TCP for `backend` through.
