@@ -18,6 +18,7 @@ pub struct H2Io {
     recv: h2::RecvStream,
     pending: Bytes,
     eof: bool,
+    end_on_drop: bool,
 }
 
 impl H2Io {
@@ -27,7 +28,18 @@ impl H2Io {
             recv: s.recv,
             pending: Bytes::new(),
             eof: false,
+            end_on_drop: false,
         }
+    }
+
+    /// Dropped, the stream is to end as a closed TCP socket does (a FIN),
+    /// not be reset. For HTTP: hyper drops a connection it closes after a
+    /// response (`Connection: close`) without shutting it down, and a
+    /// reset would lose the response still queued; HTTP's own framing
+    /// tells the client of a response cut short. Opaque TCP keeps the
+    /// reset, which is how a failure reaches the client.
+    pub fn end_on_drop(&mut self) {
+        self.end_on_drop = true;
     }
 }
 
@@ -109,13 +121,13 @@ impl AsyncWrite for H2Io {
     }
 }
 
-/// Dropped, the stream ends as a dropped TCP socket does (a FIN, not a
-/// reset): what was written still reaches the client, and h2 then resets
-/// the client's side, if still open, with NO_ERROR (RFC 9113 8.1: the
-/// response is complete). hyper drops its connection without shutting it
-/// down when it closes after a response (`Connection: close`).
+/// With [`H2Io::end_on_drop`], what was written still reaches the client,
+/// and h2 then resets the client's side, if still open, with NO_ERROR
+/// (RFC 9113 8.1: the response is complete).
 impl Drop for H2Io {
     fn drop(&mut self) {
-        let _ = self.send.send_data(Bytes::new(), true);
+        if self.end_on_drop {
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
     }
 }

@@ -140,9 +140,10 @@ async fn serve_stream(
         ChainKind::Http(http) => {
             let http = http.clone();
             drop(cfg);
-            let Some(io) = accept(&mut respond, req) else {
+            let Some(mut io) = accept(&mut respond, req) else {
                 return;
             };
+            io.end_on_drop();
             serve_http(proxy, io, ds, http).await;
         }
         ChainKind::Tcp(tcp) => {
@@ -174,7 +175,6 @@ async fn sniff_and_serve(
             return;
         }
     };
-    let io = crate::sniff::Prefixed::new(prefix, io);
     let ds = Arc::new(Downstream::new(
         &proxy.peers,
         Some(src_id),
@@ -193,8 +193,15 @@ async fn sniff_and_serve(
         }
     };
     match kind {
-        ChainKind::Http(http) => serve_http(proxy, io, ds, http).await,
-        ChainKind::Tcp(tcp) => crate::tcp::serve_accepted(proxy, ds, tcp, io).await,
+        ChainKind::Http(http) => {
+            io.end_on_drop();
+            let io = crate::sniff::Prefixed::new(prefix, io);
+            serve_http(proxy, io, ds, http).await
+        }
+        ChainKind::Tcp(tcp) => {
+            let io = crate::sniff::Prefixed::new(prefix, io);
+            crate::tcp::serve_accepted(proxy, ds, tcp, io).await
+        }
     }
 }
 
