@@ -23,6 +23,11 @@ async fn greeter() -> SocketAddr {
                 let _ = s.write_all(b"hello from tcp\n").await;
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = s.read(&mut buf).await {
+                    if &buf[..n] == b"reset" {
+                        // Dropped with a zero linger: a TCP reset.
+                        let _ = s.set_zero_linger();
+                        break;
+                    }
                     if n == 0 || s.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -79,6 +84,12 @@ clusters:
     io.read_exact(&mut greeting).await.unwrap();
     assert_eq!(greeting, b"hello from tcp\n");
     assert_eq!(v1.hits(), 2);
+    // The backend's reset reaches the client as a reset of its stream, not
+    // as an orderly end, which it could not tell from a complete exchange.
+    io.write_all(b"reset").await.unwrap();
+    let mut rest = Vec::new();
+    let end = io.read_to_end(&mut rest).await;
+    assert!(end.is_err(), "reset read as an end: {end:?}");
 }
 
 #[test]
