@@ -192,16 +192,13 @@ async fn sniff_and_serve(
             return;
         }
     };
+    if matches!(kind, ChainKind::Http(_)) {
+        io.end_on_drop();
+    }
+    let io = crate::sniff::Prefixed::new(prefix, io);
     match kind {
-        ChainKind::Http(http) => {
-            io.end_on_drop();
-            let io = crate::sniff::Prefixed::new(prefix, io);
-            serve_http(proxy, io, ds, http).await
-        }
-        ChainKind::Tcp(tcp) => {
-            let io = crate::sniff::Prefixed::new(prefix, io);
-            crate::tcp::serve_accepted(proxy, ds, tcp, io).await
-        }
+        ChainKind::Http(http) => serve_http(proxy, io, ds, http).await,
+        ChainKind::Tcp(tcp) => crate::tcp::serve_accepted(proxy, ds, tcp, io).await,
     }
 }
 

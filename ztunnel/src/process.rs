@@ -1,13 +1,12 @@
 //! Start-up shared by the mesh's binaries (ztunnel, waypoint): logging and
 //! the runtime, so every process logs and fails alike.
 
+use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::process::ExitCode;
-
-use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
