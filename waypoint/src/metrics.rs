@@ -6,10 +6,12 @@
 //! `istio_tcp_sent_bytes_total`), reported as `reporter="waypoint"`, so
 //! existing Istio dashboards work unchanged.
 //!
-//! Recording a request is on every request's path, so it costs one hash
-//! lookup (foldhash, randomly seeded per process, rather than SipHash,
-//! which showed in profiles): the four metrics' handles are cached per
-//! label set, and the
+//! Recording a request is on every request's path, so it costs at most
+//! one hash lookup (foldhash, randomly seeded per process, rather than
+//! SipHash, which showed in profiles): the four metrics' handles are
+//! cached per label set ([`Metrics::handles`]), and a connection keeps the
+//! handles its last request used (`record::LastSeries`), which its next
+//! request mostly reuses without building or hashing labels. The
 //! labels that describe a peer (workload, namespace, principal, canonical
 //! service) are built once per downstream connection or endpoint and
 //! shared ([`PeerLabels`]). Labels that follow from others (the service's
@@ -288,11 +290,21 @@ impl PeerLabels {
 
 /// The handles of one label set's metrics (clones share the values).
 #[derive(Clone)]
-struct Handles {
+pub struct Handles {
     requests: Counter,
     duration_ms: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+}
+
+impl Handles {
+    /// Counts one request and observes its duration and sizes.
+    pub fn observe(&self, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+        self.requests.inc();
+        self.duration_ms.observe(duration_ms);
+        self.request_bytes.observe(req_bytes as f64);
+        self.response_bytes.observe(resp_bytes as f64);
+    }
 }
 
 pub struct Metrics {
@@ -389,16 +401,10 @@ impl Metrics {
         }
     }
 
-    /// Counts one request and observes its duration and sizes.
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
-        let observe = |h: &Handles| {
-            h.requests.inc();
-            h.duration_ms.observe(duration_ms);
-            h.request_bytes.observe(req_bytes as f64);
-            h.response_bytes.observe(resp_bytes as f64);
-        };
+    /// The handles of `labels`' series, created on first use.
+    pub fn handles(&self, labels: RequestLabels) -> Handles {
         if let Some(h) = self.handles.read().expect("metrics lock").get(&labels) {
-            return observe(h);
+            return h.clone();
         }
         let h = Handles {
             requests: self.requests.get_or_create(&labels).clone(),
@@ -406,11 +412,11 @@ impl Metrics {
             request_bytes: self.request_bytes.get_or_create(&labels).clone(),
             response_bytes: self.response_bytes.get_or_create(&labels).clone(),
         };
-        observe(&h);
         self.handles
             .write()
             .expect("metrics lock")
-            .insert(labels, h);
+            .insert(labels, h.clone());
+        h
     }
 
     pub fn encode(&self) -> String {
@@ -506,7 +512,7 @@ mod tests {
                 response_flags: "-",
                 connection_security_policy: "mutual_tls",
             };
-            m.record(labels, 1.0, 0, 0);
+            m.handles(labels).observe(1.0, 0, 0);
         }
         let out = m.encode();
         let lines: Vec<&str> = out

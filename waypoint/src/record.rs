@@ -8,7 +8,7 @@
 //! hands its record to the tunnel instead ([`TunnelRecord`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use std::pin::Pin;
@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 
 use crate::config::runtime::{ClusterConfig, Route};
-use crate::metrics::{Metrics, PeerPair, RequestLabels};
+use crate::metrics::{Handles, Metrics, PeerPair, RequestLabels};
 use crate::request_end::RouteTimeout;
 use crate::serve::Downstream;
 use crate::upstream::balancer::EndpointState;
@@ -84,13 +84,76 @@ impl Drop for Record {
             duration_ms = duration.as_secs_f64() * 1000.0,
             "request"
         );
+        let grpc_status = self.grpc_status.take();
+        let handles = i
+            .downstream
+            .last_series
+            .handles(&self.metrics, i, self.status, grpc_status);
+        handles.observe(
+            duration.as_secs_f64() * 1000.0,
+            req_bytes,
+            self.response_bytes,
+        );
+    }
+}
+
+/// The metric series a connection's requests went to last, and what chose
+/// it. A connection's requests mostly share one label set, and telling
+/// that by a few pointers spares hashing the labels' two dozen strings
+/// per request. (Locked: a connection's HTTP/2 streams run as tasks of
+/// their own, on its worker.)
+#[derive(Default)]
+pub struct LastSeries(Mutex<Option<(SeriesKey, Handles)>>);
+
+/// What selects a request's labels besides its connection (the source):
+/// held, so that the same pointers mean the same (immutable) values.
+struct SeriesKey {
+    metrics: Arc<Metrics>,
+    endpoint: Option<Arc<EndpointState>>,
+    cluster: Option<Arc<ClusterConfig>>,
+    protocol: &'static str,
+    code: StatusCode,
+    grpc_status: Option<String>,
+    flags: &'static str,
+}
+
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl LastSeries {
+    /// The handles of the series of a request on this connection.
+    fn handles(
+        &self,
+        metrics: &Arc<Metrics>,
+        i: &RequestInfo,
+        code: StatusCode,
+        grpc_status: Option<String>,
+    ) -> Handles {
+        let mut last = self.0.lock().expect("series lock");
+        if let Some((k, h)) = last.as_ref() {
+            if Arc::ptr_eq(&k.metrics, metrics)
+                && same(&k.endpoint, &i.endpoint)
+                && same(&k.cluster, &i.cluster)
+                && k.protocol == i.protocol
+                && k.code == code
+                && k.grpc_status == grpc_status
+                && k.flags == i.flags
+            {
+                return h.clone();
+            }
+        }
         let dst = match &i.endpoint {
             Some(e) => &e.labels,
-            None => &self.metrics.unknown_destination,
+            None => &metrics.unknown_destination,
         };
         let labels = RequestLabels {
             peers: PeerPair {
-                source: src.clone(),
+                source: i.downstream.source_labels.clone(),
                 destination: dst.clone(),
                 // From the configuration, never from the client's Host: that
                 // would let any client add series without bound.
@@ -101,17 +164,23 @@ impl Drop for Record {
                     .unwrap_or_else(|| "unknown".into()),
                 request_protocol: i.protocol,
             },
-            response_code: self.status.as_u16(),
-            grpc_response_status: self.grpc_status.take().unwrap_or_default(),
+            response_code: code.as_u16(),
+            grpc_response_status: grpc_status.clone().unwrap_or_default(),
             response_flags: i.flags,
             connection_security_policy: "mutual_tls",
         };
-        self.metrics.record(
-            labels,
-            duration.as_secs_f64() * 1000.0,
-            req_bytes,
-            self.response_bytes,
-        );
+        let h = metrics.handles(labels);
+        let key = SeriesKey {
+            metrics: metrics.clone(),
+            endpoint: i.endpoint.clone(),
+            cluster: i.cluster.clone(),
+            protocol: i.protocol,
+            code,
+            grpc_status,
+            flags: i.flags,
+        };
+        *last = Some((key, h.clone()));
+        h
     }
 }
 

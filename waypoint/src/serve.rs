@@ -78,6 +78,8 @@ pub struct Downstream {
     /// Requests started and finished on this connection (its header-read
     /// timeout, see [`crate::idle`]).
     pub activity: Activity,
+    /// The metric series its requests went to last.
+    pub last_series: record::LastSeries,
 }
 
 impl Downstream {
@@ -97,6 +99,7 @@ impl Downstream {
             dst,
             protocol,
             activity: Activity::default(),
+            last_series: Default::default(),
         }
     }
 }

@@ -53,6 +53,78 @@ async fn routes_http1_over_hbone_and_counts_it() {
     assert!(metrics.contains("istio_response_bytes_sum"));
 }
 
+/// One keep-alive connection's requests, to two services and with two
+/// statuses, each counted in its own series (the connection remembers the
+/// series it used last; a change of any label must not reuse it).
+#[tokio::test]
+async fn one_connections_requests_are_counted_per_label_set() {
+    let ca = ca();
+    let (v1, other) = (backend("v1").await, backend("other").await);
+    let yaml = config(
+        "[]",
+        &format!(
+            "          - match: {{prefix: /other}}\n            route: {{cluster: \"{OTHER}\"}}\n          - match: {{prefix: /}}\n            route: {{cluster: \"{ECHO}\"}}\n"
+        ),
+        &format!(
+            "{}{}",
+            istio_cluster(ECHO, v1.addr, "echo-v1;default;echo;v1;Kubernetes"),
+            istio_cluster(OTHER, other.addr, "other-v1;default;other;v1;Kubernetes")
+        ),
+    );
+    let wp = waypoint(ca.clone(), &yaml, "waypoint").await;
+    let c = client(ca, "client", &wp);
+    let mut s = c.h1(VIP).await;
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "echo.default.svc.cluster.local")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    v1.script(&[200, 200, 503]);
+    for (path, want) in [
+        ("/", 200),
+        ("/", 200),
+        ("/other", 200),
+        ("/", 503),
+        ("/", 200),
+        ("/other", 200),
+    ] {
+        assert_eq!(send(&mut s, get(path)).await.status, want, "{path}");
+    }
+    let metrics = admin_get(&wp, "/metrics").await;
+    let count = |service: &str, code: &str| -> Vec<&str> {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_service=\"{service}\""))
+                    && l.contains(&format!("response_code=\"{code}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next())
+            .collect()
+    };
+    assert_eq!(
+        count("echo.default.svc.cluster.local", "200"),
+        ["3"],
+        "{metrics}"
+    );
+    assert_eq!(
+        count("echo.default.svc.cluster.local", "503"),
+        ["1"],
+        "{metrics}"
+    );
+    assert_eq!(
+        count("other.default.svc.cluster.local", "200"),
+        ["2"],
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("destination_workload=\"other-v1\""),
+        "{metrics}"
+    );
+}
+
+const OTHER: &str = "outbound|80||other.default.svc.cluster.local";
 const ECHO: &str = "outbound|80||echo.default.svc.cluster.local";
 
 /// A cluster of one endpoint with Istio's `workload` metadata.
