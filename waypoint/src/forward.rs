@@ -309,40 +309,40 @@ async fn attempt_all(
     info: &mut RequestInfo,
     affinity: Option<&Affinity>,
 ) -> Result<Attempt, SendError> {
-    let (resend, first) = match body {
-        ReqBody::Streaming(b) => {
-            info.attempts = 1;
-            // Sent once: the request itself goes, not a copy.
-            parts.extensions = http::Extensions::new();
-            let req = Request::from_parts(parts, b);
-            return upstream
-                .send(cluster, req, downstream_h2, None, affinity)
-                .await;
-        }
-        ReqBody::Resendable(resend, first) => (resend, first),
-    };
     // Mirrors read alongside the attempts, so what is kept stays for them.
     let done = |resend: &Resend| {
         if f.mirrors.is_empty() {
             resend.stop_keeping();
         }
     };
-    let Some(retry) = &f.retry else {
-        info.attempts = 1;
-        done(&resend);
-        let req = copy_request(&parts, first);
-        return upstream
-            .send(cluster, req, downstream_h2, None, affinity)
-            .await;
+    // The first attempt, and what another would need: the policy, and
+    // the client's body to send again.
+    let (mut req, again) = match body {
+        ReqBody::Streaming(b) => {
+            // Sent once: the request itself goes, not a copy.
+            let mut p = std::mem::replace(&mut parts, Request::new(()).into_parts().0);
+            p.extensions = http::Extensions::new();
+            (Request::from_parts(p, b), None)
+        }
+        ReqBody::Resendable(resend, first) => {
+            let req = copy_request(&parts, first);
+            match &f.retry {
+                Some(retry) => (req, Some((retry, resend))),
+                None => {
+                    done(&resend);
+                    (req, None)
+                }
+            }
+        }
     };
-    let mut body = first;
     let mut avoid = None;
     let mut n = 0;
+    // One place awaits `send`: each await of it would take room of its
+    // own in this future, which every request's future carries.
     loop {
         info.attempts = n + 1;
-        let req = copy_request(&parts, body);
         let mut sent = std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
-        let res = match retry.per_try_timeout {
+        let res = match again.as_ref().and_then(|(retry, _)| retry.per_try_timeout) {
             Some(t) => end
                 .deadline(t)
                 .bound(sent.as_mut())
@@ -350,23 +350,26 @@ async fn attempt_all(
                 .unwrap_or(Err(SendError::Timeout)),
             None => sent.await,
         };
-        let again = match &res {
+        let Some((retry, resend)) = &again else {
+            return res;
+        };
+        let retriable = match &res {
             Ok(a) => retriable_status(retry, a.response.status()),
             Err(e) => retriable_error(retry, e),
         };
         // The next attempt's body, if the client's can still be sent again
         // (Envoy's "retry overflow" otherwise: this outcome stands).
-        let next = (again && n < retry.num_retries)
+        let next = (retriable && n < retry.num_retries)
             .then(|| resend.attempt())
             .flatten();
         let Some(next) = next else {
-            if n > 0 && again {
+            if n > 0 && retriable {
                 info.flags = "URX";
             }
-            done(&resend);
+            done(resend);
             return res;
         };
-        body = next;
+        req = copy_request(&parts, next);
         avoid = match &res {
             Ok(a) => Some(a.endpoint.config.address),
             Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
