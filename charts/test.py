@@ -1036,7 +1036,7 @@ def scenarios(root_cert: str) -> dict[str, dict[str, tuple[str, dict]]]:
                 "xds": {"address": f"https://{custom_cp}.{custom_ns}.svc.corp.local:15012",
                         "serverName": f"{custom_cp}.{custom_ns}.svc", "tokenAudience": "mesh-xds",
                         "rootCert": root_cert},
-                "drainTimeout": "500ms", "logJSON": True, "waypointFor": "all",
+                "drainTimeout": "500ms", "logJSON": True, "waypointFor": "all", "pinWorkers": True,
             }),
         },
     }

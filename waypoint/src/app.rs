@@ -127,6 +127,13 @@ pub struct Args {
     /// thread runs configuration, xDS and the admin endpoints.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
+    /// Pins worker `i` to the `i`-th CPU the process may use, as nginx's
+    /// `worker_cpu_affinity auto`: for a waypoint with CPUs of its own (a
+    /// Guaranteed pod under the kubelet's static CPU manager, whose cpuset
+    /// is then its own CPUs; a dedicated node). Off by default: on CPUs
+    /// shared with other work the kernel places the workers better.
+    #[arg(long)]
+    pub pin_workers: bool,
     #[arg(long)]
     pub log_json: bool,
     /// On SIGTERM: not ready, stop accepting, GOAWAY, and wait this long
@@ -282,7 +289,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crate::xds::spawn(cfg, store.clone());
     }
     let running = prepare(proxy, hbone.local_addr()?, admin).await?;
-    crate::workers::start(&running.proxy, args.worker_threads, hbone, plaintext)?;
+    crate::workers::start(
+        &running.proxy,
+        args.worker_threads,
+        args.pin_workers,
+        hbone,
+        plaintext,
+    )?;
     tokio::spawn(keep_tables(running.proxy.clone()));
     running.ready.store(true, Ordering::Release);
     info!(hbone = %running.hbone_addr, identity = %args.identity, "waypoint ready");

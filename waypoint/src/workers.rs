@@ -24,6 +24,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::warn;
@@ -61,17 +63,22 @@ impl Drop for Open {
 
 /// Starts `n` worker threads, and on the current runtime the accept loops
 /// of `hbone` and, if given, `plaintext`, which hand connections to the
-/// workers. Returns once every worker runs. Accepting stops when
-/// `proxy.drain` stops; workers end once the drain has finished.
+/// workers. With `pin`, worker `i` runs only on the `i`-th CPU the process
+/// may use (round again if there are more workers than CPUs). Returns once
+/// every worker runs. Accepting stops when `proxy.drain` stops; workers end
+/// once the drain has finished.
 pub fn start(
     proxy: &Arc<Proxy>,
     n: usize,
+    pin: bool,
     hbone: TcpListener,
     plaintext: Option<TcpListener>,
 ) -> anyhow::Result<()> {
+    let cpus = if pin { allowed_cpus()? } else { Vec::new() };
     let (started, results) = mpsc::channel();
     let mut workers = Vec::new();
     for i in 0..n.max(1) {
+        let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let (tx, mut rx) = unbounded_channel::<Accepted>();
         let open = Arc::new(AtomicUsize::new(0));
         workers.push(Worker {
@@ -83,6 +90,13 @@ pub fn start(
         std::thread::Builder::new()
             .name(format!("waypoint-worker-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = pin_current_thread(cpu) {
+                        let _ = started.send(Err(anyhow!("worker {i}: pinning to CPU {cpu}: {e}")));
+                        return;
+                    }
+                    tracing::info!(worker = i, cpu, "worker pinned");
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -150,6 +164,27 @@ pub fn start(
     Ok(())
 }
 
+/// The CPUs this process may run on (its affinity mask: a container's
+/// cpuset, `taskset`), in order.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.is_empty() {
+        anyhow::bail!("the CPU affinity names no CPU");
+    }
+    Ok(cpus)
+}
+
+/// Restricts the calling thread to `cpu`.
+fn pin_current_thread(cpu: usize) -> nix::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    // Pid 0: the calling thread (Linux applies affinity per thread).
+    sched_setaffinity(Pid::from_raw(0), &set)
+}
+
 /// Accepts on `listener` until the drain stops, handing each connection
 /// to the worker with the fewest open connections.
 async fn accept(
@@ -195,5 +230,45 @@ async fn accept(
             // The worker is gone (it only ends after a drain).
             w.open.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each allowed CPU in turn: a thread pinned to it may then run there
+    /// alone, and the process's other threads keep their mask.
+    #[test]
+    fn a_pinned_worker_thread_runs_on_its_cpu_only() {
+        let cpus = allowed_cpus().unwrap();
+        for &cpu in &cpus {
+            let mask = std::thread::spawn(move || {
+                pin_current_thread(cpu).unwrap();
+                sched_getaffinity(Pid::from_raw(0)).unwrap()
+            })
+            .join()
+            .unwrap();
+            for c in 0..CpuSet::count() {
+                assert_eq!(
+                    mask.is_set(c).unwrap(),
+                    c == cpu,
+                    "CPU {c}, pinned to {cpu}"
+                );
+            }
+        }
+        assert_eq!(
+            allowed_cpus().unwrap(),
+            cpus,
+            "the test thread's own mask changed"
+        );
+    }
+
+    #[test]
+    fn pinning_to_a_cpu_out_of_range_is_an_error() {
+        let e = std::thread::spawn(|| pin_current_thread(CpuSet::count()))
+            .join()
+            .unwrap();
+        assert!(e.is_err());
     }
 }

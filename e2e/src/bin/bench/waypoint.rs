@@ -61,6 +61,13 @@ pub struct WaypointArgs {
     /// Worker threads of the waypoint, worker processes of nginx.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Pin both proxies' workers, one per CPU: nginx's
+    /// `worker_cpu_affinity auto`, the waypoint's `--pin-workers`. Where
+    /// the kernel puts two workers that share the CPUs with the load
+    /// generator and the backend moves p99 more than either proxy does;
+    /// pinned, that placement is the same for both.
+    #[arg(long)]
+    pub pin_workers: bool,
     /// Write `waypoint.json` and `waypoint.md` to this directory.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -170,11 +177,16 @@ clusters:
     )
 }
 
-fn nginx_conf(dir: &Path, ip: &Ips, workers: usize) -> String {
+fn nginx_conf(dir: &Path, ip: &Ips, workers: usize, pin: bool) -> String {
     let d = dir.display();
+    let affinity = if pin {
+        "worker_cpu_affinity auto;\n"
+    } else {
+        ""
+    };
     format!(
         r#"worker_processes {workers};
-daemon off;
+{affinity}daemon off;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -231,7 +243,10 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     let wp_conf = dir.join("waypoint.yaml");
     std::fs::write(&wp_conf, waypoint_yaml(&ip))?;
     let ng_conf = dir.join("nginx.conf");
-    std::fs::write(&ng_conf, nginx_conf(&dir, &ip, args.workers))?;
+    std::fs::write(
+        &ng_conf,
+        nginx_conf(&dir, &ip, args.workers, args.pin_workers),
+    )?;
 
     // Server on node b, load from node a: threads of this process.
     let server_rt = httpload::runtime_in(b.netns(), 1)?;
@@ -281,6 +296,9 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
         .args(["--own-ip", &ip.waypoint.to_string()])
         .args(["--worker-threads", &args.workers.to_string()])
         .env("RUST_LOG", "warn");
+    if args.pin_workers {
+        cmd.arg("--pin-workers");
+    }
     let wp = tb.spawn(w.netns(), cmd)?;
     wait_ready(&wp, w.netns(), "waypoint")?;
     let wp_idle = procstat::rss_mib(wp.pid())?;
@@ -495,6 +513,7 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     config.insert("h2_connections".into(), json!(args.h2_connections));
     config.insert("workers".into(), json!(args.workers));
     config.insert("reverse_proxy_only".into(), json!(args.reverse_proxy_only));
+    config.insert("pin_workers".into(), json!(args.pin_workers));
     let mut by = Map::new();
     by.insert("waypoint targets".into(), json!(wp_cpu));
     let report = Report {
@@ -518,8 +537,16 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
         targets: targets_met,
         notes: vec![
             format!(
-                "{} requests in flight; HTTP/2 over {} connections; nginx {} worker processes, waypoint {} worker threads; upstream keep-alive for both.",
-                args.concurrency, args.h2_connections, args.workers, args.workers
+                "{} requests in flight; HTTP/2 over {} connections; nginx {} worker processes, waypoint {} worker threads{}; upstream keep-alive for both.",
+                args.concurrency,
+                args.h2_connections,
+                args.workers,
+                args.workers,
+                if args.pin_workers {
+                    ", each pinned to a CPU"
+                } else {
+                    ""
+                }
             ),
             format!(
                 "Client, server, ztunnels, waypoint and nginx share the machine's cores; compare rows of one run. Each target was measured in {rounds} rounds taken in turn; 1-minute load average {load_start:.1} at the start, {load_end:.1} at the end."
