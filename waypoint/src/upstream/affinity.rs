@@ -21,7 +21,6 @@
 //! the tunnel joining the two ([`Affinity::set_upgraded`]) is run by the
 //! downstream connection's task once hyper has let go of that connection.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,8 +40,10 @@ pub type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub struct Affinity {
     /// Where new upstream connection futures go to be driven.
     pub driver: UnboundedSender<ConnFuture>,
-    /// Idle senders by endpoint.
-    pub idle: Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    /// Idle senders and their endpoints. A list, not a map: a connection
+    /// holds one per endpoint its requests went to, mostly one, and a scan
+    /// of a few addresses costs less than hashing one.
+    idle: Mutex<Vec<(SocketAddr, SendRequest<Body>)>>,
     /// The tunnel of a request that switched protocols.
     upgraded: Mutex<Option<ConnFuture>>,
 }
@@ -51,7 +52,7 @@ impl Affinity {
     pub fn new(driver: UnboundedSender<ConnFuture>) -> Self {
         Affinity {
             driver,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
             upgraded: Mutex::new(None),
         }
     }
@@ -69,22 +70,25 @@ impl Affinity {
 
     /// An idle, ready sender to `addr`, if this connection has one.
     pub fn take(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
-        self.idle
-            .lock()
-            .expect("affinity lock")
-            .remove(&addr)
-            .filter(|s| s.is_ready())
+        let mut idle = self.idle.lock().expect("affinity lock");
+        let i = idle.iter().position(|(a, _)| *a == addr)?;
+        Some(idle.swap_remove(i).1).filter(|s| s.is_ready())
     }
 
+    /// Keeps `s` for the next request to `addr` (replacing any other).
     pub fn put(&self, addr: SocketAddr, s: SendRequest<Body>) {
-        self.idle.lock().expect("affinity lock").insert(addr, s);
+        let mut idle = self.idle.lock().expect("affinity lock");
+        match idle.iter_mut().find(|(a, _)| *a == addr) {
+            Some(slot) => slot.1 = s,
+            None => idle.push((addr, s)),
+        }
     }
 }
 
 /// Rounds of polling in one turn of the task before yielding to others.
 const ROUNDS: usize = 8;
 
-/// What both sides' wakers share: the task's waker, and whether [`drive`]
+/// What the sides' wakers share: the task's waker, and whether [`drive`]
 /// is polling right now.
 #[derive(Default)]
 struct Shared {
@@ -92,10 +96,9 @@ struct Shared {
     polling: AtomicBool,
 }
 
-/// The waker of one side of what [`drive`] polls (the downstream
-/// connection, or the upstream connections): a wake-up notes that this
-/// side is to be polled again, and while [`drive`] is polling only asks
-/// for another round; otherwise it also wakes the task.
+/// The waker of one side of what [`drive`] polls: a wake-up notes that
+/// this side is to be polled again, and while [`drive`] is polling only
+/// asks for another round; otherwise it also wakes the task.
 struct Side {
     shared: Arc<Shared>,
     woken: AtomicBool,
@@ -112,43 +115,49 @@ impl ArcWake for Side {
 
 /// Polls `main` (the downstream connection) and the upstream connections
 /// sent through `new` together until `main` is ready. Each round polls
-/// only the side that was woken: a request handed from one side to the
+/// only the sides that were woken: a request handed from one side to the
 /// other wakes that side alone, and polling the other (hyper's whole
 /// dispatcher, to find nothing to do) was a good part of the cost of a
-/// hand-off. `each_turn` is called once per turn of the task, before the
-/// rounds, with the task's own context: for what wakes the connection
-/// rarely (drain, timers), and need not be polled at every hand-off; it
-/// returns whether `main` must be polled for it.
+/// hand-off. What wakes rarely has sides of its own, so that a hand-off
+/// does not poll it either: `new` (a new upstream connection), and
+/// `rarely` (drain, timers), which returns whether `main` must be polled
+/// for what it found.
 pub async fn drive<T>(
     mut new: UnboundedReceiver<ConnFuture>,
-    mut each_turn: impl FnMut(&mut Context<'_>) -> bool,
+    mut rarely: impl FnMut(&mut Context<'_>) -> bool,
     mut main: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> T {
     let shared = Arc::new(Shared::default());
-    // Both sides are polled first.
+    // Every side is polled first.
     let side = || {
         Arc::new(Side {
             shared: shared.clone(),
             woken: AtomicBool::new(true),
         })
     };
-    let (down, up) = (side(), side());
+    let (down, up, added, rare) = (side(), side(), side(), side());
     let down_waker = futures::task::waker(down.clone());
     let up_waker = futures::task::waker(up.clone());
+    let added_waker = futures::task::waker(added.clone());
+    let rare_waker = futures::task::waker(rare.clone());
     let mut upstreams = FuturesUnordered::new();
     std::future::poll_fn(move |cx| {
         shared.task.register(cx.waker());
-        if each_turn(cx) {
-            down.woken.store(true, SeqCst);
-        }
         for _ in 0..ROUNDS {
             shared.polling.store(true, SeqCst);
-            if up.woken.swap(false, SeqCst) {
-                let mut c = Context::from_waker(&up_waker);
+            if rare.woken.swap(false, SeqCst) && rarely(&mut Context::from_waker(&rare_waker)) {
+                down.woken.store(true, SeqCst);
+            }
+            if added.woken.swap(false, SeqCst) {
+                let mut c = Context::from_waker(&added_waker);
                 while let Poll::Ready(Some(f)) = new.poll_recv(&mut c) {
                     upstreams.push(f);
+                    up.woken.store(true, SeqCst);
                 }
+            }
+            if up.woken.swap(false, SeqCst) {
                 // Finished upstream connections just leave the set.
+                let mut c = Context::from_waker(&up_waker);
                 while let Poll::Ready(Some(())) = upstreams.poll_next_unpin(&mut c) {}
             }
             if down.woken.swap(false, SeqCst) {
@@ -159,7 +168,10 @@ pub async fn drive<T>(
             // A wake-up from here on (another thread) wakes the task; one
             // before this store is seen by the loads below.
             shared.polling.store(false, SeqCst);
-            if !up.woken.load(SeqCst) && !down.woken.load(SeqCst) {
+            if [&down, &up, &added, &rare]
+                .iter()
+                .all(|s| !s.woken.load(SeqCst))
+            {
                 return Poll::Pending;
             }
         }
@@ -169,4 +181,82 @@ pub async fn drive<T>(
         Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::time::Duration;
+
+    /// Fails rather than hangs when `drive` misses a wake-up.
+    async fn soon<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("drive missed a wake-up")
+    }
+
+    #[tokio::test]
+    async fn the_rare_side_is_polled_when_it_wakes_and_not_at_each_hand_off() {
+        let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let timer = std::pin::pin!(tokio::time::sleep(Duration::from_millis(50)));
+        let mut timer = Some(timer);
+        let fired = AtomicBool::new(false);
+        let rare_calls = AtomicUsize::new(0);
+        let mut hand_offs = 0;
+        soon(drive(
+            rx,
+            |cx| {
+                rare_calls.fetch_add(1, Relaxed);
+                let ready = timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                if ready {
+                    timer = None;
+                    fired.store(true, Relaxed);
+                }
+                ready
+            },
+            |cx| {
+                if fired.load(Relaxed) {
+                    return Poll::Ready(());
+                }
+                // A busy connection: it wakes itself, as a hand-off does.
+                if hand_offs < 100 {
+                    hand_offs += 1;
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            },
+        ))
+        .await;
+        assert_eq!(hand_offs, 100);
+        // Once first, once when the timer fired.
+        assert_eq!(rare_calls.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn new_upstream_connections_are_driven() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let mut sent = Some((tx, done_tx));
+        soon(drive(
+            rx,
+            |_| false,
+            |cx| {
+                // The first poll opens a connection that answers later.
+                if let Some((tx, done)) = sent.take() {
+                    let conn: ConnFuture = Box::pin(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = done.send(());
+                    });
+                    tx.send(conn).expect("drive is running");
+                }
+                Pin::new(&mut done_rx)
+                    .poll(cx)
+                    .map(|r| r.expect("answered"))
+            },
+        ))
+        .await;
+    }
 }

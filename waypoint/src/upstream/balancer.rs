@@ -209,7 +209,8 @@ impl Balancer {
 
     /// Records the result of an attempt on `picked`.
     pub fn record(&self, cluster: &ClusterConfig, picked: &Picked, outcome: Outcome) {
-        let elapsed_us = picked.started.elapsed().as_secs_f64() * 1e6;
+        let now = Instant::now();
+        let elapsed_us = now.duration_since(picked.started).as_secs_f64() * 1e6;
         let eject = {
             let mut s = picked.endpoint.stats.lock().expect("stats lock");
             s.ewma_us = if s.ewma_us == 0.0 {
@@ -217,7 +218,7 @@ impl Balancer {
             } else {
                 s.ewma_us * (1.0 - EWMA_WEIGHT) + elapsed_us * EWMA_WEIGHT
             };
-            s.sampled = Some(Instant::now());
+            s.sampled = Some(now);
             match outcome {
                 Outcome::Success => {
                     s.consecutive_failures = 0;
