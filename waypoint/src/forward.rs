@@ -6,6 +6,7 @@
 //! send it again, it goes through a [`Replay`], which keeps a copy of its
 //! first [`REPLAY_LIMIT`] bytes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,158 +95,165 @@ fn backoff(r: &Retry, retry: u32) -> Duration {
     cap.mul_f64(fastrand::f64())
 }
 
-pub async fn forward(
-    upstream: &Arc<Upstream>,
-    route: &Route,
-    f: &Forward,
+// Not an `async fn`: that would hold a second copy of its arguments for
+// as long as it runs, room every request's future carries; an `async
+// move` block uses what it captured in place.
+#[allow(clippy::manual_async_fn)]
+pub fn forward<'a>(
+    upstream: &'a Arc<Upstream>,
+    route: &'a Route,
+    f: &'a Forward,
     mut parts: Parts,
     body: Incoming,
-    info: &mut RequestInfo,
-    affinity: Option<&Affinity>,
-) -> Outcome {
-    let picked = pick_cluster(f);
-    let cluster = picked.cluster.clone();
-    info.cluster = Some(cluster.clone());
-    // Upstream requests carry the origin form (path and query; the
-    // upstream module adds what HTTP/2 or a pooled client needs) and the
-    // host in `Host`: the rewritten one, else the request's.
-    let rewritten = (f.prefix_rewrite.is_some() || f.regex_rewrite.is_some())
-        .then(|| rewrite_path(route, f, parts.uri.path()));
-    let pq = match (rewritten, parts.uri.query()) {
-        (Some(p), Some(q)) => PathAndQuery::try_from(format!("{p}?{q}")),
-        (Some(p), None) => PathAndQuery::try_from(p),
-        (None, _) => Ok(parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"))),
-    };
-    let host = match &f.host_rewrite {
-        Some(h) => Some(HeaderValue::from_str(h).map_err(|_| ())),
-        None => parts
-            .uri
-            .authority()
-            .map(|a| HeaderValue::from_str(a.as_str()).map_err(|_| ())),
-    };
-    let host_ok = match host {
-        Some(Ok(v)) => {
-            parts.headers.insert(http::header::HOST, v);
-            true
-        }
-        Some(Err(())) => false,
-        // The client's own `Host`, if it makes an authority.
-        None => parts
-            .headers
-            .get(http::header::HOST)
-            .is_none_or(|h| Authority::try_from(h.as_bytes()).is_ok()),
-    };
-    match pq {
-        Ok(pq) if host_ok => parts.uri = Uri::from(pq),
-        _ => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
-    }
-    // The backend's header changes, then the route's (Envoy's order).
-    picked.request_headers.apply(&mut parts.headers);
-    route.request_headers.apply(&mut parts.headers);
-    let downstream_h2 = parts.version == http::Version::HTTP_2;
-
-    let needs_copy = f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
-    let (body, end) = request_end::watch(body, info.request_bytes.clone());
-    let body = if needs_copy {
-        let (resend, first) = match end {
-            // Nothing to keep (most requests).
-            RequestEnd::Now => (Resend::Empty, body),
-            RequestEnd::Later(_) => {
-                let (replay, first) = Replay::new(body, REPLAY_LIMIT);
-                (Resend::Replay(replay), first.boxed_unsync())
-            }
+    info: &'a mut RequestInfo,
+    affinity: Option<&'a Affinity>,
+) -> impl Future<Output = Outcome> + 'a {
+    async move {
+        let picked = pick_cluster(f);
+        let cluster = picked.cluster.clone();
+        info.cluster = Some(cluster.clone());
+        // Upstream requests carry the origin form (path and query; the
+        // upstream module adds what HTTP/2 or a pooled client needs) and the
+        // host in `Host`: the rewritten one, else the request's.
+        let rewritten = (f.prefix_rewrite.is_some() || f.regex_rewrite.is_some())
+            .then(|| rewrite_path(route, f, parts.uri.path()));
+        let pq = match (rewritten, parts.uri.query()) {
+            (Some(p), Some(q)) => PathAndQuery::try_from(format!("{p}?{q}")),
+            (Some(p), None) => PathAndQuery::try_from(p),
+            (None, _) => Ok(parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))),
         };
-        // A protocol switch is not mirrored: the shadow's tunnel would have
-        // no client.
-        let mirrors = if crate::upstream::is_upgrade(&parts.headers) {
-            &[][..]
-        } else {
-            &f.mirrors[..]
+        let host = match &f.host_rewrite {
+            Some(h) => Some(HeaderValue::from_str(h).map_err(|_| ())),
+            None => parts
+                .uri
+                .authority()
+                .map(|a| HeaderValue::from_str(a.as_str()).map_err(|_| ())),
         };
-        for (mc, fraction) in mirrors {
-            if fastrand::f64() >= *fraction {
-                continue;
+        let host_ok = match host {
+            Some(Ok(v)) => {
+                parts.headers.insert(http::header::HOST, v);
+                true
             }
-            if let Some(copy) = resend.mirror() {
-                mirror(upstream, mc.clone(), &parts, copy, downstream_h2);
-            }
+            Some(Err(())) => false,
+            // The client's own `Host`, if it makes an authority.
+            None => parts
+                .headers
+                .get(http::header::HOST)
+                .is_none_or(|h| Authority::try_from(h.as_bytes()).is_ok()),
+        };
+        match pq {
+            Ok(pq) if host_ok => parts.uri = Uri::from(pq),
+            _ => return Outcome::Local(StatusCode::BAD_REQUEST, "-", "bad request target\n"),
         }
-        ReqBody::Resendable(resend, first)
-    } else {
-        ReqBody::Streaming(body)
-    };
+        // The backend's header changes, then the route's (Envoy's order).
+        picked.request_headers.apply(&mut parts.headers);
+        route.request_headers.apply(&mut parts.headers);
+        let downstream_h2 = parts.version == http::Version::HTTP_2;
 
-    // The route timeout's, for the response head and then its body.
-    let mut deadline = f.timeout.map(|t| end.deadline(t));
-    // Pinned in place, here (see `Deadline::bound`); the block ends the
-    // borrows it holds.
-    let result = {
-        let mut attempts = std::pin::pin!(attempt_all(
-            upstream,
-            &cluster,
-            f,
-            parts,
-            (body, &end),
-            downstream_h2,
-            info,
-            affinity,
-        ));
-        match &mut deadline {
-            Some(d) => match d.bound(attempts.as_mut()).await {
-                Some(r) => r,
-                None => {
-                    return Outcome::Local(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        "upstream request timeout\n",
-                    )
+        let needs_copy =
+            f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
+        let (body, end) = request_end::watch(body, info.request_bytes.clone());
+        let body = if needs_copy {
+            let (resend, first) = match end {
+                // Nothing to keep (most requests).
+                RequestEnd::Now => (Resend::Empty, body),
+                RequestEnd::Later(_) => {
+                    let (replay, first) = Replay::new(body, REPLAY_LIMIT);
+                    (Resend::Replay(replay), first.boxed_unsync())
                 }
+            };
+            // A protocol switch is not mirrored: the shadow's tunnel would have
+            // no client.
+            let mirrors = if crate::upstream::is_upgrade(&parts.headers) {
+                &[][..]
+            } else {
+                &f.mirrors[..]
+            };
+            for (mc, fraction) in mirrors {
+                if fastrand::f64() >= *fraction {
+                    continue;
+                }
+                if let Some(copy) = resend.mirror() {
+                    mirror(upstream, mc.clone(), &parts, copy, downstream_h2);
+                }
+            }
+            ReqBody::Resendable(resend, first)
+        } else {
+            ReqBody::Streaming(body)
+        };
+
+        // The route timeout's, for the response head and then its body.
+        let mut deadline = f.timeout.map(|t| end.deadline(t));
+        // Pinned in place, here (see `Deadline::bound`); the block ends the
+        // borrows it holds.
+        let result = {
+            let mut attempts = std::pin::pin!(attempt_all(
+                upstream,
+                &cluster,
+                f,
+                parts,
+                (body, &end),
+                downstream_h2,
+                info,
+                affinity,
+            ));
+            match &mut deadline {
+                Some(d) => match d.bound(attempts.as_mut()).await {
+                    Some(r) => r,
+                    None => {
+                        return Outcome::Local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "UT",
+                            "upstream request timeout\n",
+                        )
+                    }
+                },
+                None => attempts.await,
+            }
+        };
+        match result {
+            Ok(mut a) => {
+                info.endpoint = Some(a.endpoint);
+                // The route's come after (where local replies get them too).
+                picked.response_headers.apply(a.response.headers_mut());
+                // A switched protocol's tunnel is not a response body: it
+                // outlives the route timeout.
+                let limited = deadline.filter(|_| {
+                    a.response.status() != StatusCode::SWITCHING_PROTOCOLS
+                        && !a.response.body().is_end_stream()
+                });
+                Outcome::Upstream(a.response.map(|b| match limited {
+                    Some(d) => d.limit(b),
+                    None => b.map_err(Into::into).boxed_unsync(),
+                }))
+            }
+            Err(e) => match e {
+                SendError::NoEndpoint(_) => Outcome::Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UH",
+                    "no healthy upstream\n",
+                ),
+                SendError::Connect(..) => Outcome::Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    "upstream connect error\n",
+                ),
+                SendError::Reset(..) => Outcome::Local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UR",
+                    "upstream reset before response\n",
+                ),
+                SendError::Timeout => Outcome::Local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout\n",
+                ),
             },
-            None => attempts.await,
         }
-    };
-    match result {
-        Ok(mut a) => {
-            info.endpoint = Some(a.endpoint);
-            // The route's come after (where local replies get them too).
-            picked.response_headers.apply(a.response.headers_mut());
-            // A switched protocol's tunnel is not a response body: it
-            // outlives the route timeout.
-            let limited = deadline.filter(|_| {
-                a.response.status() != StatusCode::SWITCHING_PROTOCOLS
-                    && !a.response.body().is_end_stream()
-            });
-            Outcome::Upstream(a.response.map(|b| match limited {
-                Some(d) => d.limit(b),
-                None => b.map_err(Into::into).boxed_unsync(),
-            }))
-        }
-        Err(e) => match e {
-            SendError::NoEndpoint(_) => Outcome::Local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UH",
-                "no healthy upstream\n",
-            ),
-            SendError::Connect(..) => Outcome::Local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UF",
-                "upstream connect error\n",
-            ),
-            SendError::Reset(..) => Outcome::Local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UR",
-                "upstream reset before response\n",
-            ),
-            SendError::Timeout => Outcome::Local(
-                StatusCode::GATEWAY_TIMEOUT,
-                "UT",
-                "upstream request timeout\n",
-            ),
-        },
     }
 }
 
@@ -298,86 +306,93 @@ fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     r
 }
 
+// Not an `async fn`: that would hold a second copy of its arguments for
+// as long as it runs, room every request's future carries; an `async
+// move` block uses what it captured in place.
+#[allow(clippy::manual_async_fn)]
 #[allow(clippy::too_many_arguments)]
-async fn attempt_all(
-    upstream: &Upstream,
-    cluster: &ClusterConfig,
-    f: &Forward,
+fn attempt_all<'a>(
+    upstream: &'a Upstream,
+    cluster: &'a ClusterConfig,
+    f: &'a Forward,
     mut parts: Parts,
-    (body, end): (ReqBody, &RequestEnd),
+    (body, end): (ReqBody, &'a RequestEnd),
     downstream_h2: bool,
-    info: &mut RequestInfo,
-    affinity: Option<&Affinity>,
-) -> Result<Attempt, SendError> {
-    // Mirrors read alongside the attempts, so what is kept stays for them.
-    let done = |resend: &Resend| {
-        if f.mirrors.is_empty() {
-            resend.stop_keeping();
-        }
-    };
-    // The first attempt, and what another would need: the policy, and
-    // the client's body to send again.
-    let (mut req, again) = match body {
-        ReqBody::Streaming(b) => {
-            // Sent once: the request itself goes, not a copy.
-            let mut p = std::mem::replace(&mut parts, Request::new(()).into_parts().0);
-            p.extensions = http::Extensions::new();
-            (Request::from_parts(p, b), None)
-        }
-        ReqBody::Resendable(resend, first) => {
-            let req = copy_request(&parts, first);
-            match &f.retry {
-                Some(retry) => (req, Some((retry, resend))),
-                None => {
-                    done(&resend);
-                    (req, None)
+    info: &'a mut RequestInfo,
+    affinity: Option<&'a Affinity>,
+) -> impl Future<Output = Result<Attempt, SendError>> + 'a {
+    async move {
+        // Mirrors read alongside the attempts, so what is kept stays for them.
+        let done = |resend: &Resend| {
+            if f.mirrors.is_empty() {
+                resend.stop_keeping();
+            }
+        };
+        // The first attempt, and what another would need: the policy, and
+        // the client's body to send again.
+        let (mut req, again) = match body {
+            ReqBody::Streaming(b) => {
+                // Sent once: the request itself goes, not a copy.
+                let mut p = std::mem::replace(&mut parts, Request::new(()).into_parts().0);
+                p.extensions = http::Extensions::new();
+                (Request::from_parts(p, b), None)
+            }
+            ReqBody::Resendable(resend, first) => {
+                let req = copy_request(&parts, first);
+                match &f.retry {
+                    Some(retry) => (req, Some((retry, resend))),
+                    None => {
+                        done(&resend);
+                        (req, None)
+                    }
                 }
             }
+        };
+        let mut avoid = None;
+        let mut n = 0;
+        // One place awaits `send`: each await of it would take room of its
+        // own in this future, which every request's future carries.
+        loop {
+            info.attempts = n + 1;
+            let mut sent =
+                std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
+            let res = match again.as_ref().and_then(|(retry, _)| retry.per_try_timeout) {
+                Some(t) => end
+                    .deadline(t)
+                    .bound(sent.as_mut())
+                    .await
+                    .unwrap_or(Err(SendError::Timeout)),
+                None => sent.await,
+            };
+            let Some((retry, resend)) = &again else {
+                return res;
+            };
+            let retriable = match &res {
+                Ok(a) => retriable_status(retry, a.response.status()),
+                Err(e) => retriable_error(retry, e),
+            };
+            // The next attempt's body, if the client's can still be sent again
+            // (Envoy's "retry overflow" otherwise: this outcome stands).
+            let next = (retriable && n < retry.num_retries)
+                .then(|| resend.attempt())
+                .flatten();
+            let Some(next) = next else {
+                if n > 0 && retriable {
+                    info.flags = "URX";
+                }
+                done(resend);
+                return res;
+            };
+            req = copy_request(&parts, next);
+            avoid = match &res {
+                Ok(a) => Some(a.endpoint.config.address),
+                Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
+                Err(_) => None,
+            };
+            drop(res);
+            tokio::time::sleep(backoff(retry, n)).await;
+            n += 1;
         }
-    };
-    let mut avoid = None;
-    let mut n = 0;
-    // One place awaits `send`: each await of it would take room of its
-    // own in this future, which every request's future carries.
-    loop {
-        info.attempts = n + 1;
-        let mut sent = std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
-        let res = match again.as_ref().and_then(|(retry, _)| retry.per_try_timeout) {
-            Some(t) => end
-                .deadline(t)
-                .bound(sent.as_mut())
-                .await
-                .unwrap_or(Err(SendError::Timeout)),
-            None => sent.await,
-        };
-        let Some((retry, resend)) = &again else {
-            return res;
-        };
-        let retriable = match &res {
-            Ok(a) => retriable_status(retry, a.response.status()),
-            Err(e) => retriable_error(retry, e),
-        };
-        // The next attempt's body, if the client's can still be sent again
-        // (Envoy's "retry overflow" otherwise: this outcome stands).
-        let next = (retriable && n < retry.num_retries)
-            .then(|| resend.attempt())
-            .flatten();
-        let Some(next) = next else {
-            if n > 0 && retriable {
-                info.flags = "URX";
-            }
-            done(resend);
-            return res;
-        };
-        req = copy_request(&parts, next);
-        avoid = match &res {
-            Ok(a) => Some(a.endpoint.config.address),
-            Err(SendError::Connect(a, _)) | Err(SendError::Reset(a, _)) => Some(*a),
-            Err(_) => None,
-        };
-        drop(res);
-        tokio::time::sleep(backoff(retry, n)).await;
-        n += 1;
     }
 }
 

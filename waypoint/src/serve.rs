@@ -447,194 +447,206 @@ fn protocol(req: &Request<Incoming>) -> &'static str {
     }
 }
 
-pub async fn handle(
+// Not an `async fn`: that would hold a second copy of its arguments for
+// as long as it runs, room every request's future carries; an `async
+// move` block uses what it captured in place.
+#[allow(clippy::manual_async_fn)]
+pub fn handle<'a>(
     proxy: Arc<Proxy>,
     ds: Arc<Downstream>,
     mut req: Request<Incoming>,
-    affinity: Option<&Affinity>,
-) -> Response<Body> {
-    ds.activity.start(req.version());
-    let protocol = protocol(&req);
-    // Taken now: forwarding does not carry the request's extensions on.
-    let upgrade =
-        websocket_upgrade(req.version(), req.headers()).map(|v| (v, hyper::upgrade::on(&mut req)));
-    let (parts, body) = req.into_parts();
-    let mut info = RequestInfo {
-        start: Instant::now(),
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        authority: crate::route::request_host(&parts),
-        protocol,
-        downstream: ds.clone(),
-        route: None,
-        cluster: None,
-        endpoint: None,
-        flags: "-",
-        attempts: 0,
-        request_bytes: Arc::new(AtomicU64::new(0)),
-    };
-    let (route, resp) = route_and_run(
-        &proxy,
-        &ds,
-        parts,
-        body,
-        &mut info,
-        affinity,
-        upgrade.as_ref().map(|u| &u.0),
-    )
-    .await;
-    // The two sides of a protocol switch, once the backend agreed to it.
-    let mut switched = None;
-    let mut resp = match resp {
-        Outcome::Upstream(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            match upgrade {
-                Some((_, down)) => {
-                    switched = Some((down, hyper::upgrade::on(&mut r)));
-                    let (mut rp, b) = r.into_parts();
-                    let value = rp.headers.get(UPGRADE).cloned();
-                    strip_hop_by_hop(&mut rp.headers);
-                    keep_upgrade(&mut rp.headers, value);
-                    Response::from_parts(rp, b)
-                }
-                // A switch the client did not ask for: it could not follow.
-                None => {
-                    if info.flags == "-" {
-                        info.flags = "UPE";
+    affinity: Option<&'a Affinity>,
+) -> impl Future<Output = Response<Body>> + 'a {
+    async move {
+        ds.activity.start(req.version());
+        let protocol = protocol(&req);
+        // Taken now: forwarding does not carry the request's extensions on.
+        let upgrade = websocket_upgrade(req.version(), req.headers())
+            .map(|v| (v, hyper::upgrade::on(&mut req)));
+        let (parts, body) = req.into_parts();
+        let mut info = RequestInfo {
+            start: Instant::now(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            authority: crate::route::request_host(&parts),
+            protocol,
+            downstream: ds.clone(),
+            route: None,
+            cluster: None,
+            endpoint: None,
+            flags: "-",
+            attempts: 0,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+        };
+        let (route, resp) = route_and_run(
+            &proxy,
+            &ds,
+            parts,
+            body,
+            &mut info,
+            affinity,
+            upgrade.as_ref().map(|u| &u.0),
+        )
+        .await;
+        // The two sides of a protocol switch, once the backend agreed to it.
+        let mut switched = None;
+        let mut resp = match resp {
+            Outcome::Upstream(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                match upgrade {
+                    Some((_, down)) => {
+                        switched = Some((down, hyper::upgrade::on(&mut r)));
+                        let (mut rp, b) = r.into_parts();
+                        let value = rp.headers.get(UPGRADE).cloned();
+                        strip_hop_by_hop(&mut rp.headers);
+                        keep_upgrade(&mut rp.headers, value);
+                        Response::from_parts(rp, b)
                     }
-                    local(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream switched protocols unasked\n",
-                    )
+                    // A switch the client did not ask for: it could not follow.
+                    None => {
+                        if info.flags == "-" {
+                            info.flags = "UPE";
+                        }
+                        local(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream switched protocols unasked\n",
+                        )
+                    }
                 }
             }
-        }
-        Outcome::Upstream(mut r) => {
-            strip_hop_by_hop(r.headers_mut());
-            r
-        }
-        Outcome::Ready(r) => r,
-        Outcome::Local(status, flag, body) => {
-            if info.flags == "-" {
-                info.flags = flag;
+            Outcome::Upstream(mut r) => {
+                strip_hop_by_hop(r.headers_mut());
+                r
             }
-            if info.protocol == "grpc" {
-                grpc_local(status, body)
-            } else {
-                local(status, body)
+            Outcome::Ready(r) => r,
+            Outcome::Local(status, flag, body) => {
+                if info.flags == "-" {
+                    info.flags = flag;
+                }
+                if info.protocol == "grpc" {
+                    grpc_local(status, body)
+                } else {
+                    local(status, body)
+                }
             }
+        };
+        if let Some(r) = &route {
+            r.response_headers.apply(resp.headers_mut());
         }
-    };
-    if let Some(r) = &route {
-        r.response_headers.apply(resp.headers_mut());
+        info.route = route;
+        let status = resp.status();
+        // A trailers-only gRPC answer carries its status in the head.
+        let grpc = match info.protocol {
+            "grpc" => resp
+                .headers()
+                .get(GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            _ => None,
+        };
+        let (rp, b) = resp.into_parts();
+        if let Some((down, up)) = switched {
+            // Recorded when the tunnel ends, with its bytes, as Envoy records
+            // an upgraded stream.
+            let rec = record::for_tunnel(proxy.metrics.clone(), info, status);
+            let t = Box::pin(tunnel(down, up, rec));
+            match affinity {
+                Some(a) => a.set_upgraded(t),
+                None => {
+                    proxy.drain.connections.spawn(t);
+                }
+            }
+            return Response::from_parts(rp, b);
+        }
+        let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
+        Response::from_parts(rp, b)
     }
-    info.route = route;
-    let status = resp.status();
-    // A trailers-only gRPC answer carries its status in the head.
-    let grpc = match info.protocol {
-        "grpc" => resp
-            .headers()
-            .get(GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        _ => None,
-    };
-    let (rp, b) = resp.into_parts();
-    if let Some((down, up)) = switched {
-        // Recorded when the tunnel ends, with its bytes, as Envoy records
-        // an upgraded stream.
-        let rec = record::for_tunnel(proxy.metrics.clone(), info, status);
-        let t = Box::pin(tunnel(down, up, rec));
-        match affinity {
-            Some(a) => a.set_upgraded(t),
-            None => {
-                proxy.drain.connections.spawn(t);
-            }
-        }
-        return Response::from_parts(rp, b);
-    }
-    let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
-    Response::from_parts(rp, b)
 }
 
-async fn route_and_run(
-    proxy: &Arc<Proxy>,
-    ds: &Downstream,
+// Not an `async fn`: that would hold a second copy of its arguments for
+// as long as it runs, room every request's future carries; an `async
+// move` block uses what it captured in place.
+#[allow(clippy::manual_async_fn)]
+fn route_and_run<'a>(
+    proxy: &'a Arc<Proxy>,
+    ds: &'a Downstream,
     mut parts: http::request::Parts,
     body: Incoming,
-    info: &mut RequestInfo,
-    affinity: Option<&Affinity>,
-    upgrade: Option<&HeaderValue>,
-) -> (Option<Arc<Route>>, Outcome) {
-    let cfg = proxy.store.get();
-    let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
-        Some(ChainKind::Http(h)) => h.clone(),
-        _ => {
+    info: &'a mut RequestInfo,
+    affinity: Option<&'a Affinity>,
+    upgrade: Option<&'a HeaderValue>,
+) -> impl Future<Output = (Option<Arc<Route>>, Outcome)> + 'a {
+    async move {
+        let cfg = proxy.store.get();
+        let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
+            Some(ChainKind::Http(h)) => h.clone(),
+            _ => {
+                return (
+                    None,
+                    Outcome::Local(
+                        StatusCode::NOT_FOUND,
+                        "NR",
+                        "no HTTP listener for this destination\n",
+                    ),
+                )
+            }
+        };
+        if let Some(outcome) = normalize_path(&chain.path, &mut parts) {
+            return (None, outcome);
+        }
+        let authz = AuthzRequest {
+            source: ds.identity.as_ref(),
+            destination_port: ds.dst.port(),
+            http: Some((&parts.method, &parts.uri, &parts.headers)),
+        };
+        if let Decision::Deny(why) = rbac::authorize(&chain.rbac, &authz) {
+            tracing::debug!(reason = %why, "request denied");
             return (
                 None,
-                Outcome::Local(
-                    StatusCode::NOT_FOUND,
-                    "NR",
-                    "no HTTP listener for this destination\n",
-                ),
-            )
+                Outcome::Local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied\n"),
+            );
         }
-    };
-    if let Some(outcome) = normalize_path(&chain.path, &mut parts) {
-        return (None, outcome);
-    }
-    let authz = AuthzRequest {
-        source: ds.identity.as_ref(),
-        destination_port: ds.dst.port(),
-        http: Some((&parts.method, &parts.uri, &parts.headers)),
-    };
-    if let Decision::Deny(why) = rbac::authorize(&chain.rbac, &authz) {
-        tracing::debug!(reason = %why, "request denied");
-        return (
-            None,
-            Outcome::Local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied\n"),
-        );
-    }
-    let Some(route) = crate::route::select(&chain.routes, &info.authority, &parts) else {
-        return (
-            None,
-            Outcome::Local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
-        );
-    };
-    if upgrade.is_none() && refused_upgrade(&parts.headers) {
-        return (Some(route), Outcome::Ready(upgrade_refused()));
-    }
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(v) = upgrade {
-        keep_upgrade(&mut parts.headers, Some(v.clone()));
-    }
-    add_forwarding_headers(&mut parts.headers, ds);
-    if let Some(fault) = &route.fault {
-        if let Some((d, p)) = fault.delay {
-            if fastrand::f64() < p {
-                info.flags = "DI";
-                tokio::time::sleep(d).await;
+        let Some(route) = crate::route::select(&chain.routes, &info.authority, &parts) else {
+            return (
+                None,
+                Outcome::Local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
+            );
+        };
+        if upgrade.is_none() && refused_upgrade(&parts.headers) {
+            return (Some(route), Outcome::Ready(upgrade_refused()));
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(v) = upgrade {
+            keep_upgrade(&mut parts.headers, Some(v.clone()));
+        }
+        add_forwarding_headers(&mut parts.headers, ds);
+        if let Some(fault) = &route.fault {
+            if let Some((d, p)) = fault.delay {
+                if fastrand::f64() < p {
+                    info.flags = "DI";
+                    tokio::time::sleep(d).await;
+                }
+            }
+            if let Some((s, p)) = fault.abort {
+                if fastrand::f64() < p {
+                    return (Some(route), Outcome::Local(s, "FI", "fault filter abort\n"));
+                }
             }
         }
-        if let Some((s, p)) = fault.abort {
-            if fastrand::f64() < p {
-                return (Some(route), Outcome::Local(s, "FI", "fault filter abort\n"));
+        let outcome = match &route.action {
+            Action::Direct { status, body } => {
+                let mut r = local(*status, "");
+                *r.body_mut() = Full::new(Bytes::from(body.clone()))
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+                return (Some(route.clone()), Outcome::Ready(r));
             }
-        }
+            Action::Redirect(r) => return (Some(route.clone()), redirect(r, &route, &parts)),
+            Action::Forward(f) => {
+                forward::forward(&proxy.upstream, &route, f, parts, body, info, affinity).await
+            }
+        };
+        (Some(route), outcome)
     }
-    let outcome = match &route.action {
-        Action::Direct { status, body } => {
-            let mut r = local(*status, "");
-            *r.body_mut() = Full::new(Bytes::from(body.clone()))
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            return (Some(route.clone()), Outcome::Ready(r));
-        }
-        Action::Redirect(r) => return (Some(route.clone()), redirect(r, &route, &parts)),
-        Action::Forward(f) => {
-            forward::forward(&proxy.upstream, &route, f, parts, body, info, affinity).await
-        }
-    };
-    (Some(route), outcome)
 }
 
 /// Applies the chain's path normalization to the request, which policy,

@@ -13,6 +13,7 @@ pub mod balancer;
 pub mod connector;
 pub mod h2pool;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -82,106 +83,112 @@ impl Upstream {
     /// goes on `affinity`'s connections when there is one (the downstream
     /// HTTP/1.1 connection's own), else through the shared pool (a request
     /// asking to switch protocols: on a connection of its own).
-    pub async fn send(
-        &self,
-        cluster: &ClusterConfig,
+    // Not an `async fn`: that would hold a second copy of its arguments for
+    // as long as it runs, room every request's future carries; an `async
+    // move` block uses what it captured in place.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send<'a>(
+        &'a self,
+        cluster: &'a ClusterConfig,
         mut req: Request<Body>,
         downstream_h2: bool,
         avoid: Option<SocketAddr>,
-        affinity: Option<&affinity::Affinity>,
-    ) -> Result<Attempt, SendError> {
-        let picked = self
-            .balancer
-            .pick(cluster, avoid)
-            .ok_or_else(|| SendError::NoEndpoint(cluster.name.clone()))?;
-        let ep = &picked.endpoint.config;
-        let target = || Target {
-            identity: ep.identity.clone(),
-            hbone_port: ep.hbone_port,
-            connect_timeout: cluster.connect_timeout,
-        };
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let upgrade = is_upgrade(req.headers());
-        let h2 = !upgrade
-            && match cluster.protocol {
-                UpstreamProtocol::Http1 => false,
-                UpstreamProtocol::Http2 => true,
-                UpstreamProtocol::UseDownstream => downstream_h2,
+        affinity: Option<&'a affinity::Affinity>,
+    ) -> impl Future<Output = Result<Attempt, SendError>> + 'a {
+        async move {
+            let picked = self
+                .balancer
+                .pick(cluster, avoid)
+                .ok_or_else(|| SendError::NoEndpoint(cluster.name.clone()))?;
+            let ep = &picked.endpoint.config;
+            let target = || Target {
+                identity: ep.identity.clone(),
+                hbone_port: ep.hbone_port,
+                connect_timeout: cluster.connect_timeout,
             };
-        let address = ep.address;
-        let absolute = |authority: Authority| {
-            Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(pq.clone())
-                .build()
-                .map_err(|e| SendError::Connect(address, e.to_string()))
-        };
-        let by_address = || {
-            Authority::try_from(address.to_string())
-                .map_err(|e| SendError::Connect(address, e.to_string()))
-        };
-        let sent = if h2 {
-            // `:authority` carries the host; no `Host` header in HTTP/2.
-            let host = req
-                .headers_mut()
-                .remove(http::header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok());
-            *req.uri_mut() = absolute(match host {
-                Some(h) => h,
-                None => by_address()?,
-            })?;
-            *req.version_mut() = http::Version::HTTP_2;
-            match self.http2.get(address, &target()).await {
-                Err(e) => Err(SendError::Connect(address, e)),
-                Ok(mut s) => s
-                    .send_request(req)
-                    .await
-                    .map_err(|e| SendError::Reset(address, error_chain(&e))),
-            }
-        } else if let Some(aff) = affinity {
-            *req.uri_mut() = Uri::from(pq.clone());
-            *req.version_mut() = http::Version::HTTP_11;
-            self.send_affine(aff, address, &target(), req).await
-        } else if upgrade {
-            *req.uri_mut() = Uri::from(pq.clone());
-            *req.version_mut() = http::Version::HTTP_11;
-            Box::pin(self.send_dedicated(address, &target(), req)).await
-        } else {
-            // hyper's pool dials by URI: tell the connector what the
-            // endpoint's address needs.
-            self.dialer.set_target(address, target());
-            *req.uri_mut() = absolute(by_address()?)?;
-            *req.version_mut() = http::Version::HTTP_11;
-            self.http1.request(req).await.map_err(|e| {
-                let why = error_chain(&e);
-                if e.is_connect() {
-                    SendError::Connect(address, why)
-                } else {
-                    SendError::Reset(address, why)
-                }
-            })
-        };
-        match sent {
-            Ok(response) => {
-                let outcome = if response.status().is_server_error() {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let upgrade = is_upgrade(req.headers());
+            let h2 = !upgrade
+                && match cluster.protocol {
+                    UpstreamProtocol::Http1 => false,
+                    UpstreamProtocol::Http2 => true,
+                    UpstreamProtocol::UseDownstream => downstream_h2,
                 };
-                self.balancer.record(cluster, &picked, outcome);
-                Ok(Attempt {
-                    response,
-                    endpoint: picked.endpoint.clone(),
+            let address = ep.address;
+            let absolute = |authority: Authority| {
+                Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(pq.clone())
+                    .build()
+                    .map_err(|e| SendError::Connect(address, e.to_string()))
+            };
+            let by_address = || {
+                Authority::try_from(address.to_string())
+                    .map_err(|e| SendError::Connect(address, e.to_string()))
+            };
+            let sent = if h2 {
+                // `:authority` carries the host; no `Host` header in HTTP/2.
+                let host = req
+                    .headers_mut()
+                    .remove(http::header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+                *req.uri_mut() = absolute(match host {
+                    Some(h) => h,
+                    None => by_address()?,
+                })?;
+                *req.version_mut() = http::Version::HTTP_2;
+                match self.http2.get(address, &target()).await {
+                    Err(e) => Err(SendError::Connect(address, e)),
+                    Ok(mut s) => s
+                        .send_request(req)
+                        .await
+                        .map_err(|e| SendError::Reset(address, error_chain(&e))),
+                }
+            } else if let Some(aff) = affinity {
+                *req.uri_mut() = Uri::from(pq.clone());
+                *req.version_mut() = http::Version::HTTP_11;
+                self.send_affine(aff, address, &target(), req).await
+            } else if upgrade {
+                *req.uri_mut() = Uri::from(pq.clone());
+                *req.version_mut() = http::Version::HTTP_11;
+                Box::pin(self.send_dedicated(address, &target(), req)).await
+            } else {
+                // hyper's pool dials by URI: tell the connector what the
+                // endpoint's address needs.
+                self.dialer.set_target(address, target());
+                *req.uri_mut() = absolute(by_address()?)?;
+                *req.version_mut() = http::Version::HTTP_11;
+                self.http1.request(req).await.map_err(|e| {
+                    let why = error_chain(&e);
+                    if e.is_connect() {
+                        SendError::Connect(address, why)
+                    } else {
+                        SendError::Reset(address, why)
+                    }
                 })
-            }
-            Err(e) => {
-                self.balancer.record(cluster, &picked, Outcome::Failure);
-                Err(e)
+            };
+            match sent {
+                Ok(response) => {
+                    let outcome = if response.status().is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    self.balancer.record(cluster, &picked, outcome);
+                    Ok(Attempt {
+                        response,
+                        endpoint: picked.endpoint.clone(),
+                    })
+                }
+                Err(e) => {
+                    self.balancer.record(cluster, &picked, Outcome::Failure);
+                    Err(e)
+                }
             }
         }
     }
