@@ -26,9 +26,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::{ArcWake, AtomicWaker};
 use hyper::client::conn::http1::SendRequest;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -96,82 +95,109 @@ struct Shared {
     polling: AtomicBool,
 }
 
-/// The waker of one side of what [`drive`] polls: a wake-up notes that
-/// this side is to be polled again, and while [`drive`] is polling only
-/// asks for another round; otherwise it also wakes the task.
-struct Side {
+/// What marks one side of what [`drive`] polls as woken: a wake-up notes
+/// that this side is to be polled again, and while [`drive`] is polling
+/// only asks for another round; otherwise it also wakes the task.
+struct Mark {
     shared: Arc<Shared>,
     woken: AtomicBool,
 }
 
-impl ArcWake for Side {
-    fn wake_by_ref(side: &Arc<Self>) {
-        side.woken.store(true, SeqCst);
-        if !side.shared.polling.load(SeqCst) {
-            side.shared.task.wake();
+impl ArcWake for Mark {
+    fn wake_by_ref(mark: &Arc<Self>) {
+        mark.woken.store(true, SeqCst);
+        if !mark.shared.polling.load(SeqCst) {
+            mark.shared.task.wake();
         }
+    }
+}
+
+/// One side of what [`drive`] polls, with the waker that marks it.
+struct Side {
+    mark: Arc<Mark>,
+    waker: Waker,
+}
+
+impl Side {
+    /// Marked woken: a new side is polled first.
+    fn new(shared: &Arc<Shared>) -> Self {
+        let mark = Arc::new(Mark {
+            shared: shared.clone(),
+            woken: AtomicBool::new(true),
+        });
+        Side {
+            waker: futures::task::waker(mark.clone()),
+            mark,
+        }
+    }
+
+    /// Whether it was woken since the last call, clearing the mark.
+    fn take(&self) -> bool {
+        self.mark.woken.swap(false, SeqCst)
+    }
+
+    fn is_woken(&self) -> bool {
+        self.mark.woken.load(SeqCst)
+    }
+
+    fn context(&self) -> Context<'_> {
+        Context::from_waker(&self.waker)
     }
 }
 
 /// Polls `main` (the downstream connection) and the upstream connections
 /// sent through `new` together until `main` is ready. Each round polls
-/// only the sides that were woken: a request handed from one side to the
-/// other wakes that side alone, and polling the other (hyper's whole
-/// dispatcher, to find nothing to do) was a good part of the cost of a
-/// hand-off. What wakes rarely has sides of its own, so that a hand-off
-/// does not poll it either: `new` (a new upstream connection), and
-/// `rarely` (drain, timers), which returns whether `main` must be polled
-/// for what it found.
+/// only the sides that were woken, each upstream connection being a side
+/// of its own: a request handed from one side to another wakes that side
+/// alone, and polling the others (hyper's whole dispatcher, to find
+/// nothing to do) was a good part of the cost of a hand-off. What wakes
+/// rarely has sides of its own, so that a hand-off does not poll it
+/// either: `new` (a new upstream connection), and `rarely` (drain,
+/// timers), which returns whether `main` must be polled for what it found.
 pub async fn drive<T>(
     mut new: UnboundedReceiver<ConnFuture>,
     mut rarely: impl FnMut(&mut Context<'_>) -> bool,
     mut main: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> T {
     let shared = Arc::new(Shared::default());
-    // Every side is polled first.
-    let side = || {
-        Arc::new(Side {
-            shared: shared.clone(),
-            woken: AtomicBool::new(true),
-        })
-    };
-    let (down, up, added, rare) = (side(), side(), side(), side());
-    let down_waker = futures::task::waker(down.clone());
-    let up_waker = futures::task::waker(up.clone());
-    let added_waker = futures::task::waker(added.clone());
-    let rare_waker = futures::task::waker(rare.clone());
-    let mut upstreams = FuturesUnordered::new();
+    let (down, added, rare) = (Side::new(&shared), Side::new(&shared), Side::new(&shared));
+    // A connection holds one per endpoint its requests went to, mostly one.
+    let mut upstreams: Vec<(Side, ConnFuture)> = Vec::new();
     std::future::poll_fn(move |cx| {
         shared.task.register(cx.waker());
         for _ in 0..ROUNDS {
             shared.polling.store(true, SeqCst);
-            if rare.woken.swap(false, SeqCst) && rarely(&mut Context::from_waker(&rare_waker)) {
-                down.woken.store(true, SeqCst);
+            if rare.take() && rarely(&mut rare.context()) {
+                down.mark.woken.store(true, SeqCst);
             }
-            if added.woken.swap(false, SeqCst) {
-                let mut c = Context::from_waker(&added_waker);
-                while let Poll::Ready(Some(f)) = new.poll_recv(&mut c) {
-                    upstreams.push(f);
-                    up.woken.store(true, SeqCst);
+            if added.take() {
+                while let Poll::Ready(Some(f)) = new.poll_recv(&mut added.context()) {
+                    upstreams.push((Side::new(&shared), f));
                 }
             }
-            if up.woken.swap(false, SeqCst) {
-                // Finished upstream connections just leave the set.
-                let mut c = Context::from_waker(&up_waker);
-                while let Poll::Ready(Some(())) = upstreams.poll_next_unpin(&mut c) {}
+            // Finished upstream connections just leave.
+            let mut i = 0;
+            while i < upstreams.len() {
+                let (side, conn) = &mut upstreams[i];
+                if side.take() && conn.as_mut().poll(&mut side.context()).is_ready() {
+                    drop(upstreams.swap_remove(i));
+                } else {
+                    i += 1;
+                }
             }
-            if down.woken.swap(false, SeqCst) {
-                if let Poll::Ready(r) = main(&mut Context::from_waker(&down_waker)) {
+            if down.take() {
+                if let Poll::Ready(r) = main(&mut down.context()) {
                     return Poll::Ready(r);
                 }
             }
             // A wake-up from here on (another thread) wakes the task; one
             // before this store is seen by the loads below.
             shared.polling.store(false, SeqCst);
-            if [&down, &up, &added, &rare]
-                .iter()
-                .all(|s| !s.woken.load(SeqCst))
-            {
+            let woken = down.is_woken()
+                || added.is_woken()
+                || rare.is_woken()
+                || upstreams.iter().any(|(side, _)| side.is_woken());
+            if !woken {
                 return Poll::Pending;
             }
         }
@@ -258,5 +284,43 @@ mod tests {
             },
         ))
         .await;
+    }
+
+    #[tokio::test]
+    async fn an_upstream_connection_is_polled_only_when_it_wakes() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let idle_polls = Arc::new(AtomicUsize::new(0));
+        let counted = idle_polls.clone();
+        // Never ready, never wakes: an idle keep-alive connection.
+        let idle: ConnFuture = Box::pin(std::future::poll_fn(move |_| {
+            counted.fetch_add(1, Relaxed);
+            Poll::Pending
+        }));
+        // Busy: wakes itself 100 times, then answers.
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let mut done_tx = Some(done_tx);
+        let mut wakes = 0;
+        let busy: ConnFuture = Box::pin(std::future::poll_fn(move |cx| {
+            if wakes < 100 {
+                wakes += 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let _ = done_tx.take().expect("polled once done").send(());
+            Poll::Ready(())
+        }));
+        tx.send(idle).expect("open");
+        tx.send(busy).expect("open");
+        soon(drive(
+            rx,
+            |_| false,
+            |cx| {
+                Pin::new(&mut done_rx)
+                    .poll(cx)
+                    .map(|r| r.expect("answered"))
+            },
+        ))
+        .await;
+        assert_eq!(idle_polls.load(Relaxed), 1);
     }
 }
