@@ -140,6 +140,11 @@ impl Side {
         self.mark.woken.load(SeqCst)
     }
 
+    /// Marks it to be polled this round.
+    fn set_woken(&self) {
+        self.mark.woken.store(true, SeqCst);
+    }
+
     fn context(&self) -> Context<'_> {
         Context::from_waker(&self.waker)
     }
@@ -168,7 +173,7 @@ pub async fn drive<T>(
         for _ in 0..ROUNDS {
             shared.polling.store(true, SeqCst);
             if rare.take() && rarely(&mut rare.context()) {
-                down.mark.woken.store(true, SeqCst);
+                down.set_woken();
             }
             if added.take() {
                 while let Poll::Ready(Some(f)) = new.poll_recv(&mut added.context()) {
