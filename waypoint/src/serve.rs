@@ -314,6 +314,12 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// Whether a `Connection` token is an option (`keep-alive`, `close`) and
+/// not the name of a header to drop.
+fn is_connection_option(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded: the ones the
 /// spec names, and those a `Connection` header nominates.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -322,7 +328,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     // hop-by-hop name, and this runs twice per request.
     let present: Vec<HeaderName> = h.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
     for name in present {
-        if name == CONNECTION {
+        // Most say only `keep-alive` or `close`: nothing nominated to find.
+        let nominates = |h: &HeaderMap| {
+            !h.get_all(CONNECTION)
+                .iter()
+                .all(|v| is_connection_option(v.as_bytes().trim_ascii()))
+        };
+        if name == CONNECTION && nominates(h) {
             let nominated: Vec<HeaderName> = h
                 .get_all(CONNECTION)
                 .iter()
@@ -331,9 +343,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
                 .map(str::trim)
                 // Connection options, not header names (a `keep-alive`
                 // header goes anyway).
-                .filter(|n| {
-                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
-                })
+                .filter(|n| !is_connection_option(n.as_bytes()))
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect();
             for n in nominated {
