@@ -95,9 +95,7 @@ fn backoff(r: &Retry, retry: u32) -> Duration {
     cap.mul_f64(fastrand::f64())
 }
 
-// Not an `async fn`: that would hold a second copy of its arguments for
-// as long as it runs, room every request's future carries; an `async
-// move` block uses what it captured in place.
+// Not an `async fn`, for the reason [`crate::serve::handle`] gives.
 #[allow(clippy::manual_async_fn)]
 pub fn forward<'a>(
     upstream: &'a Arc<Upstream>,
@@ -306,9 +304,7 @@ fn copy_request(parts: &Parts, body: Body) -> Request<Body> {
     r
 }
 
-// Not an `async fn`: that would hold a second copy of its arguments for
-// as long as it runs, room every request's future carries; an `async
-// move` block uses what it captured in place.
+// Not an `async fn`, for the reason [`crate::serve::handle`] gives.
 #[allow(clippy::manual_async_fn)]
 #[allow(clippy::too_many_arguments)]
 fn attempt_all<'a>(

@@ -320,6 +320,14 @@ fn is_connection_option(token: &[u8]) -> bool {
     token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
 }
 
+/// Whether `Connection` may name headers: most say only `keep-alive` or
+/// `close`, and need no parsing for names.
+fn connection_nominates(h: &HeaderMap) -> bool {
+    !h.get_all(CONNECTION)
+        .iter()
+        .all(|v| is_connection_option(v.as_bytes().trim_ascii()))
+}
+
 /// Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded: the ones the
 /// spec names, and those a `Connection` header nominates.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -328,13 +336,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     // hop-by-hop name, and this runs twice per request.
     let present: Vec<HeaderName> = h.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
     for name in present {
-        // Most say only `keep-alive` or `close`: nothing nominated to find.
-        let nominates = |h: &HeaderMap| {
-            !h.get_all(CONNECTION)
-                .iter()
-                .all(|v| is_connection_option(v.as_bytes().trim_ascii()))
-        };
-        if name == CONNECTION && nominates(h) {
+        if name == CONNECTION && connection_nominates(h) {
             let nominated: Vec<HeaderName> = h
                 .get_all(CONNECTION)
                 .iter()
@@ -457,9 +459,10 @@ fn protocol(req: &Request<Incoming>) -> &'static str {
     }
 }
 
-// Not an `async fn`: that would hold a second copy of its arguments for
-// as long as it runs, room every request's future carries; an `async
-// move` block uses what it captured in place.
+// Not an `async fn`, nor are the functions it calls on the way
+// upstream: an `async fn` holds a second copy of its arguments for as
+// long as it runs, room every request's future carries; an `async move`
+// block uses what it captured in place.
 #[allow(clippy::manual_async_fn)]
 pub fn handle<'a>(
     proxy: Arc<Proxy>,
@@ -572,9 +575,7 @@ pub fn handle<'a>(
     }
 }
 
-// Not an `async fn`: that would hold a second copy of its arguments for
-// as long as it runs, room every request's future carries; an `async
-// move` block uses what it captured in place.
+// Not an `async fn`, for the reason [`crate::serve::handle`] gives.
 #[allow(clippy::manual_async_fn)]
 fn route_and_run<'a>(
     proxy: &'a Arc<Proxy>,

@@ -83,9 +83,7 @@ impl Upstream {
     /// goes on `affinity`'s connections when there is one (the downstream
     /// HTTP/1.1 connection's own), else through the shared pool (a request
     /// asking to switch protocols: on a connection of its own).
-    // Not an `async fn`: that would hold a second copy of its arguments for
-    // as long as it runs, room every request's future carries; an `async
-    // move` block uses what it captured in place.
+    // Not an `async fn`, for the reason [`crate::serve::handle`] gives.
     #[allow(clippy::manual_async_fn)]
     pub fn send<'a>(
         &'a self,
