@@ -185,7 +185,9 @@ pub fn forward<'a>(
         };
 
         // The route timeout's, for the response head and then its body.
-        let mut deadline = f.timeout.map(|t| end.deadline(t));
+        let mut deadline = f
+            .timeout
+            .map(|t| end.deadline(t, affinity.map(|a| &a.timer)));
         // Pinned in place, here (see `Deadline::bound`); the block ends the
         // borrows it holds.
         let result = {
@@ -353,8 +355,9 @@ fn attempt_all<'a>(
             let mut sent =
                 std::pin::pin!(upstream.send(cluster, req, downstream_h2, avoid, affinity));
             let res = match again.as_ref().and_then(|(retry, _)| retry.per_try_timeout) {
+                // Its own timer: the route timeout's holds the connection's.
                 Some(t) => end
-                    .deadline(t)
+                    .deadline(t, None)
                     .bound(sent.as_mut())
                     .await
                     .unwrap_or(Err(SendError::Timeout)),

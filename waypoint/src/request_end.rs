@@ -14,11 +14,18 @@
 //! has not finished by then (a stream that outlives it is reset). A
 //! per-try timeout covers its attempt up to the response head only: once
 //! the response has started there is nothing left to retry.
+//!
+//! An HTTP/1.1 connection has one request in progress at a time, so its
+//! requests take turns with one timer ([`ConnTimer`]) instead of each
+//! making, registering and removing a timer of its own (an allocation and
+//! two visits to the timer wheel per request). A deadline later than the
+//! timer's leaves it as it is; when it fires before the holder's time, the
+//! holder moves it on.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +33,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
 use crate::upstream::connector::BoxError;
 use crate::upstream::Body;
@@ -38,23 +46,86 @@ pub enum RequestEnd {
 }
 
 impl RequestEnd {
-    /// A deadline `t` after the request has ended.
-    pub fn deadline(&self, t: Duration) -> Deadline {
+    /// A deadline `t` after the request has ended: on `conn`'s timer when
+    /// the request has ended already and the timer is free.
+    pub fn deadline(&self, t: Duration, conn: Option<&ConnTimer>) -> Deadline {
+        if let (RequestEnd::Now, Some(conn)) = (self, conn) {
+            if let Some(d) = conn.take(t) {
+                return d;
+            }
+        }
         let end = self.clone();
-        Deadline(Box::pin(async move {
+        Deadline(Kind::Own(Box::pin(async move {
             if let RequestEnd::Later(mut rx) = end {
                 // An error: the body was dropped, which also ends it.
                 let _ = rx.wait_for(|ended| *ended).await;
             }
             tokio::time::sleep(t).await;
-        }))
+        })))
+    }
+}
+
+/// The timer an HTTP/1.1 connection's requests take in turns for their
+/// route timeouts. One [`Deadline`] holds it at a time; a request that
+/// finds it held (a pipelined request while the previous response is still
+/// being written) gets a timer of its own.
+#[derive(Default)]
+pub struct ConnTimer(Arc<Mutex<Turns>>);
+
+#[derive(Default)]
+struct Turns {
+    /// Made at the first turn; left as it is between turns, where its
+    /// firing only wakes the connection once for nothing.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// When the holder's time is up; `None` between turns.
+    at: Option<Instant>,
+}
+
+impl ConnTimer {
+    fn take(&self, t: Duration) -> Option<Deadline> {
+        let mut turns = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if turns.at.is_some() {
+            return None;
+        }
+        let at = Instant::now() + t;
+        turns.at = Some(at);
+        match &mut turns.sleep {
+            // Later than the timer's deadline (the usual case: one route
+            // timeout after another) it is left as it is: when it fires
+            // early, `poll` moves it on.
+            Some(s) if at < s.deadline() => s.as_mut().reset(at),
+            Some(_) => {}
+            None => turns.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        Some(Deadline(Kind::Turn(self.0.clone())))
+    }
+}
+
+impl Turns {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let (Some(s), Some(at)) = (&mut self.sleep, self.at) else {
+            return Poll::Pending;
+        };
+        while s.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= at {
+                return Poll::Ready(());
+            }
+            s.as_mut().reset(at);
+        }
+        Poll::Pending
     }
 }
 
 /// A time limit that starts when the request ends (see
-/// [`RequestEnd::deadline`]). Boxed: only routes with a timeout make one,
-/// so it costs the others nothing in their request's future.
-pub struct Deadline(Pin<Box<dyn Future<Output = ()> + Send>>);
+/// [`RequestEnd::deadline`]). Boxed or shared: only routes with a timeout
+/// make one, so it costs the others nothing in their request's future.
+pub struct Deadline(Kind);
+
+enum Kind {
+    Own(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// A turn of its connection's [`ConnTimer`].
+    Turn(Arc<Mutex<Turns>>),
+}
 
 impl Deadline {
     /// Runs `f` until the deadline; `None` when the deadline came first.
@@ -65,7 +136,17 @@ impl Deadline {
         tokio::select! {
             biased;
             out = f => Some(out),
-            () = self.0.as_mut() => None,
+            () = std::future::poll_fn(|cx| self.poll(cx)) => None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Kind::Own(f) => f.as_mut().poll(cx),
+            Kind::Turn(turns) => turns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .poll(cx),
         }
     }
 
@@ -77,6 +158,14 @@ impl Deadline {
             deadline: self,
         }
         .boxed_unsync()
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let Kind::Turn(turns) = &self.0 {
+            turns.lock().unwrap_or_else(PoisonError::into_inner).at = None;
+        }
     }
 }
 
@@ -103,7 +192,7 @@ impl hyper::body::Body for Limited {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match self.deadline.0.as_mut().poll(cx) {
+        match self.deadline.poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(RouteTimeout)))),
             Poll::Pending => Poll::Pending,
         }
@@ -176,5 +265,74 @@ impl Watched {
         if let Some(tx) = self.ended.take() {
             tx.send_replace(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn polled(d: &mut Deadline) -> Poll<()> {
+        let waker = futures::task::noop_waker();
+        d.poll(&mut Context::from_waker(&waker))
+    }
+
+    async fn fires(d: &mut Deadline) {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| d.poll(cx)),
+        )
+        .await
+        .expect("the deadline never fired");
+    }
+
+    #[tokio::test]
+    async fn a_connections_requests_take_turns_with_one_timer() {
+        let conn = ConnTimer::default();
+        let first = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
+        assert!(matches!(first.0, Kind::Turn(_)));
+        // Taken: the next one (a pipelined request) times itself.
+        let mut second = RequestEnd::Now.deadline(Duration::from_millis(20), Some(&conn));
+        assert!(matches!(second.0, Kind::Own(_)));
+        fires(&mut second).await;
+        drop(first);
+        let third = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
+        assert!(matches!(third.0, Kind::Turn(_)));
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_moves_the_timer_back() {
+        let conn = ConnTimer::default();
+        let mut long = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
+        assert!(polled(&mut long).is_pending());
+        drop(long);
+        let mut short = RequestEnd::Now.deadline(Duration::from_millis(20), Some(&conn));
+        fires(&mut short).await;
+    }
+
+    #[tokio::test]
+    async fn a_later_deadline_outlives_the_timer_left_from_before() {
+        let conn = ConnTimer::default();
+        let mut short = RequestEnd::Now.deadline(Duration::from_millis(20), Some(&conn));
+        assert!(polled(&mut short).is_pending());
+        drop(short);
+        let mut long = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
+        // The timer still fires at the first deadline; the second's holder
+        // sees that its own has not come and moves the timer on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(polled(&mut long).is_pending());
+        let Kind::Turn(turns) = &long.0 else {
+            panic!("not on the connection's timer")
+        };
+        let turns = turns.lock().unwrap();
+        assert_eq!(turns.sleep.as_ref().map(|s| s.deadline()), turns.at);
+    }
+
+    #[tokio::test]
+    async fn a_request_still_sending_its_body_times_itself() {
+        let conn = ConnTimer::default();
+        let (_tx, rx) = watch::channel(false);
+        let d = RequestEnd::Later(rx).deadline(Duration::from_secs(60), Some(&conn));
+        assert!(matches!(d.0, Kind::Own(_)));
     }
 }

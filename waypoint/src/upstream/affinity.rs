@@ -33,6 +33,7 @@ use hyper::client::conn::http1::SendRequest;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::Body;
+use crate::request_end::ConnTimer;
 
 pub type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -45,6 +46,9 @@ pub struct Affinity {
     idle: Mutex<Vec<(SocketAddr, SendRequest<Body>)>>,
     /// The tunnel of a request that switched protocols.
     upgraded: Mutex<Option<ConnFuture>>,
+    /// The route timeout's timer, which the connection's requests take in
+    /// turns.
+    pub timer: ConnTimer,
 }
 
 impl Affinity {
@@ -53,6 +57,7 @@ impl Affinity {
             driver,
             idle: Mutex::new(Vec::new()),
             upgraded: Mutex::new(None),
+            timer: ConnTimer::default(),
         }
     }
 
