@@ -36,10 +36,12 @@ fn strip_port(h: &str) -> &str {
         // "[v6]" or "[v6]:port"; a lone "[" is left as it is.
         return h.find(']').map(|i| &h[..=i]).unwrap_or(h);
     }
-    h.rsplit_once(':')
-        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        .map(|(host, _)| host)
-        .unwrap_or(h)
+    // By bytes: `rsplit_once`'s searcher cost more than the rest of the
+    // host's handling.
+    match h.bytes().rposition(|b| b == b':') {
+        Some(i) if h.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => &h[..i],
+        _ => h,
+    }
 }
 
 /// How well `domain` matches `host`; higher is more specific, `None` is no
