@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -210,7 +210,10 @@ impl hyper::body::Body for Limited {
 /// The client's body, counted into `counter`, and when it ends.
 pub fn watch(body: Incoming, counter: Arc<AtomicU64>) -> (Body, RequestEnd) {
     if body.is_end_stream() {
-        return (body.map_err(Into::into).boxed_unsync(), RequestEnd::Now);
+        // Nothing to read: an empty body in its place, which boxes without
+        // an allocation.
+        let empty = Empty::new().map_err(|never| match never {});
+        return (empty.boxed_unsync(), RequestEnd::Now);
     }
     let (tx, rx) = watch::channel(false);
     let watched = Watched {
