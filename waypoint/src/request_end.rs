@@ -303,23 +303,26 @@ mod tests {
         assert!(matches!(third.0, Kind::Turn(_)));
     }
 
+    /// A deadline of `first` takes `conn`'s timer, arms it (polled) and
+    /// ends; then one of `second` takes its turn.
+    fn turn_after(conn: &ConnTimer, first: Duration, second: Duration) -> Deadline {
+        let mut d = RequestEnd::Now.deadline(first, Some(conn));
+        assert!(polled(&mut d).is_pending());
+        drop(d);
+        RequestEnd::Now.deadline(second, Some(conn))
+    }
+
     #[tokio::test]
     async fn an_earlier_deadline_moves_the_timer_back() {
         let conn = ConnTimer::default();
-        let mut long = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
-        assert!(polled(&mut long).is_pending());
-        drop(long);
-        let mut short = RequestEnd::Now.deadline(Duration::from_millis(20), Some(&conn));
+        let mut short = turn_after(&conn, Duration::from_secs(60), Duration::from_millis(20));
         fires(&mut short).await;
     }
 
     #[tokio::test]
     async fn a_later_deadline_outlives_the_timer_left_from_before() {
         let conn = ConnTimer::default();
-        let mut short = RequestEnd::Now.deadline(Duration::from_millis(20), Some(&conn));
-        assert!(polled(&mut short).is_pending());
-        drop(short);
-        let mut long = RequestEnd::Now.deadline(Duration::from_secs(60), Some(&conn));
+        let mut long = turn_after(&conn, Duration::from_millis(20), Duration::from_secs(60));
         // The timer still fires at the first deadline; the second's holder
         // sees that its own has not come and moves the timer on.
         tokio::time::sleep(Duration::from_millis(100)).await;
