@@ -38,6 +38,7 @@ pub mod h2io;
 pub mod idle;
 pub mod inbound;
 pub mod metrics;
+pub mod out_of_line;
 pub mod path;
 pub mod peers;
 pub mod plaintext;

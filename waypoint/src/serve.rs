@@ -134,9 +134,12 @@ where
         // Boxed: a request's future is large (routing, retries, the
         // upstream exchange), and hyper spawns one task per HTTP/2 stream;
         // unboxed, each spawn, completion and drop copied all of it.
-        Box::pin(
-            async move { Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await) },
-        )
+        // Allocated before the future is made, so it is made in place
+        // rather than on the stack and then copied (some 4 KiB) into the box.
+        let slot = Box::new_uninit();
+        Box::into_pin(Box::write(slot, async move {
+            Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await)
+        }))
     });
     let io = TokioIo::new(io);
     // HTTP/1.1 with upgrades (WebSocket). hyper-util's upgradeable

@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::config::model::UpstreamProtocol;
 use crate::config::runtime::ClusterConfig;
+use crate::out_of_line::out_of_line;
 use balancer::{Balancer, Outcome};
 use connector::{BoxError, Connector, Dialer, Target};
 
@@ -140,13 +141,17 @@ impl Upstream {
                     None => by_address()?,
                 })?;
                 *req.version_mut() = http::Version::HTTP_2;
-                match self.http2.get(address, &target()).await {
-                    Err(e) => Err(SendError::Connect(address, e)),
-                    Ok(mut s) => s
-                        .send_request(req)
-                        .await
-                        .map_err(|e| SendError::Reset(address, error_chain(&e))),
-                }
+                let target = target();
+                out_of_line(async move {
+                    match self.http2.get(address, &target).await {
+                        Err(e) => Err(SendError::Connect(address, e)),
+                        Ok(mut s) => s
+                            .send_request(req)
+                            .await
+                            .map_err(|e| SendError::Reset(address, error_chain(&e))),
+                    }
+                })
+                .await
             } else if let Some(aff) = affinity {
                 *req.uri_mut() = Uri::from(pq.clone());
                 *req.version_mut() = http::Version::HTTP_11;
@@ -161,14 +166,17 @@ impl Upstream {
                 self.dialer.set_target(address, target());
                 *req.uri_mut() = absolute(by_address()?)?;
                 *req.version_mut() = http::Version::HTTP_11;
-                self.http1.request(req).await.map_err(|e| {
-                    let why = error_chain(&e);
-                    if e.is_connect() {
-                        SendError::Connect(address, why)
-                    } else {
-                        SendError::Reset(address, why)
-                    }
+                out_of_line(async move {
+                    self.http1.request(req).await.map_err(|e| {
+                        let why = error_chain(&e);
+                        if e.is_connect() {
+                            SendError::Connect(address, why)
+                        } else {
+                            SendError::Reset(address, why)
+                        }
+                    })
                 })
+                .await
             };
             match sent {
                 Ok(response) => {
