@@ -133,9 +133,9 @@ where
         let affinity = (req.version() < http::Version::HTTP_2).then(|| affinity.clone());
         // Boxed: a request's future is large (routing, retries, the
         // upstream exchange), and hyper spawns one task per HTTP/2 stream;
-        // unboxed, each spawn, completion and drop copied all of it.
-        // Allocated before the future is made, so it is made in place
-        // rather than on the stack and then copied (some 4 KiB) into the box.
+        // unboxed, each spawn, completion and drop copied all of it. The
+        // box comes first, so the future is made in it, not on the stack
+        // and then copied (some 4 KiB) in.
         let slot = Box::new_uninit();
         Box::into_pin(Box::write(slot, async move {
             Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await)
