@@ -108,8 +108,8 @@ pub fn forward<'a>(
 ) -> impl Future<Output = Outcome> + 'a {
     async move {
         let picked = pick_cluster(f);
-        let cluster = picked.cluster.clone();
-        info.cluster = Some(cluster.clone());
+        let cluster = &*picked.cluster;
+        info.cluster = Some(picked.cluster.clone());
         // Upstream requests carry the origin form (path and query; the
         // upstream module adds what HTTP/2 or a pooled client needs) and the
         // host in `Host`: the rewritten one, else the request's.
@@ -154,7 +154,7 @@ pub fn forward<'a>(
 
         let needs_copy =
             f.retry.as_ref().is_some_and(|r| r.num_retries > 0) || !f.mirrors.is_empty();
-        let (body, end) = request_end::watch(body, info.request_bytes.clone());
+        let (body, end) = request_end::watch(body, &mut info.request_bytes);
         let body = if needs_copy {
             let (resend, first) = match end {
                 // Nothing to keep (most requests).
@@ -193,7 +193,7 @@ pub fn forward<'a>(
         let result = {
             let mut attempts = std::pin::pin!(attempt_all(
                 upstream,
-                &cluster,
+                cluster,
                 f,
                 parts,
                 (body, &end),

@@ -131,6 +131,7 @@ async fn serve_stream(
     };
     let ds = Arc::new(Downstream::new(
         &proxy.peers,
+        proxy.metrics.clone(),
         Some(src_id),
         src_ip,
         target,
@@ -177,6 +178,7 @@ async fn sniff_and_serve(
     };
     let ds = Arc::new(Downstream::new(
         &proxy.peers,
+        proxy.metrics.clone(),
         Some(src_id),
         src_ip,
         target,

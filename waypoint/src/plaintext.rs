@@ -50,6 +50,7 @@ pub async fn serve_accepted(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAd
     };
     let ds = Arc::new(Downstream::new(
         &proxy.peers,
+        proxy.metrics.clone(),
         None,
         canonical(peer).ip(),
         local,

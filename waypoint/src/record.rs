@@ -8,7 +8,7 @@
 //! hands its record to the tunnel instead ([`TunnelRecord`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use std::pin::Pin;
@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 
 use crate::config::runtime::{ClusterConfig, Route};
-use crate::metrics::{Handles, Metrics, PeerPair, RequestLabels};
+use crate::metrics::{Handles, PeerPair, RequestLabels};
 use crate::request_end::RouteTimeout;
 use crate::serve::Downstream;
 use crate::upstream::balancer::EndpointState;
@@ -45,7 +45,9 @@ pub struct RequestInfo {
     pub endpoint: Option<Arc<EndpointState>>,
     pub flags: &'static str,
     pub attempts: u32,
-    pub request_bytes: Arc<AtomicU64>,
+    /// Bytes of the client's body, counted as they pass; made only for a
+    /// request that has a body.
+    pub request_bytes: Option<Arc<AtomicU64>>,
 }
 
 struct Record {
@@ -53,25 +55,25 @@ struct Record {
     status: StatusCode,
     grpc_status: Option<String>,
     response_bytes: u64,
-    metrics: Arc<Metrics>,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
         self.info.downstream.activity.end();
         let duration = self.info.start.elapsed();
-        let req_bytes = self.info.request_bytes.load(Ordering::Relaxed);
+        let req_bytes = (self.info.request_bytes.as_ref()).map_or(0, |c| c.load(Ordering::Relaxed));
         self.access_log(duration, req_bytes);
-        let i = &mut self.info;
+        let i = &self.info;
         let grpc_status = self.grpc_status.take();
-        let handles = i
-            .downstream
-            .last_series
-            .handles(&self.metrics, i, self.status, grpc_status);
-        handles.observe(
-            duration.as_secs_f64() * 1000.0,
-            req_bytes,
-            self.response_bytes,
+        i.downstream.last_series.observe(
+            i,
+            self.status,
+            grpc_status,
+            (
+                duration.as_secs_f64() * 1000.0,
+                req_bytes,
+                self.response_bytes,
+            ),
         );
     }
 }
@@ -116,10 +118,10 @@ impl Record {
 #[derive(Default)]
 pub struct LastSeries(Mutex<Option<(SeriesKey, Handles)>>);
 
-/// What selects a request's labels besides its connection (the source):
-/// held, so that the same pointers mean the same (immutable) values.
+/// What selects a request's labels besides its connection (the source
+/// and the metrics): held, so that the same pointers mean the same
+/// (immutable) values.
 struct SeriesKey {
-    metrics: Arc<Metrics>,
     endpoint: Option<Arc<EndpointState>>,
     cluster: Option<Arc<ClusterConfig>>,
     protocol: &'static str,
@@ -137,27 +139,30 @@ fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
 }
 
 impl LastSeries {
-    /// The handles of the series of a request on this connection.
-    fn handles(
+    /// Counts a request of this connection and observes its duration and
+    /// sizes, in its series. Observed in place: a copy of the handles
+    /// would take and release four references per request.
+    fn observe(
         &self,
-        metrics: &Arc<Metrics>,
         i: &RequestInfo,
         code: StatusCode,
         grpc_status: Option<String>,
-    ) -> Handles {
-        let mut last = self.0.lock().expect("series lock");
+        (duration_ms, req_bytes, resp_bytes): (f64, u64, u64),
+    ) {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((k, h)) = last.as_ref() {
-            if Arc::ptr_eq(&k.metrics, metrics)
-                && same(&k.endpoint, &i.endpoint)
+            if same(&k.endpoint, &i.endpoint)
                 && same(&k.cluster, &i.cluster)
                 && k.protocol == i.protocol
                 && k.code == code
                 && k.grpc_status == grpc_status
                 && k.flags == i.flags
             {
-                return h.clone();
+                h.observe(duration_ms, req_bytes, resp_bytes);
+                return;
             }
         }
+        let metrics = &i.downstream.metrics;
         let dst = match &i.endpoint {
             Some(e) => &e.labels,
             None => &metrics.unknown_destination,
@@ -181,8 +186,8 @@ impl LastSeries {
             connection_security_policy: "mutual_tls",
         };
         let h = metrics.handles(labels);
+        h.observe(duration_ms, req_bytes, resp_bytes);
         let key = SeriesKey {
-            metrics: metrics.clone(),
             endpoint: i.endpoint.clone(),
             cluster: i.cluster.clone(),
             protocol: i.protocol,
@@ -190,14 +195,12 @@ impl LastSeries {
             grpc_status,
             flags: i.flags,
         };
-        *last = Some((key, h.clone()));
-        h
+        *last = Some((key, h));
     }
 }
 
 /// Attaches the record to `body`; it is written when the body is done.
 pub fn attach(
-    metrics: Arc<Metrics>,
     info: RequestInfo,
     status: StatusCode,
     grpc_status: Option<String>,
@@ -210,7 +213,6 @@ pub fn attach(
             status,
             grpc_status,
             response_bytes: 0,
-            metrics,
         },
     }
     .boxed_unsync()
@@ -272,17 +274,17 @@ impl TunnelRecord {
         self.0
             .info
             .request_bytes
+            .get_or_insert_with(Default::default)
             .fetch_add(to_upstream, Ordering::Relaxed);
         self.0.response_bytes += to_client;
     }
 }
 
-pub fn for_tunnel(metrics: Arc<Metrics>, info: RequestInfo, status: StatusCode) -> TunnelRecord {
+pub fn for_tunnel(info: RequestInfo, status: StatusCode) -> TunnelRecord {
     TunnelRecord(Record {
         info,
         status,
         grpc_status: None,
         response_bytes: 0,
-        metrics,
     })
 }

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,6 +79,11 @@ struct Turns {
     sleep: Option<Pin<Box<Sleep>>>,
     /// When the holder's time is up; `None` between turns.
     at: Option<Instant>,
+    /// The waker the timer was last polled with, while it has not fired or
+    /// been moved: it wakes that one, so polling it again with the same
+    /// one is skipped (a poll registers the waker anew, two atomic
+    /// read-modify-writes, at every poll of the request).
+    registered: Option<Waker>,
 }
 
 impl ConnTimer {
@@ -93,7 +98,10 @@ impl ConnTimer {
             // Later than the timer's deadline (the usual case: one route
             // timeout after another) it is left as it is: when it fires
             // early, `poll` moves it on.
-            Some(s) if at < s.deadline() => s.as_mut().reset(at),
+            Some(s) if at < s.deadline() => {
+                s.as_mut().reset(at);
+                turns.registered = None;
+            }
             Some(_) => {}
             None => turns.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
         }
@@ -106,11 +114,20 @@ impl Turns {
         let (Some(s), Some(at)) = (&mut self.sleep, self.at) else {
             return Poll::Pending;
         };
-        while s.as_mut().poll(cx).is_ready() {
+        let waker = cx.waker();
+        let same = |r: &Option<Waker>| r.as_ref().is_some_and(|w| w.will_wake(waker));
+        if !s.is_elapsed() && same(&self.registered) {
+            return Poll::Pending;
+        }
+        while s.as_mut().poll(&mut Context::from_waker(waker)).is_ready() {
             if Instant::now() >= at {
+                self.registered = None;
                 return Poll::Ready(());
             }
             s.as_mut().reset(at);
+        }
+        if !same(&self.registered) {
+            self.registered = Some(waker.clone());
         }
         Poll::Pending
     }
@@ -207,8 +224,9 @@ impl hyper::body::Body for Limited {
     }
 }
 
-/// The client's body, counted into `counter`, and when it ends.
-pub fn watch(body: Incoming, counter: Arc<AtomicU64>) -> (Body, RequestEnd) {
+/// The client's body, counted into `counter` (made here if it has one),
+/// and when it ends.
+pub fn watch(body: Incoming, counter: &mut Option<Arc<AtomicU64>>) -> (Body, RequestEnd) {
     if body.is_end_stream() {
         // Nothing to read: an empty body in its place, which boxes without
         // an allocation.
@@ -218,7 +236,7 @@ pub fn watch(body: Incoming, counter: Arc<AtomicU64>) -> (Body, RequestEnd) {
     let (tx, rx) = watch::channel(false);
     let watched = Watched {
         inner: body,
-        counter,
+        counter: counter.get_or_insert_with(Default::default).clone(),
         ended: Some(tx),
     };
     (watched.boxed_unsync(), RequestEnd::Later(rx))

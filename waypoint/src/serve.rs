@@ -35,7 +35,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,7 +56,7 @@ use crate::config::model::CodecType;
 use crate::config::runtime::{Action, ChainKind, HttpChain, Redirect, Route};
 use crate::forward::{self, Outcome};
 use crate::idle::{Activity, Watch, HEADER_READ_TIMEOUT};
-use crate::metrics::PeerLabels;
+use crate::metrics::{Metrics, PeerLabels};
 use crate::rbac::{self, AuthzRequest, Decision};
 use crate::record::{self, RequestInfo};
 use crate::upstream::affinity::{self, Affinity};
@@ -78,6 +78,9 @@ pub struct Downstream {
     /// Requests started and finished on this connection (its header-read
     /// timeout, see [`crate::idle`]).
     pub activity: Activity,
+    /// Where its requests are counted (held per connection, not cloned
+    /// per request).
+    pub metrics: Arc<Metrics>,
     /// The metric series its requests went to last.
     pub last_series: record::LastSeries,
 }
@@ -86,6 +89,7 @@ impl Downstream {
     /// `peers`: the mesh's workloads, which may tell who the client is.
     pub fn new(
         peers: &ztunnel::state::Store,
+        metrics: Arc<Metrics>,
         identity: Option<Identity>,
         src_ip: IpAddr,
         dst: SocketAddr,
@@ -99,6 +103,7 @@ impl Downstream {
             dst,
             protocol,
             activity: Activity::default(),
+            metrics,
             last_series: Default::default(),
         }
     }
@@ -122,15 +127,14 @@ where
         .max_header_list_size(chain.max_header_bytes as u32)
         .max_concurrent_streams(1000)
         .timer(hyper_util::rt::TokioTimer::new());
-    let conn_proxy = proxy.clone();
-    let conn_ds = ds.clone();
     let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
-    let affinity = Arc::new(Affinity::new(driver));
-    let conn_affinity = affinity.clone();
+    // One reference per request for all three: each is an atomic increment
+    // and decrement, which on x86 cost more than most of what a request
+    // does with them.
+    let conn = Arc::new((proxy, ds, Affinity::new(driver)));
+    let svc_conn = conn.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
-        let ds = ds.clone();
-        let affinity = (req.version() < http::Version::HTTP_2).then(|| affinity.clone());
+        let conn = svc_conn.clone();
         // Boxed: a request's future is large (routing, retries, the
         // upstream exchange), and hyper spawns one task per HTTP/2 stream;
         // unboxed, each spawn, completion and drop copied all of it. The
@@ -138,7 +142,9 @@ where
         // and then copied (some 4 KiB) in.
         let slot = Box::new_uninit();
         Box::into_pin(Box::write(slot, async move {
-            Ok::<_, Infallible>(handle(proxy, ds, req, affinity.as_deref()).await)
+            let (proxy, ds, affinity) = &*conn;
+            let affinity = (req.version() < http::Version::HTTP_2).then_some(affinity);
+            Ok::<_, Infallible>(handle(proxy, ds, req, affinity).await)
         }))
     });
     let io = TokioIo::new(io);
@@ -148,7 +154,7 @@ where
     match chain.codec {
         CodecType::Auto => {
             let c = builder.serve_connection_with_upgrades(io, svc);
-            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
@@ -157,7 +163,7 @@ where
             let mut h1 = hyper::server::conn::http1::Builder::new();
             h1.max_buf_size(max_buf).header_read_timeout(None);
             let c = h1.serve_connection(io, svc).with_upgrades();
-            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
@@ -165,14 +171,14 @@ where
         CodecType::Http2 => {
             let builder = builder.http2_only();
             let c = builder.serve_connection(io, svc);
-            drive_connection(&conn_proxy, &conn_ds, new_upstreams, c, |c| {
+            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
         }
     }
     // A request switched protocols: hyper has handed the connection over.
-    if let Some(tunnel) = conn_affinity.take_upgraded() {
+    if let Some(tunnel) = conn.2.take_upgraded() {
         tunnel.await;
     }
 }
@@ -468,8 +474,8 @@ fn protocol(req: &Request<Incoming>) -> &'static str {
 // block uses what it captured in place.
 #[allow(clippy::manual_async_fn)]
 pub fn handle<'a>(
-    proxy: Arc<Proxy>,
-    ds: Arc<Downstream>,
+    proxy: &'a Arc<Proxy>,
+    ds: &'a Arc<Downstream>,
     mut req: Request<Incoming>,
     affinity: Option<&'a Affinity>,
 ) -> impl Future<Output = Response<Body>> + 'a {
@@ -492,11 +498,11 @@ pub fn handle<'a>(
             endpoint: None,
             flags: "-",
             attempts: 0,
-            request_bytes: Arc::new(AtomicU64::new(0)),
+            request_bytes: None,
         };
         let (route, resp) = route_and_run(
-            &proxy,
-            &ds,
+            proxy,
+            ds,
             parts,
             body,
             &mut info,
@@ -563,7 +569,7 @@ pub fn handle<'a>(
         if let Some((down, up)) = switched {
             // Recorded when the tunnel ends, with its bytes, as Envoy records
             // an upgraded stream.
-            let rec = record::for_tunnel(proxy.metrics.clone(), info, status);
+            let rec = record::for_tunnel(info, status);
             let t = Box::pin(tunnel(down, up, rec));
             match affinity {
                 Some(a) => a.set_upgraded(t),
@@ -573,7 +579,7 @@ pub fn handle<'a>(
             }
             return Response::from_parts(rp, b);
         }
-        let b = record::attach(proxy.metrics.clone(), info, status, grpc, b);
+        let b = record::attach(info, status, grpc, b);
         Response::from_parts(rp, b)
     }
 }
@@ -590,9 +596,10 @@ fn route_and_run<'a>(
     upgrade: Option<&'a HeaderValue>,
 ) -> impl Future<Output = (Option<Arc<Route>>, Outcome)> + 'a {
     async move {
+        // Held for the request, which borrows its chain from it.
         let cfg = proxy.store.get();
         let chain = match cfg.chain_for_protocol(ds.dst, ds.protocol).map(|c| &c.kind) {
-            Some(ChainKind::Http(h)) => h.clone(),
+            Some(ChainKind::Http(h)) => h,
             _ => {
                 return (
                     None,
@@ -860,6 +867,7 @@ mod tests {
     fn forwarding_headers_are_added_or_appended() {
         let ds = Downstream::new(
             &ztunnel::state::Store::new(),
+            Arc::new(Metrics::new()),
             None,
             "10.0.0.7".parse().unwrap(),
             "10.0.0.1:80".parse().unwrap(),
