@@ -269,12 +269,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
     use std::time::Duration;
+    use tokio::sync::oneshot;
 
     /// Fails rather than hangs when `drive` misses a wake-up.
     async fn soon<T>(f: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .expect("drive missed a wake-up")
+    }
+
+    /// Drives the upstream connections sent on `rx` until `done` answers.
+    async fn drive_until(rx: UnboundedReceiver<ConnFuture>, mut done: oneshot::Receiver<()>) {
+        soon(drive(
+            rx,
+            |_| false,
+            |cx| Pin::new(&mut done).poll(cx).map(|r| r.expect("answered")),
+        ))
+        .await
     }
 
     #[tokio::test]
@@ -352,7 +363,7 @@ mod tests {
             Poll::Pending
         }));
         // Busy: wakes itself 100 times, then answers.
-        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let mut done_tx = Some(done_tx);
         let mut wakes = 0;
         let busy: ConnFuture = Box::pin(std::future::poll_fn(move |cx| {
@@ -366,16 +377,7 @@ mod tests {
         }));
         tx.send(idle).expect("open");
         tx.send(busy).expect("open");
-        soon(drive(
-            rx,
-            |_| false,
-            |cx| {
-                Pin::new(&mut done_rx)
-                    .poll(cx)
-                    .map(|r| r.expect("answered"))
-            },
-        ))
-        .await;
+        drive_until(rx, done_rx).await;
         assert_eq!(idle_polls.load(Relaxed), 1);
     }
 
@@ -414,7 +416,7 @@ mod tests {
     #[tokio::test]
     async fn a_wake_up_from_another_thread_is_not_missed() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let mut done_tx = Some(done_tx);
         // An upstream connection woken from a thread of its own, again and
         // again, whether `drive` is polling or waiting at that moment.
@@ -434,16 +436,7 @@ mod tests {
                 kick_tx.send(()).expect("receiving");
             }
         });
-        soon(drive(
-            rx,
-            |_| false,
-            |cx| {
-                Pin::new(&mut done_rx)
-                    .poll(cx)
-                    .map(|r| r.expect("answered"))
-            },
-        ))
-        .await;
+        drive_until(rx, done_rx).await;
         kicker.join().expect("kicker");
     }
 }
