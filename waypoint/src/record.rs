@@ -61,7 +61,11 @@ impl Drop for Record {
     fn drop(&mut self) {
         self.info.downstream.activity.end();
         let duration = self.info.start.elapsed();
-        let req_bytes = (self.info.request_bytes.as_ref()).map_or(0, |c| c.load(Ordering::Relaxed));
+        let req_bytes = self
+            .info
+            .request_bytes
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed));
         self.access_log(duration, req_bytes);
         let i = &self.info;
         let grpc_status = self.grpc_status.take();

@@ -109,6 +109,15 @@ impl Downstream {
     }
 }
 
+/// What a connection's requests share. Each request holds one reference
+/// to all of it: a reference is an atomic increment and decrement, which
+/// on x86 cost more than most of what a request does with it.
+struct Conn {
+    proxy: Arc<Proxy>,
+    ds: Arc<Downstream>,
+    affinity: Affinity,
+}
+
 /// Serves HTTP on `io` until the client is done.
 pub async fn serve_http<I>(proxy: Arc<Proxy>, io: I, ds: Arc<Downstream>, chain: Arc<HttpChain>)
 where
@@ -128,10 +137,11 @@ where
         .max_concurrent_streams(1000)
         .timer(hyper_util::rt::TokioTimer::new());
     let (driver, new_upstreams) = tokio::sync::mpsc::unbounded_channel();
-    // One reference per request for all three: each is an atomic increment
-    // and decrement, which on x86 cost more than most of what a request
-    // does with them.
-    let conn = Arc::new((proxy, ds, Affinity::new(driver)));
+    let conn = Arc::new(Conn {
+        proxy,
+        ds,
+        affinity: Affinity::new(driver),
+    });
     let svc_conn = conn.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let conn = svc_conn.clone();
@@ -142,9 +152,8 @@ where
         // and then copied (some 4 KiB) in.
         let slot = Box::new_uninit();
         Box::into_pin(Box::write(slot, async move {
-            let (proxy, ds, affinity) = &*conn;
-            let affinity = (req.version() < http::Version::HTTP_2).then_some(affinity);
-            Ok::<_, Infallible>(handle(proxy, ds, req, affinity).await)
+            let affinity = (req.version() < http::Version::HTTP_2).then_some(&conn.affinity);
+            Ok::<_, Infallible>(handle(&conn.proxy, &conn.ds, req, affinity).await)
         }))
     });
     let io = TokioIo::new(io);
@@ -154,7 +163,7 @@ where
     match chain.codec {
         CodecType::Auto => {
             let c = builder.serve_connection_with_upgrades(io, svc);
-            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
+            drive_connection(&conn.proxy, &conn.ds, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
@@ -163,7 +172,7 @@ where
             let mut h1 = hyper::server::conn::http1::Builder::new();
             h1.max_buf_size(max_buf).header_read_timeout(None);
             let c = h1.serve_connection(io, svc).with_upgrades();
-            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
+            drive_connection(&conn.proxy, &conn.ds, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
@@ -171,14 +180,14 @@ where
         CodecType::Http2 => {
             let builder = builder.http2_only();
             let c = builder.serve_connection(io, svc);
-            drive_connection(&conn.0, &conn.1, new_upstreams, c, |c| {
+            drive_connection(&conn.proxy, &conn.ds, new_upstreams, c, |c| {
                 c.graceful_shutdown()
             })
             .await;
         }
     }
     // A request switched protocols: hyper has handed the connection over.
-    if let Some(tunnel) = conn.2.take_upgraded() {
+    if let Some(tunnel) = conn.affinity.take_upgraded() {
         tunnel.await;
     }
 }
