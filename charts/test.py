@@ -1360,6 +1360,8 @@ def check_image(scs: list[dict[str, Rendered]], cf: str) -> list[str]:
             errs.append(f"{name}: its package {built_by[name]} is not built (-p)")
         if name not in copied:
             errs.append(f"{name}: not copied from target/release")
+    if "waypoint" in copied and not re.search(r"scripts/pgo-waypoint\.sh\s+/out/waypoint\s", cf):
+        errs.append("waypoint: not replaced in /out by its profile-guided build (scripts/pgo-waypoint.sh)")
     if not errs:
         ok(f"Containerfile builds and installs {', '.join(sorted(os.path.basename(p) for p in needed))}")
     return [f"Containerfile: {e}" for e in errs]
@@ -1430,6 +1432,11 @@ def main() -> int:
         ok("a Containerfile without xds/kube and without the waypoint package is reported")
     else:
         fail(f"a Containerfile without xds/kube and the waypoint package went unnoticed: {errs}")
+    errs = check_image([defaults], containerfile.replace("scripts/pgo-waypoint.sh", "true"))
+    if any("profile-guided" in e for e in errs):
+        ok("a Containerfile that ships the plain waypoint is reported")
+    else:
+        fail(f"a Containerfile that ships the plain waypoint went unnoticed: {errs}")
     # The Secret made outside the chart: only its certificate is given.
     ext = dict(custom)
     ns, v = ext["control-plane"]
