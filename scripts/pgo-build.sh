@@ -35,10 +35,8 @@ bash "$ROOT/scripts/setup.sh"
 if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null
 fi
-# llvm-profdata, of the LLVM that rustc itself uses.
-rustup component add llvm-tools >/dev/null
-PROFDATA="$(find "$(rustc --print sysroot)/lib/rustlib" -name llvm-profdata -type f | head -n1)"
-[[ -x "$PROFDATA" ]] || { echo "pgo-build.sh: ERROR: llvm-profdata not found after adding llvm-tools" >&2; exit 1; }
+source "$ROOT/scripts/pgo-lib.sh"
+find_profdata
 
 OUT="$ROOT/target/pgo"
 PROFILES="$OUT/profiles"
@@ -67,14 +65,7 @@ bash "$ROOT/scripts/pgo-train-waypoint.sh" "$OUT/gen-bin/waypoint"
 step "training: bench ztunnel (bulk, request/response, connection churn)"
 target/release/bench ztunnel --ztunnel "$OUT/gen-bin/ztunnel" --duration-secs 4 --rounds 1 \
   --out-dir "$OUT/training"
-shopt -s nullglob
-raw=("$PROFILES"/*.profraw)
-shopt -u nullglob
-if [[ ${#raw[@]} -eq 0 ]]; then
-  echo "pgo-build.sh: ERROR: the training wrote no profiles to $PROFILES" >&2
-  exit 1
-fi
-"$PROFDATA" merge -o "$OUT/merged.profdata" "${raw[@]}"
+merge_profiles "$PROFILES" "$OUT/merged.profdata"
 
 step "optimised build of ztunnel and waypoint with the profile"
 RUSTFLAGS="-Cprofile-use=$OUT/merged.profdata" CARGO_TARGET_DIR="$OUT/use-target" \

@@ -18,10 +18,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 step() { echo "== pgo-waypoint.sh: $*"; }
 
-# llvm-profdata, of the LLVM that rustc itself uses.
-rustup component add llvm-tools >/dev/null
-PROFDATA="$(find "$(rustc --print sysroot)/lib/rustlib" -name llvm-profdata -type f | head -n1)"
-[[ -x "$PROFDATA" ]] || { echo "pgo-waypoint.sh: ERROR: llvm-profdata not found after adding llvm-tools" >&2; exit 1; }
+source "$ROOT/scripts/pgo-lib.sh"
+find_profdata
 
 OUT="$ROOT/target/pgo-waypoint"
 PROFILES="$OUT/profiles"
@@ -36,14 +34,7 @@ rm -f "$PROFILES"/*.profraw
 
 step "training (scripts/pgo-train-waypoint.sh)"
 bash "$ROOT/scripts/pgo-train-waypoint.sh" "$OUT/gen-target/release/waypoint"
-shopt -s nullglob
-raw=("$PROFILES"/*.profraw)
-shopt -u nullglob
-if [[ ${#raw[@]} -eq 0 ]]; then
-  echo "pgo-waypoint.sh: ERROR: the training wrote no profile to $PROFILES" >&2
-  exit 1
-fi
-"$PROFDATA" merge -o "$OUT/waypoint.profdata" "${raw[@]}"
+merge_profiles "$PROFILES" "$OUT/waypoint.profdata"
 
 step "build with the profile"
 RUSTFLAGS="-Cprofile-use=$OUT/waypoint.profdata" CARGO_TARGET_DIR="$OUT/use-target" \
