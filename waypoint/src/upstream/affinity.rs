@@ -233,8 +233,8 @@ pub async fn drive<T>(
             while i < upstreams.len() {
                 let (side, conn) = &mut upstreams[i];
                 if woken & side.bit != 0 && conn.as_mut().poll(&mut side.context()).is_ready() {
-                    // `free_bit` never hands out OVERFLOW, so clearing it
-                    // while others share it is harmless.
+                    // `free_bit` ignores OVERFLOW in `used`, so clearing
+                    // it while others still share it changes nothing.
                     used &= !upstreams.swap_remove(i).0.bit;
                 } else {
                     i += 1;
