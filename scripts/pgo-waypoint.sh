@@ -3,9 +3,9 @@
 # (charts/Containerfile): the waypoint's training runs on loopback only
 # (scripts/pgo-train-waypoint.sh), so a container build can run it, while
 # ztunnel's needs network namespaces. scripts/pgo-build.sh builds both
-# proxies this way, for the benchmarks. The plain build spends 1.1-1.2x
-# nginx's CPU per HTTP/1.1 request, the PGO build 1.05-1.08x (the
-# waypoint's README, "Benchmark").
+# proxies this way, for the benchmarks. The PGO build spends 5-10% less
+# CPU per proxied HTTP/1.1 request than the plain one (the waypoint's
+# README, "Benchmark").
 #
 # Usage: scripts/pgo-waypoint.sh DEST
 #   Needs cargo and rustup, and what the training runs: nginx, wrk, h2load,

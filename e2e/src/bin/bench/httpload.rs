@@ -46,8 +46,13 @@ pub fn start_server(rt: &Runtime, addr: SocketAddr) -> Result<()> {
             };
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
-                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(BODY))))
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let body = if req.uri().path() == FORWARDED_PROBE {
+                        Bytes::from(forwarded(req.headers()))
+                    } else {
+                        Bytes::from_static(BODY)
+                    };
+                    Ok::<_, Infallible>(http::Response::new(Full::new(body)))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
@@ -56,6 +61,74 @@ pub fn start_server(rt: &Runtime, addr: SocketAddr) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// The path the server answers with what a proxy added to the request
+/// ([`forwarded`]) instead of [`BODY`].
+const FORWARDED_PROBE: &str = "/forwarded-headers";
+
+/// What a proxy in front told the server about the request: its `Host`,
+/// `x-forwarded-for` and `x-forwarded-proto`, and its `x-request-id`
+/// (made by the proxy, a fresh random one each time, unless the client
+/// sent [`CLIENT_REQUEST_ID`]).
+fn forwarded(h: &http::HeaderMap) -> String {
+    let value = |name: &str| {
+        h.get(name).map_or("none".into(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        })
+    };
+    let id = match h.get("x-request-id") {
+        Some(v) if v == CLIENT_REQUEST_ID => "the client's".to_string(),
+        Some(v) => format!("one of {} characters", v.len()),
+        None => "none".to_string(),
+    };
+    format!(
+        "host {}, x-forwarded-for {}, x-forwarded-proto {}, x-request-id {id}",
+        value("host"),
+        value("x-forwarded-for"),
+        value("x-forwarded-proto"),
+    )
+}
+
+const CLIENT_REQUEST_ID: &str = "from-the-client";
+
+/// Asks the server, through the proxy at `dst`, what the proxy told it
+/// about two HTTP/1.1 requests from `src` (see [`forwarded`]): one with
+/// only `Host`, and one whose client already set `x-forwarded-for`,
+/// `x-forwarded-proto` and `x-request-id`.
+pub fn forwarded_by(rt: &Runtime, src: IpAddr, dst: SocketAddr, host: &str) -> Result<String> {
+    let host = host.to_string();
+    // Spawned: the runtime's threads are in the client's network namespace,
+    // the caller's is not.
+    let asked = rt.spawn(async move {
+        let s = connect(src, dst).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        let mut reports = Vec::new();
+        for client_set in [false, true] {
+            let mut req = http::Request::builder()
+                .uri(FORWARDED_PROBE)
+                .header("host", &host);
+            if client_set {
+                req = req
+                    .header("x-forwarded-for", "192.0.2.1")
+                    .header("x-forwarded-proto", "https")
+                    .header("x-request-id", CLIENT_REQUEST_ID);
+            }
+            let resp = send.send_request(req.body(Empty::<Bytes>::new())?).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::ensure!(status == 200, "status {status}");
+            reports.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        Ok::<_, anyhow::Error>(format!(
+            "{}; with the client's own: {}",
+            reports[0], reports[1]
+        ))
+    });
+    rt.block_on(asked)
+        .context("probe task")?
+        .with_context(|| format!("asking the server what {dst} forwards"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

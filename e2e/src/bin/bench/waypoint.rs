@@ -10,8 +10,10 @@
 //! | waypoint mesh   | client -> ztunnel a -> HBONE -> waypoint -> HBONE -> ztunnel b -> server |
 //!
 //! nginx and the waypoint run with the same number of workers
-//! (`--workers`) and the same upstream keep-alive, so "nginx vs waypoint"
-//! compares the two L7 engines on the same footing; the mesh rows show
+//! (`--workers`) and the same upstream keep-alive, and send the backend
+//! the same request (the same forwarding headers; checked before the
+//! measurement), so "nginx vs waypoint" compares the two L7 engines on
+//! the same footing, doing the same job; the mesh rows show
 //! what the whole waypoint path costs over L4 only and over direct.
 //!
 //! Every process shares the machine's cores with whatever else runs there,
@@ -179,6 +181,11 @@ clusters:
     )
 }
 
+/// nginx as a reverse proxy doing what the waypoint does to each request
+/// (as Envoy does): the client's `Host` kept, its address appended to
+/// `X-Forwarded-For`, and `X-Forwarded-Proto` and `X-Request-Id` added
+/// unless the client sent them. `run` checks that the backend gets the
+/// same from both.
 fn nginx_conf(dir: &Path, ip: &Ips, workers: usize, pin: bool) -> String {
     let d = dir.display();
     let affinity = if pin {
@@ -200,6 +207,9 @@ http {{
   fastcgi_temp_path {d}/nginx-fastcgi;
   uwsgi_temp_path {d}/nginx-uwsgi;
   scgi_temp_path {d}/nginx-scgi;
+  # A client's own X-Forwarded-Proto and X-Request-Id are kept.
+  map $http_x_forwarded_proto $forwarded_proto {{ "" $scheme; default $http_x_forwarded_proto; }}
+  map $http_x_request_id $forwarded_request_id {{ "" $request_id; default $http_x_request_id; }}
   upstream backend {{ server {server}:{SERVER_PORT}; keepalive 64; keepalive_requests 1000000; }}
   server {{
     listen {ng}:{NGINX_H1};
@@ -208,6 +218,10 @@ http {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $forwarded_proto;
+      proxy_set_header X-Request-Id $forwarded_request_id;
     }}
   }}
 }}
@@ -314,6 +328,26 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let host = "server.default.svc.cluster.local";
+    // The two L7 engines are compared doing the same job: the backend gets
+    // the same request from either.
+    let via_nginx = httpload::forwarded_by(
+        &client_rt,
+        ip.direct,
+        SocketAddr::new(ip.nginx, NGINX_H1),
+        host,
+    )?;
+    let via_waypoint = httpload::forwarded_by(
+        &client_rt,
+        ip.direct,
+        SocketAddr::new(ip.waypoint, PLAIN_PORT),
+        host,
+    )?;
+    if via_nginx != via_waypoint {
+        bail!(
+            "nginx and the waypoint do not send the backend the same request:\n  nginx:    {via_nginx}\n  waypoint: {via_waypoint}"
+        );
+    }
 
     let rounds = args.rounds.max(1);
     let duration = Duration::from_secs(args.duration_secs.max(1)) / rounds;
@@ -382,7 +416,7 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
                     proto,
                     src,
                     dst,
-                    host: "server.default.svc.cluster.local".into(),
+                    host: host.into(),
                     concurrency: args.concurrency,
                     h2_connections: args.h2_connections,
                     warmup,
