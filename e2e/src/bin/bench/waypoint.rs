@@ -331,18 +331,12 @@ pub fn run(args: &WaypointArgs) -> Result<Report> {
     let host = "server.default.svc.cluster.local";
     // The two L7 engines are compared doing the same job: the backend gets
     // the same request from either.
-    let via_nginx = httpload::forwarded_by(
-        &client_rt,
-        ip.direct,
+    let [via_nginx, via_waypoint] = [
         SocketAddr::new(ip.nginx, NGINX_H1),
-        host,
-    )?;
-    let via_waypoint = httpload::forwarded_by(
-        &client_rt,
-        ip.direct,
         SocketAddr::new(ip.waypoint, PLAIN_PORT),
-        host,
-    )?;
+    ]
+    .map(|dst| httpload::forwarded_by(&client_rt, ip.direct, dst, host));
+    let (via_nginx, via_waypoint) = (via_nginx?, via_waypoint?);
     if via_nginx != via_waypoint {
         bail!(
             "nginx and the waypoint do not send the backend the same request:\n  nginx:    {via_nginx}\n  waypoint: {via_waypoint}"
